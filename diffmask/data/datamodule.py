@@ -1,0 +1,180 @@
+"""LightningDataModule that mixes real and synthetic data from the command line.
+
+``real_fraction`` picks a reproducible share of the real training split; ``synthetic_count``
+(absolute) or ``synthetic_ratio`` (per selected real image) picks synthetic samples. Val and
+test always use real data; extra test sets (``test_sets``) plug in by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from diffmask.data.dataset import SegmentationDataset
+from diffmask.data.sources import SampleSource
+
+__all__ = ["SegmentationDataModule", "collate_samples", "select_fraction"]
+
+log = logging.getLogger(__name__)
+
+
+def collate_samples(items: list[dict]) -> dict:
+    """Stack tensors; keep strings and metadata dicts as lists (their keys may differ)."""
+    out: dict = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+def select_fraction(ids: list[str], fraction: float, seed: int, field: str = "real_fraction") -> list[str]:
+    """A reproducible subset of ``round(fraction * len(ids))`` ids, at least one when fraction > 0.
+
+    0 gives none, 1 gives all; 0.1 of the 173 JSRT training images gives 17.
+
+    Subsets are nested: for one seed, the ids of a smaller fraction are inside a larger one.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"{field}: expected a fraction in [0, 1], got {fraction}")
+    n = max(1, round(fraction * len(ids))) if fraction > 0 else 0
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return [ids[i] for i in sorted(order[:n])]
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    """Real (+ synthetic) training data, real validation and test data.
+
+    Args:
+        real: source of real data with train/val/test splits.
+        size: image side (64, 128, 256, ...).
+        batch_size: per-device batch size.
+        real_fraction: share of the real train split used (0.1 of 173 = 17 ids; 0 = none).
+        synthetic: optional synthetic source (a manifest folder).
+        synthetic_ratio: synthetic samples per selected real sample (used when
+            ``synthetic_count`` is None); with ``real_fraction=0`` all synthetic samples are used.
+        synthetic_count: absolute number of synthetic samples (overrides the ratio; None = ratio).
+        augment: transform for real training samples (None = none).
+        synthetic_augment: transform for synthetic samples (None = same as ``augment``).
+        test_sets: extra named test sources (their ``test`` split is used); the real source's
+            test split is always first, under ``real.name``.
+        num_workers: DataLoader workers.
+        seed: seed of the real/synthetic subset draws.
+        train_split, val_split, test_split: split names.
+    """
+
+    def __init__(
+        self,
+        real: SampleSource,
+        size: int = 128,
+        batch_size: int = 8,
+        real_fraction: float = 1.0,
+        synthetic: SampleSource | None = None,
+        synthetic_ratio: float = 0.0,
+        synthetic_count: int | None = None,
+        augment: Callable | None = None,
+        synthetic_augment: Callable | None = None,
+        test_sets: Mapping[str, SampleSource] | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if synthetic_ratio < 0:
+            raise ValueError(f"synthetic_ratio: expected >= 0, got {synthetic_ratio}")
+        if synthetic_count is not None and synthetic_count < 0:
+            raise ValueError(f"synthetic_count: expected >= 0 or null, got {synthetic_count}")
+        self.real = real
+        self.size = size
+        self.batch_size = batch_size
+        self.real_fraction = real_fraction
+        self.synthetic = synthetic
+        self.synthetic_ratio = synthetic_ratio
+        self.synthetic_count = synthetic_count
+        self.augment = augment
+        self.synthetic_augment = synthetic_augment if synthetic_augment is not None else augment
+        self.extra_test_sets = dict(test_sets or {})
+        self.num_workers = num_workers
+        self.seed = seed
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.class_names = real.class_names
+        self.real_train_ids: list[str] = select_fraction(real.ids(train_split), real_fraction, seed)
+        self.synthetic_ids: list[str] = self._select_synthetic()
+        if not self.real_train_ids and not self.synthetic_ids:
+            raise ValueError(
+                f"data: the training set is empty (real_fraction={real_fraction}, "
+                f"synthetic={'none' if synthetic is None else synthetic.name}, "
+                f"synthetic_count={synthetic_count}, synthetic_ratio={synthetic_ratio})"
+            )
+        log.info(
+            "data: %d real train (%s, fraction %.3g) + %d synthetic train images at %dpx",
+            len(self.real_train_ids), real.name, real_fraction, len(self.synthetic_ids), size,
+        )
+
+    def _select_synthetic(self) -> list[str]:
+        if self.synthetic is None:
+            if self.synthetic_count:
+                raise ValueError(f"synthetic_count={self.synthetic_count} but no synthetic data is configured")
+            return []
+        pool = self.synthetic.ids(self.splits["train"])
+        if self.synthetic_count is not None:
+            n = self.synthetic_count
+        elif self.real_fraction == 0:
+            n = len(pool)
+        else:
+            n = round(self.synthetic_ratio * len(self.real_train_ids))
+        if n > len(pool):
+            raise ValueError(
+                f"data: asked for {n} synthetic samples but {self.synthetic.name} has only {len(pool)}"
+            )
+        order = np.random.default_rng(self.seed + 1).permutation(len(pool))
+        return [pool[i] for i in sorted(order[:n])]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def test_set_names(self) -> list[str]:
+        return [self.real.name, *self.extra_test_sets]
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        parts = []
+        if self.real_train_ids:
+            parts.append(SegmentationDataset(self.real, self.real_train_ids, self.size, self.augment))
+        if self.synthetic_ids:
+            parts.append(SegmentationDataset(self.synthetic, self.synthetic_ids, self.size, self.synthetic_augment))
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_samples,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        ds = SegmentationDataset(self.real, self.real.ids(self.splits["val"]), self.size)
+        return self._loader(ds, shuffle=False)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        sources = {self.real.name: self.real, **self.extra_test_sets}
+        return [
+            self._loader(SegmentationDataset(src, src.ids(self.splits["test"]), self.size), shuffle=False)
+            for src in sources.values()
+        ]

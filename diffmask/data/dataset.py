@@ -1,0 +1,86 @@
+"""Torch datasets over a :class:`~diffmask.data.sources.SampleSource`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from diffmask.data.sources import Sample, SampleSource
+
+__all__ = ["SegmentationDataset", "resize_sample"]
+
+
+def resize_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Resize to ``size``×``size``: image with area/bilinear filtering, label with nearest."""
+    image, label = sample.image, sample.label
+    if image.shape != (size, size):
+        resample = Image.BOX if image.shape[0] > size else Image.BILINEAR
+        image = np.asarray(Image.fromarray(image).resize((size, size), resample))
+    if label is not None and label.shape != (size, size):
+        label = np.asarray(Image.fromarray(label).resize((size, size), Image.NEAREST))
+    return image, label
+
+
+def _plain(x) -> torch.Tensor:
+    """MONAI returns MetaTensors; training code wants plain, contiguous tensors."""
+    x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+    return x.contiguous()
+
+
+class SegmentationDataset(Dataset):
+    """Items are dicts:
+
+    * ``image``: float32 (1, S, S) in [0, 1]
+    * ``label``: int64 (1, S, S) class indices (all ``ignore_index`` if the sample is unlabelled)
+    * ``id``, ``prompt``, ``source``: strings; ``meta``: dict of strings
+
+    Args:
+        source: where samples come from.
+        ids: sample ids to serve.
+        size: output side in pixels.
+        transform: optional MONAI dict transform applied to ``image``/``label``.
+        ignore_index: label value for unlabelled pixels.
+    """
+
+    def __init__(
+        self,
+        source: SampleSource,
+        ids: Sequence[str],
+        size: int,
+        transform: Callable | None = None,
+        ignore_index: int = 255,
+    ):
+        if size not in (32, 48, 64, 96, 128, 192, 256, 384, 512) and size % 16:
+            raise ValueError(f"size: expected a multiple of 16 (e.g. 64, 128, 256), got {size}")
+        self.source = source
+        self.ids = list(ids)
+        self.size = size
+        self.transform = transform
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.source.load(self.ids[index])
+        image, label = resize_sample(sample, self.size)
+        img_t = torch.from_numpy(image.astype(np.float32) / 255.0)[None]
+        if label is None:
+            lab_t = torch.full((1, self.size, self.size), self.ignore_index, dtype=torch.int64)
+        else:
+            lab_t = torch.from_numpy(label.astype(np.int64))[None]
+        item = {"image": img_t, "label": lab_t}
+        if self.transform is not None:
+            item = self.transform(item)
+            item = {"image": _plain(item["image"]).float(), "label": _plain(item["label"]).round().long()}
+        item.update(
+            id=sample.id,
+            prompt=sample.prompt,
+            source=sample.source,
+            meta={k: str(v) for k, v in sample.meta.items()},
+        )
+        return item

@@ -1,0 +1,328 @@
+"""Sample sources: where images, label maps, prompts and metadata come from.
+
+A source knows the ids of each split and loads one sample at its native size:
+
+* :class:`JSRTSource` — the JSRT/SCR folder (``images/``, ``masks/``, ``metadata.csv``);
+* :class:`ManifestSource` — any folder with a ``manifest.jsonl`` (synthetic data, external test sets);
+* :class:`PhantomSource` — procedurally drawn chest-like images (no files needed).
+
+``load(id)`` returns a :class:`Sample` with ``image`` (H, W) uint8 and ``label`` (H, W) uint8 or None.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from diffmask.data.manifest import ManifestRow, read_manifest
+from diffmask.labels import DEFAULT_CLASS_NAMES, validate_class_names
+
+__all__ = [
+    "Sample",
+    "SampleSource",
+    "JSRTSource",
+    "ManifestSource",
+    "PhantomSource",
+    "auto_source",
+    "read_image",
+    "read_label",
+]
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Sample:
+    """One sample at native resolution.
+
+    Attributes:
+        id: unique id within its source.
+        image: (H, W) uint8 grayscale.
+        label: (H, W) uint8 label map with values in 0..num_classes-1, or None if unlabelled.
+        prompt: caption / generation prompt ("" when the source has none).
+        source: "real" or "synthetic".
+        meta: metadata strings (sex, age, finding, diagnosis, ...), missing values as "".
+    """
+
+    id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    prompt: str = ""
+    source: str = "real"
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class SampleSource(Protocol):
+    name: str
+    class_names: tuple[str, ...]
+
+    def ids(self, split: str) -> list[str]: ...
+
+    def load(self, sample_id: str) -> Sample: ...
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a grayscale image as (H, W) uint8; a clear error naming the file if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L"), dtype=np.uint8)
+    except Exception as e:  # PIL raises several types for corrupt files
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
+    return arr
+
+
+def read_label(path: str | os.PathLike, num_classes: int, image_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read a label-map PNG as (H, W) uint8 and check values and size.
+
+    Raises:
+        ValueError: naming the file when it is unreadable, not single-channel, holds labels
+            outside ``0..num_classes-1`` or does not match ``image_shape``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: mask file not found")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "1"):
+                raise ValueError(f"mode {im.mode!r}, expected a single-channel label map (L or P)")
+            arr = np.asarray(im if im.mode != "1" else im.convert("L"))
+    except ValueError as e:
+        raise ValueError(f"{path}: unreadable mask ({e})") from e
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from e
+    bad = np.unique(arr[(arr < 0) | (arr >= num_classes)])
+    if bad.size:
+        raise ValueError(
+            f"{path}: mask has labels {bad.tolist()[:10]} outside 0..{num_classes - 1} "
+            f"(expected {num_classes} classes)"
+        )
+    if image_shape is not None and arr.shape != tuple(image_shape):
+        raise ValueError(f"{path}: mask size {arr.shape} does not match its image size {tuple(image_shape)}")
+    return arr.astype(np.uint8)
+
+
+class JSRTSource:
+    """The JSRT/SCR folder: ``images/<id>.png``, ``masks/<id>.png``, ``metadata.csv``.
+
+    Args:
+        root: folder path.
+        class_names: label names, background first (default: background, left_lung, right_lung, heart).
+
+    Examples::
+
+        src = JSRTSource("../shared/data/jsrt_scr")
+        len(src.ids("train"))  # 173
+    """
+
+    REQUIRED_COLUMNS = ("id", "split")
+    META_COLUMNS = ("sex", "age", "finding", "diagnosis", "reading")
+
+    def __init__(self, root: str | os.PathLike, class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES):
+        self.root = Path(root)
+        self.name = "jsrt"
+        self.class_names = validate_class_names(class_names)
+        meta_file = self.root / "metadata.csv"
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"{self.root}: JSRT folder not found (set paths.jsrt_dir or the DIFFMASK_JSRT_DIR variable)"
+            )
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file}: metadata.csv not found in the JSRT folder")
+        with open(meta_file, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            missing = [c for c in self.REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                raise ValueError(f"{meta_file}: missing column(s) {missing}; found {columns}")
+            self._rows = {row["id"]: row for row in reader}
+        self._splits: dict[str, list[str]] = {}
+        for sid, row in self._rows.items():
+            self._splits.setdefault(row["split"], []).append(sid)
+
+    def ids(self, split: str) -> list[str]:
+        ids = sorted(self._splits.get(split, []))
+        if not ids:
+            raise ValueError(
+                f"{self.root / 'metadata.csv'}: split {split!r} is empty (splits present: {sorted(self._splits)})"
+            )
+        return ids
+
+    def load(self, sample_id: str) -> Sample:
+        row = self._rows[sample_id]
+        image = read_image(self.root / "images" / f"{sample_id}.png")
+        label = read_label(self.root / "masks" / f"{sample_id}.png", len(self.class_names), image.shape)
+        meta = {k: (row.get(k) or "") for k in self.META_COLUMNS}
+        return Sample(id=sample_id, image=image, label=label, prompt="", source="real", meta=meta)
+
+
+class ManifestSource:
+    """Any folder of image/mask PNGs described by a ``manifest.jsonl`` (see :mod:`diffmask.data.manifest`).
+
+    Args:
+        root: the folder (or its manifest file).
+        class_names: label names, background first.
+        default_split: the split of rows that have no ``split`` field (``train`` for synthetic
+            data, ``test`` for an external test set).
+        name: a short name for logs and metric keys (default: the folder name).
+        min_score: drop rows whose lowest ``score_<class>`` is below this (quality filter).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES,
+        default_split: str = "train",
+        name: str | None = None,
+        min_score: float | None = None,
+    ):
+        path = Path(root)
+        self.root = path if path.is_dir() else path.parent
+        self.class_names = validate_class_names(class_names)
+        self.name = name or self.root.name
+        rows = read_manifest(path)
+        if min_score is not None:
+            rows = [r for r in rows if not r.scores or min(r.scores.values()) >= min_score]
+        self._rows: dict[str, ManifestRow] = {r.id: r for r in rows}
+        self._splits: dict[str, list[str]] = {}
+        for r in rows:
+            self._splits.setdefault(r.split or default_split, []).append(r.id)
+
+    def rows(self) -> list[ManifestRow]:
+        return list(self._rows.values())
+
+    def ids(self, split: str) -> list[str]:
+        ids = self._splits.get(split, [])
+        if not ids:
+            raise ValueError(
+                f"{self.root / 'manifest.jsonl'}: split {split!r} is empty (splits present: {sorted(self._splits)})"
+            )
+        return list(ids)
+
+    def _resolve(self, p: str) -> Path:
+        path = Path(p)
+        return path if path.is_absolute() else self.root / path
+
+    def load(self, sample_id: str) -> Sample:
+        row = self._rows[sample_id]
+        image = read_image(self._resolve(row.file_name))
+        label = None
+        if row.sem_seg_file_name:
+            label = read_label(self._resolve(row.sem_seg_file_name), len(self.class_names), image.shape)
+        meta = {k: "" if v is None else str(v) for k, v in row.meta.items()}
+        return Sample(id=row.id, image=image, label=label, prompt=row.prompt, source=row.source, meta=meta)
+
+
+class PhantomSource:
+    """Procedurally drawn chest-like images with left lung, right lung and heart masks.
+
+    Deterministic per (seed, id): a bright body ellipse, two dark lung fields (label 1, the
+    patient's left lung, on the image's right), a bright heart (label 3) overlapping the medial
+    lower lungs and lying mostly on the image's right, ribs and noise. Random shape jitter,
+    sex / age / finding metadata. No files are needed, so demos and tests run anywhere.
+
+    Args:
+        size: image side in pixels.
+        num_train, num_val, num_test: split sizes.
+        seed: base seed.
+        class_names: must be the default 4 classes (the phantom draws exactly these).
+    """
+
+    def __init__(
+        self,
+        size: int = 128,
+        num_train: int = 48,
+        num_val: int = 12,
+        num_test: int = 12,
+        seed: int = 0,
+        class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES,
+    ):
+        if size < 16:
+            raise ValueError(f"size: expected at least 16 pixels, got {size}")
+        self.class_names = validate_class_names(class_names)
+        if self.class_names != DEFAULT_CLASS_NAMES:
+            raise ValueError(f"class_names: the phantom draws {list(DEFAULT_CLASS_NAMES)}, got {list(class_names)}")
+        self.name = "phantom"
+        self.size = size
+        self.seed = seed
+        counts = {"train": num_train, "val": num_val, "test": num_test}
+        self._splits = {s: [f"{s}{i:04d}" for i in range(n)] for s, n in counts.items()}
+
+    def ids(self, split: str) -> list[str]:
+        ids = self._splits.get(split, [])
+        if not ids:
+            raise ValueError(f"phantom: split {split!r} is empty (sizes: { {k: len(v) for k, v in self._splits.items()} })")
+        return list(ids)
+
+    def load(self, sample_id: str) -> Sample:
+        split = sample_id.rstrip("0123456789")
+        index = int(sample_id[len(split) :])
+        rng = np.random.default_rng([self.seed, SPLITS.index(split) if split in SPLITS else 9, index])
+        image, label = draw_phantom(self.size, rng)
+        meta = {
+            "sex": str(rng.choice(["M", "F"])),
+            "age": str(int(rng.integers(20, 85))),
+            "finding": str(rng.choice(["no nodule", "lung nodule"])),
+            "diagnosis": "",
+            "reading": "",
+        }
+        return Sample(id=sample_id, image=image, label=label, prompt="", source="real", meta=meta)
+
+
+def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, angle: float = 0.0):
+    c, s = np.cos(angle), np.sin(angle)
+    dy, dx = yy - cy, xx - cx
+    u = (dx * c + dy * s) / rx
+    v = (-dx * s + dy * c) / ry
+    return u * u + v * v
+
+
+def draw_phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one phantom chest X-ray. Returns (image uint8 (S,S), label uint8 (S,S))."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    j = lambda scale: float(rng.normal(0.0, scale))  # noqa: E731 - shape jitter
+    body = _ellipse(yy, xx, 0.55 + j(0.02), 0.5 + j(0.01), 0.5 + j(0.02), 0.44 + j(0.02)) <= 1.0
+    # image left = patient's right lung (label 2); image right = patient's left lung (label 1)
+    right_lung = _ellipse(yy, xx, 0.47 + j(0.02), 0.30 + j(0.015), 0.27 + j(0.02), 0.13 + j(0.01), 0.08 + j(0.03)) <= 1.0
+    left_lung = _ellipse(yy, xx, 0.49 + j(0.02), 0.70 + j(0.015), 0.28 + j(0.02), 0.12 + j(0.01), -0.08 + j(0.03)) <= 1.0
+    heart = _ellipse(yy, xx, 0.64 + j(0.02), 0.56 + j(0.015), 0.14 + j(0.015), 0.16 + j(0.015), 0.3 + j(0.05)) <= 1.0
+    label = np.zeros((size, size), np.uint8)
+    label[right_lung] = 2
+    label[left_lung] = 1
+    label[heart] = 3  # SCR lungs exclude the heart
+    img = np.full((size, size), 0.08, np.float32)
+    img[body] = 0.62 + j(0.03)
+    img[label == 1] = 0.25 + j(0.03)
+    img[label == 2] = 0.25 + j(0.03)
+    img[label == 3] = 0.70 + j(0.03)
+    ribs = 0.06 * (np.sin((yy * 14 + 2 * (xx - 0.5) ** 2 * 8) * np.pi + rng.uniform(0, np.pi)) > 0.6)
+    img = img + ribs * ((label == 1) | (label == 2))
+    # soft edges: a 3x3 box blur, then noise
+    pad = np.pad(img, 1, mode="edge")
+    img = sum(pad[dy : dy + size, dx : dx + size] for dy in range(3) for dx in range(3)) / 9.0
+    img = img + rng.normal(0, 0.03, img.shape).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8), label
+
+
+def auto_source(
+    jsrt_dir: str | os.PathLike | None,
+    phantom_size: int = 128,
+    class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES,
+) -> SampleSource:
+    """JSRT when its folder exists, else the phantom; logs which one it used."""
+    if jsrt_dir and (Path(jsrt_dir) / "metadata.csv").is_file():
+        log.info("data: using JSRT/SCR from %s", Path(jsrt_dir).resolve())
+        return JSRTSource(jsrt_dir, class_names)
+    log.warning("data: no JSRT folder at %s; using the built-in phantom (size %d)", jsrt_dir, phantom_size)
+    return PhantomSource(size=phantom_size, class_names=class_names)
