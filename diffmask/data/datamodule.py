@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from diffmask.data.dataset import SegmentationDataset
-from diffmask.data.sources import SampleSource
+from diffmask.data.sources import ManifestSource, SampleSource
+from diffmask.labels import DEFAULT_CLASS_NAMES, validate_class_names
 
 __all__ = ["SegmentationDataModule", "collate_samples", "select_fraction"]
 
@@ -51,17 +52,19 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     Args:
         real: source of real data with train/val/test splits.
+        class_names: label names, background first; must match the sources' class names.
         size: image side (64, 128, 256, ...).
         batch_size: per-device batch size.
         real_fraction: share of the real train split used (0.1 of 173 = 17 ids; 0 = none).
-        synthetic: optional synthetic source (a manifest folder).
+        synthetic_dir: optional synthetic dataset folder (``manifest.jsonl`` + images/ + masks/).
+        synthetic_min_score: drop synthetic samples whose lowest per-class score is below this.
         synthetic_ratio: synthetic samples per selected real sample (used when
             ``synthetic_count`` is None); with ``real_fraction=0`` all synthetic samples are used.
         synthetic_count: absolute number of synthetic samples (overrides the ratio; None = ratio).
         augment: transform for real training samples (None = none).
         synthetic_augment: transform for synthetic samples (None = same as ``augment``).
-        test_sets: extra named test sources (their ``test`` split is used); the real source's
-            test split is always first, under ``real.name``.
+        test_sets: extra named test sets, name -> manifest folder (rows without a split count as
+            ``test``); the real source's test split always comes first, under ``real.name``.
         num_workers: DataLoader workers.
         seed: seed of the real/synthetic subset draws.
         train_split, val_split, test_split: split names.
@@ -70,15 +73,17 @@ class SegmentationDataModule(pl.LightningDataModule):
     def __init__(
         self,
         real: SampleSource,
+        class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES,
         size: int = 128,
         batch_size: int = 8,
         real_fraction: float = 1.0,
-        synthetic: SampleSource | None = None,
+        synthetic_dir: str | None = None,
         synthetic_ratio: float = 0.0,
         synthetic_count: int | None = None,
+        synthetic_min_score: float | None = None,
         augment: Callable | None = None,
         synthetic_augment: Callable | None = None,
-        test_sets: Mapping[str, SampleSource] | None = None,
+        test_sets: Mapping[str, str] | None = None,
         num_workers: int = 0,
         seed: int = 0,
         train_split: str = "train",
@@ -92,31 +97,46 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"synthetic_ratio: expected >= 0, got {synthetic_ratio}")
         if synthetic_count is not None and synthetic_count < 0:
             raise ValueError(f"synthetic_count: expected >= 0 or null, got {synthetic_count}")
+        self.class_names = validate_class_names(class_names)
+        if tuple(real.class_names) != self.class_names:
+            raise ValueError(
+                f"class_names {list(self.class_names)} differ from the {real.name} source's {list(real.class_names)}"
+            )
         self.real = real
         self.size = size
         self.batch_size = batch_size
         self.real_fraction = real_fraction
-        self.synthetic = synthetic
+        self.synthetic = (
+            None
+            if not synthetic_dir
+            else ManifestSource(synthetic_dir, self.class_names, "train", min_score=synthetic_min_score)
+        )
         self.synthetic_ratio = synthetic_ratio
         self.synthetic_count = synthetic_count
         self.augment = augment
         self.synthetic_augment = synthetic_augment if synthetic_augment is not None else augment
-        self.extra_test_sets = dict(test_sets or {})
+        self.extra_test_sets = {
+            name: ManifestSource(path, self.class_names, default_split="test", name=name)
+            for name, path in (test_sets or {}).items()
+        }
         self.num_workers = num_workers
         self.seed = seed
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.class_names = real.class_names
         self.real_train_ids: list[str] = select_fraction(real.ids(train_split), real_fraction, seed)
         self.synthetic_ids: list[str] = self._select_synthetic()
         if not self.real_train_ids and not self.synthetic_ids:
             raise ValueError(
                 f"data: the training set is empty (real_fraction={real_fraction}, "
-                f"synthetic={'none' if synthetic is None else synthetic.name}, "
+                f"synthetic_dir={synthetic_dir}, "
                 f"synthetic_count={synthetic_count}, synthetic_ratio={synthetic_ratio})"
             )
         log.info(
             "data: %d real train (%s, fraction %.3g) + %d synthetic train images at %dpx",
-            len(self.real_train_ids), real.name, real_fraction, len(self.synthetic_ids), size,
+            len(self.real_train_ids),
+            real.name,
+            real_fraction,
+            len(self.synthetic_ids),
+            size,
         )
 
     def _select_synthetic(self) -> list[str]:

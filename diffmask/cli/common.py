@@ -1,0 +1,124 @@
+"""Shared pieces of the stage entry points: resolvers, instantiation, metrics files, W&B cleanup."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from diffmask.artifacts import atomic_write_json
+
+__all__ = [
+    "CONFIG_PATH",
+    "register_resolvers",
+    "instantiate_callbacks",
+    "instantiate_loggers",
+    "log_config",
+    "write_metrics",
+    "stage_task",
+]
+
+log = logging.getLogger("diffmask")
+
+# conf/ at the repository root (the package is installed editable from the checkout)
+CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers used in conf/: ``${len:...}``, ``${eval_int:...}``."""
+    if not OmegaConf.has_resolver("len"):
+        OmegaConf.register_new_resolver("len", lambda x: len(x))
+
+
+register_resolvers()
+
+
+def _instantiate_group(cfg: DictConfig | None, what: str) -> list[Any]:
+    objects = []
+    if not cfg:
+        return objects
+    if not isinstance(cfg, DictConfig):
+        raise TypeError(f"{what} config must be a mapping of name -> {{_target_: ...}}, got {type(cfg).__name__}")
+    for name, node in cfg.items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            log.info("instantiating %s <%s>", what, node._target_)
+            objects.append(hydra.utils.instantiate(node))
+        elif node is not None:
+            raise ValueError(f"{what}.{name}: expected a node with a _target_, got {OmegaConf.to_yaml(node)!r}")
+    return objects
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
+    return _instantiate_group(cfg, "callbacks")
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[pl.loggers.Logger]:
+    return _instantiate_group(cfg, "logger")
+
+
+def log_config(cfg: DictConfig, loggers: list[pl.loggers.Logger]) -> None:
+    """Send the resolved config to every logger (W&B config, TensorBoard hparams, CSV hparams.yaml)."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    for lg in loggers:
+        lg.log_hyperparams(container)
+
+
+def _to_float(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``metrics.json``: flat float metrics plus run information."""
+    flat = {k: _to_float(v) for k, v in metrics.items()}
+    payload = {"metrics": flat, **(extra or {})}
+    return atomic_write_json(path, payload)
+
+
+def stage_task(fn: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConfig], dict[str, Any]]:
+    """Wrap a stage's ``run(cfg)``: time it, log failures with the run dir, always close W&B
+    (so one failed job of a multirun does not hang the next)."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig) -> dict[str, Any]:
+        start = time.time()
+        try:
+            return fn(cfg)
+        except Exception:
+            log.exception("stage %s failed; see the run dir for logs", cfg.get("task_name"))
+            raise
+        finally:
+            log.info("stage %s took %.1f s", cfg.get("task_name"), time.time() - start)
+            try:
+                import wandb  # noqa: PLC0415 - only if a W&B run was started
+
+                if wandb.run is not None:
+                    wandb.finish()
+            except ImportError:
+                pass
+
+    return wrapper
+
+
+def job_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra job ([] outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """The metric a Hydra sweeper optimises (``optimized_metric``), if set and present."""
+    name = cfg.get("optimized_metric")
+    return _to_float(metrics.get(name)) if name else None

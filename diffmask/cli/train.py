@@ -1,0 +1,96 @@
+"""Segmentation stage: fit a backbone on real (+ synthetic) data, test the best checkpoint.
+
+    diffmask-train data=jsrt segmentation=transunet data.real_fraction=0.1 trainer=gpu
+    diffmask-train -m segmentation=unet,transunet data.real_fraction=0.1,1.0
+
+Writes ``metrics.json`` (test/<set>/iou_<class>, test/<set>/miou, ...) into the run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from diffmask.cli.common import (
+    CONFIG_PATH,
+    instantiate_callbacks,
+    instantiate_loggers,
+    job_overrides,
+    log_config,
+    optimized_value,
+    stage_task,
+    write_metrics,
+)
+
+log = logging.getLogger("diffmask.train")
+
+
+@stage_task
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fit and test the segmentation stage described by ``cfg``; returns the test metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.segmentation)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    log_config(cfg, loggers)
+
+    start = time.time()
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+    fit_seconds = time.time() - start
+    metrics: dict[str, Any] = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+    best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test", True):
+        ckpt = best_path or (cfg.get("ckpt_path") if not cfg.get("train", True) else None)
+        if not ckpt:
+            log.warning("no best checkpoint found; testing the current weights")
+        # our own checkpoint (holds config objects), so full unpickling is safe
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=False)
+        metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+
+    if trainer.is_global_zero:
+        out = Path(cfg.paths.output_dir) / "metrics.json"
+        score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        write_metrics(
+            out,
+            metrics,
+            extra={
+                "data": {
+                    "real": datamodule.real.name,
+                    "size": datamodule.size,
+                    "real_fraction": datamodule.real_fraction,
+                    "n_real_train": len(datamodule.real_train_ids),
+                    "n_synthetic_train": len(datamodule.synthetic_ids),
+                    "synthetic_dir": cfg.data.get("synthetic_dir"),
+                },
+                "backbone": cfg.segmentation.net._target_,
+                "overrides": job_overrides(),
+                "seed": cfg.seed,
+                "best_checkpoint": best_path or None,
+                "best_val_miou": None if score is None else float(score),
+                "fit_seconds": round(fit_seconds, 1),
+                "epochs": trainer.current_epoch,
+            },
+        )
+        log.info("metrics written to %s", out)
+        for key in sorted(k for k in metrics if k.startswith("test/")):
+            log.info("%s = %.4f", key, float(metrics[key]))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return optimized_value(cfg, run(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Shared fixtures: the JSRT folder, config composition for the stage entry points."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+JSRT_DIR = Path(os.environ.get("DIFFMASK_JSRT_DIR", REPO.parent / "shared" / "data" / "jsrt_scr"))
+
+
+@pytest.fixture(scope="session")
+def jsrt_dir() -> Path:
+    """The JSRT/SCR folder; the suite needs it (CI has ../shared beside the checkout)."""
+    if not (JSRT_DIR / "metadata.csv").is_file():
+        raise FileNotFoundError(f"{JSRT_DIR}: JSRT/SCR data not found; set DIFFMASK_JSRT_DIR")
+    return JSRT_DIR
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path):
+    """Compose a stage config as the CLI would, with outputs under ``output_dir``."""
+    from hydra import compose, initialize_config_dir
+
+    from diffmask.cli.common import CONFIG_PATH
+
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose(
+            config_name=config_name,
+            overrides=[
+                f"paths.output_dir={output_dir}",
+                f"paths.artifact_dir={output_dir}/artifacts",
+                "trainer.enable_progress_bar=false",
+                *overrides,
+            ],
+        )
+    return cfg

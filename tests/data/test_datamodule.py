@@ -1,0 +1,85 @@
+"""Real/synthetic mixing, reproducible fractions, no horizontal flips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffmask.data import JSRTSource, ManifestRow, PhantomSource, SegmentationDataModule, select_fraction, write_manifest
+from diffmask.data.transforms import build_augmentation
+
+
+def _synthetic_dir(tmp_path, n=12, size=32):
+    (tmp_path / "images").mkdir(parents=True)
+    (tmp_path / "masks").mkdir()
+    rows = []
+    src = PhantomSource(size=size, num_train=n, seed=7)
+    for i, sid in enumerate(src.ids("train")):
+        s = src.load(sid)
+        Image.fromarray(s.image).save(tmp_path / "images" / f"{sid}.png")
+        Image.fromarray(s.label).save(tmp_path / "masks" / f"{sid}.png")
+        rows.append(ManifestRow(sid, f"images/{sid}.png", f"masks/{sid}.png", "p", "synthetic", seed=i))
+    write_manifest(tmp_path, rows)
+    return tmp_path
+
+
+def test_select_fraction_reproducible_and_nested():
+    ids = [f"{i:04d}" for i in range(173)]
+    small = select_fraction(ids, 0.1, seed=0)
+    assert len(small) == 17 and small == select_fraction(ids, 0.1, seed=0)
+    assert set(small) <= set(select_fraction(ids, 0.25, seed=0))
+    assert select_fraction(ids, 0.0, 0) == [] and select_fraction(ids, 1.0, 0) == ids
+    assert small != select_fraction(ids, 0.1, seed=1)
+    with pytest.raises(ValueError, match="real_fraction"):
+        select_fraction(ids, 1.5, 0)
+
+
+def test_real_fraction_and_synthetic_ratio(jsrt_dir, tmp_path):
+    syn = _synthetic_dir(tmp_path / "syn")
+    dm = SegmentationDataModule(
+        JSRTSource(jsrt_dir), size=32, batch_size=4, real_fraction=0.02, synthetic_dir=str(syn), synthetic_ratio=2
+    )
+    assert len(dm.real_train_ids) == 3 and len(dm.synthetic_ids) == 6
+    assert len(dm.train_dataset()) == 9
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 1, 32, 32) and batch["label"].dtype == torch.int64
+    assert batch["image"].min() >= 0 and batch["image"].max() <= 1
+    assert set(batch["source"]) <= {"real", "synthetic"}
+    # absolute count overrides the ratio; synthetic only uses all synthetic samples
+    dm2 = SegmentationDataModule(JSRTSource(jsrt_dir), size=32, real_fraction=0.0, synthetic_dir=str(syn))
+    assert dm2.real_train_ids == [] and len(dm2.synthetic_ids) == 12
+    dm3 = SegmentationDataModule(JSRTSource(jsrt_dir), size=32, real_fraction=0.1, synthetic_dir=str(syn), synthetic_count=5)
+    assert len(dm3.synthetic_ids) == 5
+    with pytest.raises(ValueError, match="has only 12"):
+        SegmentationDataModule(JSRTSource(jsrt_dir), size=32, synthetic_dir=str(syn), synthetic_count=50)
+    with pytest.raises(ValueError, match="training set is empty"):
+        SegmentationDataModule(JSRTSource(jsrt_dir), size=32, real_fraction=0.0)
+
+
+def test_external_test_set_by_path(jsrt_dir, tmp_path):
+    ext = _synthetic_dir(tmp_path / "ext")
+    dm = SegmentationDataModule(JSRTSource(jsrt_dir), size=32, test_sets={"other": str(ext)})
+    assert dm.test_set_names == ["jsrt", "other"]
+    loaders = dm.test_dataloader()
+    assert len(loaders) == 2 and len(loaders[1].dataset) == 12
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_resolution(jsrt_dir, size):
+    dm = SegmentationDataModule(JSRTSource(jsrt_dir), size=size, batch_size=2)
+    item = dm.val_dataloader().dataset[0]
+    assert item["image"].shape == item["label"].shape == (1, size, size)
+
+
+def test_augmentation_keeps_sides():
+    """Augmentation must never mirror: the left lung (1) stays on the image's right."""
+    src = PhantomSource(size=64, num_train=4)
+    aug = build_augmentation(size=64, affine_prob=1.0, prob=1.0)
+    for sid in src.ids("train"):
+        s = src.load(sid)
+        for _ in range(5):
+            out = aug({"image": torch.from_numpy(s.image[None] / 255.0).float(), "label": torch.from_numpy(s.label[None]).float()})
+            lab = np.asarray(out["label"])[0].round()
+            assert np.nonzero(lab == 1)[1].mean() > np.nonzero(lab == 2)[1].mean()

@@ -1,0 +1,115 @@
+"""Sources and bad input: each error names the file and the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffmask.data import JSRTSource, ManifestRow, ManifestSource, PhantomSource, read_manifest, write_manifest
+
+
+def _copy_jsrt_subset(src, dst, ids=("0000", "0001", "0002"), drop_column=None, split="train"):
+    (dst / "images").mkdir(parents=True)
+    (dst / "masks").mkdir()
+    for i in ids:
+        shutil.copy(src / "images" / f"{i}.png", dst / "images" / f"{i}.png")
+        shutil.copy(src / "masks" / f"{i}.png", dst / "masks" / f"{i}.png")
+    cols = ["id", "split", "sex", "age", "finding", "diagnosis", "reading"]
+    if drop_column:
+        cols.remove(drop_column)
+    lines = [",".join(cols)] + [",".join({"id": i, "split": split}.get(c, "") for c in cols) for i in ids]
+    (dst / "metadata.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_jsrt_splits_and_sample(jsrt_dir):
+    src = JSRTSource(jsrt_dir)
+    assert [len(src.ids(s)) for s in ("train", "val", "test")] == [173, 37, 37]
+    s = src.load(src.ids("train")[0])
+    assert s.image.shape == s.label.shape == (256, 256)
+    assert s.image.dtype == np.uint8 and set(np.unique(s.label)) == {0, 1, 2, 3}
+    # patient's left lung (1) lies on the image's right half
+    cols = np.nonzero(s.label == 1)[1]
+    assert cols.mean() > 128 > np.nonzero(s.label == 2)[1].mean()
+    assert s.meta["sex"] in ("M", "F")
+
+
+def test_missing_metadata_column(jsrt_dir, tmp_path):
+    _copy_jsrt_subset(jsrt_dir, tmp_path, drop_column="split")
+    with pytest.raises(ValueError, match=r"metadata.csv: missing column\(s\) \['split'\]"):
+        JSRTSource(tmp_path)
+
+
+def test_empty_split(jsrt_dir, tmp_path):
+    _copy_jsrt_subset(jsrt_dir, tmp_path)
+    with pytest.raises(ValueError, match="split 'test' is empty"):
+        JSRTSource(tmp_path).ids("test")
+
+
+def test_unreadable_image(jsrt_dir, tmp_path):
+    _copy_jsrt_subset(jsrt_dir, tmp_path)
+    (tmp_path / "images" / "0001.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"0001\.png: unreadable image"):
+        JSRTSource(tmp_path).load("0001")
+
+
+def test_mask_labels_out_of_range(jsrt_dir, tmp_path):
+    _copy_jsrt_subset(jsrt_dir, tmp_path)
+    mask = np.array(Image.open(tmp_path / "masks" / "0002.png"))
+    mask[0, 0] = 7
+    Image.fromarray(mask).save(tmp_path / "masks" / "0002.png")
+    with pytest.raises(ValueError, match=r"masks/0002\.png: mask has labels \[7\] outside 0\.\.3"):
+        JSRTSource(tmp_path).load("0002")
+
+
+def test_mask_size_mismatch(jsrt_dir, tmp_path):
+    _copy_jsrt_subset(jsrt_dir, tmp_path)
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(tmp_path / "masks" / "0000.png")
+    with pytest.raises(ValueError, match=r"0000\.png: mask size \(100, 100\) does not match its image size"):
+        JSRTSource(tmp_path).load("0000")
+
+
+def test_missing_folder_names_the_setting(tmp_path):
+    with pytest.raises(FileNotFoundError, match="DIFFMASK_JSRT_DIR"):
+        JSRTSource(tmp_path / "nope")
+
+
+def test_manifest_roundtrip_and_errors(tmp_path):
+    img = np.full((32, 32), 100, np.uint8)
+    lab = np.zeros((32, 32), np.uint8)
+    lab[4:10, 4:10] = 3
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(img).save(tmp_path / "images" / "a.png")
+    Image.fromarray(lab).save(tmp_path / "masks" / "a.png")
+    row = ManifestRow("a", "images/a.png", "masks/a.png", prompt="x", source="synthetic", seed=3, scores={"heart": 0.9})
+    write_manifest(tmp_path, [row])
+    back = read_manifest(tmp_path)[0]
+    assert back == row
+    s = ManifestSource(tmp_path).load("a")
+    assert s.label.max() == 3 and s.source == "synthetic" and s.prompt == "x"
+    assert ManifestSource(tmp_path, min_score=0.95).rows() == []
+
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "b", "source": "synthetic"}) + "\n")
+    with pytest.raises(ValueError, match=r"manifest.jsonl, row 1: missing required field 'file_name'"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "b", "file_name": "x.png", "source": "fake"}) + "\n")
+    with pytest.raises(ValueError, match="field 'source' must be one of"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.jsonl").write_text("{oops\n")
+    with pytest.raises(ValueError, match=r"manifest.jsonl:1: not valid JSON"):
+        read_manifest(tmp_path)
+
+
+def test_phantom_is_deterministic_and_anatomical():
+    a, b = PhantomSource(size=64, seed=1), PhantomSource(size=64, seed=1)
+    s1, s2 = a.load("train0005"), b.load("train0005")
+    assert np.array_equal(s1.image, s2.image) and np.array_equal(s1.label, s2.label)
+    assert not np.array_equal(s1.image, a.load("train0006").image)
+    assert set(np.unique(s1.label)) == {0, 1, 2, 3}
+    assert np.nonzero(s1.label == 1)[1].mean() > 32 > np.nonzero(s1.label == 2)[1].mean()
+    # lungs darker than heart
+    assert s1.image[s1.label == 1].mean() < s1.image[s1.label == 3].mean()
