@@ -1,0 +1,24 @@
+"""diffmask-report <sweep dir>: results table (markdown + CSV, mean ± std over seeds) and plots."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from diffmask.evaluation.report import write_report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="diffmask-report", description=__doc__)
+    parser.add_argument("sweep_dir", help="folder with the runs' metrics.json files (searched recursively)")
+    parser.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
+    parser.add_argument("--test-set", default=None, help="test set whose mIoU the plots show (default: first)")
+    parser.add_argument("--wandb-project", default=None, help="also log table + plots to this W&B project")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for kind, path in write_report(args.sweep_dir, args.out, args.test_set, args.wandb_project).items():
+        print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()

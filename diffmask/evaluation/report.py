@@ -1,0 +1,214 @@
+"""Collect ``metrics.json`` files of a sweep into a results table (mean ± std over seeds) and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffmask.artifacts import atomic_write_bytes, atomic_write_text
+
+__all__ = ["RunRecord", "collect_runs", "summarise", "write_report"]
+
+# overrides that distinguish repeats, not conditions
+REPEAT_KEYS = ("seed", "data.seed")
+
+
+@dataclass
+class RunRecord:
+    """One run: where it is, its condition (overrides minus seeds) and its flat metrics."""
+
+    path: Path
+    condition: str
+    backbone: str
+    real_fraction: float | None
+    n_real: int | None
+    n_synthetic: int | None
+    seed: int | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _condition(overrides: list[str]) -> str:
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in REPEAT_KEYS]
+    return " ".join(sorted(kept)) or "(defaults)"
+
+
+def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
+    """Every ``metrics.json`` under ``sweep_dir`` (recursively), as :class:`RunRecord` rows."""
+    root = Path(sweep_dir)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: sweep folder not found")
+    runs = []
+    for path in sorted(root.rglob("metrics.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg})") from e
+        if "metrics" not in data:
+            raise ValueError(f"{path}: no 'metrics' field; not a diffmask metrics file")
+        info = data.get("data", {})
+        runs.append(
+            RunRecord(
+                path=path.parent,
+                condition=_condition(list(data.get("overrides", []))),
+                backbone=str(data.get("backbone", "?")).rsplit(".", 1)[-1],
+                real_fraction=info.get("real_fraction"),
+                n_real=info.get("n_real_train"),
+                n_synthetic=info.get("n_synthetic_train"),
+                seed=data.get("seed"),
+                metrics={k: v for k, v in data["metrics"].items() if v is not None},
+            )
+        )
+    if not runs:
+        raise FileNotFoundError(f"{root}: no metrics.json found below this folder")
+    return runs
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[RunRecord], prefix: str = "test/") -> tuple[list[str], list[dict[str, Any]]]:
+    """Group runs by condition; mean and std over repeats of every metric under ``prefix``.
+
+    Returns:
+        (metric names, rows) with row keys: condition, backbone, real_fraction, n_real,
+        n_synthetic, n_runs, and ``<metric>`` / ``<metric>_std`` for each metric.
+    """
+    groups: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        groups[r.condition].append(r)
+    metric_names = sorted({k for r in runs for k in r.metrics if k.startswith(prefix)})
+    rows = []
+    for condition, members in groups.items():
+        first = members[0]
+        row: dict[str, Any] = {
+            "condition": condition,
+            "backbone": first.backbone,
+            "real_fraction": first.real_fraction,
+            "n_real": first.n_real,
+            "n_synthetic": first.n_synthetic,
+            "n_runs": len(members),
+        }
+        for m in metric_names:
+            values = [r.metrics[m] for r in members if m in r.metrics and not math.isnan(r.metrics[m])]
+            if values:
+                row[m], row[f"{m}_std"] = _mean_std(values)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["backbone"], r["real_fraction"] or 0, r["n_synthetic"] or 0, r["condition"]))
+    return metric_names, rows
+
+
+def _markdown(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
+    short = [m.split("/", 1)[-1] for m in metric_names]
+    head = ["backbone", "real frac.", "n real", "n synth.", "runs", *short, "condition"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["backbone"], f"{r['real_fraction']}", f"{r['n_real']}", f"{r['n_synthetic']}", f"{r['n_runs']}"]
+        for m in metric_names:
+            cells.append("—" if m not in r else f"{r[m]:.4f} ± {r[m + '_std']:.4f}")
+        cells.append(f"`{r['condition']}`")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
+    fields = ["condition", "backbone", "real_fraction", "n_real", "n_synthetic", "n_runs"]
+    fields += [x for m in metric_names for x in (m, f"{m}_std")]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _plots(rows: list[dict[str, Any]], miou_key: str, out: Path) -> list[Path]:
+    import matplotlib  # noqa: PLC0415 - plotting is optional at import time
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    paths = []
+    with_key = [r for r in rows if miou_key in r]
+    if not with_key:
+        return paths
+    # IoU vs real fraction, one line per (backbone, synthetic count)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines: dict[tuple, list] = defaultdict(list)
+    for r in with_key:
+        lines[(r["backbone"], r["n_synthetic"])].append(r)
+    for (backbone, n_syn), members in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        members.sort(key=lambda r: r["real_fraction"] or 0)
+        xs = [r["real_fraction"] or 0 for r in members]
+        ax.errorbar(xs, [r[miou_key] for r in members], yerr=[r[miou_key + "_std"] for r in members],
+                    marker="o", capsize=3, label=f"{backbone}, {n_syn or 0} synthetic")
+    ax.set_xlabel("real fraction of the training split")
+    ax.set_ylabel(miou_key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_save_fig(fig, out / "iou_vs_real_fraction.png"))
+    plt.close(fig)
+    # per-condition bars
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(with_key) + 2), 4))
+    labels = [f"{r['backbone']}\nr={r['real_fraction']} s={r['n_synthetic']}" for r in with_key]
+    ax.bar(range(len(with_key)), [r[miou_key] for r in with_key], yerr=[r[miou_key + "_std"] for r in with_key],
+           capsize=3, color="tab:blue")
+    ax.set_xticks(range(len(with_key)), labels, fontsize=6)
+    ax.set_ylabel(miou_key)
+    lo = min(r[miou_key] for r in with_key)
+    ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+    fig.tight_layout()
+    paths.append(_save_fig(fig, out / "backbones.png"))
+    plt.close(fig)
+    return paths
+
+
+def _save_fig(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, test_set: str | None = None,
+                 wandb_project: str | None = None) -> dict[str, Path]:
+    """Write ``report.md``, ``report.csv`` and PNG plots for a sweep; optionally log them to W&B.
+
+    Args:
+        sweep_dir: folder holding the runs (searched recursively for ``metrics.json``).
+        out_dir: where to write (default: ``sweep_dir``).
+        test_set: test set whose ``miou`` the plots show (default: the first found).
+        wandb_project: log the table and plots to this W&B project (honours WANDB_MODE=offline).
+
+    Returns:
+        Paths of the written files by kind.
+    """
+    out = Path(out_dir or sweep_dir)
+    runs = collect_runs(sweep_dir)
+    metric_names, rows = summarise(runs)
+    mious = [m for m in metric_names if m.endswith("/miou")]
+    miou_key = f"test/{test_set}/miou" if test_set else (mious[0] if mious else "")
+    written = {
+        "markdown": atomic_write_text(out / "report.md", f"# Results: {Path(sweep_dir).name}\n\n"
+                                      f"{len(runs)} runs, {len(rows)} conditions; mean ± std over repeats.\n\n"
+                                      + _markdown(metric_names, rows)),
+        "csv": atomic_write_text(out / "report.csv", _csv(metric_names, rows)),
+    }
+    for p in _plots(rows, miou_key, out) if miou_key else []:
+        written[p.stem] = p
+    if wandb_project:
+        import wandb  # noqa: PLC0415 - optional
+
+        run = wandb.init(project=wandb_project, job_type="report", name=f"report-{Path(sweep_dir).name}")
+        columns = list(_csv(metric_names, rows).splitlines()[0].split(","))
+        table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        run.log({"results": table, **{k: wandb.Image(str(p)) for k, p in written.items() if p.suffix == ".png"}})
+        run.finish()
+    return written

@@ -1,0 +1,67 @@
+"""IoU/Dice conventions and the sweep report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from diffmask.evaluation import SegmentationScores, compute_dice, compute_iou
+from diffmask.evaluation.report import collect_runs, summarise, write_report
+
+
+def test_iou_known_values_and_absent_class_is_nan():
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, :2, :2] = 1  # 4 px of class 1, no class 2 or 3
+    pred = torch.zeros_like(target)
+    pred[0, :2, :1] = 1  # 2 px, all inside
+    pred[0, 3, 3] = 3  # class 3 predicted but absent from ground truth
+    iou = compute_iou(pred, target, 4)
+    assert iou[0, 1].item() == pytest.approx(0.5)
+    assert math.isnan(iou[0, 2].item()) and math.isnan(iou[0, 3].item())
+    assert compute_dice(pred, target, 4)[0, 1].item() == pytest.approx(2 * 2 / 6)
+
+
+def test_scores_skip_classes_missing_from_the_test_set():
+    """A lungs-only test set (labels 0/1/2) is scored on the lungs; heart is not a zero."""
+    scores = SegmentationScores(["background", "left_lung", "right_lung", "heart"])
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[:, :, :4] = 2
+    target[:, :, 4:] = 1
+    scores.update(target.clone(), target)
+    out = scores.compute()
+    assert out["iou_left_lung"] == 1.0 and out["iou_right_lung"] == 1.0
+    assert "iou_heart" not in out and out["miou"] == 1.0
+
+
+def _fake_run(folder, backbone, frac, seed, miou):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "metrics": {"test/jsrt/miou": miou, "test/jsrt/iou_heart": miou - 0.05},
+        "data": {"real_fraction": frac, "n_real_train": int(173 * frac), "n_synthetic_train": 0},
+        "backbone": f"x.{backbone}", "seed": seed,
+        "overrides": [f"segmentation={backbone.lower()}", f"data.real_fraction={frac}", f"seed={seed}"],
+    }))
+
+
+def test_report_mean_std_over_seeds(tmp_path):
+    for i, (b, f, s, m) in enumerate([("UNet", 1.0, 0, 0.90), ("UNet", 1.0, 1, 0.92), ("UNet", 0.1, 0, 0.85),
+                                      ("TransUNet", 1.0, 0, 0.88)]):
+        _fake_run(tmp_path / "sweep" / str(i), b, f, s, m)
+    names, rows = summarise(collect_runs(tmp_path / "sweep"))
+    unet_full = next(r for r in rows if r["backbone"] == "UNet" and r["real_fraction"] == 1.0)
+    assert unet_full["n_runs"] == 2
+    assert unet_full["test/jsrt/miou"] == pytest.approx(0.91)
+    assert unet_full["test/jsrt/miou_std"] == pytest.approx(0.0141421, rel=1e-4)
+    written = write_report(tmp_path / "sweep", tmp_path / "out")
+    md = written["markdown"].read_text()
+    assert "0.9100 ± 0.0141" in md and len(rows) == 3
+    assert written["iou_vs_real_fraction"].stat().st_size > 1000
+    assert "test/jsrt/miou_std" in written["csv"].read_text().splitlines()[0]
+
+
+def test_report_errors_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        collect_runs(tmp_path)
