@@ -14,6 +14,18 @@ from diffmask.labels import validate_class_names
 __all__ = ["SegmentationLitModule"]
 
 
+def _drop_unused_cross_attention_norms(net: torch.nn.Module) -> torch.nn.Module:
+    """MONAI's ``TransformerBlock`` always builds a ``norm_cross_attn`` LayerNorm, used only with
+    cross-attention; in UNETR & co. it never gets a gradient and plain DDP fails on it."""
+    from monai.networks.blocks import TransformerBlock  # noqa: PLC0415
+
+    for module in net.modules():
+        if isinstance(module, TransformerBlock) and not getattr(module, "with_cross_attention", False):
+            if isinstance(getattr(module, "norm_cross_attn", None), torch.nn.LayerNorm):
+                module.norm_cross_attn = torch.nn.Identity()
+    return net
+
+
 class SegmentationLitModule(pl.LightningModule):
     """Trains a segmentation network on batches ``{"image": (B,1,H,W), "label": (B,1,H,W)}``.
 
@@ -49,7 +61,7 @@ class SegmentationLitModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"], logger=False)
-        self.net = net
+        self.net = _drop_unused_cross_attention_norms(net)
         self.class_names = validate_class_names(class_names)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
