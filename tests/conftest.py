@@ -6,9 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# tests run as 2 xdist workers on 2 cores: one thread each (tiny models run ~5x faster on one
+# thread than on two contended ones); subprocesses inherit it through OMP_NUM_THREADS
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 JSRT_DIR = Path(os.environ.get("DIFFMASK_JSRT_DIR", REPO.parent / "shared" / "data" / "jsrt_scr"))

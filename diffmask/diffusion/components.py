@@ -1,0 +1,238 @@
+"""The parts of a text-conditioned diffusion model, built from scratch or loaded from a folder.
+
+* :func:`build_scratch_components` — pixel-space ``UNet2DConditionModel`` + a small
+  ``CLIPTextModel`` from a config + the offline prompt tokenizer (``diffusion=scratch``).
+* :func:`load_components` — a folder in diffusers format: a Stable Diffusion checkpoint
+  (``diffusion=pretrained``, latent space with its ``AutoencoderKL``) or a model this project
+  exported (pixel or latent). Both go through the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from diffmask.prompts.tokenizer import build_prompt_tokenizer, prompt_vocabulary
+
+__all__ = [
+    "DiffusionComponents",
+    "build_scratch_components",
+    "load_components",
+    "check_resolution",
+    "METADATA_FILE",
+]
+
+log = logging.getLogger(__name__)
+METADATA_FILE = "diffmask.json"
+REQUIRED_FOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+class DiffusionComponents:
+    """Everything a diffusion model needs; ``vae`` is None in pixel space.
+
+    A plain class, not a dataclass: Hydra would turn a dataclass passed to ``instantiate`` into
+    a config node.
+
+    Attributes:
+        unet: noise predictor; ``in_channels`` 1 (pixel) or the VAE's latent channels.
+        text_encoder: CLIP text model giving (B, T, cross_attention_dim) states.
+        tokenizer: CLIP tokenizer (fast, with offsets).
+        noise_scheduler: the DDPM training scheduler (its config also seeds samplers).
+        vae: latent-space autoencoder (frozen), or None for pixel space.
+        metadata: contents of ``diffmask.json`` when loaded from an exported model, else {}.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        noise_scheduler: DDPMScheduler,
+        vae: AutoencoderKL | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler
+        self.vae = vae
+        self.metadata = metadata or {}
+
+    @property
+    def latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.unet.config.in_channels) if self.vae is None else int(self.vae.config.in_channels)
+
+
+def check_resolution(components: DiffusionComponents, resolution: int, field: str = "resolution") -> int:
+    """The UNet input side for images of ``resolution`` px; a ValueError if the UNet cannot take it."""
+    n_down = len(components.unet.config.block_out_channels) - 1
+    factor = components.vae_scale_factor
+    multiple = factor * 2**n_down
+    if resolution < multiple or resolution % multiple:
+        raise ValueError(
+            f"{field}: {resolution} px cannot pass this model: it must be a multiple of {multiple} "
+            f"(2**{n_down} UNet downsamplings x VAE factor {factor})"
+        )
+    return resolution // factor
+
+
+def build_scratch_components(
+    vocabulary: Sequence[str] = (),
+    resolution: int = 128,
+    block_out_channels: Sequence[int] = (64, 128, 256, 256),
+    layers_per_block: int = 2,
+    attention_levels: Sequence[bool] | None = None,
+    attention_heads: int = 8,
+    cross_attention_dim: int = 256,
+    norm_num_groups: int = 32,
+    only_cross_attention: bool = False,
+    text_hidden_size: int = 256,
+    text_layers: int = 4,
+    text_heads: int = 4,
+    text_intermediate_size: int = 1024,
+    max_prompt_tokens: int = 64,
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "squaredcos_cap_v2",
+    prediction_type: str = "epsilon",
+) -> DiffusionComponents:
+    """A pixel-space text-conditioned diffusion model with random weights (no download).
+
+    Args:
+        vocabulary: extra words the tokenizer keeps whole, on top of
+            :data:`diffmask.prompts.PROMPT_WORDS` (the fit entry adds the templates' and the
+            training metadata's words).
+        resolution: image side; checked against the number of downsamplings.
+        block_out_channels: channels per UNet level (its length = number of levels).
+        layers_per_block: ResNet (+ attention) layers per level.
+        attention_levels: which levels have (self + cross) attention; default all but the first
+            (the full-resolution level, where self-attention is quadratic in the pixel count).
+        attention_heads: heads per attention layer (diffusers' ``attention_head_dim`` acts as the
+            head count for this UNet in diffusers 0.42).
+        cross_attention_dim: width of the text states (= ``text_hidden_size`` is typical).
+        norm_num_groups: GroupNorm groups (must divide every entry of ``block_out_channels``).
+        only_cross_attention: drop self-attention in transformer blocks (much faster at 128 px).
+        text_hidden_size, text_layers, text_heads, text_intermediate_size: the CLIP text encoder.
+        max_prompt_tokens: the tokenizer's padded length (BOS and EOS included).
+        num_train_timesteps, beta_schedule, prediction_type: the DDPM training scheduler.
+    """
+    levels = len(block_out_channels)
+    if levels < 2:
+        raise ValueError(f"block_out_channels: expected at least 2 levels, got {list(block_out_channels)}")
+    if attention_levels is None:
+        attention_levels = [False] + [True] * (levels - 1)
+    attention_levels = list(attention_levels)
+    if len(attention_levels) != levels or not any(attention_levels):
+        raise ValueError(
+            f"attention_levels: expected {levels} booleans with at least one True, got {attention_levels}"
+        )
+    bad = [c for c in block_out_channels if c % norm_num_groups]
+    if bad:
+        raise ValueError(f"block_out_channels: {bad} not divisible by norm_num_groups={norm_num_groups}")
+    if text_hidden_size % text_heads:
+        raise ValueError(f"text_hidden_size: {text_hidden_size} not divisible by text_heads={text_heads}")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    tokenizer = build_prompt_tokenizer(prompt_vocabulary(vocabulary), model_max_length=max_prompt_tokens)
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
+    unet = UNet2DConditionModel(
+        sample_size=resolution,
+        in_channels=1,
+        out_channels=1,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_heads,
+        norm_num_groups=norm_num_groups,
+        only_cross_attention=only_cross_attention,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden_size,
+        intermediate_size=text_intermediate_size,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        max_position_embeddings=max_prompt_tokens,
+        projection_dim=cross_attention_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    if text_hidden_size != cross_attention_dim:
+        raise ValueError(
+            f"cross_attention_dim: must equal text_hidden_size ({text_hidden_size}), got {cross_attention_dim}"
+        )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type
+    )
+    comps = DiffusionComponents(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler)
+    check_resolution(comps, resolution)
+    return comps
+
+
+def load_components(
+    model_path: str | os.PathLike,
+    prediction_type: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> DiffusionComponents:
+    """Load a diffusers-format folder: ``unet/ text_encoder/ tokenizer/ scheduler/`` (+ ``vae/``).
+
+    A Stable Diffusion 1.x/2.x folder (e.g. SD 1.5 downloaded once with ``save_pretrained``) and a
+    model exported by :meth:`DiffusionLitModule.export` load the same way. Without ``vae/`` the
+    model is pixel-space.
+
+    Args:
+        model_path: the folder.
+        prediction_type: override the scheduler's prediction type (e.g. ``v_prediction`` when
+            fine-tuning an epsilon model to v); None keeps the folder's.
+        torch_dtype: dtype to load the weights in (default float32).
+
+    Raises:
+        FileNotFoundError: the folder or a required component folder is missing (named).
+    """
+    root = Path(model_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model_path: {root} is not a folder (expected a diffusers-format model)")
+    missing = [name for name in REQUIRED_FOLDERS if not (root / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"model_path: {root} lacks the component folder(s) {missing}; a diffusers-format model needs "
+            f"{list(REQUIRED_FOLDERS)} (+ vae/ for latent models)"
+        )
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", **kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", **kwargs)
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    sched_cfg = DDPMScheduler.load_config(root / "scheduler")
+    if prediction_type is not None:
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        sched_cfg["prediction_type"] = prediction_type
+    noise_scheduler = DDPMScheduler.from_config(sched_cfg)
+    vae = AutoencoderKL.from_pretrained(root / "vae", **kwargs) if (root / "vae").is_dir() else None
+    meta_file = root / METADATA_FILE
+    metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    log.info("diffusion: loaded %s model from %s", "latent" if vae is not None else "pixel", root)
+    return DiffusionComponents(
+        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
+        vae=vae, metadata=metadata,
+    )

@@ -1,0 +1,313 @@
+"""LightningModule that fine-tunes (or trains from scratch) a text-conditioned diffusion model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from diffmask.artifacts import atomic_write_json
+from diffmask.attention import AttentionRecorder, capture_cross_attention
+from diffmask.data.datamodule import select_fraction
+from diffmask.diffusion.alignment import AttentionAlignment, attention_alignment_loss, class_token_index
+from diffmask.diffusion.components import METADATA_FILE, DiffusionComponents, check_resolution
+from diffmask.prompts.builder import PromptBuilder, class_token_positions
+
+__all__ = ["DiffusionLitModule", "encode_prompts"]
+
+log = logging.getLogger(__name__)
+
+
+def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+    """CLIP text states (B, T, D) of prompts padded to the tokenizer's ``model_max_length``.
+
+    Raises:
+        ValueError: a prompt is longer than ``model_max_length`` tokens.
+    """
+    limit = tokenizer.model_max_length
+    enc = tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=False)
+    too_long = [(p, len(ids)) for p, ids in zip(prompts, enc["input_ids"], strict=True) if len(ids) > limit]
+    if too_long:
+        p, n = too_long[0]
+        raise ValueError(
+            f"prompt {p!r} has {n} tokens, more than the tokenizer's maximum of {limit}; "
+            "shorten the template or raise the tokenizer's model_max_length"
+        )
+    ids = torch.as_tensor(enc["input_ids"], device=device)
+    return text_encoder(ids)[0]
+
+
+class DiffusionLitModule(pl.LightningModule):
+    """Trains ``components.unet`` (and optionally the text encoder) to denoise X-rays given prompts.
+
+    Batches come from :class:`~diffmask.data.SegmentationDataModule`: ``image`` (B, 1, S, S) in
+    [0, 1] (scaled to [-1, 1]; in latent space repeated to the VAE's 3 channels and encoded),
+    ``label`` (B, 1, S, S), ``meta`` (list of dicts), ``id`` (list of str). Prompts are built from
+    ``meta`` by ``prompt_builder``; with probability ``cond_dropout`` a prompt is replaced by ""
+    (classifier-free guidance). bf16 autocast and gradient clipping come from the Trainer
+    (``precision``, ``gradient_clip_val``).
+
+    Args:
+        components: the model (see :func:`build_scratch_components`, :func:`load_components`).
+        prompt_builder: makes prompts and the class-phrase spans.
+        optimizer: partial optimizer (``_partial_: true``), called with the trained parameters.
+        lr_scheduler: optional partial LR scheduler, stepped every optimizer step.
+        resolution: training image side in pixels (checked against the UNet/VAE).
+        train_text_encoder: also train the text encoder (required from scratch; optional when
+            fine-tuning Stable Diffusion).
+        cond_dropout: probability of dropping a prompt to "" for classifier-free guidance.
+        ema_decay: EMA decay of the UNet weights (0 = no EMA); the export uses the EMA weights.
+        ema_warmup: ramp the decay as min(decay, (1 + step) / (10 + step)).
+        align: attention alignment settings (None or ``label_fraction=0`` = off).
+        labelled_ids: ids whose masks the alignment loss may use; None = drawn at fit start from
+            the datamodule (see :class:`AttentionAlignment`).
+        gradient_checkpointing: trade compute for memory in the UNet.
+
+    Examples::
+
+        comps = build_scratch_components(resolution=64)
+        module = DiffusionLitModule(comps, PromptBuilder(), functools.partial(torch.optim.AdamW, lr=1e-4), resolution=64)
+        pl.Trainer(max_steps=1000).fit(module, datamodule=dm)
+        module.export("artifacts/diffusion/run1")
+    """
+
+    def __init__(
+        self,
+        components: DiffusionComponents,
+        prompt_builder: PromptBuilder,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        resolution: int = 128,
+        train_text_encoder: bool = True,
+        cond_dropout: float = 0.1,
+        ema_decay: float = 0.999,
+        ema_warmup: bool = True,
+        align: AttentionAlignment | None = None,
+        labelled_ids: Sequence[str] | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 <= cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout: expected a probability in [0, 1), got {cond_dropout}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay: expected 0 (off) or a decay in (0, 1), got {ema_decay}")
+        self.save_hyperparameters(ignore=["components", "prompt_builder", "optimizer", "lr_scheduler", "align"])
+        self.latent_size = check_resolution(components, resolution)
+        self.components = components
+        self.unet = components.unet
+        self.text_encoder = components.text_encoder
+        self.vae = components.vae
+        self.tokenizer = components.tokenizer
+        self.noise_scheduler = components.noise_scheduler
+        self.prompt_builder = prompt_builder
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.resolution = resolution
+        self.train_text_encoder = train_text_encoder
+        self.cond_dropout = cond_dropout
+        self.ema_decay = ema_decay
+        self.ema_warmup = ema_warmup
+        self.align = align or AttentionAlignment(label_fraction=0.0)
+        self.labelled_ids: set[str] | None = set(labelled_ids) if labelled_ids is not None else None
+        self._prompt_rng = random.Random(0)
+        if self.vae is not None:
+            self.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(train_text_encoder)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        # A frozen copy of the UNet registered as a submodule: Lightning moves it between devices
+        # and stores it in checkpoints; DDP ignores it (no trainable parameters).
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval() if ema_decay > 0 else None
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"prediction_type: the scheduler's {self.prediction_type!r} is not supported (epsilon, v_prediction)"
+            )
+
+    # ---- setup ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # templates and prompt dropout differ per rank (and follow the run's seed)
+        self._prompt_rng = random.Random(torch.initial_seed() * 1009 + self.global_rank)
+        if stage != "fit" or not self.align.enabled or self.labelled_ids is not None:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "real"):
+            raise ValueError(
+                "align.label_fraction > 0 needs a SegmentationDataModule (to draw the labelled ids) "
+                "or explicit labelled_ids"
+            )
+        all_ids = dm.real.ids(dm.splits["train"])
+        seed = dm.seed if self.align.seed is None else self.align.seed
+        chosen = select_fraction(all_ids, self.align.label_fraction, seed, field="align.label_fraction")
+        outside = sorted(set(chosen) - set(dm.real_train_ids))
+        if outside:
+            log.warning("align: %d labelled ids are not in the training subset and are never seen", len(outside))
+        self.labelled_ids = set(chosen)
+        log.info("align: %d labelled images (fraction %.3g, seed %d)", len(chosen), self.align.label_fraction, seed)
+
+    def configure_optimizers(self):
+        params = list(self.unet.parameters())
+        if self.train_text_encoder:
+            params += list(self.text_encoder.parameters())
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- the loss ------------------------------------------------------------------------
+    def encode_images(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) in [0, 1] → the UNet's clean input: pixels in [-1, 1] or scaled VAE latents."""
+        if image.shape[-1] != self.resolution or image.shape[-2] != self.resolution:
+            raise ValueError(
+                f"image: expected {self.resolution}x{self.resolution} px (the model's resolution), "
+                f"got {tuple(image.shape[-2:])}; set data.size to the diffusion resolution"
+            )
+        x = image * 2.0 - 1.0
+        if self.vae is None:
+            return x
+        x = x.repeat(1, self.vae.config.in_channels // x.shape[1], 1, 1)
+        with torch.no_grad():
+            latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample()
+        # bf16 autocast makes the VAE return bf16; noise targets are kept in fp32
+        return (latents * self.vae.config.scaling_factor).float()
+
+    def make_prompts(self, metas: Sequence[dict], train: bool) -> tuple[list[str], list[list[list[int]] | None]]:
+        """Prompts of a batch and their class-token positions (None for dropped prompts)."""
+        texts, positions = [], []
+        for meta in metas:
+            built = self.prompt_builder.build(meta, rng=self._prompt_rng if train else None)
+            if train and self.cond_dropout > 0 and self._prompt_rng.random() < self.cond_dropout:
+                texts.append("")
+                positions.append(None)
+                continue
+            positions.append(class_token_positions(self.tokenizer, built))
+            texts.append(built.text)
+        return texts, positions
+
+    def denoising_loss(
+        self, batch: dict, train: bool, generator: torch.Generator | None = None, align_all: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Denoising loss of a batch (+ the alignment loss on its labelled items).
+
+        Args:
+            batch: a datamodule batch (see the class docstring).
+            train: random templates and prompt dropout; gradients into the text encoder if trained.
+            generator: CPU generator for noise and timesteps (fixed evaluation); None = global RNG.
+            align_all: compute the alignment loss on every item (evaluation), not only labelled ones.
+
+        Returns:
+            ``mse``, ``loss`` and, when computed, ``align_loss`` (scalars).
+        """
+        clean = self.encode_images(batch["image"])
+        b = clean.shape[0]
+        texts, positions = self.make_prompts(batch["meta"], train)
+        noise = torch.randn(clean.shape, generator=generator, device="cpu" if generator else clean.device)
+        noise = noise.to(clean)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
+                          device="cpu" if generator else clean.device).to(clean.device)
+        noisy = self.noise_scheduler.add_noise(clean, noise, t)
+        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(clean, noise, t)
+
+        labelled = self.labelled_ids or set()
+        aligned = [
+            i for i, (sid, pos) in enumerate(zip(batch["id"], positions, strict=True))
+            if pos is not None and (align_all or (train and self.align.enabled and sid in labelled))
+        ]
+        text_ctx = torch.enable_grad() if (train and self.train_text_encoder) else torch.no_grad()
+        with text_ctx:
+            states = encode_prompts(self.tokenizer, self.text_encoder, texts, clean.device)
+        out: dict[str, torch.Tensor] = {}
+        if aligned:
+            index, weight = class_token_index([positions[i] if i in aligned else positions[aligned[0]] for i in range(b)])
+            recorder = AttentionRecorder(aspect=(1, 1))
+            recorder.set_tokens(index.to(clean.device))
+            with capture_cross_attention(self.unet, recorder):
+                pred = self.unet(noisy, t, encoder_hidden_states=states).sample
+            keep = torch.as_tensor(aligned, device=clean.device)
+            maps = {k: v[keep] for k, v in recorder.maps.items()}
+            align_loss, _ = attention_alignment_loss(maps, weight[keep.cpu()], batch["label"][keep], self.align.resolutions)
+            out["align_loss"] = align_loss
+        else:
+            pred = self.unet(noisy, t, encoder_hidden_states=states).sample
+        out["mse"] = F.mse_loss(pred.float(), target.float())
+        out["loss"] = out["mse"] + (self.align.weight * out["align_loss"] if "align_loss" in out else 0.0)
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.denoising_loss(batch, train=True)
+        b = batch["image"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=b)
+        self.log("train/mse", out["mse"], batch_size=b)
+        if "align_loss" in out:
+            self.log("train/align_loss", out["align_loss"], prog_bar=True, batch_size=b)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # fixed noise and timesteps per batch, so the validation loss is comparable across epochs
+        gen = torch.Generator().manual_seed(batch_idx)
+        out = self.denoising_loss(batch, train=False, generator=gen)
+        self.log("val/mse", out["mse"], prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
+
+    # ---- EMA -------------------------------------------------------------------------------
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema_unet is None or (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return  # update only after optimizer steps (gradient accumulation)
+        step = self.global_step
+        decay = min(self.ema_decay, (1 + step) / (10 + step)) if self.ema_warmup else self.ema_decay
+        with torch.no_grad():
+            ema = [p for p in self.ema_unet.parameters()]
+            cur = [p.detach() for p in self.unet.parameters()]
+            torch._foreach_lerp_(ema, cur, 1.0 - decay)
+
+    # ---- export ----------------------------------------------------------------------------
+    def export(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Write the model in diffusers format (UNet with EMA weights when EMA is on).
+
+        Layout: ``unet/ text_encoder/ tokenizer/ scheduler/`` (+ ``vae/`` and a
+        ``model_index.json`` for ``StableDiffusionPipeline`` in latent space) and
+        ``diffmask.json`` (space, resolution, class names, prompt settings).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        unet = self.ema_unet if self.ema_unet is not None else self.unet
+        unet.save_pretrained(path / "unet")
+        self.text_encoder.save_pretrained(path / "text_encoder")
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        self.noise_scheduler.save_pretrained(path / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(path / "vae")
+            atomic_write_json(path / "model_index.json", {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": __import__("diffusers").__version__,
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+                "scheduler": ["diffusers", type(self.noise_scheduler).__name__],
+                "text_encoder": ["transformers", type(self.text_encoder).__name__],
+                "tokenizer": ["transformers", type(self.tokenizer).__name__],
+                "unet": ["diffusers", type(unet).__name__],
+                "vae": ["diffusers", type(self.vae).__name__],
+            })
+        meta = {
+            "format": 1,
+            "space": "latent" if self.vae is not None else "pixel",
+            "resolution": self.resolution,
+            "class_names": list(self.prompt_builder.class_names),
+            "prompt_builder": self.prompt_builder.to_dict(),
+            "prediction_type": self.prediction_type,
+            "ema": self.ema_unet is not None,
+            "global_step": int(self.global_step),
+            **(extra or {}),
+        }
+        atomic_write_json(path / METADATA_FILE, json.loads(json.dumps(meta, default=str)))
+        return path

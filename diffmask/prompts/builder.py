@@ -1,0 +1,203 @@
+"""Prompt templates filled from sample metadata, keeping the character span of each class phrase.
+
+The mask stage reads the cross-attention of each class phrase ("left lung", "right lung",
+"heart"), so a prompt must say where those phrases are: :class:`PromptBuilder` records their
+character spans while filling a template, and :func:`class_token_positions` turns the spans into
+token positions for any tokenizer with offsets (our scratch CLIP-BPE tokenizer, SD's CLIPTokenizer).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from diffmask.labels import DEFAULT_CLASS_NAMES, class_word, validate_class_names
+
+__all__ = ["BuiltPrompt", "PromptBuilder", "class_token_positions", "locate_class_words"]
+
+META_FIELDS = ("sex", "age", "finding", "diagnosis")
+DEFAULT_TEMPLATES = ("a chest x-ray of a {age} {sex}, {finding}, showing the {classes}",)
+DEFAULT_NEUTRAL = {"sex": "patient", "age": "adult", "finding": "unspecified finding", "diagnosis": "unknown diagnosis"}
+DEFAULT_SEX_WORDS = {"m": "male", "male": "male", "f": "female", "female": "female"}
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    """A prompt and where its class phrases are.
+
+    Attributes:
+        text: the prompt.
+        class_spans: one (start, end) character span per class (background excluded), in
+            class order; ``text[start:end]`` is the class phrase.
+    """
+
+    text: str
+    class_spans: tuple[tuple[int, int], ...]
+
+
+class PromptBuilder:
+    """Builds one prompt per sample from templates, its metadata and the class words.
+
+    Template fields: ``{sex}``, ``{age}``, ``{finding}``, ``{diagnosis}`` (from ``Sample.meta``;
+    missing or empty values become the field's neutral word) and ``{classes}`` (required: the
+    class phrases joined as "left lung, right lung and heart").
+
+    Args:
+        templates: one or more templates; :meth:`build` picks one (the first unless an index
+            or an RNG is given).
+        class_names: label names, background first (background is never put in a prompt).
+        neutral: word per metadata field used when the value is missing/empty.
+        sex_words: maps raw sex values (lower-cased) to words; unknown values are neutral.
+        age_format: how a known age is written (``{age}`` is the number).
+        class_joiner, class_last_joiner: separators between class phrases.
+
+    Examples::
+
+        builder = PromptBuilder()
+        p = builder.build({"sex": "M", "age": "53", "finding": "lung nodule"})
+        p.text  # 'a chest x-ray of a 53 year old male, lung nodule, showing the left lung, right lung and heart'
+        p.text[slice(*p.class_spans[0])]  # 'left lung'
+    """
+
+    def __init__(
+        self,
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
+        neutral: Mapping[str, str] | None = None,
+        sex_words: Mapping[str, str] | None = None,
+        age_format: str = "{age} year old",
+        class_joiner: str = ", ",
+        class_last_joiner: str = " and ",
+    ):
+        if isinstance(templates, str):
+            templates = [templates]
+        templates = [str(t) for t in templates]
+        if not templates:
+            raise ValueError("templates: expected at least one template")
+        allowed = {*META_FIELDS, "classes"}
+        for t in templates:
+            fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+            unknown = sorted(set(fields) - allowed)
+            if unknown:
+                raise ValueError(f"templates: {t!r} uses unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+            if fields.count("classes") != 1:
+                raise ValueError(f"templates: {t!r} must contain the field {{classes}} exactly once")
+        if "{age}" not in age_format:
+            raise ValueError(f"age_format: must contain {{age}}, got {age_format!r}")
+        self.templates = tuple(templates)
+        self.class_names = validate_class_names(class_names)
+        self.class_words = tuple(class_word(n) for n in self.class_names[1:])
+        self.neutral = {**DEFAULT_NEUTRAL, **dict(neutral or {})}
+        self.sex_words = {str(k).lower(): str(v) for k, v in (sex_words or DEFAULT_SEX_WORDS).items()}
+        self.age_format = age_format
+        self.class_joiner = class_joiner
+        self.class_last_joiner = class_last_joiner
+
+    def field_values(self, meta: Mapping[str, object] | None) -> dict[str, str]:
+        """The words that fill the metadata fields (neutral words for missing values)."""
+        meta = {str(k): ("" if v is None else str(v).strip()) for k, v in (meta or {}).items()}
+        values = {}
+        sex = meta.get("sex", "").lower()
+        values["sex"] = self.sex_words.get(sex, self.neutral["sex"])
+        age = meta.get("age", "")
+        values["age"] = self.age_format.format(age=age) if age.isdigit() else self.neutral["age"]
+        for key in ("finding", "diagnosis"):
+            values[key] = " ".join(meta.get(key, "").lower().split()) or self.neutral[key]
+        return values
+
+    def build(self, meta: Mapping[str, object] | None = None, template: int | None = None,
+              rng: random.Random | None = None) -> BuiltPrompt:
+        """Fill a template for one sample.
+
+        Args:
+            meta: the sample's metadata (``Sample.meta``); missing keys are fine.
+            template: index of the template to use (default: random with ``rng``, else 0).
+            rng: picks the template when ``template`` is None.
+        """
+        if template is None:
+            template = rng.randrange(len(self.templates)) if rng is not None else 0
+        if not 0 <= template < len(self.templates):
+            raise ValueError(f"template: index {template} out of range (have {len(self.templates)} templates)")
+        values = self.field_values(meta)
+        text, spans = "", []
+        for literal, name, spec, _conv in string.Formatter().parse(self.templates[template]):
+            text += literal
+            if name is None:
+                continue
+            if name != "classes":
+                text += format(values[name], spec or "")
+                continue
+            for i, word in enumerate(self.class_words):
+                if i:
+                    text += self.class_last_joiner if i == len(self.class_words) - 1 else self.class_joiner
+                spans.append((len(text), len(text) + len(word)))
+                text += word
+        return BuiltPrompt(text=text, class_spans=tuple(spans))
+
+    def locate(self, text: str) -> BuiltPrompt:
+        """Spans of the class phrases in a given prompt (see :func:`locate_class_words`)."""
+        return BuiltPrompt(text=text, class_spans=locate_class_words(text, self.class_words))
+
+    def to_dict(self) -> dict:
+        """Constructor arguments as plain values (stored in an exported model's ``diffmask.json``)."""
+        return {
+            "templates": list(self.templates),
+            "class_names": list(self.class_names),
+            "neutral": dict(self.neutral),
+            "sex_words": dict(self.sex_words),
+            "age_format": self.age_format,
+            "class_joiner": self.class_joiner,
+            "class_last_joiner": self.class_last_joiner,
+        }
+
+    def words(self) -> list[str]:
+        """Every word the templates, neutral words, sex words and class words can produce."""
+        parts = [re.sub(r"\{[^}]*\}", " ", t) for t in self.templates]
+        parts += [*self.neutral.values(), *self.sex_words.values(), self.age_format, *self.class_words]
+        return sorted({w for p in parts for w in re.findall(r"[a-z]+", p.lower())})
+
+
+def locate_class_words(text: str, class_words: Sequence[str]) -> tuple[tuple[int, int], ...]:
+    """Character span of the first whole-word, case-insensitive occurrence of each class phrase.
+
+    Raises:
+        ValueError: a class phrase does not occur in the prompt.
+    """
+    spans = []
+    for word in class_words:
+        m = re.search(rf"(?<![a-z0-9]){re.escape(word.lower())}(?![a-z0-9])", text.lower())
+        if m is None:
+            raise ValueError(f"prompt {text!r}: class phrase {word!r} not found (every class must be named)")
+        spans.append(m.span())
+    return tuple(spans)
+
+
+def class_token_positions(tokenizer, prompt: BuiltPrompt) -> list[list[int]]:
+    """Token positions (in the padded ``input_ids``, BOS at 0) of each class phrase.
+
+    Works for any fast tokenizer that returns offsets (our scratch CLIP-BPE tokenizer, SD's
+    ``CLIPTokenizer``). A phrase split into several tokens gives several positions; users
+    average (or sum) over them.
+
+    Raises:
+        ValueError: the prompt is longer than ``tokenizer.model_max_length`` (it would be
+            truncated and lose class tokens), or a class phrase maps to no token.
+    """
+    enc = tokenizer(prompt.text, return_offsets_mapping=True, truncation=False)
+    n, limit = len(enc["input_ids"]), tokenizer.model_max_length
+    if n > limit:
+        raise ValueError(
+            f"prompt {prompt.text!r} has {n} tokens, more than the tokenizer's maximum of {limit}; "
+            "shorten the template or raise the tokenizer's model_max_length"
+        )
+    offsets = enc["offset_mapping"]
+    positions = []
+    for start, end in prompt.class_spans:
+        pos = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        if not pos:
+            raise ValueError(f"prompt {prompt.text!r}: no token covers characters {start}..{end}")
+        positions.append(pos)
+    return positions

@@ -1,0 +1,25 @@
+"""Synthesis: sample a trained diffusion model into a dataset folder (PNGs + manifest)."""
+
+from diffmask.synthesis.generate import generate_samples
+from diffmask.synthesis.module import MaskMaker, SynthesisLitModule
+from diffmask.synthesis.requests import (
+    GenerationRequest,
+    RequestDataset,
+    collate_requests,
+    draw_requests,
+    requests_from_prompts,
+)
+from diffmask.synthesis.writer import SyntheticWriter, read_done_rows
+
+__all__ = [
+    "generate_samples",
+    "MaskMaker",
+    "SynthesisLitModule",
+    "GenerationRequest",
+    "RequestDataset",
+    "collate_requests",
+    "draw_requests",
+    "requests_from_prompts",
+    "SyntheticWriter",
+    "read_done_rows",
+]

@@ -1,0 +1,144 @@
+"""Writes generated samples to a stage folder: PNGs first, then one manifest row per sample.
+
+Each rank appends to its own shard ``manifest.rank<r>.jsonl``; rank 0 merges the shards into
+``manifest.jsonl`` after predicting. A PNG is written atomically *before* its row is appended
+(fsynced), so a sample counts as done only when both exist: a restart skips exactly those ids.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+from PIL import Image
+from pytorch_lightning.callbacks import BasePredictionWriter
+
+from diffmask.artifacts import atomic_write_bytes
+from diffmask.data.manifest import ManifestRow, append_manifest_row, write_manifest
+
+__all__ = ["SyntheticWriter", "read_done_rows"]
+
+log = logging.getLogger(__name__)
+SHARD_GLOB = "manifest.rank*.jsonl"
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _read_rows_tolerant(path: Path) -> list[dict[str, Any]]:
+    """Rows of a shard; a torn last line (crash mid-append) is ignored."""
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: ignoring a torn last line", path)
+                continue
+            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+    return rows
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a shard back to its last complete line, so new rows never join a torn one."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: dropping a torn last line (%d bytes)", path, len(data) - keep)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_done_rows(folder: str | os.PathLike) -> dict[str, ManifestRow]:
+    """Rows of every shard in ``folder`` whose image file exists, by id (first row wins)."""
+    folder = Path(folder)
+    done: dict[str, ManifestRow] = {}
+    for shard in sorted(folder.glob(SHARD_GLOB)):
+        for i, raw in enumerate(_read_rows_tolerant(shard), 1):
+            row = ManifestRow.from_json(raw, where=f"{shard}, row {i}")
+            if row.id not in done and (folder / row.file_name).is_file():
+                done[row.id] = row
+    return done
+
+
+class SyntheticWriter(BasePredictionWriter):
+    """Saves ``images/<id>.png`` (+ ``masks/<id>.png``) and manifest rows for each prediction batch.
+
+    Args:
+        output_dir: the stage's work folder (``StageDir.begin()``).
+        class_names: label names, background first (score keys are checked against them).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, class_names: Sequence[str]):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.class_names = tuple(class_names)
+        self.written = 0
+        self.skipped = 0
+
+    def shard_path(self, rank: int) -> Path:
+        return self.output_dir / f"manifest.rank{rank}.jsonl"
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        (self.output_dir / "images").mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "masks").mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(self.shard_path(trainer.global_rank))
+        # Each id belongs to one rank (Lightning's unrepeated sampler), so ranks never race on an id.
+        done = read_done_rows(self.output_dir)
+        pl_module.skip_ids = set(done)
+        self.skipped = len(done)
+        if done:
+            log.info("synthesis: resuming, %d samples already written", len(done))
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if prediction is None:
+            return
+        shard = self.shard_path(trainer.global_rank)
+        masks = prediction.get("masks")
+        for i, sid in enumerate(prediction["id"]):
+            file_name = f"images/{sid}.png"
+            atomic_write_bytes(self.output_dir / file_name, _png_bytes(prediction["images"][i]))
+            mask_name, scores = None, {}
+            if masks is not None:
+                mask_name = f"masks/{sid}.png"
+                atomic_write_bytes(self.output_dir / mask_name, _png_bytes(masks[i]))
+                scores = {str(k): float(v) for k, v in prediction["scores"][i].items()}
+                unknown = sorted(set(scores) - set(self.class_names))
+                if unknown:
+                    raise ValueError(f"mask_maker: score keys {unknown} are not class names {list(self.class_names)}")
+            row = ManifestRow(
+                id=sid, file_name=file_name, sem_seg_file_name=mask_name, prompt=prediction["prompt"][i],
+                source="synthetic", seed=int(prediction["seed"][i]), scores=scores,
+                meta=dict(prediction["meta"][i]) if "meta" in prediction else {},
+            )
+            append_manifest_row(shard, row)
+            self.written += 1
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.strategy.barrier("synthesis_merge")
+        if trainer.is_global_zero:
+            self.merge()
+        trainer.strategy.barrier("synthesis_merged")
+
+    def merge(self) -> list[ManifestRow]:
+        """Write ``manifest.jsonl`` from every shard (one row per id, sorted by id)."""
+        rows = sorted(read_done_rows(self.output_dir).values(), key=lambda r: r.id)
+        write_manifest(self.output_dir, rows)
+        return rows

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from omegaconf import open_dict
+
+from diffmask.cli.common import CONFIG_PATH
+from diffmask.cli.fit_diffusion import run
+from diffmask.diffusion import DiffusionSampler
+
+TINY = [
+    "data=phantom", "data.size=32", "data.batch_size=4", "data.num_workers=0", "data.real.num_train=4",
+    "data.real.num_val=2", "data.real.num_test=2",
+    "diffusion.components.block_out_channels=[16,32]", "diffusion.components.layers_per_block=1",
+    "diffusion.components.attention_heads=2", "diffusion.components.cross_attention_dim=32",
+    "diffusion.components.norm_num_groups=8", "diffusion.components.text_hidden_size=32",
+    "diffusion.components.text_layers=2", "diffusion.components.text_heads=2",
+    "diffusion.components.text_intermediate_size=64", "diffusion.components.max_prompt_tokens=48",
+    "trainer.max_steps=3", "trainer.limit_val_batches=1", "trainer.check_val_every_n_epoch=1",
+    "trainer.enable_progress_bar=false", "logger=csv",
+]
+
+
+def compose_fit(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose("fit_diffusion", overrides=[*TINY, *overrides])
+    with open_dict(cfg):
+        cfg.paths.artifact_dir = str(tmp_path / "artifacts")
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+def test_fit_diffusion_cli_writes_a_complete_diffusers_model(tmp_path):
+    cfg = compose_fit(tmp_path, "diffusion.align.label_fraction=0.5", "name=tiny")
+    metrics = run(cfg)
+    out = tmp_path / "artifacts" / "diffusion" / "tiny"
+    info = json.loads((out / "stage.json").read_text())
+    assert info["status"] == "complete" and info["counts"]["steps"] == 3 and info["counts"]["n_labelled"] == 2
+    assert not (out / "checkpoints").exists()
+    meta = json.loads((out / "diffmask.json").read_text())
+    assert meta["resolution"] == 32 and len(meta["labelled_ids"]) == 2
+    assert "train/align_loss" in metrics or "train/mse" in metrics
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
+    images = DiffusionSampler.from_pretrained(out)([meta["prompt_builder"]["templates"][0].format(
+        age="adult", sex="patient", finding="none", diagnosis="", classes="left lung, right lung and heart")], [0],
+        num_inference_steps=1).images
+    assert images.shape == (1, 1, 32, 32)
+    # a complete stage is skipped
+    assert run(cfg) == {}
+
+
+def test_fit_diffusion_cli_rejects_a_resolution_the_unet_cannot_take(tmp_path):
+    cfg = compose_fit(tmp_path, "data.size=48", "diffusion.components.block_out_channels=[16,32,32,32,32,32]")
+    # Hydra wraps the builder's ValueError; the message names the field and the rule
+    with pytest.raises((ValueError, InstantiationException), match="resolution: 48 px .* multiple of 32"):
+        run(cfg)

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from diffmask.data import select_fraction
+from diffmask.diffusion import AttentionAlignment, DiffusionSampler, load_components
+from diffmask.diffusion.tiny_models import tiny_scratch_components
+from diffmask.prompts import PromptBuilder
+
+
+def _trainer(steps, **kw):
+    return pl.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **kw,
+    )
+
+
+def _fixed_loss(module, batch, align_all=False):
+    module.eval()
+    with torch.no_grad():
+        losses = [module.denoising_loss(batch, train=False, generator=torch.Generator().manual_seed(s), align_all=align_all)
+                  for s in range(4)]
+    module.train()
+    key = "align_loss" if align_all else "mse"
+    return float(torch.stack([out[key] for out in losses]).mean())
+
+
+def test_short_overfit_lowers_a_finite_denoising_loss(phantom_dm, make_module):
+    torch.manual_seed(0)
+    module = make_module(lr=3e-3)
+    batch = next(iter(phantom_dm.train_dataloader()))
+    before = _fixed_loss(module, batch)
+    _trainer(40).fit(module, datamodule=phantom_dm)
+    after = _fixed_loss(module, batch)
+    assert torch.isfinite(torch.tensor([before, after])).all()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_v_prediction_trains_with_ema_and_clipping(phantom_dm, make_module):
+    module = make_module(tiny_scratch_components(32, prediction_type="v_prediction"), ema_decay=0.9, cond_dropout=0.5)
+    start = [p.clone() for p in module.ema_unet.parameters()]
+    _trainer(3, gradient_clip_val=1.0).fit(module, datamodule=phantom_dm)
+    assert module.prediction_type == "v_prediction"
+    moved = sum(not torch.equal(a, b) for a, b in zip(start, module.ema_unet.parameters(), strict=True))
+    assert moved > 0  # the EMA copy follows the trained weights
+    assert not all(torch.equal(a, b) for a, b in zip(module.ema_unet.parameters(), module.unet.parameters(), strict=True))
+
+
+def test_alignment_loss_drops_after_overfit_on_one_labelled_image(phantom_dm, make_module):
+    torch.manual_seed(0)
+    phantom_dm.batch_size = 1
+    phantom_dm.real_train_ids = phantom_dm.real_train_ids[:1]
+    labelled = phantom_dm.real_train_ids
+    module = make_module(lr=3e-3, align=AttentionAlignment(label_fraction=1.0, weight=1.0), labelled_ids=labelled)
+    batch = next(iter(phantom_dm.train_dataloader()))
+    before = _fixed_loss(module, batch, align_all=True)
+    trainer = _trainer(40)
+    trainer.fit(module, datamodule=phantom_dm)
+    after = _fixed_loss(module, batch, align_all=True)
+    assert "train/align_loss" in trainer.callback_metrics
+    assert after < 0.8 * before, (before, after)
+
+
+def test_labelled_subset_is_the_segmentation_stages_real_fraction_draw(phantom_dm, make_module):
+    module = make_module(align=AttentionAlignment(label_fraction=0.5, weight=0.1))
+    trainer = _trainer(1)
+    trainer.fit(module, datamodule=phantom_dm)
+    ids = phantom_dm.real.ids("train")
+    assert module.labelled_ids == set(select_fraction(ids, 0.5, phantom_dm.seed))
+    assert len(module.labelled_ids) == 2
+
+
+def test_export_reloads_in_diffusers_format_with_identical_outputs(tmp_path, phantom_dm, make_module):
+    module = make_module(ema_decay=0.5)
+    _trainer(2).fit(module, datamodule=phantom_dm)
+    out = module.export(tmp_path / "model")
+    assert sorted(p.name for p in out.iterdir()) == ["diffmask.json", "scheduler", "text_encoder", "tokenizer", "unet"]
+    meta = json.loads((out / "diffmask.json").read_text())
+    assert meta["space"] == "pixel" and meta["resolution"] == 32 and meta["class_names"][1] == "left_lung"
+
+    prompts = [PromptBuilder().build({"sex": "F"}).text] * 2
+    reloaded = DiffusionSampler.from_pretrained(out)
+    comps = module.components
+    comps.unet = module.ema_unet  # the export holds the EMA weights
+    here = DiffusionSampler(comps, 32, prompt_builder=PromptBuilder())
+    a = here(prompts, [1, 2], num_inference_steps=2, guidance_scale=2.0)
+    b = reloaded(prompts, [1, 2], num_inference_steps=2, guidance_scale=2.0)
+    assert torch.equal(a.images, b.images)
+    assert a.token_positions == b.token_positions and len(b.token_positions[0]) == 3
+
+
+def test_bad_resolution_and_missing_component_are_clear_errors(tmp_path, make_module, phantom_dm):
+    with pytest.raises(ValueError, match="multiple of 2"):
+        make_module(resolution=33)
+    module = make_module()
+    with pytest.raises(ValueError, match="expected 32x32"):
+        module.encode_images(torch.zeros(1, 1, 64, 64))
+    out = module.export(tmp_path / "m")
+    import shutil
+
+    shutil.rmtree(out / "text_encoder")
+    with pytest.raises(FileNotFoundError, match=r"\['text_encoder'\]"):
+        load_components(out)

@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from diffusers import StableDiffusionPipeline
+
+from diffmask.diffusion import DiffusionSampler, check_resolution, load_components
+
+
+def test_tiny_stable_diffusion_folder_fine_tunes_exports_and_reloads(tmp_path, tiny_sd_dir, phantom_dm, make_module):
+    comps = load_components(tiny_sd_dir)
+    assert comps.latent and comps.vae_scale_factor == 2
+    assert check_resolution(comps, 32) == 16
+    module = make_module(comps, train_text_encoder=False, ema_decay=0.9)
+    text_before = [p.clone() for p in module.text_encoder.parameters()]
+    unet_before = [p.clone() for p in module.unet.parameters()]
+    pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=phantom_dm)
+    assert all(torch.equal(a, b) for a, b in zip(text_before, module.text_encoder.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(unet_before, module.unet.parameters(), strict=True))
+
+    out = module.export(tmp_path / "export")
+    assert json.loads((out / "diffmask.json").read_text())["space"] == "latent"
+    # a plain diffusers pipeline loads the export
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    img = pipe("a chest x-ray showing the left lung, right lung and heart", num_inference_steps=2, height=32, width=32,
+               output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 32, 32, 3)
+    # and so does our sampler: grayscale out
+    gen = DiffusionSampler.from_pretrained(out)(["a chest x-ray of the left lung, right lung and heart"], [0],
+                                                 num_inference_steps=2, guidance_scale=2.0)
+    assert gen.images.shape == (1, 1, 32, 32)
+    assert len(gen.token_positions[0]) == 3
+
+
+def test_pretrained_errors_name_the_problem(tmp_path, tiny_sd_dir, make_module):
+    comps = load_components(tiny_sd_dir)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        make_module(comps, resolution=30)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_components(tmp_path / "nowhere")
+    (tmp_path / "partial" / "unet").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"\['text_encoder', 'tokenizer', 'scheduler'\]"):
+        load_components(tmp_path / "partial")
+    with pytest.raises(ValueError, match="resolution"):
+        DiffusionSampler.from_pretrained(tiny_sd_dir)  # a bare SD folder has no diffmask.json
+    assert DiffusionSampler.from_pretrained(tiny_sd_dir, resolution=32).latent_size == 16
+    v = load_components(tiny_sd_dir, prediction_type="v_prediction")
+    assert v.noise_scheduler.config.prediction_type == "v_prediction"

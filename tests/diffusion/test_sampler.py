@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from diffmask.attention import AttentionRecorder
+from diffmask.diffusion import DiffusionSampler, class_token_index
+from diffmask.diffusion.tiny_models import tiny_scratch_components
+from diffmask.prompts import PromptBuilder
+
+
+@pytest.fixture
+def sampler():
+    return DiffusionSampler(tiny_scratch_components(32, seed=3), 32, prompt_builder=PromptBuilder())
+
+
+PROMPTS = [PromptBuilder().build({"sex": "M", "age": "40"}).text, PromptBuilder().build({"sex": "F"}).text]
+
+
+def test_two_images_in_range_and_same_seed_same_images(sampler):
+    a = sampler(PROMPTS, [7, 8], num_inference_steps=3, guidance_scale=3.0)
+    b = sampler(PROMPTS, [7, 8], num_inference_steps=3, guidance_scale=3.0)
+    assert a.images.shape == (2, 1, 32, 32)
+    assert 0.0 <= float(a.images.min()) and float(a.images.max()) <= 1.0
+    assert torch.equal(a.images, b.images)
+    assert a.seeds == [7, 8] and a.prompts == PROMPTS
+    c = sampler(PROMPTS, [7, 9], num_inference_steps=3, guidance_scale=3.0)
+    assert torch.allclose(a.images[0], c.images[0], atol=1e-5)
+    assert not torch.allclose(a.images[1], c.images[1], atol=1e-3)
+
+
+def test_an_images_result_does_not_depend_on_its_batch(sampler):
+    alone = sampler(PROMPTS[1:], [8], num_inference_steps=3, guidance_scale=2.0)
+    batch = sampler(PROMPTS, [7, 8], num_inference_steps=3, guidance_scale=2.0)
+    assert torch.allclose(alone.images[0], batch.images[1], atol=1e-5)
+
+
+def test_ddpm_sampling_is_seeded_per_image():
+    s = DiffusionSampler(tiny_scratch_components(32, seed=3), 32, scheduler="ddpm")
+    a = s(PROMPTS, [1, 2], num_inference_steps=3, guidance_scale=1.0)
+    b = s(PROMPTS[:1], [1], num_inference_steps=3, guidance_scale=1.0)
+    assert torch.allclose(a.images[0], b.images[0], atol=1e-5)
+    assert a.token_positions == []  # no prompt builder → positions unknown
+
+
+def test_attention_sink_sees_the_conditional_half(sampler):
+    out_positions = sampler.token_positions(PROMPTS)
+    index, _ = class_token_index(out_positions)
+    rec = AttentionRecorder()
+    rec.set_tokens(index)
+    steps = []
+    rec.begin_step = lambda i, t: steps.append(t)
+    sampler(PROMPTS, [1, 2], num_inference_steps=2, guidance_scale=3.0, attention_sink=rec)
+    assert len(steps) == 2 and steps[0] > steps[1]
+    assert rec.maps, "no cross-attention recorded"
+    for m in rec.maps.values():
+        assert m.shape[0] == 2 and m.shape[1] == index.shape[1]
+        assert float(m.min()) >= 0 and float(m.max()) <= 1
+    # the processors are restored afterwards
+    assert all(type(p).__name__ != "CrossAttentionCaptureProcessor" for p in sampler.components.unet.attn_processors.values())
+
+
+def test_bad_calls_are_clear_errors(sampler):
+    with pytest.raises(ValueError, match="equally many"):
+        sampler(PROMPTS, [1], num_inference_steps=2)
+    with pytest.raises(ValueError, match="more than the tokenizer's maximum"):
+        sampler([" ".join(["left lung right lung heart"] * 20)], [1], num_inference_steps=1)
+    with pytest.raises(ValueError, match="scheduler"):
+        DiffusionSampler(sampler.components, 32, scheduler="euler")
+
+
+def test_prompt_without_class_words_samples_but_has_no_positions(sampler):
+    out = sampler(["a chest x-ray"], [0], num_inference_steps=1, guidance_scale=1.0)
+    assert out.images.shape == (1, 1, 32, 32) and out.token_positions == []
+    with pytest.raises(ValueError, match="not found"):
+        sampler.token_positions(["a chest x-ray"])

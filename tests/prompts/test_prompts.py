@@ -1,0 +1,88 @@
+import pytest
+from transformers import CLIPTokenizer
+
+from diffmask.data import JSRTSource, PhantomSource
+from diffmask.prompts import PromptBuilder, build_prompt_tokenizer, class_token_positions, prompt_vocabulary
+
+JSRT = "../shared/data/jsrt_scr"
+
+
+def _decoded(tokenizer, text, positions):
+    ids = tokenizer(text)["input_ids"]
+    return [tokenizer.decode([ids[p] for p in pos]).strip() for pos in positions]
+
+
+def test_prompt_from_metadata_names_each_class_at_its_span():
+    builder = PromptBuilder()
+    p = builder.build({"sex": "M", "age": "53", "finding": "lung nodule", "diagnosis": "lung cancer"})
+    assert p.text == "a chest x-ray of a 53 year old male, lung nodule, showing the left lung, right lung and heart"
+    assert [p.text[a:b] for a, b in p.class_spans] == ["left lung", "right lung", "heart"]
+
+
+def test_missing_or_odd_metadata_gives_neutral_words():
+    builder = PromptBuilder(templates=["{sex} {age} {finding} {diagnosis}: {classes}"])
+    p = builder.build({"sex": "", "age": "unknown", "finding": None})
+    assert p.text.startswith("patient adult unspecified finding unknown diagnosis: left lung")
+    assert builder.build(None).text == p.text
+    assert builder.build({"sex": "X"}).text == p.text
+
+
+def test_real_jsrt_metadata_builds_prompts_that_fit_the_tokenizer():
+    src = JSRTSource(JSRT)
+    metas = [src._rows[i] for i in src.ids("train")]
+    builder = PromptBuilder()
+    tok = build_prompt_tokenizer(prompt_vocabulary(builder.words(), metas), model_max_length=64)
+    for meta in metas[:40]:
+        built = builder.build(meta)
+        assert _decoded(tok, built.text, class_token_positions(tok, built)) == ["left lung", "right lung", "heart"]
+
+
+def test_scratch_tokenizer_keeps_words_whole_and_reloads(tmp_path):
+    tok = build_prompt_tokenizer(prompt_vocabulary(["emphysema"]), model_max_length=32)
+    ids = tok("Emphysema, left lung")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids)[1:-1] == ["emphysema</w>", ",</w>", "left</w>", "lung</w>"]
+    # unknown words still tokenize (as pieces), nothing is lost
+    assert tok.decode(tok("zyx")["input_ids"], skip_special_tokens=True).replace(" ", "") == "zyx"
+    tok.save_pretrained(tmp_path)
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    assert again("Emphysema, left lung")["input_ids"] == ids
+    assert again.model_max_length == 32
+
+
+def test_multi_token_class_phrase_gives_all_its_positions():
+    # a tokenizer that never saw "heart" splits it into pieces: all of them are returned
+    tok = build_prompt_tokenizer(["left", "lung", "right"], model_max_length=64)
+    builder = PromptBuilder(templates=["{classes}"])
+    built = builder.build({})
+    pos = class_token_positions(tok, built)
+    assert len(pos[0]) == 2 and len(pos[1]) == 2
+    assert len(pos[2]) > 1
+    assert "".join(tok.convert_ids_to_tokens([tok(built.text)["input_ids"][i] for i in pos[2]])) == "heart</w>"
+
+
+def test_prompt_longer_than_tokenizer_is_a_clear_error():
+    tok = build_prompt_tokenizer(prompt_vocabulary(), model_max_length=12)
+    built = PromptBuilder().build({"sex": "F", "age": "70"})
+    with pytest.raises(ValueError, match="more than the tokenizer's maximum of 12"):
+        class_token_positions(tok, built)
+
+
+def test_bad_templates_and_missing_class_phrases_are_errors():
+    with pytest.raises(ValueError, match=r"\{classes\}"):
+        PromptBuilder(templates=["a chest x-ray of a {sex}"])
+    with pytest.raises(ValueError, match="unknown field"):
+        PromptBuilder(templates=["{weight} {classes}"])
+    builder = PromptBuilder()
+    assert [s for s in builder.locate("Heart and LEFT lung, right lung").class_spans] == [(10, 19), (21, 31), (0, 5)]
+    with pytest.raises(ValueError, match="'heart' not found"):
+        builder.locate("left lung and right lung")
+
+
+def test_random_template_choice_and_custom_classes():
+    builder = PromptBuilder(templates=["x-ray: {classes}", "{classes} on a chest x-ray"], class_names=["background", "heart"])
+    import random
+
+    texts = {builder.build({}, rng=random.Random(s)).text for s in range(20)}
+    assert texts == {"x-ray: heart", "heart on a chest x-ray"}
+    meta = PhantomSource(size=16).load("train0000").meta
+    assert builder.build(meta, template=1).class_spans == ((0, 5),)

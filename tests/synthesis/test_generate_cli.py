@@ -1,0 +1,57 @@
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from diffmask.artifacts import StageDir
+from diffmask.cli.common import CONFIG_PATH
+from diffmask.cli.generate import run
+from diffmask.data import ManifestSource, read_manifest
+from diffmask.diffusion import DiffusionLitModule
+from diffmask.diffusion.tiny_models import tiny_scratch_components
+from diffmask.prompts import PromptBuilder
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    stage = StageDir(tmp_path / "artifacts" / "diffusion" / "tiny")
+    module = DiffusionLitModule(tiny_scratch_components(32), PromptBuilder(), optimizer=None, resolution=32, ema_decay=0)
+    module.export(stage.begin())
+    stage.commit(config={"test": True})
+    return stage.path
+
+
+def compose_generate(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose("generate", overrides=[
+            "data=phantom", "data.size=32", "trainer.enable_progress_bar=false", "steps=2", "batch_size=2",
+            *overrides,
+        ])
+    with open_dict(cfg):
+        cfg.paths.artifact_dir = str(tmp_path / "artifacts")
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+def test_generate_cli_writes_a_complete_synthetic_stage(tmp_path, model_dir):
+    cfg = compose_generate(tmp_path, f"input_dir={model_dir}", "num_samples=3", "name=s1", "mask_maker=null")
+    info = run(cfg)
+    out = tmp_path / "artifacts" / "synthesis" / "s1"
+    assert info["rows"] == 3 and StageDir(out).is_complete()
+    stage = json.loads((out / "stage.json").read_text())
+    assert stage["inputs"]["diffusion"]["path"] == str(model_dir)
+    rows = read_manifest(out)
+    assert [r.source for r in rows] == ["synthetic"] * 3 and all("left lung" in r.prompt for r in rows)
+    assert len(ManifestSource(out).ids("train")) == 3
+    assert run(cfg) == {}  # complete: skipped
+
+
+def test_generate_cli_with_given_prompts_and_bad_input(tmp_path, model_dir):
+    cfg = compose_generate(tmp_path, f"input_dir={model_dir}", "name=s2",
+                           "prompt_list=['heart, left lung and right lung']", "num_per_prompt=2")
+    assert run(cfg)["rows"] == 2
+    rows = read_manifest(tmp_path / "artifacts" / "synthesis" / "s2")
+    assert [r.seed for r in rows] == [0, 1]
+    with pytest.raises(FileNotFoundError, match="not a complete stage folder"):
+        run(compose_generate(tmp_path, f"input_dir={tmp_path / 'missing'}", "name=s3"))
