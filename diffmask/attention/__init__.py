@@ -1,5 +1,6 @@
 """Cross-attention capture (processor, recorder, aggregating store)."""
 
+from diffmask.attention.extract import extract_class_maps
 from diffmask.attention.processor import (
     AttentionRecorder,
     AttentionSink,
@@ -8,11 +9,17 @@ from diffmask.attention.processor import (
     cross_attention_layers,
     grid_from_tokens,
 )
+from diffmask.attention.store import CrossAttentionStore
+from diffmask.attention.tokens import class_token_positions, phrase_positions
 
 __all__ = [
     "AttentionRecorder",
     "AttentionSink",
     "CrossAttentionCaptureProcessor",
+    "CrossAttentionStore",
+    "class_token_positions",
+    "extract_class_maps",
+    "phrase_positions",
     "capture_cross_attention",
     "cross_attention_layers",
     "grid_from_tokens",

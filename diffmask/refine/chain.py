@@ -1,0 +1,46 @@
+"""Run sample refiners (threshold, DenseCRF, random walk, ...) one after another, in config order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["RefinementChain"]
+
+Refiner = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class RefinementChain:
+    """Apply refiners in order; each reads and extends the sample dict.
+
+    Args:
+        steps: refiners as a mapping ``name -> refiner`` (config order is kept; a ``None``
+            value drops that step, so ``refine.steps.densecrf=null`` disables it) or a list.
+
+    Examples::
+
+        chain = RefinementChain({"threshold": ThresholdRefiner(ignore_band=0.1), "densecrf": DenseCRFRefiner()})
+        sample = chain({"image": img, "class_maps": maps})
+    """
+
+    def __init__(self, steps: Mapping[str, Refiner | None] | Sequence[Refiner]):
+        items = (
+            list(steps.items())
+            if isinstance(steps, Mapping)
+            else [(f"step{i}", s) for i, s in enumerate(steps)]
+        )
+        self.steps: list[tuple[str, Refiner]] = [(name, step) for name, step in items if step is not None]
+        for name, step in self.steps:
+            if not callable(step):
+                raise ValueError(
+                    f"steps.{name}: expected a callable refiner (dict -> dict), got {type(step).__name__}"
+                )
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.steps]
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        for _, step in self.steps:
+            sample = step(sample)
+        return sample

@@ -1,0 +1,33 @@
+"""conf/refine/*.yaml instantiate to the classes they name, with the documented defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from diffmask.refine import AffinityRefiner, DenseCRFRefiner, ThresholdRefiner
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "refine"
+
+
+def test_refine_configs_instantiate():
+    threshold = instantiate(OmegaConf.load(CONF / "threshold.yaml"))
+    crf = instantiate(OmegaConf.load(CONF / "densecrf.yaml"))
+    affinity = instantiate(OmegaConf.load(CONF / "affinity.yaml"))
+    assert isinstance(threshold, ThresholdRefiner) and threshold.method == "otsu"
+    assert isinstance(crf, DenseCRFRefiner)
+    assert crf.params == dict(
+        gaussian_sxy=3.0,
+        gaussian_compat=3.0,
+        bilateral_sxy=80.0,
+        bilateral_srgb=13.0,
+        bilateral_compat=10.0,
+        iterations=10,
+    )
+    assert isinstance(affinity, AffinityRefiner)
+    assert affinity.radius == 5 and affinity.beta == 8 and affinity.t == 256
+    assert affinity.backbone.stride == 4
+    assert isinstance(affinity.configure_optimizers(), torch.optim.Adam)
