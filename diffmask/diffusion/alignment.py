@@ -12,6 +12,13 @@ The loss, per captured cross-attention layer whose grid side is in ``resolutions
 * the target ``m_c(x)`` is the one-hot label map area-averaged to the layer's grid;
 * loss = mean over pixels of the cross-entropy ``-sum_c m_c log a_c`` (= KL up to the target's
   entropy), averaged over the layers and the labelled items.
+
+Zero-shot (a held-out class): with ``classes`` = the aligned subset ``A`` (e.g. the lungs), the
+distribution is ``[1 - sum_{k in A} a_k, a_k for k in A]`` against ``[1 - sum_{k in A} m_k,
+m_k for k in A]``. A held-out class's attention and mask fall into the "rest" bin only through
+the aligned classes' complements, so the loss neither reads the held-out mask nor has a gradient
+with respect to the held-out phrase's attention (its phrase stays in the prompt). With every
+class aligned this is the loss above.
 """
 
 from __future__ import annotations
@@ -21,7 +28,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionAlignment", "attention_alignment_loss", "class_token_index", "downsample_label"]
+__all__ = [
+    "AttentionAlignment",
+    "aligned_class_index",
+    "attention_alignment_loss",
+    "class_token_index",
+    "downsample_label",
+]
 
 
 def class_token_index(positions: Sequence[Sequence[Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +74,7 @@ def attention_alignment_loss(
     label: torch.Tensor,
     resolutions: Sequence[int] | None = None,
     eps: float = 1e-6,
+    classes: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Cross-entropy between attention-derived class distributions and downsampled masks.
 
@@ -71,24 +85,43 @@ def attention_alignment_loss(
         label: (B, 1, H, W) int64 label maps with values 0..K (0 = background).
         resolutions: grid sides (h) of the layers to use; None = every layer.
         eps: floor inside the log.
+        classes: label values (1..K) of the aligned classes; None = all. The others are held
+            out: the loss does not depend on their masks or their attention (zero-shot).
 
     Returns:
         (loss scalar, number of layers used). The loss is 0 (with grad-free zero) if no layer matches.
     """
     b, k, m = weight.shape
+    aligned = aligned_class_index(classes, k)
     losses = []
     for fmap in maps.values():
         h, w = fmap.shape[-2:]
         if resolutions is not None and h not in resolutions:
             continue
-        per_class = (fmap.view(b, k, m, h, w) * weight.to(fmap)[..., None, None]).sum(2)  # (B, K, h, w)
-        background = (1.0 - per_class.sum(1, keepdim=True)).clamp_min(0.0)
-        probs = torch.cat([background, per_class], dim=1).float()
-        target = downsample_label(label, k + 1, (h, w)).to(probs.device)
+        # only the aligned classes' maps are read, so held-out ones get no gradient
+        chosen = fmap.view(b, k, m, h, w)[:, aligned]
+        per_class = (chosen * weight[:, aligned].to(fmap)[..., None, None]).sum(2)  # (B, A, h, w)
+        rest = (1.0 - per_class.sum(1, keepdim=True)).clamp_min(0.0)
+        probs = torch.cat([rest, per_class], dim=1).float()
+        # the same split of the target: held-out pixels count as "rest" via the aligned complements
+        fractions = downsample_label(label, k + 1, (h, w)).to(probs.device)[:, [c + 1 for c in aligned]]
+        target = torch.cat([(1.0 - fractions.sum(1, keepdim=True)).clamp_min(0.0), fractions], dim=1)
         losses.append(-(target * torch.log(probs + eps)).sum(1).mean())
     if not losses:
         return label.new_zeros((), dtype=torch.float32), 0
     return torch.stack(losses).mean(), len(losses)
+
+
+def aligned_class_index(classes: Sequence[int] | None, num_classes: int) -> list[int]:
+    """0-based positions (among the K foreground classes) of the aligned label values ``classes``."""
+    if classes is None:
+        return list(range(num_classes))
+    values = [int(c) for c in classes]
+    if not values or len(set(values)) != len(values) or not all(1 <= c <= num_classes for c in values):
+        raise ValueError(
+            f"classes: expected distinct foreground label values in 1..{num_classes}, got {list(classes)}"
+        )
+    return sorted(c - 1 for c in values)
 
 
 class AttentionAlignment:
@@ -102,6 +135,10 @@ class AttentionAlignment:
         weight: factor of the alignment loss added to the denoising loss.
         resolutions: attention grid sides used (e.g. [8, 16]); None = every cross-attention layer.
         seed: seed of the draw; None = the datamodule's seed (the segmentation stage's default).
+        classes: names of the aligned classes (e.g. ``[left_lung, right_lung]``); None = every
+            foreground class. The others are held out (zero-shot): still named in the prompt,
+            but their attention gets no alignment loss. Checked against the prompt builder's
+            class names by :class:`~diffmask.diffusion.DiffusionLitModule`.
     """
 
     def __init__(
@@ -110,6 +147,7 @@ class AttentionAlignment:
         weight: float = 0.1,
         resolutions: Sequence[int] | None = None,
         seed: int | None = None,
+        classes: Sequence[str] | None = None,
     ):
         if not 0.0 <= label_fraction <= 1.0:
             raise ValueError(f"align.label_fraction: expected a fraction in [0, 1], got {label_fraction}")
@@ -119,6 +157,15 @@ class AttentionAlignment:
             resolutions = [int(r) for r in resolutions]
             if not resolutions or min(resolutions) < 1:
                 raise ValueError(f"align.resolutions: expected positive grid sides or null, got {resolutions}")
+        if classes is not None:
+            if isinstance(classes, str):
+                classes = [classes]
+            classes = [str(c) for c in classes]
+            if not classes or len(set(classes)) != len(classes) or "background" in classes:
+                raise ValueError(
+                    f"align.classes: expected distinct foreground class names or null (all), got {classes}"
+                )
+        self.classes = classes
         self.label_fraction = float(label_fraction)
         self.weight = float(weight)
         self.resolutions = resolutions
@@ -127,3 +174,20 @@ class AttentionAlignment:
     @property
     def enabled(self) -> bool:
         return self.label_fraction > 0 and self.weight > 0
+
+    def class_values(self, class_names: Sequence[str]) -> list[int] | None:
+        """Label values of the aligned classes given the model's class names (background first).
+
+        Returns:
+            None when every class is aligned, else the sorted label values (1..K).
+
+        Raises:
+            ValueError: a name in ``classes`` is not a foreground class.
+        """
+        if self.classes is None:
+            return None
+        names = list(class_names)
+        unknown = [c for c in self.classes if c not in names[1:]]
+        if unknown:
+            raise ValueError(f"align.classes: {unknown} not among the foreground classes {names[1:]}")
+        return sorted(names.index(c) for c in self.classes)

@@ -117,6 +117,8 @@ class DiffusionLitModule(pl.LightningModule):
         self.ema_decay = ema_decay
         self.ema_warmup = ema_warmup
         self.align = align or AttentionAlignment(label_fraction=0.0)
+        # label values of the aligned classes (None = all); a held-out class gets no alignment loss
+        self.align_class_values = self.align.class_values(prompt_builder.class_names)
         self.labelled_ids: set[str] | None = set(labelled_ids) if labelled_ids is not None else None
         self._prompt_rng = random.Random(0)
         if self.vae is not None:
@@ -235,7 +237,9 @@ class DiffusionLitModule(pl.LightningModule):
                 pred = self.unet(noisy, t, encoder_hidden_states=states).sample
             keep = torch.as_tensor(aligned, device=clean.device)
             maps = {k: v[keep] for k, v in recorder.maps.items()}
-            align_loss, _ = attention_alignment_loss(maps, weight[keep.cpu()], batch["label"][keep], self.align.resolutions)
+            align_loss, _ = attention_alignment_loss(
+                maps, weight[keep.cpu()], batch["label"][keep], self.align.resolutions, classes=self.align_class_values
+            )
             out["align_loss"] = align_loss
         else:
             pred = self.unet(noisy, t, encoder_hidden_states=states).sample
@@ -306,6 +310,9 @@ class DiffusionLitModule(pl.LightningModule):
             "prompt_builder": self.prompt_builder.to_dict(),
             "prediction_type": self.prediction_type,
             "ema": self.ema_unet is not None,
+            # which classes the attention was aligned to (the rest are zero-shot)
+            "align_classes": list(self.align.classes) if self.align.classes is not None
+            else list(self.prompt_builder.class_names[1:]),
             "global_step": int(self.global_step),
             **(extra or {}),
         }

@@ -1,6 +1,14 @@
 """Prompts: text built from metadata and class words, with the token positions of each class."""
 
 from diffmask.prompts.builder import BuiltPrompt, PromptBuilder, class_token_positions, locate_class_words
+from diffmask.prompts.retrieval import (
+    CLIPTextEmbedder,
+    MiniLMEmbedder,
+    PromptCorpus,
+    PromptRetriever,
+    RetrievedPrompt,
+    TextEmbedder,
+)
 from diffmask.prompts.tokenizer import PROMPT_WORDS, build_prompt_tokenizer, prompt_vocabulary
 
 __all__ = [
@@ -11,4 +19,10 @@ __all__ = [
     "PROMPT_WORDS",
     "build_prompt_tokenizer",
     "prompt_vocabulary",
+    "CLIPTextEmbedder",
+    "MiniLMEmbedder",
+    "PromptCorpus",
+    "PromptRetriever",
+    "RetrievedPrompt",
+    "TextEmbedder",
 ]

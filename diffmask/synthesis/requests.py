@@ -9,8 +9,16 @@ from dataclasses import dataclass, field
 from torch.utils.data import Dataset
 
 from diffmask.prompts.builder import PromptBuilder
+from diffmask.prompts.retrieval import PromptRetriever
 
-__all__ = ["GenerationRequest", "RequestDataset", "draw_requests", "requests_from_prompts", "collate_requests"]
+__all__ = [
+    "GenerationRequest",
+    "RequestDataset",
+    "draw_requests",
+    "retrieve_requests",
+    "requests_from_prompts",
+    "collate_requests",
+]
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,12 @@ def draw_requests(
     prompt_builder: PromptBuilder,
     metas: Sequence[Mapping[str, object]] = (),
     id_prefix: str = "syn",
+    retriever: PromptRetriever | None = None,
 ) -> list[GenerationRequest]:
     """``num_samples`` requests whose prompts come from randomly drawn real metadata.
 
-    Deterministic in (seed, index): asking for more samples keeps the first ones unchanged.
+    Deterministic in (seed, index): asking for more samples keeps the first ones unchanged
+    (with a ``retriever``: deterministic in seed).
 
     Args:
         num_samples: how many.
@@ -47,9 +57,13 @@ def draw_requests(
         prompt_builder: builds the prompts.
         metas: metadata dicts of the real training images (empty → neutral prompts).
         id_prefix: ids are ``<prefix><index:06d>``.
+        retriever: draw the prompts by retrieval from the corpus that ``prompt_builder`` makes
+            of ``metas`` (``prompts=retrieval``) instead of uniformly over ``metas``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+    if retriever is not None:
+        return retrieve_requests(num_samples, seed, prompt_builder, metas, retriever, id_prefix)
     rng = random.Random(seed)
     metas = [dict(m) for m in metas]
     out = []
@@ -60,6 +74,31 @@ def draw_requests(
             id=f"{id_prefix}{i:06d}", prompt=built.text, seed=rng.getrandbits(31),
             meta={k: "" if v is None else str(v) for k, v in meta.items()},
         ))
+    return out
+
+
+def retrieve_requests(
+    num_samples: int,
+    seed: int,
+    prompt_builder: PromptBuilder,
+    metas: Sequence[Mapping[str, object]],
+    retriever: PromptRetriever,
+    id_prefix: str = "syn",
+) -> list[GenerationRequest]:
+    """``num_samples`` requests whose prompts a :class:`~diffmask.prompts.PromptRetriever` draws.
+
+    The metadata row each prompt was rebuilt from is kept in ``meta`` (plus ``retrieval_query``
+    in ``query`` mode). Deterministic in ``seed``.
+    """
+    drawn = retriever.draw(prompt_builder, metas, num_samples, seed)
+    # per-image seeds from their own stream, so they do not depend on how the prompts were drawn
+    rng = random.Random(f"{seed}/noise")
+    out = []
+    for i, d in enumerate(drawn):
+        meta = dict(d.meta)
+        if d.query is not None:
+            meta["retrieval_query"] = d.query
+        out.append(GenerationRequest(id=f"{id_prefix}{i:06d}", prompt=d.prompt.text, seed=rng.getrandbits(31), meta=meta))
     return out
 
 
