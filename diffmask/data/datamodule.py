@@ -62,7 +62,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             ``synthetic_count`` is None); with ``real_fraction=0`` all synthetic samples are used.
         synthetic_count: absolute number of synthetic samples (overrides the ratio; None = ratio).
         augment: transform for real training samples (None = none).
-        synthetic_augment: transform for synthetic samples (None = same as ``augment``).
+        synthetic_augment: transform for synthetic samples (None = none).
         test_sets: extra named test sets, name -> manifest folder (rows without a split count as
             ``test``); the real source's test split always comes first, under ``real.name``.
         num_workers: DataLoader workers.
@@ -114,7 +114,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.synthetic_ratio = synthetic_ratio
         self.synthetic_count = synthetic_count
         self.augment = augment
-        self.synthetic_augment = synthetic_augment if synthetic_augment is not None else augment
+        self.synthetic_augment = synthetic_augment
         self.extra_test_sets = {
             name: ManifestSource(path, self.class_names, default_split="test", name=name)
             for name, path in (test_sets or {}).items()
