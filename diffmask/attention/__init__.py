@@ -10,16 +10,13 @@ from diffmask.attention.processor import (
     grid_from_tokens,
 )
 from diffmask.attention.store import CrossAttentionStore
-from diffmask.attention.tokens import class_token_positions, phrase_positions
 
 __all__ = [
     "AttentionRecorder",
     "AttentionSink",
     "CrossAttentionCaptureProcessor",
     "CrossAttentionStore",
-    "class_token_positions",
     "extract_class_maps",
-    "phrase_positions",
     "capture_cross_attention",
     "cross_attention_layers",
     "grid_from_tokens",

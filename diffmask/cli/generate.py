@@ -4,7 +4,11 @@
     diffmask-generate input_dir=artifacts/diffusion/px128 trainer=ddp trainer.devices=4
 
 Writes ``images/<id>.png`` + ``manifest.jsonl`` + ``stage.json`` to
-``${paths.artifact_dir}/synthesis/<name>``; a rerun resumes where it stopped.
+``${paths.artifact_dir}/synthesis/<name>``; a rerun resumes where it stopped. With
+``synthesis=attention_masks`` also ``masks/<id>.png`` (threshold/CRF), ``attn/<id>.npz`` (class
+maps) and, when ``affinity`` is in ``synthesis.refine``, a second pass that fits AffinityNet on
+the written images + masks and writes ``masks_affinity/`` (see
+:mod:`diffmask.synthesis.affinity_pass`).
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import time
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir
 from diffmask.cli.common import CONFIG_PATH, stage_task
 from diffmask.diffusion.sampler import DiffusionSampler
 from diffmask.synthesis import draw_requests, generate_samples, requests_from_prompts
+from diffmask.synthesis.affinity_pass import refine_with_affinity
 
 log = logging.getLogger("diffmask.generate")
 
@@ -41,8 +47,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         real = hydra.utils.instantiate(cfg.data.real)
         metas = [real.load(sid).meta for sid in real.ids("train")]
-        requests = draw_requests(cfg.num_samples, cfg.seed, sampler.prompt_builder, metas)
-    mask_maker = hydra.utils.instantiate(cfg.mask_maker) if cfg.get("mask_maker") else None
+        retriever = hydra.utils.instantiate(cfg.prompts) if cfg.get("prompts") else None  # prompts=retrieval
+        requests = draw_requests(cfg.num_samples, cfg.seed, sampler.prompt_builder, metas, retriever=retriever)
+    mask_maker, quality_filter, affinity = build_synthesis(cfg.synthesis)
 
     work = stage.begin(resume=True)
     start = time.time()
@@ -58,18 +65,79 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         eta=cfg.eta,
         mask_maker=mask_maker,
         num_workers=cfg.num_workers,
+        save_class_maps=bool(cfg.synthesis.get("save_class_maps")),
+        quality_filter=quality_filter,
     )
-    seconds = time.time() - start
-    if counts["rows"] < 0:  # not rank 0
+    if mask_maker is not None:
+        mask_maker.close()
+    if counts["rows"] < 0:  # not rank 0: rank 0 runs the affinity pass and commits
         return counts
-    if counts["rows"] != len(requests):
-        raise RuntimeError(f"{work}: {counts['rows']} manifest rows for {len(requests)} requests; rerun to resume")
+    if counts["rows"] + counts["dropped_total"] != len(requests):
+        raise RuntimeError(
+            f"{work}: {counts['rows']} manifest rows + {counts['dropped_total']} dropped for {len(requests)} "
+            "requests; rerun to resume"
+        )
+    if affinity is not None:
+        counts.update(refine_with_affinity(
+            work, affinity["refiner"], sampler.prompt_builder.class_names, train_steps=affinity["train_steps"],
+            batch_size=affinity["batch_size"], ignore_margin=affinity["ignore_margin"],
+            device=_affinity_device(cfg.trainer.get("accelerator")), seed=cfg.seed,
+        ))
+    seconds = time.time() - start
     info = {**counts, "requested": len(requests), "seconds": round(seconds, 1),
             "images_per_s": counts["written"] / seconds if seconds > 0 else None}
     stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"diffusion": str(model_stage.path)},
                  counts=info)
     log.info("%d samples in %s (%d new, %.1f s)", counts["rows"], stage.path, counts["written"], seconds)
     return info
+
+
+def build_synthesis(syn: DictConfig | None) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(mask_maker, quality_filter, affinity pass settings) from the ``synthesis`` group."""
+    if not syn or not syn.get("mask_maker"):
+        if syn and (syn.get("refine") or syn.get("filter_masks") or syn.get("save_class_maps")):
+            raise ValueError("synthesis: refine/filter_masks/save_class_maps need a mask_maker (synthesis=attention_masks)")
+        return None, None, None
+    steps = [str(s) for s in (syn.get("refine") or [])]
+    if not steps:
+        raise ValueError("synthesis.refine: expected at least one step of threshold, densecrf, affinity")
+    chain_steps = [s for s in steps if s != "affinity"]
+    if "affinity" in steps and steps[-1] != "affinity":
+        raise ValueError(f"synthesis.refine: affinity must come last (it refines the written masks), got {steps}")
+    if not chain_steps:
+        raise ValueError("synthesis.refine: affinity needs seeds from threshold and/or densecrf before it")
+    node = OmegaConf.to_container(syn.mask_maker, resolve=True)
+    if isinstance(node.get("refiner"), dict) and "use" in node["refiner"]:
+        configured = [k for k, v in (node["refiner"].get("steps") or {}).items() if v is not None]
+        unknown = [s for s in chain_steps if s not in configured]
+        if unknown:
+            raise ValueError(
+                f"synthesis.refine: steps {unknown} are not configured in synthesis.mask_maker.refiner.steps "
+                f"{configured} (affinity is the second pass)"
+            )
+        node["refiner"]["use"] = chain_steps
+    mask_maker = hydra.utils.instantiate(node)
+    quality_filter = hydra.utils.instantiate(syn.quality_filter) if syn.get("filter_masks") else None
+    affinity = None
+    if "affinity" in steps:
+        if not syn.get("save_class_maps"):
+            raise ValueError("synthesis.refine: the affinity pass needs synthesis.save_class_maps=true (class maps on disk)")
+        settings = syn.get("affinity") or {}
+        if not settings.get("refiner"):
+            raise ValueError("synthesis.affinity.refiner: expected an AffinityRefiner node (conf/refine/affinity.yaml)")
+        affinity = {
+            "refiner": hydra.utils.instantiate(settings.refiner),
+            "train_steps": int(settings.get("train_steps", 500)),
+            "batch_size": int(settings.get("batch_size", 8)),
+            "ignore_margin": int(settings.get("ignore_margin", 3)),
+        }
+    return mask_maker, quality_filter, affinity
+
+
+def _affinity_device(accelerator: str | None) -> str:
+    if accelerator in ("gpu", "cuda", "auto", None) and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")

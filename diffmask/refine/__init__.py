@@ -15,7 +15,7 @@ from diffmask.refine.threshold import (
 
 # the AffinityNet module pulls in pytorch_lightning (seconds to import): load it on first use so
 # CRF worker processes, which import this package, start fast
-_LAZY = {"AffinityBackbone", "AffinityRefiner", "affinity_loss", "local_offsets"}
+_LAZY = {"AffinityBackbone", "AffinityRefiner", "affinity_loss", "ignore_boundaries", "local_offsets"}
 
 
 def __getattr__(name: str):
@@ -39,6 +39,7 @@ __all__ = [
     "affinity_loss",
     "class_levels",
     "densecrf_refine",
+    "ignore_boundaries",
     "local_offsets",
     "local_random_walk",
     "local_transition",

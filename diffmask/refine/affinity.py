@@ -15,7 +15,7 @@ and propagates its class maps with :func:`diffmask.refine.random_walk.random_wal
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from diffmask.refine.background import add_background
 from diffmask.refine.random_walk import local_random_walk, local_transition
 from diffmask.refine.threshold import IGNORE_INDEX
 
-__all__ = ["AffinityBackbone", "AffinityRefiner", "local_offsets", "affinity_loss"]
+__all__ = ["AffinityBackbone", "AffinityRefiner", "local_offsets", "affinity_loss", "ignore_boundaries"]
 
 
 class AffinityBackbone(nn.Module):
@@ -119,6 +119,36 @@ def seed_grid(seed: torch.Tensor, size: tuple[int, int], ignore_index: int = IGN
     top, label = frac[:, :classes].max(dim=1)
     label[top < 0.99] = ignore_index  # a cell counts only if its whole patch agrees
     return label
+
+
+def ignore_boundaries(label: np.ndarray, margin: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Seeds from a hard mask: pixels within ``margin`` px of another label become ``ignore_index``.
+
+    A written dataset mask has no "unsure" label, but AffinityNet must not learn from the
+    pixels where threshold/CRF are least sure, i.e. at region borders.
+
+    Args:
+        label: (H, W) uint8 label map (existing ``ignore_index`` pixels stay ignored).
+        margin: half-width of the ignore band in pixels (0: the mask unchanged).
+
+    Returns:
+        (H, W) uint8 seed labels.
+    """
+    from scipy import ndimage  # noqa: PLC0415 - only seed making needs scipy
+
+    if margin < 0:
+        raise ValueError(f"margin: expected >= 0, got {margin}")
+    label = np.asarray(label, dtype=np.uint8)
+    if margin == 0:
+        return label.copy()
+    out = np.full_like(label, ignore_index)
+    structure = np.ones((3, 3), bool)
+    for value in np.unique(label):
+        if value == ignore_index:
+            continue
+        core = ndimage.binary_erosion(label == value, structure, iterations=int(margin), border_value=1)
+        out[core] = value
+    return out
 
 
 def affinity_loss(
@@ -250,6 +280,49 @@ class AffinityRefiner(pl.LightningModule):
         if self.optimizer_factory is None:
             return torch.optim.Adam(self.parameters(), lr=1e-3)
         return self.optimizer_factory(params=self.parameters())
+
+    def fit_seeds(self, batches: Iterable[dict[str, Any]], max_steps: int) -> list[float]:
+        """Train on seed batches with a plain loop (no Trainer), e.g. inside another stage's step.
+
+        Works inside a Lightning ``test``/``predict`` loop (it leaves inference mode locally), so
+        a mask stage can fit AffinityNet on its own images' seeds. ``batches`` is re-iterated
+        until ``max_steps`` optimiser steps are done.
+
+        Args:
+            batches: a re-iterable of dicts with ``image_key`` (B, C, H, W) in [0, 1] and
+                ``seed_key`` (B, H, W) seed labels (e.g. a DataLoader or a list of dicts).
+            max_steps: optimiser steps.
+
+        Returns:
+            the loss of each step.
+        """
+        if max_steps < 1:
+            raise ValueError(f"max_steps: expected >= 1, got {max_steps}")
+        opt = self.configure_optimizers()
+        if isinstance(opt, dict):
+            opt = opt["optimizer"]
+        losses: list[float] = []
+        was_training = self.training
+        self.train()
+        with torch.inference_mode(False), torch.enable_grad():
+            while len(losses) < max_steps:
+                seen = 0
+                for batch in batches:
+                    # clone: tensors made under inference mode cannot enter autograd
+                    image = batch[self.image_key].to(self.device, torch.float32).clone()
+                    seed = batch[self.seed_key].to(self.device).clone()
+                    loss = self.compute_loss(image, seed)["loss"]
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    losses.append(float(loss.detach()))
+                    seen += 1
+                    if len(losses) >= max_steps:
+                        break
+                if seen == 0:
+                    raise ValueError("batches: no training batch")
+        self.train(was_training)
+        return losses
 
     # --------------------------------------------------------------- refinement
     @torch.no_grad()

@@ -16,6 +16,8 @@ class RefinementChain:
     Args:
         steps: refiners as a mapping ``name -> refiner`` (config order is kept; a ``None``
             value drops that step, so ``refine.steps.densecrf=null`` disables it) or a list.
+        use: optional names of the steps to run, in this order (e.g. ``["threshold",
+            "densecrf"]``); None runs every non-None step in mapping order.
 
     Examples::
 
@@ -23,12 +25,23 @@ class RefinementChain:
         sample = chain({"image": img, "class_maps": maps})
     """
 
-    def __init__(self, steps: Mapping[str, Refiner | None] | Sequence[Refiner]):
+    def __init__(self, steps: Mapping[str, Refiner | None] | Sequence[Refiner], use: Sequence[str] | None = None):
         items = (
             list(steps.items())
             if isinstance(steps, Mapping)
             else [(f"step{i}", s) for i, s in enumerate(steps)]
         )
+        if use is not None:
+            if isinstance(use, str):
+                use = [use]
+            named = dict(items)
+            unknown = [n for n in use if n not in named]
+            if unknown:
+                raise ValueError(f"use: steps {unknown} are not configured; configured steps: {list(named)}")
+            off = [n for n in use if named[n] is None]
+            if off:
+                raise ValueError(f"use: steps {off} are set to null in steps")
+            items = [(n, named[n]) for n in use]
         self.steps: list[tuple[str, Refiner]] = [(name, step) for name, step in items if step is not None]
         for name, step in self.steps:
             if not callable(step):

@@ -2,6 +2,7 @@
 
 from diffmask.synthesis.generate import generate_samples
 from diffmask.synthesis.module import MaskMaker, SynthesisLitModule
+from diffmask.synthesis.quality import MaskQualityFilter
 from diffmask.synthesis.requests import (
     GenerationRequest,
     RequestDataset,
@@ -9,7 +10,7 @@ from diffmask.synthesis.requests import (
     draw_requests,
     requests_from_prompts,
 )
-from diffmask.synthesis.writer import SyntheticWriter, read_done_rows
+from diffmask.synthesis.writer import SyntheticWriter, load_class_maps, read_done_rows, read_dropped
 
 __all__ = [
     "generate_samples",
@@ -20,6 +21,9 @@ __all__ = [
     "collate_requests",
     "draw_requests",
     "requests_from_prompts",
+    "MaskQualityFilter",
     "SyntheticWriter",
+    "load_class_maps",
     "read_done_rows",
+    "read_dropped",
 ]

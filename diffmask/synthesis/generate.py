@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from diffmask.diffusion.sampler import DiffusionSampler
 from diffmask.synthesis.module import MaskMaker, SynthesisLitModule
 from diffmask.synthesis.requests import GenerationRequest, RequestDataset, collate_requests
-from diffmask.synthesis.writer import SyntheticWriter
+from diffmask.synthesis.writer import SyntheticWriter, read_dropped
 
 __all__ = ["generate_samples"]
 
@@ -29,6 +29,8 @@ def generate_samples(
     eta: float = 0.0,
     mask_maker: MaskMaker | None = None,
     num_workers: int = 0,
+    save_class_maps: bool = False,
+    quality_filter: Any | None = None,
 ) -> dict[str, Any]:
     """Generate every request not yet in ``output_dir``; write PNGs, shards and ``manifest.jsonl``.
 
@@ -40,16 +42,20 @@ def generate_samples(
         batch_size: images per device per step.
         num_inference_steps, guidance_scale, eta: sampling settings.
         mask_maker: optional masks + scores from recorded attention.
+        save_class_maps: also write each sample's class maps (``attn/<id>.npz``, ``attn_file``).
+        quality_filter: optional ``reason(mask, scores)``; dropped samples are recorded, not written.
 
     Returns:
-        counts: ``written`` (this run, this rank), ``skipped`` (already on disk at start),
-        ``rows`` (rows in the merged manifest, rank 0; -1 elsewhere).
+        counts: ``written`` and ``dropped`` (this run, this rank), ``skipped`` (already on disk
+        or dropped at start), ``rows`` (rows in the merged manifest, rank 0; -1 elsewhere) and
+        ``dropped_total`` (every dropped id in the folder, rank 0; -1 elsewhere).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     writer = SyntheticWriter(output_dir, class_names)
     trainer: pl.Trainer = trainer_factory(callbacks=[writer])
-    module = SynthesisLitModule(sampler, num_inference_steps, guidance_scale, eta=eta, mask_maker=mask_maker)
+    module = SynthesisLitModule(sampler, num_inference_steps, guidance_scale, eta=eta, mask_maker=mask_maker,
+                                save_class_maps=save_class_maps, quality_filter=quality_filter)
     loader = DataLoader(
         RequestDataset(requests), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=collate_requests,
@@ -57,4 +63,6 @@ def generate_samples(
     # predictions go to disk batch by batch; keeping them would hold every image in memory
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     rows = sum(1 for _ in open(os.path.join(output_dir, "manifest.jsonl"))) if trainer.is_global_zero else -1
-    return {"written": writer.written, "skipped": writer.skipped, "rows": rows}
+    dropped_total = len(read_dropped(output_dir)) if trainer.is_global_zero else -1
+    return {"written": writer.written, "dropped": writer.dropped, "skipped": writer.skipped, "rows": rows,
+            "dropped_total": dropped_total}

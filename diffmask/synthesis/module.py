@@ -41,9 +41,16 @@ class SynthesisLitModule(pl.LightningModule):
         guidance_scale: classifier-free guidance scale.
         eta: DDIM noise (0 = deterministic).
         mask_maker: optional; makes masks and scores from recorded attention.
+        save_class_maps: also return the sink's class maps (the sink needs a ``result()``
+            method, as :class:`~diffmask.attention.CrossAttentionStore` has), so the writer can
+            store them (``attn/<id>.npz``) and refinement can be redone offline.
+        quality_filter: optional ``reason(mask, scores) -> str | None`` (e.g.
+            :class:`~diffmask.synthesis.quality.MaskQualityFilter`); a non-None reason drops
+            the sample (the writer records it as dropped).
 
     Predictions are dicts with ``id, prompt, seed, meta`` (lists), ``images`` (B, S, S) uint8 and,
-    with a mask maker, ``masks`` (B, S, S) uint8 and ``scores`` (list of dicts). Ids listed in
+    with a mask maker, ``masks`` (B, S, S) uint8, ``scores`` (list of dicts), ``dropped`` (list of
+    reasons or None) and, with ``save_class_maps``, ``class_maps`` (B, K, S, S) float16. Ids listed in
     :attr:`skip_ids` (set by :class:`SyntheticWriter` from what is already on disk) are not
     generated again.
     """
@@ -55,10 +62,14 @@ class SynthesisLitModule(pl.LightningModule):
         guidance_scale: float = 3.0,
         eta: float = 0.0,
         mask_maker: MaskMaker | None = None,
+        save_class_maps: bool = False,
+        quality_filter: Any | None = None,
     ):
         super().__init__()
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps: expected >= 1, got {num_inference_steps}")
+        if (save_class_maps or quality_filter is not None) and mask_maker is None:
+            raise ValueError("save_class_maps/quality_filter: need a mask_maker (they act on its masks and maps)")
         self.sampler = sampler
         self.unet = sampler.components.unet
         self.text_encoder = sampler.components.text_encoder
@@ -67,6 +78,8 @@ class SynthesisLitModule(pl.LightningModule):
         self.guidance_scale = guidance_scale
         self.eta = eta
         self.mask_maker = mask_maker
+        self.save_class_maps = bool(save_class_maps)
+        self.quality_filter = quality_filter
         self.skip_ids: set[str] = set()
 
     def predict_step(self, batch: dict[str, list], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
@@ -96,4 +109,12 @@ class SynthesisLitModule(pl.LightningModule):
                     f"got {masks.shape} and {len(scores)}"
                 )
             pred["masks"], pred["scores"] = masks, list(scores)
+            pred["dropped"] = [
+                None if self.quality_filter is None else self.quality_filter.reason(m, sc)
+                for m, sc in zip(masks, scores, strict=True)
+            ]
+            if self.save_class_maps:
+                if not hasattr(sink, "result"):
+                    raise ValueError(f"save_class_maps: the sink {type(sink).__name__} has no result() to read maps from")
+                pred["class_maps"] = sink.result().to(torch.float16).cpu().numpy()
         return pred

@@ -3,6 +3,9 @@
 Each rank appends to its own shard ``manifest.rank<r>.jsonl``; rank 0 merges the shards into
 ``manifest.jsonl`` after predicting. A PNG is written atomically *before* its row is appended
 (fsynced), so a sample counts as done only when both exist: a restart skips exactly those ids.
+With class maps, ``attn/<id>.npz`` (``class_maps`` (K, S, S) float16) is written before the row
+too. A sample the quality filter drops gets no files, only a row ``{id, seed, prompt, reason}``
+in ``dropped.rank<r>.jsonl``, so a restart skips it as well and the stage can count it.
 """
 
 from __future__ import annotations
@@ -23,10 +26,26 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from diffmask.artifacts import atomic_write_bytes
 from diffmask.data.manifest import ManifestRow, append_manifest_row, write_manifest
 
-__all__ = ["SyntheticWriter", "read_done_rows"]
+__all__ = ["SyntheticWriter", "read_done_rows", "read_dropped", "class_maps_npz", "load_class_maps"]
 
 log = logging.getLogger(__name__)
 SHARD_GLOB = "manifest.rank*.jsonl"
+DROPPED_GLOB = "dropped.rank*.jsonl"
+
+
+def class_maps_npz(class_maps: np.ndarray) -> bytes:
+    """``.npz`` bytes holding ``class_maps`` (K, S, S) as float16 (what ``attn_file`` points to)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, class_maps=np.asarray(class_maps, dtype=np.float16))
+    return buf.getvalue()
+
+
+def load_class_maps(path: str | os.PathLike) -> np.ndarray:
+    """(K, S, S) float32 class maps from an ``attn_file``."""
+    with np.load(path) as data:
+        if "class_maps" not in data:
+            raise ValueError(f"{path}: expected an array 'class_maps', found {list(data.keys())}")
+        return data["class_maps"].astype(np.float32)
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -78,6 +97,15 @@ def read_done_rows(folder: str | os.PathLike) -> dict[str, ManifestRow]:
     return done
 
 
+def read_dropped(folder: str | os.PathLike) -> dict[str, str]:
+    """Ids the quality filter dropped, with the reason, from every ``dropped.rank*.jsonl``."""
+    out: dict[str, str] = {}
+    for shard in sorted(Path(folder).glob(DROPPED_GLOB)):
+        for raw in _read_rows_tolerant(shard):
+            out.setdefault(str(raw["id"]), str(raw.get("reason", "")))
+    return out
+
+
 class SyntheticWriter(BasePredictionWriter):
     """Saves ``images/<id>.png`` (+ ``masks/<id>.png``) and manifest rows for each prediction batch.
 
@@ -92,16 +120,21 @@ class SyntheticWriter(BasePredictionWriter):
         self.class_names = tuple(class_names)
         self.written = 0
         self.skipped = 0
+        self.dropped = 0
 
     def shard_path(self, rank: int) -> Path:
         return self.output_dir / f"manifest.rank{rank}.jsonl"
+
+    def dropped_path(self, rank: int) -> Path:
+        return self.output_dir / f"dropped.rank{rank}.jsonl"
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         (self.output_dir / "images").mkdir(parents=True, exist_ok=True)
         (self.output_dir / "masks").mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(self.shard_path(trainer.global_rank))
+        _drop_torn_tail(self.dropped_path(trainer.global_rank))
         # Each id belongs to one rank (Lightning's unrepeated sampler), so ranks never race on an id.
-        done = read_done_rows(self.output_dir)
+        done = {*read_done_rows(self.output_dir), *read_dropped(self.output_dir)}
         pl_module.skip_ids = set(done)
         self.skipped = len(done)
         if done:
@@ -112,7 +145,17 @@ class SyntheticWriter(BasePredictionWriter):
             return
         shard = self.shard_path(trainer.global_rank)
         masks = prediction.get("masks")
+        class_maps = prediction.get("class_maps")
+        dropped = prediction.get("dropped") or [None] * len(prediction["id"])
         for i, sid in enumerate(prediction["id"]):
+            if dropped[i] is not None:
+                with open(self.dropped_path(trainer.global_rank), "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"id": sid, "seed": int(prediction["seed"][i]), "prompt": prediction["prompt"][i],
+                                        "reason": dropped[i]}, sort_keys=True) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.dropped += 1
+                continue
             file_name = f"images/{sid}.png"
             atomic_write_bytes(self.output_dir / file_name, _png_bytes(prediction["images"][i]))
             mask_name, scores = None, {}
@@ -123,8 +166,13 @@ class SyntheticWriter(BasePredictionWriter):
                 unknown = sorted(set(scores) - set(self.class_names))
                 if unknown:
                     raise ValueError(f"mask_maker: score keys {unknown} are not class names {list(self.class_names)}")
+            attn_name = None
+            if class_maps is not None:
+                attn_name = f"attn/{sid}.npz"
+                atomic_write_bytes(self.output_dir / attn_name, class_maps_npz(class_maps[i]))
             row = ManifestRow(
                 id=sid, file_name=file_name, sem_seg_file_name=mask_name, prompt=prediction["prompt"][i],
+                attn_file=attn_name,
                 source="synthetic", seed=int(prediction["seed"][i]), scores=scores,
                 meta=dict(prediction["meta"][i]) if "meta" in prediction else {},
             )

@@ -7,7 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from diffmask.attention import CrossAttentionStore, capture_cross_attention
-from diffmask.attention.tokens import class_token_positions, phrase_positions
+from diffmask.prompts import PromptBuilder, build_prompt_tokenizer, class_token_positions, prompt_vocabulary
 
 SEQ = 8  # text tokens per prompt
 
@@ -172,26 +172,18 @@ def test_bad_arguments_name_the_field():
         CrossAttentionStore(step_window=[5, 2])
 
 
-class _WordTokenizer:
-    """Whitespace tokenizer with CLIP-like BOS/EOS, enough to test phrase lookup."""
-
-    def __init__(self):
-        self.vocab: dict[str, int] = {}
-
-    def __call__(self, text: str, add_special_tokens: bool = True):
-        ids = [self.vocab.setdefault(w, len(self.vocab) + 2) for w in text.split()]
-        return {"input_ids": [0, *ids, 1] if add_special_tokens else ids}
-
-
-def test_class_token_positions():
-    tok = _WordTokenizer()
-    positions, length = class_token_positions(
-        tok, "a chest x-ray with left lung and heart", ["left lung", "heart"]
-    )
-    assert positions == [[5, 6], [8]] and length == 10
-    with pytest.raises(ValueError, match="'right lung' is not in the prompt"):
-        class_token_positions(tok, "a chest x-ray with left lung", ["right lung"])
-    assert phrase_positions([0, 5, 6, 5, 1], [5]) == [1]
+def test_store_takes_the_prompt_builders_token_positions():
+    """One token finder for the whole package: the prompt builder's (character offsets)."""
+    builder = PromptBuilder()
+    tok = build_prompt_tokenizer(prompt_vocabulary(builder.words()), model_max_length=64)
+    built = builder.build({"sex": "F", "age": "40"})
+    positions = class_token_positions(tok, built)
+    length = len(tok(built.text)["input_ids"])
+    store = CrossAttentionStore(output_size=8)
+    store.set_tokens([positions], prompt_lengths=[length])
+    assert store.num_classes == 3 and store.batch_size == 1
+    with pytest.raises(ValueError, match="not in the prompt"):
+        store.set_tokens([positions], prompt_lengths=[positions[-1][-1]])
 
 
 def test_extract_class_maps_of_real_images(unet):

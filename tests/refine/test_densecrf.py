@@ -63,3 +63,17 @@ def test_bad_input_is_rejected():
         DenseCRFRefiner(background=1.5)
     with pytest.raises(ValueError, match="num_workers"):
         ParallelRefiner(DenseCRFRefiner(), num_workers=-1)
+
+
+def test_reference_size_scales_the_spatial_kernels_with_the_image():
+    """sxy given at reference_size is the same CRF as sxy * S / reference_size given in pixels."""
+    s = make_blob(1)  # 64 px
+    scores = np.concatenate([1 - s["class_maps"], s["class_maps"]])
+    scaled = densecrf_refine(s["image"], scores, gaussian_sxy=12, bilateral_sxy=320, reference_size=256)
+    plain = densecrf_refine(s["image"], scores, gaussian_sxy=3, bilateral_sxy=80)
+    np.testing.assert_allclose(scaled, plain, atol=1e-5)
+    # the blob is still recovered with the AffinityNet kernels read at 512 px (bilateral 10 px here)
+    out = DenseCRFRefiner(reference_size=512)(s)
+    assert iou(out["label"] == 1, s["disk"]) >= 0.85
+    with pytest.raises(ValueError, match="reference_size"):
+        DenseCRFRefiner(reference_size=0)

@@ -26,6 +26,7 @@ def test_refine_configs_instantiate():
         bilateral_srgb=13.0,
         bilateral_compat=10.0,
         iterations=10,
+        reference_size=512,
     )
     assert isinstance(affinity, AffinityRefiner)
     assert affinity.radius == 5 and affinity.beta == 8 and affinity.t == 256

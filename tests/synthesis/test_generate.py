@@ -40,7 +40,7 @@ def test_generate_writes_pngs_and_a_manifest_then_resumes(tmp_path, sampler, tra
     requests = draw_requests(5, seed=0, prompt_builder=PromptBuilder(), metas=_metas())
     out = tmp_path / "syn.tmp"
     counts = generate_samples(trainer_factory, sampler, requests[:3], out, DEFAULT_CLASS_NAMES, batch_size=2, **STEPS)
-    assert counts == {"written": 3, "skipped": 0, "rows": 3}
+    assert counts == {"written": 3, "dropped": 0, "skipped": 0, "rows": 3, "dropped_total": 0}
     rows = read_manifest(out)
     assert [r.id for r in rows] == [r.id for r in requests[:3]]
     row = rows[0]

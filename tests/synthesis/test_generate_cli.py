@@ -35,7 +35,7 @@ def compose_generate(tmp_path, *overrides):
 
 
 def test_generate_cli_writes_a_complete_synthetic_stage(tmp_path, model_dir):
-    cfg = compose_generate(tmp_path, f"input_dir={model_dir}", "num_samples=3", "name=s1", "mask_maker=null")
+    cfg = compose_generate(tmp_path, f"input_dir={model_dir}", "num_samples=3", "name=s1", "synthesis=none")
     info = run(cfg)
     out = tmp_path / "artifacts" / "synthesis" / "s1"
     assert info["rows"] == 3 and StageDir(out).is_complete()
@@ -55,3 +55,37 @@ def test_generate_cli_with_given_prompts_and_bad_input(tmp_path, model_dir):
     assert [r.seed for r in rows] == [0, 1]
     with pytest.raises(FileNotFoundError, match="not a complete stage folder"):
         run(compose_generate(tmp_path, f"input_dir={tmp_path / 'missing'}", "name=s3"))
+
+
+def test_generate_cli_attention_masks_with_affinity_second_pass(tmp_path, model_dir):
+    cfg = compose_generate(
+        tmp_path, f"input_dir={model_dir}", "num_samples=3", "name=m1", "synthesis=attention_masks",
+        "synthesis.refine=[threshold,densecrf,affinity]", "synthesis.mask_maker.refiner.steps.densecrf.iterations=2",
+        "synthesis.affinity.train_steps=2", "synthesis.affinity.batch_size=2", "synthesis.affinity.refiner.t=4",
+        "synthesis.affinity.refiner.backbone.channels=[8,16]", "synthesis.affinity.refiner.radius=3",
+        "synthesis.filter_masks=true", "synthesis.quality_filter.require_all_classes=false",
+    )
+    info = run(cfg)
+    out = tmp_path / "artifacts" / "synthesis" / "m1"
+    assert StageDir(out).is_complete() and info["rows"] == 3 and info["dropped_total"] == 0
+    assert info["affinity_refined"] == 3 and info["affinity_trained"] is True
+    stage = json.loads((out / "stage.json").read_text())
+    assert stage["counts"]["dropped_total"] == 0 and stage["config"]["synthesis"]["refine"][-1] == "affinity"
+    rows = read_manifest(out)
+    for r in rows:
+        assert r.sem_seg_file_name == f"masks_affinity/{r.id}.png" and r.attn_file == f"attn/{r.id}.npz"
+        assert (out / f"masks/{r.id}.png").is_file() and set(r.scores) == {"left_lung", "right_lung", "heart"}
+    assert (out / "affinity.pt").is_file()
+    assert ManifestSource(out).load(rows[0].id).label.shape == (32, 32)
+
+
+def test_generate_cli_rejects_inconsistent_synthesis_settings(tmp_path, model_dir):
+    with pytest.raises(ValueError, match="affinity must come last"):
+        run(compose_generate(tmp_path, f"input_dir={model_dir}", "name=m2", "synthesis=attention_masks",
+                             "synthesis.refine=[affinity,threshold]"))
+    with pytest.raises(ValueError, match="not configured"):
+        run(compose_generate(tmp_path, f"input_dir={model_dir}", "name=m3", "synthesis=attention_masks",
+                             "synthesis.refine=[threshold,crf]"))
+    with pytest.raises(ValueError, match="save_class_maps"):
+        run(compose_generate(tmp_path, f"input_dir={model_dir}", "name=m4", "synthesis=attention_masks",
+                             "synthesis.refine=[threshold,affinity]", "synthesis.save_class_maps=false"))

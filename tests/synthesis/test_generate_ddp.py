@@ -26,3 +26,28 @@ def test_two_ranks_write_disjoint_shards_and_rank0_merges(tmp_path, sampler):
     assert sorted(len(rows) for rows in per_rank) == [2, 3]  # no id generated twice
     assert [r.id for r in read_manifest(out)] == [r.id for r in requests]
     assert all((out / "images" / f"{r.id}.png").is_file() for r in requests)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_attention_masks_write_disjoint_ids_and_every_file(tmp_path, sampler):
+    from test_attention_masks import attention_maker
+
+    requests = draw_requests(4, seed=1, prompt_builder=PromptBuilder())
+    factory = functools.partial(
+        pl.Trainer, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    out = tmp_path / "ddp_masks"
+    counts = generate_samples(factory, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=1,
+                              num_inference_steps=1, guidance_scale=2.0, mask_maker=attention_maker(),
+                              save_class_maps=True)
+    assert counts["rows"] == 4
+    per_rank = [
+        {line.split('"id": "')[1].split('"')[0] for line in (out / f"manifest.rank{r}.jsonl").read_text().splitlines()}
+        for r in (0, 1)
+    ]
+    assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]  # disjoint ids
+    assert per_rank[0] | per_rank[1] == {r.id for r in requests}
+    for row in read_manifest(out):
+        assert (out / row.sem_seg_file_name).is_file() and (out / row.attn_file).is_file()
+        assert set(row.scores) == {"left_lung", "right_lung", "heart"}

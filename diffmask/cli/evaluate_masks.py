@@ -1,0 +1,73 @@
+"""Mask quality on real images: per-class IoU of attention masks per refinement step.
+
+    diffmask-evaluate-masks input_dir=artifacts/diffusion/px256 trainer=gpu
+    diffmask-evaluate-masks input_dir=... 'model.timesteps=[100,200,300]' trainer=ddp trainer.devices=4
+
+Loads the diffusion stage's model and prompt builder, runs :class:`MaskQualityLitModule` with
+``trainer.test`` on the real test split (``data.size`` is set to the model's resolution) and
+writes ``metrics.json`` to the run dir (``paths.output_dir``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, open_dict
+
+from diffmask.artifacts import StageDir
+from diffmask.cli.common import CONFIG_PATH, job_overrides, optimized_value, stage_task, write_metrics
+from diffmask.diffusion.components import load_components
+from diffmask.prompts.builder import PromptBuilder
+
+log = logging.getLogger("diffmask.evaluate_masks")
+
+
+@stage_task
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Score the attention masks of the model in ``cfg.input_dir`` on real test images."""
+    pl.seed_everything(cfg.seed, workers=True)
+    model_stage = StageDir(cfg.input_dir)
+    model_stage.info()  # a clear error when the diffusion stage has not finished
+    components = load_components(model_stage.path)
+    meta = components.metadata or {}
+    if "prompt_builder" not in meta or "resolution" not in meta:
+        raise ValueError(
+            f"input_dir: {model_stage.path}/diffmask.json lacks prompt_builder/resolution; export it with the fit stage"
+        )
+    with open_dict(cfg):
+        # attention maps and masks are compared at the resolution the model was trained at
+        cfg.data.size = int(meta["resolution"])
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model, components=components, prompt_builder=PromptBuilder(**meta["prompt_builder"]))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer)
+    trainer.test(model, datamodule=datamodule)
+    metrics = dict(model.results)
+    if trainer.is_global_zero:
+        out = Path(cfg.paths.output_dir) / "metrics.json"
+        write_metrics(out, metrics, extra={
+            "model_dir": str(model_stage.path),
+            "test_sets": datamodule.test_set_names,
+            "n_test": {name: len(src.ids("test")) for name, src in
+                       {datamodule.real.name: datamodule.real, **datamodule.extra_test_sets}.items()},
+            "timesteps": list(cfg.model.timesteps),
+            "size": int(meta["resolution"]),
+            "overrides": job_overrides(),
+            "seed": cfg.seed,
+        })
+        log.info("metrics written to %s", out)
+        for key in sorted(k for k in metrics if k.endswith("miou")):
+            log.info("%s = %.4f", key, metrics[key])
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate_masks")
+def main(cfg: DictConfig) -> float | None:
+    return optimized_value(cfg, run(cfg))
+
+
+if __name__ == "__main__":
+    main()

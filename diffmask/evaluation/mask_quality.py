@@ -1,0 +1,269 @@
+"""Mask quality on real images: the mask stage's key figure.
+
+For each real test image: build its prompt from its metadata (the model's
+:class:`~diffmask.prompts.PromptBuilder`), noise it to timestep ``t``, run the UNet once with
+the prompt while a :class:`~diffmask.attention.CrossAttentionStore` records the class maps
+(several ``t`` are averaged), then score the masks of each refinement step against the real
+mask with :func:`~diffmask.evaluation.compute_iou`:
+
+* ``raw``: argmax of the class maps, background where the max is below ``raw_threshold``;
+* each refiner in order, cumulatively (``threshold``, then ``densecrf`` on top, ...);
+* ``affinity``: an :class:`~diffmask.refine.AffinityRefiner` fitted at the end of the epoch on
+  the test images' *own* seeds (the last refiner's masks with an ignore band; no real labels),
+  then random-walk refinement of each image's class maps.
+
+Metrics (flat keys, ``<set>`` = test-set name): ``masks/<set>/<step>/iou_<class>``,
+``masks/<set>/<step>/miou`` and ``masks/<set>/<step>/seconds_per_image``. Under DDP the IoU
+accumulators are synced; AffinityNet is fitted per rank on that rank's share of the images.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from diffmask.attention.extract import extract_class_maps
+from diffmask.attention.store import CrossAttentionStore
+from diffmask.diffusion.components import DiffusionComponents
+from diffmask.diffusion.module import encode_prompts
+from diffmask.evaluation.metrics import SegmentationScores
+from diffmask.labels import validate_class_names
+from diffmask.prompts.builder import PromptBuilder, class_token_positions
+from diffmask.refine.threshold import IGNORE_INDEX
+
+__all__ = ["MaskQualityLitModule", "raw_attention_labels"]
+
+Refiner = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def raw_attention_labels(class_maps: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, K, H, W) class maps in [0, 1] -> (B, H, W) labels: argmax + 1, or 0 where the max < threshold."""
+    peak, best = class_maps.max(dim=1)
+    return torch.where(peak >= threshold, best + 1, torch.zeros_like(best))
+
+
+class MaskQualityLitModule(pl.LightningModule):
+    """Per-class IoU of attention masks on real test images, per refinement step (``trainer.test``).
+
+    Test batches come from :class:`~diffmask.data.SegmentationDataModule`: ``image`` (B, 1, S, S)
+    in [0, 1], ``label`` (B, 1, S, S), ``meta`` (list of dicts). S must be the model's resolution.
+
+    Args:
+        components: the diffusion model (UNet, text encoder, tokenizer, noise scheduler, VAE?).
+        prompt_builder: the model's prompt builder (makes each image's prompt from its metadata).
+        store: builds a store, called as ``store(output_size=S)`` (``conf/attention`` with
+            ``_partial_: true``).
+        refiners: ``name -> sample refiner`` applied cumulatively in order (None drops one);
+            each reads ``image`` (S, S) uint8 + ``class_maps`` (K, S, S) and writes ``label``.
+        affinity: an untrained :class:`~diffmask.refine.AffinityRefiner` (copied per test set),
+            or None to skip the ``affinity`` step.
+        timesteps: noise levels t; the class maps of each are averaged.
+        raw_threshold: background threshold of the ``raw`` step.
+        affinity_steps, affinity_batch_size: AffinityNet training on the seeds.
+        affinity_ignore_margin: ignore band (px) around seed region borders.
+        class_names: background first.
+        seed: seed of the noise.
+        set_names: names of the test dataloaders (default: the datamodule's ``test_set_names``).
+
+    Examples::
+
+        module = MaskQualityLitModule(comps, builder, functools.partial(CrossAttentionStore),
+                                      {"threshold": ThresholdRefiner(), "densecrf": DenseCRFRefiner()},
+                                      affinity=AffinityRefiner(AffinityBackbone()), timesteps=[200])
+        pl.Trainer(accelerator="gpu", devices=1).test(module, datamodule=dm)
+        module.results["masks/jsrt/densecrf/miou"]
+    """
+
+    def __init__(
+        self,
+        components: DiffusionComponents,
+        prompt_builder: PromptBuilder,
+        store: Callable[..., CrossAttentionStore],
+        refiners: Mapping[str, Refiner | None] | None = None,
+        affinity: Any | None = None,
+        timesteps: Sequence[int] = (200,),
+        raw_threshold: float = 0.3,
+        affinity_steps: int = 300,
+        affinity_batch_size: int = 8,
+        affinity_ignore_margin: int = 3,
+        class_names: Sequence[str] = ("background", "left_lung", "right_lung", "heart"),
+        seed: int = 0,
+        set_names: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        timesteps = [int(t) for t in timesteps]
+        steps = int(components.noise_scheduler.config.num_train_timesteps)
+        if not timesteps or any(not 0 <= t < steps for t in timesteps):
+            raise ValueError(f"timesteps: expected a non-empty list in [0, {steps}), got {timesteps}")
+        if not 0 <= raw_threshold < 1:
+            raise ValueError(f"raw_threshold: expected in [0, 1), got {raw_threshold}")
+        if affinity_steps < 1 or affinity_batch_size < 1 or affinity_ignore_margin < 0:
+            raise ValueError(
+                "affinity_steps/affinity_batch_size/affinity_ignore_margin: expected >= 1, >= 1, >= 0, got "
+                f"{affinity_steps}, {affinity_batch_size}, {affinity_ignore_margin}"
+            )
+        self.class_names = validate_class_names(class_names)
+        if tuple(prompt_builder.class_names) != self.class_names:
+            raise ValueError(
+                f"class_names {list(self.class_names)} differ from the prompt builder's {list(prompt_builder.class_names)}"
+            )
+        refiners = dict(refiners or {})
+        reserved = {"raw", "affinity"} & set(refiners)
+        if reserved:
+            raise ValueError(f"refiners: the names {sorted(reserved)} are reserved for built-in steps")
+        self.refiners = [(name, r) for name, r in refiners.items() if r is not None]
+        for name, r in self.refiners:
+            if not callable(r):
+                raise ValueError(f"refiners.{name}: expected a callable refiner (dict -> dict), got {type(r).__name__}")
+        self.components = components
+        self.unet = components.unet.eval().requires_grad_(False)
+        self.text_encoder = components.text_encoder.eval().requires_grad_(False)
+        self.vae = None if components.vae is None else components.vae.eval().requires_grad_(False)
+        self.tokenizer = components.tokenizer
+        self.scheduler = components.noise_scheduler
+        self.prompt_builder = prompt_builder
+        self.store_factory = store
+        self.affinity_template = affinity
+        self.timesteps = timesteps
+        self.raw_threshold = float(raw_threshold)
+        self.affinity_steps = int(affinity_steps)
+        self.affinity_batch_size = int(affinity_batch_size)
+        self.affinity_ignore_margin = int(affinity_ignore_margin)
+        self.seed = int(seed)
+        self.set_names = None if set_names is None else list(set_names)
+        self.results: dict[str, float] = {}
+
+    @property
+    def step_names(self) -> list[str]:
+        return ["raw", *(n for n, _ in self.refiners), *(["affinity"] if self.affinity_template is not None else [])]
+
+    # ------------------------------------------------------------------ setup
+    def _set_name(self, dataloader_idx: int) -> str:
+        names = self.set_names
+        if names is None:
+            dm = getattr(self.trainer, "datamodule", None)
+            names = list(getattr(dm, "test_set_names", []) or [])
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"set{dataloader_idx}"
+
+    def _all_set_names(self) -> list[str]:
+        loaders = self.trainer.test_dataloaders
+        n = len(loaders) if isinstance(loaders, (list, tuple)) else 1
+        return [self._set_name(i) for i in range(n)]
+
+    def on_test_epoch_start(self) -> None:
+        # every rank builds the same accumulators in the same order, so the DDP sync lines up
+        self._scores = {
+            (s, step): SegmentationScores(self.class_names).to(self.device)
+            for s in self._all_set_names()
+            for step in self.step_names
+        }
+        self._seconds = {key: 0.0 for key in self._scores}
+        self._counts = {key: 0 for key in self._scores}
+        self._kept: dict[str, list[dict[str, Any]]] = {s: [] for s in self._all_set_names()}
+
+    # ------------------------------------------------------------------ maps
+    def encode_images(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) in [0, 1] -> clean UNet inputs: [-1, 1] pixels, or VAE latent means (scaled)."""
+        x = image * 2.0 - 1.0
+        if self.vae is None:
+            return x.to(self.unet.dtype)
+        x = x.repeat(1, self.vae.config.in_channels // x.shape[1], 1, 1).to(self.vae.dtype)
+        return (self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor).to(self.unet.dtype)
+
+    @torch.no_grad()
+    def class_maps(self, image: torch.Tensor, metas: Sequence[Mapping[str, Any]], batch_seed: int) -> torch.Tensor:
+        """(B, K, S, S) class maps in [0, 1] of real images, averaged over ``timesteps``."""
+        built = [self.prompt_builder.build(m) for m in metas]
+        positions = [class_token_positions(self.tokenizer, b) for b in built]
+        states = encode_prompts(self.tokenizer, self.text_encoder, [b.text for b in built], self.device)
+        latents = self.encode_images(image)
+        total = None
+        for t in self.timesteps:
+            gen = torch.Generator(device=self.device).manual_seed(self.seed + 1000 * batch_seed + t)
+            store = self.store_factory(output_size=int(image.shape[-1]))
+            maps = extract_class_maps(self.unet, self.scheduler, latents, states, positions, t, store, generator=gen)
+            total = maps if total is None else total + maps
+        return total / len(self.timesteps)
+
+    # ------------------------------------------------------------------ test
+    def _score(self, key: tuple[str, str], pred: np.ndarray | torch.Tensor, target: torch.Tensor, seconds: float) -> None:
+        pred = torch.as_tensor(np.asarray(pred, dtype=np.int64) if not isinstance(pred, torch.Tensor) else pred)
+        pred = pred.to(self.device).long().clone()
+        pred[pred == IGNORE_INDEX] = 0  # a mask has no "unsure" label: uncertain pixels count as background
+        self._scores[key].update(pred[None], target[None].to(self.device))
+        self._seconds[key] += seconds
+        self._counts[key] += 1
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        set_name = self._set_name(dataloader_idx)
+        image, target = batch["image"], batch["label"][:, 0]
+        start = time.perf_counter()
+        maps = self.class_maps(image, batch["meta"], batch_seed=batch_idx + 7919 * dataloader_idx)
+        raw = raw_attention_labels(maps, self.raw_threshold)
+        per_image = (time.perf_counter() - start) / len(image)
+        gray = (image[:, 0].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        maps_np = maps.float().cpu().numpy()
+        for i in range(len(image)):
+            self._score((set_name, "raw"), raw[i], target[i], per_image)
+            sample: dict[str, Any] = {"image": gray[i], "class_maps": maps_np[i]}
+            for name, refiner in self.refiners:
+                start = time.perf_counter()
+                sample = refiner(sample)
+                self._score((set_name, name), sample["label"], target[i], time.perf_counter() - start)
+            if self.affinity_template is not None:
+                seed = raw[i].cpu().numpy().astype(np.uint8) if not self.refiners else np.asarray(sample["label"])
+                self._kept[set_name].append(
+                    {"image": gray[i], "class_maps": maps_np[i].astype(np.float16), "seed": seed, "target": target[i].cpu()}
+                )
+
+    def _affinity(self, set_name: str) -> float:
+        """Fit a fresh AffinityNet on this set's seeds, refine and score each image; returns train seconds."""
+        from diffmask.refine.affinity import ignore_boundaries  # noqa: PLC0415 - optional step
+
+        kept = self._kept[set_name]
+        if not kept:
+            return 0.0
+        with torch.inference_mode(False):  # the test loop runs in inference mode; this copy must train
+            refiner = copy.deepcopy(self.affinity_template).to(self.device)
+        images = torch.from_numpy(np.stack([k["image"] for k in kept])).float()[:, None] / 255
+        seeds = torch.from_numpy(
+            np.stack([ignore_boundaries(k["seed"], self.affinity_ignore_margin) for k in kept]).astype(np.int64)
+        )
+        order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(self.seed))
+        batches = [
+            {refiner.image_key: images[order[i : i + self.affinity_batch_size]],
+             refiner.seed_key: seeds[order[i : i + self.affinity_batch_size]]}
+            for i in range(0, len(kept), self.affinity_batch_size)
+        ]
+        start = time.perf_counter()
+        refiner.fit_seeds(batches, self.affinity_steps)
+        train_seconds = time.perf_counter() - start
+        refiner.eval()
+        for k, img in zip(kept, images, strict=True):
+            start = time.perf_counter()
+            label, _ = refiner.refine(img, torch.from_numpy(k["class_maps"].astype(np.float32)))
+            self._score((set_name, "affinity"), label, k["target"], time.perf_counter() - start)
+        return train_seconds
+
+    def on_test_epoch_end(self) -> None:
+        results: dict[str, float] = {}
+        train_seconds = {s: self._affinity(s) for s in self._kept} if self.affinity_template is not None else {}
+        for (set_name, step), metric in self._scores.items():
+            prefix = f"masks/{set_name}/{step}"
+            for key, value in metric.compute().items():
+                if key.startswith("iou_") or key == "miou":
+                    results[f"{prefix}/{key}"] = float(value)
+            n = self._counts[(set_name, step)]
+            results[f"{prefix}/seconds_per_image"] = self._seconds[(set_name, step)] / n if n else float("nan")
+        for set_name, seconds in train_seconds.items():
+            results[f"masks/{set_name}/affinity/train_seconds"] = seconds
+        self.results = results
+        for key, value in results.items():
+            if np.isfinite(value):
+                self.log(key, value, sync_dist=False)

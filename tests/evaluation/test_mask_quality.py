@@ -1,0 +1,85 @@
+"""Mask quality on real images: tiny model, 2 phantom / JSRT test images, every refinement step."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from diffmask.artifacts import StageDir
+from diffmask.attention import CrossAttentionStore
+from diffmask.data import PhantomSource, SegmentationDataModule
+from diffmask.diffusion import DiffusionLitModule
+from diffmask.diffusion.tiny_models import tiny_scratch_components
+from diffmask.evaluation.mask_quality import MaskQualityLitModule, raw_attention_labels
+from diffmask.prompts import PromptBuilder
+from diffmask.refine import AffinityBackbone, AffinityRefiner, DenseCRFRefiner, ThresholdRefiner
+
+from ..conftest import compose_config
+
+STEP_NAMES = ["raw", "threshold", "densecrf", "affinity"]
+CLASSES = ["left_lung", "right_lung", "heart"]
+
+
+def tiny_affinity() -> AffinityRefiner:
+    return AffinityRefiner(AffinityBackbone(channels=(8, 16), feature_dim=8), radius=3, t=4)
+
+
+def test_raw_attention_labels():
+    maps = torch.tensor([[[[0.9, 0.1]], [[0.2, 0.2]]]])  # (1, 2, 1, 2)
+    assert raw_attention_labels(maps, 0.3).tolist() == [[[1, 0]]]
+
+
+def test_module_scores_every_step_on_two_phantom_images():
+    dm = SegmentationDataModule(PhantomSource(size=32, num_train=2, num_val=1, num_test=2), size=32,
+                                batch_size=2, num_workers=0)
+    module = MaskQualityLitModule(
+        tiny_scratch_components(32, seed=1), PromptBuilder(), functools.partial(CrossAttentionStore, upsample="bilinear"),
+        {"threshold": ThresholdRefiner(ignore_band=0.1), "densecrf": DenseCRFRefiner(iterations=2, reference_size=512)},
+        affinity=tiny_affinity(), timesteps=[100, 300], affinity_steps=2, affinity_batch_size=2,
+    )
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+               enable_model_summary=False).test(module, datamodule=dm)
+    res = module.results
+    for step in STEP_NAMES:
+        for name in CLASSES:
+            assert 0 <= res[f"masks/phantom/{step}/iou_{name}"] <= 1, (step, name)
+        assert math.isfinite(res[f"masks/phantom/{step}/miou"])
+        assert res[f"masks/phantom/{step}/seconds_per_image"] > 0
+    assert res["masks/phantom/affinity/train_seconds"] > 0
+    with pytest.raises(ValueError, match="timesteps"):
+        MaskQualityLitModule(tiny_scratch_components(32), PromptBuilder(), CrossAttentionStore, timesteps=[1000])
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    stage = StageDir(tmp_path / "artifacts" / "diffusion" / "tiny")
+    module = DiffusionLitModule(tiny_scratch_components(32), PromptBuilder(), optimizer=None, resolution=32, ema_decay=0)
+    module.export(stage.begin())
+    stage.commit(config={"test": True})
+    return stage.path
+
+
+def test_evaluate_masks_cli_on_two_jsrt_test_images_writes_metrics(tmp_path, model_dir, jsrt_dir):
+    from diffmask.cli.evaluate_masks import run
+
+    # a 2-image manifest test set beside JSRT's own test split (limited to 1 batch of 2 images)
+    cfg = compose_config("evaluate_masks", [
+        f"input_dir={model_dir}", f"paths.jsrt_dir={jsrt_dir}", "data.batch_size=2", "data.num_workers=0",
+        "+trainer.limit_test_batches=1", "model.timesteps=[200]", "model.affinity_steps=2",
+        "model.affinity_batch_size=2", "model.refiners.densecrf.iterations=2", "model.affinity.t=4",
+        "model.affinity.radius=3", "model.affinity.backbone.channels=[8,16]", "model.affinity.backbone.feature_dim=8",
+        "model.store.upsample=bilinear",
+    ], tmp_path / "run")
+    metrics = run(cfg)
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["size"] == 32 and written["test_sets"] == ["jsrt"]
+    for step in STEP_NAMES:
+        for name in CLASSES:
+            assert 0 <= metrics[f"masks/jsrt/{step}/iou_{name}"] <= 1
+            assert written["metrics"][f"masks/jsrt/{step}/iou_{name}"] == pytest.approx(
+                metrics[f"masks/jsrt/{step}/iou_{name}"])
