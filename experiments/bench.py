@@ -50,7 +50,7 @@ def bench_nets(size: int, batch: int = 8) -> None:
         x = torch.rand(batch, 1, size, size)
         y = torch.randint(0, 4, (batch, 1, size, size))
 
-        def step():
+        def step(module=module, opt=opt, x=x, y=y):
             opt.zero_grad()
             module.loss_fn(module(x), y).backward()
             opt.step()

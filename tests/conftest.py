@@ -27,7 +27,7 @@ def jsrt_dir() -> Path:
     return JSRT_DIR
 
 
-def compose_config(config_name: str, overrides: list[str], output_dir: Path):
+def compose_config(config_name: str, overrides: list[str], output_dir: Path, quiet_trainer: bool = True):
     """Compose a stage config as the CLI would, with outputs under ``output_dir``."""
     from hydra import compose, initialize_config_dir
 
@@ -39,7 +39,7 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path):
             overrides=[
                 f"paths.output_dir={output_dir}",
                 f"paths.artifact_dir={output_dir}/artifacts",
-                "trainer.enable_progress_bar=false",
+                *(["trainer.enable_progress_bar=false"] if quiet_trainer else []),
                 *overrides,
             ],
         )

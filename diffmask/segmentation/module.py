@@ -113,7 +113,7 @@ class SegmentationLitModule(pl.LightningModule):
         self.test_scores[dataloader_idx].update(logits.argmax(1), batch["label"][:, 0])
 
     def on_test_epoch_end(self) -> None:
-        for name, scores in zip(self.test_set_names, self.test_scores):
+        for name, scores in zip(self.test_set_names, self.test_scores, strict=True):
             values = scores.compute()
             # add_dataloader_idx=False keeps flat keys like test/jsrt/miou
             self.log_dict({f"test/{name}/{k}": v for k, v in values.items()}, add_dataloader_idx=False)

@@ -7,7 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmask.data import JSRTSource, ManifestRow, PhantomSource, SegmentationDataModule, select_fraction, write_manifest
+from diffmask.data import (
+    JSRTSource,
+    ManifestRow,
+    PhantomSource,
+    SegmentationDataModule,
+    select_fraction,
+    write_manifest,
+)
 from diffmask.data.transforms import build_augmentation
 
 

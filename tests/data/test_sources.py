@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmask.data import JSRTSource, ManifestRow, ManifestSource, PhantomSource, read_manifest, write_manifest
+from diffmask.data import (
+    JSRTSource,
+    ManifestRow,
+    ManifestSource,
+    PhantomSource,
+    read_manifest,
+    write_manifest,
+)
 
 
 def _copy_jsrt_subset(src, dst, ids=("0000", "0001", "0002"), drop_column=None, split="train"):
