@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-demo: install  ## the main job on the built-in default (JSRT if found, else the phantom), CPU, minutes
-	HF_HUB_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) -m diffmask.cli.train experiment=demo
+demo: install  ## the whole pipeline, small, on CPU (JSRT if found, else the phantom)
+	HF_HUB_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) -m diffmask.cli.pipeline experiment=pipeline_demo
 
 test: install  ## the whole test suite (CPU, tiny models); what CI runs
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
