@@ -15,6 +15,7 @@ and propagates its class maps with :func:`diffmask.refine.random_walk.random_wal
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from diffmask.refine.background import add_background
 from diffmask.refine.random_walk import local_random_walk, local_transition
 from diffmask.refine.threshold import IGNORE_INDEX
 
+log = logging.getLogger(__name__)
 __all__ = ["AffinityBackbone", "AffinityRefiner", "local_offsets", "affinity_loss", "ignore_boundaries"]
 
 
@@ -379,6 +381,14 @@ class AffinityRefiner(pl.LightningModule):
             )
         weights = self.transition_weights(image)
         h, w = weights.shape[-2:]
+        if min(h, w) <= 2 * self.radius + 1 and not getattr(self, "_warned_small_grid", False):
+            # every cell reaches every other in one step: t steps flatten the maps, so the largest
+            # region (usually background) takes the whole image
+            log.warning(
+                "affinity: the feature grid is %dx%d for radius %d; the random walk mixes the whole image. "
+                "Use larger images (>= 128 px) or a smaller radius.", h, w, self.radius,
+            )
+            self._warned_small_grid = True
         maps = class_maps.to(self.device, torch.float32)
         size = tuple(image.shape[-2:])
         if self.walk_background:  # Ahn & Kwak: the background score walks with the classes
