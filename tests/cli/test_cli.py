@@ -66,7 +66,7 @@ def test_multirun_gives_one_metrics_file_per_job(jsrt_dir, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     res = _train(
-        ["data=phantom", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.sync_batchnorm=false",
+        ["data=phantom", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
          "segmentation.net.channels=[8,16,32]", "segmentation.net.strides=[2,2]", *TINY],
         tmp_path,
     )
