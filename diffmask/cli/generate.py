@@ -100,7 +100,9 @@ def build_synthesis(syn: DictConfig | None) -> tuple[Any, Any, dict[str, Any] | 
         return None, None, None
     steps = [str(s) for s in (syn.get("refine") or [])]
     if not steps:
-        raise ValueError("synthesis.refine: expected at least one step of threshold, densecrf, affinity")
+        raise ValueError("synthesis.refine: expected raw, or at least one step of threshold, densecrf, affinity")
+    if "raw" in steps and steps != ["raw"]:
+        raise ValueError(f"synthesis.refine: raw (unrefined attention masks) stands alone, got {steps}")
     chain_steps = [s for s in steps if s != "affinity"]
     if "affinity" in steps and steps[-1] != "affinity":
         raise ValueError(f"synthesis.refine: affinity must come last (it refines the written masks), got {steps}")

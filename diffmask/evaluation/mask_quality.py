@@ -35,17 +35,12 @@ from diffmask.diffusion.module import encode_prompts
 from diffmask.evaluation.metrics import SegmentationScores
 from diffmask.labels import validate_class_names
 from diffmask.prompts.builder import PromptBuilder, class_token_positions
+from diffmask.refine.raw import raw_attention_labels
 from diffmask.refine.threshold import IGNORE_INDEX
 
-__all__ = ["MaskQualityLitModule", "raw_attention_labels"]
+__all__ = ["MaskQualityLitModule"]
 
 Refiner = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-def raw_attention_labels(class_maps: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(B, K, H, W) class maps in [0, 1] -> (B, H, W) labels: argmax + 1, or 0 where the max < threshold."""
-    peak, best = class_maps.max(dim=1)
-    return torch.where(peak >= threshold, best + 1, torch.zeros_like(best))
 
 
 class MaskQualityLitModule(pl.LightningModule):

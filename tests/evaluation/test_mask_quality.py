@@ -15,9 +15,10 @@ from diffmask.attention import CrossAttentionStore
 from diffmask.data import PhantomSource, SegmentationDataModule
 from diffmask.diffusion import DiffusionLitModule
 from diffmask.diffusion.tiny_models import tiny_scratch_components
-from diffmask.evaluation.mask_quality import MaskQualityLitModule, raw_attention_labels
+from diffmask.evaluation.mask_quality import MaskQualityLitModule
 from diffmask.prompts import PromptBuilder
 from diffmask.refine import AffinityBackbone, AffinityRefiner, DenseCRFRefiner, ThresholdRefiner
+from diffmask.refine.raw import RawAttentionRefiner, raw_attention_labels
 
 from ..conftest import compose_config
 
@@ -27,6 +28,12 @@ CLASSES = ["left_lung", "right_lung", "heart"]
 
 def tiny_affinity() -> AffinityRefiner:
     return AffinityRefiner(AffinityBackbone(channels=(8, 16), feature_dim=8), radius=3, t=4)
+
+
+def test_raw_refiner_step_matches_the_function():
+    maps = torch.tensor([[[0.9, 0.1]], [[0.2, 0.2]]])
+    out = RawAttentionRefiner(threshold=0.3)({"class_maps": maps.numpy()})
+    assert out["label"].tolist() == [[1, 0]] and out["confidence"][0] > 0
 
 
 def test_raw_attention_labels():

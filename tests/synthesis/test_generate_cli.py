@@ -89,3 +89,17 @@ def test_generate_cli_rejects_inconsistent_synthesis_settings(tmp_path, model_di
     with pytest.raises(ValueError, match="save_class_maps"):
         run(compose_generate(tmp_path, f"input_dir={model_dir}", "name=m4", "synthesis=attention_masks",
                              "synthesis.refine=[threshold,affinity]", "synthesis.save_class_maps=false"))
+    with pytest.raises(ValueError, match="raw .* stands alone"):
+        run(compose_generate(tmp_path, f"input_dir={model_dir}", "name=m5", "synthesis=attention_masks",
+                             "synthesis.refine=[raw,densecrf]"))
+
+
+def test_generate_cli_raw_attention_masks(tmp_path, model_dir):
+    """The first row of the refinement ablation: unrefined attention masks."""
+    cfg = compose_generate(tmp_path, f"input_dir={model_dir}", "num_samples=2", "name=r1",
+                           "synthesis=attention_masks", "synthesis.refine=[raw]")
+    assert run(cfg)["rows"] == 2
+    out = tmp_path / "artifacts" / "synthesis" / "r1"
+    rows = read_manifest(out)
+    assert all((out / r.sem_seg_file_name).is_file() for r in rows)
+    assert ManifestSource(out).load(rows[0].id).label.max() <= 3
