@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -83,7 +84,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     info = {
         "steps": int(trainer.global_step),
         "fit_seconds": round(fit_seconds, 1),
-        "images_per_s": throughput.images_per_s,
+        # None, not NaN, when every batch fell in the warm-up (NaN is not valid JSON)
+        "images_per_s": None if math.isnan(throughput.images_per_s) else throughput.images_per_s,
         "n_real_train": len(datamodule.real_train_ids),
         "n_labelled": len(model.labelled_ids or []),
         "space": "latent" if components.latent else "pixel",

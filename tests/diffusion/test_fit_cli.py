@@ -55,3 +55,12 @@ def test_fit_diffusion_cli_rejects_a_resolution_the_unet_cannot_take(tmp_path):
     # Hydra wraps the builder's ValueError; the message names the field and the rule
     with pytest.raises((ValueError, InstantiationException), match="resolution: 48 px .* multiple of 32"):
         run(cfg)
+
+
+def test_fit_diffusion_cli_writes_strict_json_when_all_steps_are_warm_up(tmp_path):
+    # 3 steps < the throughput callback's 5 warm-up batches: no images/s figure, written as null
+    run(compose_fit(tmp_path, "name=warm"))
+    strict = {"parse_constant": lambda c: pytest.fail(f"non-JSON constant {c}")}
+    info = json.loads((tmp_path / "artifacts" / "diffusion" / "warm" / "stage.json").read_text(), **strict)
+    assert info["counts"]["images_per_s"] is None
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text(), **strict)["images_per_s"] is None
