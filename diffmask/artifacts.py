@@ -113,6 +113,22 @@ class StageDir:
             )
         return json.loads(info.read_text())
 
+    def changed_settings(self, config: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+        """Settings of ``config`` that differ from the complete stage's recorded config.
+
+        Keys are dotted paths (``num_samples: 32 -> 40``); keys starting with any prefix in
+        ``ignore`` (run-dir paths, logging, progress bars) are left out.
+        """
+        recorded = _flatten(self.info().get("config", {}))
+        current = _flatten(config)
+        changed = []
+        for key in sorted(set(recorded) | set(current)):
+            if any(key == p or key.startswith(p + ".") for p in ignore):
+                continue
+            if recorded.get(key, "<unset>") != current.get(key, "<unset>"):
+                changed.append(f"{key}: {recorded.get(key, '<unset>')!r} -> {current.get(key, '<unset>')!r}")
+        return changed
+
     def begin(self, resume: bool = True) -> Path:
         """Create (or, with ``resume``, reuse) the work folder ``<path>.tmp`` and return it."""
         if self.tmp_path.exists() and not resume:
@@ -157,6 +173,15 @@ class StageDir:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.tmp_path, self.path)
         return self.path
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterable[dict[str, Any]]:

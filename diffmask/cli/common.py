@@ -111,6 +111,26 @@ def stage_task(fn: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConf
     return wrapper
 
 
+# settings that do not change a stage's result: where logs go, how it is shown, how it is parallelised
+RUN_ONLY_SETTINGS = ("force", "paths", "hydra", "logger", "trainer", "tags", "data.num_workers", "num_workers", "ckpt_path")
+
+
+def skip_complete_stage(stage, cfg: DictConfig) -> bool:
+    """True when ``stage`` is complete and ``force`` is off; warns if its recorded config differs."""
+    if not stage.is_complete() or cfg.get("force"):
+        return False
+    current = OmegaConf.to_container(cfg, resolve=True)
+    changed = stage.changed_settings(current, ignore=RUN_ONLY_SETTINGS)
+    if changed:
+        log.warning(
+            "%s is complete but was made with other settings; it is NOT redone (force=true to redo, or a new "
+            "name):\n  %s", stage.path, "\n  ".join(changed[:20]),
+        )
+    else:
+        log.info("%s is complete; skipping (force=true to redo)", stage.path)
+    return True
+
+
 def job_overrides() -> list[str]:
     """The command-line overrides of the running Hydra job ([] outside a Hydra app)."""
     from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415

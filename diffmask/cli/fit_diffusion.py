@@ -23,7 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import CONFIG_PATH, instantiate_loggers, log_config, stage_task, write_metrics
+from diffmask.cli.common import (
+    CONFIG_PATH,
+    instantiate_loggers,
+    log_config,
+    skip_complete_stage,
+    stage_task,
+    write_metrics,
+)
 from diffmask.diffusion.throughput import TrainingThroughput
 from diffmask.prompts.tokenizer import prompt_vocabulary
 
@@ -39,8 +46,7 @@ def _train_metas(datamodule) -> list[dict[str, str]]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit the diffusion model described by ``cfg`` and export it; returns the final metrics."""
     stage = StageDir(cfg.output_dir)
-    if stage.is_complete() and not cfg.force:
-        log.info("%s is complete; skipping (force=true to redo)", stage.path)
+    if skip_complete_stage(stage, cfg):
         return {}
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import CONFIG_PATH, stage_task
+from diffmask.cli.common import CONFIG_PATH, skip_complete_stage, stage_task
 from diffmask.diffusion.sampler import DiffusionSampler
 from diffmask.synthesis import draw_requests, generate_samples, requests_from_prompts
 from diffmask.synthesis.affinity_pass import refine_with_affinity
@@ -34,8 +34,7 @@ log = logging.getLogger("diffmask.generate")
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Generate the samples described by ``cfg``; returns counts."""
     stage = StageDir(cfg.output_dir)
-    if stage.is_complete() and not cfg.force:
-        log.info("%s is complete; skipping (force=true to redo)", stage.path)
+    if skip_complete_stage(stage, cfg):
         return {}
     model_stage = StageDir(cfg.input_dir)
     model_stage.info()  # a clear error when the diffusion stage has not finished

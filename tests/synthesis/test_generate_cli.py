@@ -34,7 +34,7 @@ def compose_generate(tmp_path, *overrides):
     return cfg
 
 
-def test_generate_cli_writes_a_complete_synthetic_stage(tmp_path, model_dir):
+def test_generate_cli_writes_a_complete_synthetic_stage(tmp_path, model_dir, caplog):
     cfg = compose_generate(tmp_path, f"input_dir={model_dir}", "num_samples=3", "name=s1", "synthesis=none")
     info = run(cfg)
     out = tmp_path / "artifacts" / "synthesis" / "s1"
@@ -45,6 +45,11 @@ def test_generate_cli_writes_a_complete_synthetic_stage(tmp_path, model_dir):
     assert [r.source for r in rows] == ["synthetic"] * 3 and all("left lung" in r.prompt for r in rows)
     assert len(ManifestSource(out).ids("train")) == 3
     assert run(cfg) == {}  # complete: skipped
+    # a complete stage is not redone with other settings, but the run says so
+    changed = compose_generate(tmp_path, f"input_dir={model_dir}", "num_samples=4", "name=s1", "synthesis=none")
+    with caplog.at_level("WARNING"):
+        assert run(changed) == {}
+    assert "NOT redone" in caplog.text and "num_samples: 3 -> 4" in caplog.text
 
 
 def test_generate_cli_with_given_prompts_and_bad_input(tmp_path, model_dir):
