@@ -32,6 +32,7 @@ from diffmask.cli.common import (
     write_metrics,
 )
 from diffmask.diffusion.throughput import TrainingThroughput
+from diffmask.prompts.builder import PromptBuilder
 from diffmask.prompts.tokenizer import prompt_vocabulary
 
 log = logging.getLogger("diffmask.fit_diffusion")
@@ -50,6 +51,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {}
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
+    if not issubclass(hydra.utils.get_class(cfg.prompts._target_), PromptBuilder):
+        raise ValueError(
+            f"prompts: the diffusion fit needs a prompt builder (prompts=default), got {cfg.prompts._target_}; "
+            "prompts=retrieval is for diffmask-generate"
+        )
     prompt_builder = hydra.utils.instantiate(cfg.prompts, class_names=list(datamodule.class_names))
     components_target = hydra.utils.get_method(cfg.diffusion.components._target_)
     extra: dict[str, Any] = {}

@@ -64,3 +64,8 @@ def test_fit_diffusion_cli_writes_strict_json_when_all_steps_are_warm_up(tmp_pat
     info = json.loads((tmp_path / "artifacts" / "diffusion" / "warm" / "stage.json").read_text(), **strict)
     assert info["counts"]["images_per_s"] is None
     assert json.loads((tmp_path / "run" / "metrics.json").read_text(), **strict)["images_per_s"] is None
+
+
+def test_fit_diffusion_cli_rejects_the_retrieval_prompts_group(tmp_path):
+    with pytest.raises(ValueError, match="prompts=retrieval is for diffmask-generate"):
+        run(compose_fit(tmp_path, "prompts=retrieval", "name=bad"))
