@@ -44,3 +44,19 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path, qui
             ],
         )
     return cfg
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A complete diffusion stage folder holding a tiny random scratch model (32 px), as
+    ``diffmask-fit-diffusion`` would export it."""
+    from diffmask.artifacts import StageDir
+    from diffmask.diffusion import DiffusionLitModule
+    from diffmask.diffusion.tiny_models import tiny_scratch_components
+    from diffmask.prompts import PromptBuilder
+
+    stage = StageDir(tmp_path / "artifacts" / "diffusion" / "tiny")
+    module = DiffusionLitModule(tiny_scratch_components(32), PromptBuilder(), optimizer=None, resolution=32, ema_decay=0)
+    module.export(stage.begin())
+    stage.commit(config={"test": True})
+    return stage.path

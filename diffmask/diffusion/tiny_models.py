@@ -18,7 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from diffmask.diffusion.components import DiffusionComponents, build_scratch_components
 from diffmask.prompts.tokenizer import build_prompt_tokenizer, prompt_vocabulary
 
-__all__ = ["tiny_scratch_components", "save_tiny_stable_diffusion"]
+__all__ = ["tiny_scratch_components", "tiny_latent_unet", "save_tiny_stable_diffusion"]
 
 
 def tiny_scratch_components(resolution: int = 32, seed: int = 0, prediction_type: str = "epsilon") -> DiffusionComponents:
@@ -40,6 +40,23 @@ def tiny_scratch_components(resolution: int = 32, seed: int = 0, prediction_type
         beta_schedule="squaredcos_cap_v2",
         prediction_type=prediction_type,
     )
+
+
+def tiny_latent_unet(sample_size: int = 32, seed: int = 0) -> UNet2DConditionModel:
+    """A bare SD-shaped UNet (4 latent channels, cross-attention dim 32, attention at the first
+    and last level) in eval mode: for attention-capture tests and benchmarks."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    ).eval()
 
 
 def save_tiny_stable_diffusion(folder: str | os.PathLike, seed: int = 0) -> Path:

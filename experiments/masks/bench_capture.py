@@ -12,9 +12,9 @@ import argparse
 import time
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from diffmask.attention import CrossAttentionStore
+from diffmask.diffusion.tiny_models import tiny_latent_unet
 
 
 def main() -> None:
@@ -24,22 +24,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    unet = (
-        UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=args.size,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            norm_num_groups=8,
-        )
-        .to(args.device)
-        .eval()
-    )
+    unet = tiny_latent_unet(args.size).to(args.device)
     x = torch.randn(2 * args.batch, 4, args.size, args.size, device=args.device)  # guidance batch
     emb = torch.randn(2 * args.batch, 16, 32, device=args.device)
 

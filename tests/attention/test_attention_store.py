@@ -7,6 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from diffmask.attention import CrossAttentionStore, capture_cross_attention
+from diffmask.diffusion.tiny_models import tiny_latent_unet
 from diffmask.prompts import PromptBuilder, build_prompt_tokenizer, class_token_positions, prompt_vocabulary
 
 SEQ = 8  # text tokens per prompt
@@ -14,19 +15,7 @@ SEQ = 8  # text tokens per prompt
 
 @pytest.fixture(scope="module")
 def unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-    )
-    return model.eval()
+    return tiny_latent_unet(32)
 
 
 def _inputs(batch: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,10 +10,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from diffmask.artifacts import StageDir
 from diffmask.attention import CrossAttentionStore
 from diffmask.data import PhantomSource, SegmentationDataModule
-from diffmask.diffusion import DiffusionLitModule
 from diffmask.diffusion.tiny_models import tiny_scratch_components
 from diffmask.evaluation.mask_quality import MaskQualityLitModule
 from diffmask.prompts import PromptBuilder
@@ -60,15 +58,6 @@ def test_module_scores_every_step_on_two_phantom_images():
     assert res["masks/phantom/affinity/train_seconds"] > 0
     with pytest.raises(ValueError, match="timesteps"):
         MaskQualityLitModule(tiny_scratch_components(32), PromptBuilder(), CrossAttentionStore, timesteps=[1000])
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    stage = StageDir(tmp_path / "artifacts" / "diffusion" / "tiny")
-    module = DiffusionLitModule(tiny_scratch_components(32), PromptBuilder(), optimizer=None, resolution=32, ema_decay=0)
-    module.export(stage.begin())
-    stage.commit(config={"test": True})
-    return stage.path
 
 
 def test_evaluate_masks_cli_on_two_jsrt_test_images_writes_metrics(tmp_path, model_dir, jsrt_dir):

@@ -9,10 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from diffmask.artifacts import StageDir
 from diffmask.cli.common import CONFIG_PATH
 from diffmask.data import read_manifest
-from diffmask.diffusion import DiffusionLitModule
 from diffmask.diffusion.tiny_models import tiny_scratch_components
 from diffmask.prompts import (
     CLIPTextEmbedder,
@@ -147,17 +145,13 @@ def test_clip_text_encoder_backend_from_a_diffusion_folder(tmp_path):
     assert embedder.cache_key.startswith("clip-")
 
 
-def test_generate_cli_with_retrieval_prompts(tmp_path):
-    stage = StageDir(tmp_path / "artifacts" / "diffusion" / "tiny")
-    module = DiffusionLitModule(tiny_scratch_components(32), PromptBuilder(), optimizer=None, resolution=32, ema_decay=0)
-    module.export(stage.begin())
-    stage.commit(config={"test": True})
+def test_generate_cli_with_retrieval_prompts(tmp_path, model_dir):
     from diffmask.cli.generate import run
 
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         cfg = compose("generate", overrides=[
             "data=phantom", "data.size=32", "data.real.num_train=8", "trainer.enable_progress_bar=false",
-            "steps=1", "batch_size=4", "num_samples=4", "name=retrieved", f"input_dir={stage.path}",
+            "steps=1", "batch_size=4", "num_samples=4", "name=retrieved", f"input_dir={model_dir}",
             "prompts=retrieval", "prompts.mode=query", "prompts.queries=[female lung nodule,male]", "prompts.top_k=1",
         ])
     with open_dict(cfg):

@@ -8,18 +8,6 @@ from diffmask.artifacts import StageDir
 from diffmask.cli.common import CONFIG_PATH
 from diffmask.cli.generate import run
 from diffmask.data import ManifestSource, read_manifest
-from diffmask.diffusion import DiffusionLitModule
-from diffmask.diffusion.tiny_models import tiny_scratch_components
-from diffmask.prompts import PromptBuilder
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    stage = StageDir(tmp_path / "artifacts" / "diffusion" / "tiny")
-    module = DiffusionLitModule(tiny_scratch_components(32), PromptBuilder(), optimizer=None, resolution=32, ema_decay=0)
-    module.export(stage.begin())
-    stage.commit(config={"test": True})
-    return stage.path
 
 
 def compose_generate(tmp_path, *overrides):

@@ -8,16 +8,17 @@ from diffmask.labels import DEFAULT_CLASS_NAMES
 from diffmask.prompts import PromptBuilder
 from diffmask.synthesis import draw_requests, generate_samples
 
+TWO_CPU_RANKS = functools.partial(
+    pl.Trainer, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+    enable_progress_bar=False, enable_model_summary=False,
+)
+
 
 @pytest.mark.slow
 def test_two_ranks_write_disjoint_shards_and_rank0_merges(tmp_path, sampler):
     requests = draw_requests(5, seed=0, prompt_builder=PromptBuilder())
-    factory = functools.partial(
-        pl.Trainer, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )
     out = tmp_path / "ddp"
-    counts = generate_samples(factory, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=2,
+    counts = generate_samples(TWO_CPU_RANKS, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=2,
                               num_inference_steps=1, guidance_scale=2.0)
     assert counts["rows"] == 5
     shards = sorted(p.name for p in out.glob("manifest.rank*.jsonl"))
@@ -33,12 +34,8 @@ def test_two_ranks_with_attention_masks_write_disjoint_ids_and_every_file(tmp_pa
     from test_attention_masks import attention_maker
 
     requests = draw_requests(4, seed=1, prompt_builder=PromptBuilder())
-    factory = functools.partial(
-        pl.Trainer, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )
     out = tmp_path / "ddp_masks"
-    counts = generate_samples(factory, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=1,
+    counts = generate_samples(TWO_CPU_RANKS, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=1,
                               num_inference_steps=1, guidance_scale=2.0, mask_maker=attention_maker(),
                               save_class_maps=True)
     assert counts["rows"] == 4
