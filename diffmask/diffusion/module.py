@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from diffmask.artifacts import atomic_write_json
 from diffmask.attention import AttentionRecorder, capture_cross_attention
 from diffmask.data.datamodule import select_fraction
-from diffmask.diffusion.alignment import AttentionAlignment, attention_alignment_loss, class_token_index
+from diffmask.data.dataset import SegmentationDataset
+from diffmask.diffusion.alignment import (
+    AttentionAlignment,
+    LabelledBatches,
+    attention_alignment_loss,
+    class_token_index,
+)
 from diffmask.diffusion.components import METADATA_FILE, DiffusionComponents, check_resolution
 from diffmask.prompts.builder import PromptBuilder, class_token_positions
 
@@ -68,8 +74,9 @@ class DiffusionLitModule(pl.LightningModule):
         ema_decay: EMA decay of the UNet weights (0 = no EMA); the export uses the EMA weights.
         ema_warmup: ramp the decay as min(decay, (1 + step) / (10 + step)).
         align: attention alignment settings (None or ``label_fraction=0`` = off).
-        labelled_ids: ids whose masks the alignment loss may use; None = drawn at fit start from
-            the datamodule (see :class:`AttentionAlignment`).
+        labelled_ids: ids (of the datamodule's real train split) whose masks the alignment loss
+            uses; None = drawn at fit start (see :class:`AttentionAlignment`). Every training
+            step draws ``align.batch_size`` of them beside the main batch.
         gradient_checkpointing: trade compute for memory in the UNet.
 
     Examples::
@@ -121,6 +128,7 @@ class DiffusionLitModule(pl.LightningModule):
         self.align_class_values = self.align.class_values(prompt_builder.class_names)
         self.labelled_ids: set[str] | None = set(labelled_ids) if labelled_ids is not None else None
         self._prompt_rng = random.Random(0)
+        self._labelled: LabelledBatches | None = None  # built in setup("fit") when aligning
         if self.vae is not None:
             self.vae.requires_grad_(False).eval()
         self.text_encoder.requires_grad_(train_text_encoder)
@@ -139,22 +147,29 @@ class DiffusionLitModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # templates and prompt dropout differ per rank (and follow the run's seed)
         self._prompt_rng = random.Random(torch.initial_seed() * 1009 + self.global_rank)
-        if stage != "fit" or not self.align.enabled or self.labelled_ids is not None:
+        if stage != "fit" or not self.align.enabled:
             return
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "real"):
             raise ValueError(
-                "align.label_fraction > 0 needs a SegmentationDataModule (to draw the labelled ids) "
-                "or explicit labelled_ids"
+                "align.label_fraction > 0 needs a SegmentationDataModule (its real source holds the labelled images)"
             )
-        all_ids = dm.real.ids(dm.splits["train"])
-        seed = dm.seed if self.align.seed is None else self.align.seed
-        chosen = select_fraction(all_ids, self.align.label_fraction, seed, field="align.label_fraction")
-        outside = sorted(set(chosen) - set(dm.real_train_ids))
-        if outside:
-            log.warning("align: %d labelled ids are not in the training subset and are never seen", len(outside))
-        self.labelled_ids = set(chosen)
-        log.info("align: %d labelled images (fraction %.3g, seed %d)", len(chosen), self.align.label_fraction, seed)
+        train_ids = dm.real.ids(dm.splits["train"])
+        if self.labelled_ids is None:
+            seed = dm.seed if self.align.seed is None else self.align.seed
+            chosen = select_fraction(train_ids, self.align.label_fraction, seed, field="align.label_fraction")
+            self.labelled_ids = set(chosen)
+            log.info("align: %d labelled images (fraction %.3g, seed %d)", len(chosen), self.align.label_fraction, seed)
+        unknown = sorted(self.labelled_ids - set(train_ids))
+        if unknown:
+            raise ValueError(
+                f"labelled_ids: {unknown[:5]} are not in the {dm.real.name} source's "
+                f"{dm.splits['train']!r} split ({len(unknown)} unknown)"
+            )
+        dataset = SegmentationDataset(dm.real, sorted(self.labelled_ids), dm.size)
+        self._labelled = LabelledBatches(
+            dataset, self.align.batch_size, seed=torch.initial_seed() * 1013 + self.global_rank
+        )
 
     def configure_optimizers(self):
         params = list(self.unet.parameters())
@@ -183,12 +198,14 @@ class DiffusionLitModule(pl.LightningModule):
         # bf16 autocast makes the VAE return bf16; noise targets are kept in fp32
         return (latents * self.vae.config.scaling_factor).float()
 
-    def make_prompts(self, metas: Sequence[dict], train: bool) -> tuple[list[str], list[list[list[int]] | None]]:
+    def make_prompts(
+        self, metas: Sequence[dict], train: bool, dropout: bool = True
+    ) -> tuple[list[str], list[list[list[int]] | None]]:
         """Prompts of a batch and their class-token positions (None for dropped prompts)."""
         texts, positions = [], []
         for meta in metas:
             built = self.prompt_builder.build(meta, rng=self._prompt_rng if train else None)
-            if train and self.cond_dropout > 0 and self._prompt_rng.random() < self.cond_dropout:
+            if train and dropout and self.cond_dropout > 0 and self._prompt_rng.random() < self.cond_dropout:
                 texts.append("")
                 positions.append(None)
                 continue
@@ -197,22 +214,41 @@ class DiffusionLitModule(pl.LightningModule):
         return texts, positions
 
     def denoising_loss(
-        self, batch: dict, train: bool, generator: torch.Generator | None = None, align_all: bool = False
+        self,
+        batch: dict,
+        train: bool,
+        generator: torch.Generator | None = None,
+        align_all: bool = False,
+        align_batch: dict | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Denoising loss of a batch (+ the alignment loss on its labelled items).
+        """Denoising loss of a batch (+ the attention alignment loss).
 
         Args:
             batch: a datamodule batch (see the class docstring).
             train: random templates and prompt dropout; gradients into the text encoder if trained.
             generator: CPU generator for noise and timesteps (fixed evaluation); None = global RNG.
-            align_all: compute the alignment loss on every item (evaluation), not only labelled ones.
+            align_all: compute the alignment loss on every labelled item of ``batch`` (evaluation).
+            align_batch: labelled items (no prompt dropout) run in the same UNet call; they give
+                the alignment loss only, not the denoising loss (training).
 
         Returns:
-            ``mse``, ``loss`` and, when computed, ``align_loss`` (scalars).
+            ``mse`` (over ``batch``), ``loss`` and, when computed, ``align_loss`` (scalars).
         """
-        clean = self.encode_images(batch["image"])
-        b = clean.shape[0]
+        n_main = batch["image"].shape[0]
         texts, positions = self.make_prompts(batch["meta"], train)
+        num_classes = len(self.prompt_builder.class_names)
+        # items whose label map is real (unlabelled items are all ignore_index)
+        labelled = (batch["label"].flatten(1) < num_classes).all(1).tolist()
+        aligned = [i for i, (pos, ok) in enumerate(zip(positions, labelled, strict=True)) if align_all and ok and pos is not None]
+        images, labels = batch["image"], batch["label"]
+        if align_batch is not None:
+            a_texts, a_positions = self.make_prompts(align_batch["meta"], train, dropout=False)
+            aligned += range(n_main, n_main + len(a_texts))
+            texts, positions = texts + a_texts, positions + a_positions
+            images = torch.cat([images, align_batch["image"].to(images)])
+            labels = torch.cat([labels, align_batch["label"].to(labels)])
+        clean = self.encode_images(images)
+        b = clean.shape[0]
         noise = torch.randn(clean.shape, generator=generator, device="cpu" if generator else clean.device)
         noise = noise.to(clean)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
@@ -220,11 +256,6 @@ class DiffusionLitModule(pl.LightningModule):
         noisy = self.noise_scheduler.add_noise(clean, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(clean, noise, t)
 
-        labelled = self.labelled_ids or set()
-        aligned = [
-            i for i, (sid, pos) in enumerate(zip(batch["id"], positions, strict=True))
-            if pos is not None and (align_all or (train and self.align.enabled and sid in labelled))
-        ]
         text_ctx = torch.enable_grad() if (train and self.train_text_encoder) else torch.no_grad()
         with text_ctx:
             states = encode_prompts(self.tokenizer, self.text_encoder, texts, clean.device)
@@ -238,17 +269,18 @@ class DiffusionLitModule(pl.LightningModule):
             keep = torch.as_tensor(aligned, device=clean.device)
             maps = {k: v[keep] for k, v in recorder.maps.items()}
             align_loss, _ = attention_alignment_loss(
-                maps, weight[keep.cpu()], batch["label"][keep], self.align.resolutions, classes=self.align_class_values
+                maps, weight[keep.cpu()], labels[keep], self.align.resolutions, classes=self.align_class_values
             )
             out["align_loss"] = align_loss
         else:
             pred = self.unet(noisy, t, encoder_hidden_states=states).sample
-        out["mse"] = F.mse_loss(pred.float(), target.float())
+        out["mse"] = F.mse_loss(pred[:n_main].float(), target[:n_main].float())
         out["loss"] = out["mse"] + (self.align.weight * out["align_loss"] if "align_loss" in out else 0.0)
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.denoising_loss(batch, train=True)
+        align_batch = self._labelled.next() if self._labelled is not None else None
+        out = self.denoising_loss(batch, train=True, align_batch=align_batch)
         b = batch["image"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=b)
         self.log("train/mse", out["mse"], batch_size=b)
@@ -259,8 +291,12 @@ class DiffusionLitModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # fixed noise and timesteps per batch, so the validation loss is comparable across epochs
         gen = torch.Generator().manual_seed(batch_idx)
-        out = self.denoising_loss(batch, train=False, generator=gen)
-        self.log("val/mse", out["mse"], prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
+        # align_all: how well the class words' attention matches held-out masks (also without alignment)
+        out = self.denoising_loss(batch, train=False, generator=gen, align_all=True)
+        b = batch["image"].shape[0]
+        self.log("val/mse", out["mse"], prog_bar=True, batch_size=b, sync_dist=True)
+        if "align_loss" in out:
+            self.log("val/align_loss", out["align_loss"], batch_size=b, sync_dist=True)
 
     # ---- EMA -------------------------------------------------------------------------------
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

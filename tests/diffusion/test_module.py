@@ -103,3 +103,46 @@ def test_bad_resolution_and_missing_component_are_clear_errors(tmp_path, make_mo
     shutil.rmtree(out / "text_encoder")
     with pytest.raises(FileNotFoundError, match=r"\['text_encoder'\]"):
         load_components(out)
+
+
+def test_labelled_batches_visit_every_item_before_repeating(phantom_dm):
+    from diffmask.data import SegmentationDataset
+    from diffmask.diffusion.alignment import LabelledBatches
+
+    ids = phantom_dm.real.ids("train")
+    ds = SegmentationDataset(phantom_dm.real, ids, 32)
+    stream = LabelledBatches(ds, batch_size=3, seed=5)
+    seen = [sid for _ in range(4) for sid in stream.next()["id"]]
+    assert sorted(seen[:4]) == sorted(ids) and sorted(seen[4:8]) == sorted(ids)
+    again = LabelledBatches(ds, batch_size=3, seed=5)
+    assert [sid for _ in range(4) for sid in again.next()["id"]] == seen
+    assert stream.next()["image"].shape == (3, 1, 32, 32)
+
+
+def test_every_step_gets_an_alignment_signal_and_labelled_items_skip_the_denoising_loss(phantom_dm, make_module):
+    # one labelled phantom of four: without its own stream most batches of 1 would not hold it
+    phantom_dm.batch_size = 1
+    ids = phantom_dm.real.ids("train")
+    module = make_module(tiny_scratch_components(32, prediction_type="v_prediction"),
+                         align=AttentionAlignment(label_fraction=1.0, weight=1.0, batch_size=2), labelled_ids=ids[:1])
+    steps = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append("train/align_loss" in trainer.callback_metrics and batch["id"][0])
+
+    _trainer(4, callbacks=[Spy()]).fit(module, datamodule=phantom_dm)
+    assert len(steps) == 4 and all(steps)
+    # v-prediction's target grows with the image: a huge labelled image would dominate the mse
+    batch = next(iter(phantom_dm.train_dataloader()))
+    huge = module._labelled.next()
+    huge["image"] = huge["image"] * 0 + 1e4
+    with torch.no_grad():
+        out = module.denoising_loss(batch, train=True, align_batch=huge)
+    assert torch.isfinite(out["align_loss"]) and float(out["mse"]) < 10.0
+
+
+def test_labelled_ids_outside_the_train_split_are_a_clear_error(phantom_dm, make_module):
+    module = make_module(align=AttentionAlignment(label_fraction=0.5), labelled_ids=["nope"])
+    with pytest.raises(ValueError, match=r"labelled_ids: \['nope'\]"):
+        _trainer(1).fit(module, datamodule=phantom_dm)
