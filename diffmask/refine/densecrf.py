@@ -54,6 +54,9 @@ def densecrf_refine(
     bilateral_compat: float = 10.0,
     iterations: int = 10,
     reference_size: int | None = None,
+    prior: np.ndarray | None = None,
+    prior_weight: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
 ) -> np.ndarray:
     """Refine per-pixel class probabilities with a dense CRF.
 
@@ -66,6 +69,11 @@ def densecrf_refine(
         iterations: mean-field iterations.
         reference_size: image side the ``*_sxy`` widths are given for; they are scaled by
             ``max(H, W) / reference_size`` (None: used as pixels of this image, unscaled).
+        prior: optional (H, W) label map of an earlier refinement step (values 0..K, or
+            ``ignore_index`` for unsure pixels); mixed into the unaries with ``prior_weight``.
+        prior_weight: w in [0, 1): unary probabilities ``(1 - w) p + w onehot(prior)`` (unsure
+            pixels keep ``p``); 0 ignores the prior (the CRF sees the attention alone).
+        ignore_index: the prior's "unsure" value.
 
     Returns:
         (K+1, H, W) float32 posterior probabilities (argmax over axis 0 gives the label map).
@@ -88,10 +96,24 @@ def densecrf_refine(
         raise ValueError(f"iterations: expected >= 1, got {iterations}")
     if reference_size is not None and reference_size < 1:
         raise ValueError(f"reference_size: expected None or a positive image side, got {reference_size}")
+    if not 0.0 <= prior_weight < 1.0:
+        raise ValueError(f"prior_weight: expected a weight in [0, 1), got {prior_weight}")
     n, h, w = p.shape
     scale = 1.0 if reference_size is None else max(h, w) / float(reference_size)
     p = np.clip(p, 1e-6, None)
     p /= p.sum(axis=0, keepdims=True)
+    if prior is not None and prior_weight > 0:
+        prior = np.asarray(prior)
+        if prior.shape != (h, w):
+            raise ValueError(f"prior: expected an (H, W) = {(h, w)} label map, got shape {prior.shape}")
+        sure = prior != ignore_index
+        if (prior[sure] >= n).any():
+            raise ValueError(f"prior: label values must be < {n} (or {ignore_index} = unsure), got {int(prior[sure].max())}")
+        onehot = np.zeros_like(p)
+        ys, xs = np.nonzero(sure)
+        onehot[prior[sure].astype(np.int64), ys, xs] = 1.0
+        p = np.where(sure[None], (1.0 - prior_weight) * p + prior_weight * onehot, p)
+        p = np.clip(p, 1e-6, None)
     crf = dcrf.DenseCRF2D(w, h, n)
     crf.setUnaryEnergy(np.ascontiguousarray(-np.log(p).reshape(n, -1)))
     crf.addPairwiseGaussian(sxy=gaussian_sxy * scale, compat=gaussian_compat)
@@ -108,6 +130,10 @@ class DenseCRFRefiner:
     CRF and writes ``sample[label_key]`` (H, W) uint8 (0 background, ``ignore_index`` where the
     posterior's max is below ``ignore_below``) and ``sample[posterior_key]`` (K+1, H, W).
     With ``reference_size`` the ``*_sxy`` widths scale with the image (see the module docstring).
+    With ``prior_weight`` > 0 it refines the label map an earlier step left in
+    ``sample[label_key]`` (e.g. threshold's): that map is mixed into the unaries, so the CRF
+    moves its boundaries to image edges instead of re-deciding every pixel from attention alone.
+    First in a chain (no earlier label) it uses the attention alone.
 
     Examples::
 
@@ -124,6 +150,7 @@ class DenseCRFRefiner:
         bilateral_compat: float = 10.0,
         iterations: int = 10,
         reference_size: int | None = None,
+        prior_weight: float = 0.0,
         background: float | str = "complement",
         background_power: float = 1.0,
         ignore_below: float | None = None,
@@ -144,6 +171,8 @@ class DenseCRFRefiner:
             raise ValueError(f"iterations: expected >= 1, got {iterations}")
         if reference_size is not None and reference_size < 1:
             raise ValueError(f"reference_size: expected None or a positive image side, got {reference_size}")
+        if not 0.0 <= prior_weight < 1.0:
+            raise ValueError(f"prior_weight: expected a weight in [0, 1), got {prior_weight}")
         if ignore_below is not None and not 0 < ignore_below < 1:
             raise ValueError(f"ignore_below: expected None or a probability in (0, 1), got {ignore_below}")
         add_background(np.zeros((1, 1, 1), np.float32), background, background_power)  # validates both
@@ -155,6 +184,8 @@ class DenseCRFRefiner:
             bilateral_compat=float(bilateral_compat),
             iterations=int(iterations),
             reference_size=None if reference_size is None else int(reference_size),
+            prior_weight=float(prior_weight),
+            ignore_index=int(ignore_index),
         )
         self.background = background
         self.background_power = float(background_power)
@@ -172,7 +203,10 @@ class DenseCRFRefiner:
         maps = sample[self.probs_key]
         maps = maps.detach().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, np.float32)
         scores = add_background(maps.astype(np.float32), self.background, self.background_power)
-        posterior = densecrf_refine(sample[self.image_key], scores, **self.params)
+        prior = sample.get(self.label_key) if self.params["prior_weight"] > 0 else None
+        if prior is not None:
+            prior = prior.detach().cpu().numpy() if isinstance(prior, torch.Tensor) else np.asarray(prior)
+        posterior = densecrf_refine(sample[self.image_key], scores, prior=prior, **self.params)
         label = posterior.argmax(axis=0).astype(np.uint8)
         if self.ignore_below is not None:
             label[posterior.max(axis=0) < self.ignore_below] = self.ignore_index

@@ -40,7 +40,7 @@ def loss_curves(metrics_csv: Path, out: Path) -> Path:
     series: dict[str, list[tuple[int, float]]] = {}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
-            for key in ("train/mse", "train/align_loss", "val/mse"):
+            for key in ("train/mse", "train/align_loss", "val/mse", "val/align_loss"):
                 if row.get(key):
                     series.setdefault(key, []).append((int(row["step"]), float(row[key])))
     fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3))

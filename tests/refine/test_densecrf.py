@@ -77,3 +77,28 @@ def test_reference_size_scales_the_spatial_kernels_with_the_image():
     assert iou(out["label"] == 1, s["disk"]) >= 0.85
     with pytest.raises(ValueError, match="reference_size"):
         DenseCRFRefiner(reference_size=0)
+
+
+def test_prior_weight_refines_the_previous_steps_label_map():
+    """On a flat image (no edges to snap to) and weak pairwise terms the CRF follows its unaries:
+    with the attention alone it keeps the offset disk; with an earlier step's correct label map
+    as prior it keeps that. (With the default compat 10 / 3 a flat image loses the disk
+    altogether: the smoothness terms win, which is what low-contrast anatomy risks.)"""
+    s = make_blob(0)
+    s["image"] = np.full_like(s["image"], 128)
+    s["label"] = s["disk"].astype(np.uint8)
+    weak = dict(reference_size=512, gaussian_compat=1.0, bilateral_compat=1.0)
+    alone = DenseCRFRefiner(**weak)(dict(s))
+    guided = DenseCRFRefiner(prior_weight=0.8, **weak)(dict(s))
+    assert iou(alone["label"] == 1, s["disk"]) < 0.6 < iou(alone["label"] == 1, s["attention_disk"])
+    assert iou(guided["label"] == 1, s["disk"]) >= 0.95
+    # unsure prior pixels (255) fall back to the attention
+    unsure = dict(s, label=np.full_like(s["label"], 255))
+    np.testing.assert_array_equal(DenseCRFRefiner(prior_weight=0.8, **weak)(unsure)["label"], alone["label"])
+    # first in a chain (no earlier label map) it is the attention-only CRF
+    first = DenseCRFRefiner(prior_weight=0.8, **weak)({"image": s["image"], "class_maps": s["class_maps"]})
+    np.testing.assert_array_equal(first["label"], alone["label"])
+    with pytest.raises(ValueError, match="prior_weight"):
+        DenseCRFRefiner(prior_weight=1.0)
+    with pytest.raises(ValueError, match="prior: expected an"):
+        densecrf_refine(s["image"], np.ones((2, 64, 64), np.float32), prior=np.zeros((8, 8)), prior_weight=0.5)

@@ -27,6 +27,8 @@ def test_refine_configs_instantiate():
         bilateral_compat=10.0,
         iterations=10,
         reference_size=512,
+        prior_weight=0.8,
+        ignore_index=255,
     )
     assert isinstance(affinity, AffinityRefiner)
     assert affinity.radius == 5 and affinity.beta == 8 and affinity.t == 256
