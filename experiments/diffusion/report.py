@@ -17,15 +17,36 @@ from PIL import Image
 from diffmask.data import read_manifest
 
 
+# overlay colours per label value (patient's left lung = label 1, on the image's right)
+MASK_COLOURS = np.array([[0, 0, 0], [255, 80, 80], [80, 160, 255], [255, 220, 60]], np.float32)
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    rgb = np.repeat(image[..., None].astype(np.float32), 3, axis=-1)
+    colour = MASK_COLOURS[np.clip(mask, 0, len(MASK_COLOURS) - 1)]
+    fg = (mask > 0) & (mask < len(MASK_COLOURS))
+    rgb[fg] = (1 - alpha) * rgb[fg] + alpha * colour[fg]
+    return rgb.astype(np.uint8)
+
+
 def sample_grid(folder: Path, out: Path, n: int = 16) -> Path:
+    """The first ``n`` samples of a synthesis folder: each image, and beside it its mask overlaid
+    (when the manifest has masks)."""
     rows = read_manifest(folder)[:n]
-    images = [np.asarray(Image.open(folder / r.file_name).convert("L")) for r in rows]
-    side = images[0].shape[0]
-    cols = math.ceil(math.sqrt(len(images)))
-    grid = np.zeros((side * math.ceil(len(images) / cols), side * cols), np.uint8)
-    for i, img in enumerate(images):
+    tiles = []
+    for r in rows:
+        img = np.asarray(Image.open(folder / r.file_name).convert("L"))
+        tile = np.repeat(img[..., None], 3, axis=-1)
+        if r.sem_seg_file_name:
+            mask = np.asarray(Image.open(folder / r.sem_seg_file_name))
+            tile = np.concatenate([tile, _overlay(img, mask)], axis=1)
+        tiles.append(tile)
+    h, w = tiles[0].shape[:2]
+    cols = max(1, math.ceil(math.sqrt(len(tiles) * h / w)))
+    grid = np.zeros((h * math.ceil(len(tiles) / cols), w * cols, 3), np.uint8)
+    for i, tile in enumerate(tiles):
         y, x = divmod(i, cols)
-        grid[y * side : (y + 1) * side, x * side : (x + 1) * side] = img
+        grid[y * h : (y + 1) * h, x * w : (x + 1) * w] = tile
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(out)
     return out
