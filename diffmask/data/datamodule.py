@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Sampler, WeightedRandomSampler
 
 from diffmask.data.dataset import SegmentationDataset
 from diffmask.data.sources import ManifestSource, SampleSource
@@ -61,6 +61,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         synthetic_ratio: synthetic samples per selected real sample (used when
             ``synthetic_count`` is None); with ``real_fraction=0`` all synthetic samples are used.
         synthetic_count: absolute number of synthetic samples (overrides the ratio; None = ratio).
+        real_share: when real and synthetic samples are mixed, the expected share of real ones in
+            each training batch (drawn with replacement; an epoch keeps its length). None = as
+            many as their count gives (17 real among 346 synthetic: 5 %).
         augment: transform for real training samples (None = none).
         synthetic_augment: transform for synthetic samples (None = none).
         test_sets: extra named test sets, name -> manifest folder (rows without a split count as
@@ -81,6 +84,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         synthetic_ratio: float = 0.0,
         synthetic_count: int | None = None,
         synthetic_min_score: float | None = None,
+        real_share: float | None = None,
         augment: Callable | None = None,
         synthetic_augment: Callable | None = None,
         test_sets: Mapping[str, str] | None = None,
@@ -97,6 +101,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"synthetic_ratio: expected >= 0, got {synthetic_ratio}")
         if synthetic_count is not None and synthetic_count < 0:
             raise ValueError(f"synthetic_count: expected >= 0 or null, got {synthetic_count}")
+        if real_share is not None and not 0.0 < real_share < 1.0:
+            raise ValueError(f"real_share: expected a share in (0, 1) or null, got {real_share}")
+        self.real_share = real_share
+        self._draws = torch.Generator().manual_seed(seed + 2)
         self.class_names = validate_class_names(class_names)
         if tuple(real.class_names) != self.class_names:
             raise ValueError(
@@ -131,12 +139,13 @@ class SegmentationDataModule(pl.LightningDataModule):
                 f"synthetic_count={synthetic_count}, synthetic_ratio={synthetic_ratio})"
             )
         log.info(
-            "data: %d real train (%s, fraction %.3g) + %d synthetic train images at %dpx",
+            "data: %d real train (%s, fraction %.3g) + %d synthetic train images at %dpx%s",
             len(self.real_train_ids),
             real.name,
             real_fraction,
             len(self.synthetic_ids),
             size,
+            "" if real_share is None else f", real share per batch {real_share:g}",
         )
 
     def _select_synthetic(self) -> list[str]:
@@ -174,19 +183,32 @@ class SegmentationDataModule(pl.LightningDataModule):
             parts.append(SegmentationDataset(self.synthetic, self.synthetic_ids, self.size, self.synthetic_augment))
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_samples,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
         )
 
+    def train_sampler(self) -> Sampler | None:
+        """Weighted draws giving real samples ``real_share`` of each epoch (None: plain shuffling)."""
+        n_real, n_syn = len(self.real_train_ids), len(self.synthetic_ids)
+        if self.real_share is None or not n_real or not n_syn:
+            return None
+        weights = torch.cat([
+            torch.full((n_real,), self.real_share / n_real, dtype=torch.double),
+            torch.full((n_syn,), (1.0 - self.real_share) / n_syn, dtype=torch.double),
+        ])
+        # one generator per datamodule: successive epochs (and reloaded loaders) draw afresh
+        return WeightedRandomSampler(weights, num_samples=n_real + n_syn, replacement=True, generator=self._draws)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(), shuffle=True)
+        return self._loader(self.train_dataset(), shuffle=True, sampler=self.train_sampler())
 
     def val_dataloader(self) -> DataLoader:
         ds = SegmentationDataset(self.real, self.real.ids(self.splits["val"]), self.size)

@@ -90,3 +90,21 @@ def test_augmentation_keeps_sides():
             out = aug({"image": torch.from_numpy(s.image[None] / 255.0).float(), "label": torch.from_numpy(s.label[None]).float()})
             lab = np.asarray(out["label"])[0].round()
             assert np.nonzero(lab == 1)[1].mean() > np.nonzero(lab == 2)[1].mean()
+
+
+def test_real_share_balances_real_and_synthetic_draws(tmp_path):
+    syn = _synthetic_dir(tmp_path / "syn", n=24)
+    real = PhantomSource(size=32, num_train=8, seed=3)
+
+    def real_fraction_drawn(**kw):
+        dm = SegmentationDataModule(real, size=32, batch_size=8, real_fraction=0.25, synthetic_dir=str(syn),
+                                    synthetic_count=24, num_workers=0, **kw)
+        assert len(dm.real_train_ids) == 2
+        sources = [s for _ in range(40) for batch in dm.train_dataloader() for s in batch["source"]]
+        assert len(sources) == 40 * 26  # an epoch keeps its length
+        return sources.count("real") / len(sources)
+
+    assert abs(real_fraction_drawn() - 2 / 26) < 1e-9  # by count: each sample once per epoch
+    assert abs(real_fraction_drawn(real_share=0.5) - 0.5) < 0.05
+    with pytest.raises(ValueError, match="real_share"):
+        SegmentationDataModule(real, size=32, real_share=1.0)
