@@ -62,6 +62,20 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.ignore_index = ignore_index
 
+    def _seed_transform(self) -> None:
+        """Seed the random transform from torch's seed in this process, once per seed.
+
+        MONAI's random transforms draw from their own ``RandomState``, seeded from the OS unless
+        set, so without this two runs with the same ``seed`` augment differently. In the main
+        process torch's seed is the run's seed (``pl.seed_everything``); in a DataLoader worker
+        it is ``base_seed + worker_id``, drawn from the run's seed every epoch, so workers
+        neither repeat each other nor the previous epoch, and runs repeat exactly.
+        """
+        seed = torch.initial_seed() % 2**32
+        if getattr(self, "_transform_seed", None) != seed and hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=seed)
+            self._transform_seed = seed
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -75,6 +89,7 @@ class SegmentationDataset(Dataset):
             lab_t = torch.from_numpy(label.astype(np.int64))[None]
         item = {"image": img_t, "label": lab_t}
         if self.transform is not None:
+            self._seed_transform()
             item = self.transform(item)
             item = {"image": _plain(item["image"]).float(), "label": _plain(item["label"]).round().long()}
         item.update(

@@ -108,3 +108,19 @@ def test_real_share_balances_real_and_synthetic_draws(tmp_path):
     assert abs(real_fraction_drawn(real_share=0.5) - 0.5) < 0.05
     with pytest.raises(ValueError, match="real_share"):
         SegmentationDataModule(real, size=32, real_share=1.0)
+
+
+def test_augmentation_repeats_with_the_seed_and_differs_across_seeds():
+    src = PhantomSource(size=32, num_train=4, seed=1)
+
+    def augmented(seed):
+        torch.manual_seed(seed)
+        dm = SegmentationDataModule(src, size=32, batch_size=4, num_workers=0,
+                                    augment=build_augmentation(size=32, prob=1.0, affine_prob=1.0))
+        ds = dm.train_dataset()
+        return torch.stack([ds[i]["image"] for i in range(4)] + [ds[0]["image"]])
+
+    a, b, c = augmented(0), augmented(0), augmented(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[0], a[4])  # the same image twice in a run is augmented afresh
