@@ -16,7 +16,6 @@ from PIL import Image
 
 from diffmask.data import read_manifest
 
-
 # overlay colours per label value (patient's left lung = label 1, on the image's right)
 MASK_COLOURS = np.array([[0, 0, 0], [255, 80, 80], [80, 160, 255], [255, 220, 60]], np.float32)
 
