@@ -61,6 +61,7 @@ class SegmentationDataset(Dataset):
         self.size = size
         self.transform = transform
         self.ignore_index = ignore_index
+        self._transform_seed: int | None = None  # torch's seed the transform was last seeded with
 
     def _seed_transform(self) -> None:
         """Seed the random transform from torch's seed in this process, once per seed.
@@ -72,7 +73,7 @@ class SegmentationDataset(Dataset):
         neither repeat each other nor the previous epoch, and runs repeat exactly.
         """
         seed = torch.initial_seed() % 2**32
-        if getattr(self, "_transform_seed", None) != seed and hasattr(self.transform, "set_random_state"):
+        if self._transform_seed != seed and hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=seed)
             self._transform_seed = seed
 

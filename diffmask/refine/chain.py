@@ -5,9 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["RefinementChain"]
+__all__ = ["RefinementChain", "require_keys"]
 
 Refiner = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def require_keys(sample: Mapping[str, Any], keys: Sequence[str], refiner: str) -> None:
+    """The sample-refiner contract: a clear error when ``sample`` lacks one of ``keys``.
+
+    Raises:
+        KeyError: naming the refiner, the missing key and the keys the sample has.
+    """
+    for key in keys:
+        if key not in sample:
+            raise KeyError(f"{refiner}: sample has no {key!r} (keys: {sorted(sample)})")
 
 
 class RefinementChain:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from diffmask.refine.background import add_background
+from diffmask.refine.chain import require_keys
 from diffmask.refine.threshold import IGNORE_INDEX
 
 __all__ = ["densecrf_refine", "DenseCRFRefiner", "ParallelRefiner"]
@@ -197,9 +198,7 @@ class DenseCRFRefiner:
         self.posterior_key = posterior_key
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        for key in (self.image_key, self.probs_key):
-            if key not in sample:
-                raise KeyError(f"DenseCRFRefiner: sample has no {key!r} (keys: {sorted(sample)})")
+        require_keys(sample, (self.image_key, self.probs_key), "DenseCRFRefiner")
         maps = sample[self.probs_key]
         maps = maps.detach().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, np.float32)
         scores = add_background(maps.astype(np.float32), self.background, self.background_power)

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffmask.refine.chain import require_keys
+
 __all__ = ["raw_attention_labels", "RawAttentionRefiner"]
 
 
@@ -40,8 +42,7 @@ class RawAttentionRefiner:
         self.confidence_key = confidence_key
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        if self.probs_key not in sample:
-            raise KeyError(f"RawAttentionRefiner: sample has no {self.probs_key!r} (keys: {sorted(sample)})")
+        require_keys(sample, (self.probs_key,), "RawAttentionRefiner")
         maps = torch.as_tensor(np.asarray(sample[self.probs_key], dtype=np.float32))
         label = raw_attention_labels(maps, self.threshold).numpy().astype(np.uint8)
         confidence = np.zeros(maps.shape[0], np.float32)

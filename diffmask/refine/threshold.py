@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffmask.refine.chain import require_keys
+
 __all__ = ["IGNORE_INDEX", "threshold_masks", "class_levels", "mask_confidence", "ThresholdRefiner"]
 
 IGNORE_INDEX = 255
@@ -197,8 +199,7 @@ class ThresholdRefiner:
         self.confidence_key = confidence_key
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        if self.probs_key not in sample:
-            raise KeyError(f"ThresholdRefiner: sample has no {self.probs_key!r} (keys: {sorted(sample)})")
+        require_keys(sample, (self.probs_key,), "ThresholdRefiner")
         label, confidence = threshold_masks(
             sample[self.probs_key],
             self.method,
