@@ -6,10 +6,14 @@ Never flip an image horizontally without swapping labels 1 and 2.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_CLASS_NAMES", "class_word", "validate_class_names"]
+import numpy as np
+
+__all__ = ["DEFAULT_CLASS_NAMES", "IGNORE_INDEX", "class_word", "ignore_boundaries", "validate_class_names"]
 
 # index = label value in the mask PNGs; index 0 is always background
 DEFAULT_CLASS_NAMES: tuple[str, ...] = ("background", "left_lung", "right_lung", "heart")
+# label value of pixels without a label (uncertain borders, unlabelled images): skipped by losses and scores
+IGNORE_INDEX = 255
 
 
 def class_word(name: str) -> str:
@@ -27,3 +31,34 @@ def validate_class_names(class_names: list[str] | tuple[str, ...], field: str = 
     if len(set(names)) != len(names):
         raise ValueError(f"{field}: duplicate class names in {list(names)}")
     return names
+
+
+def ignore_boundaries(label: np.ndarray, margin: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Seeds from a hard mask: pixels within ``margin`` px of another label become ``ignore_index``.
+
+    A written dataset mask has no "unsure" label, but the pixels where threshold/CRF are least
+    sure lie at region borders: AffinityNet's seeds and the segmentation loss on synthetic masks
+    (``data.synthetic_ignore_margin``) leave them out.
+
+    Args:
+        label: (H, W) uint8 label map (existing ``ignore_index`` pixels stay ignored).
+        margin: half-width of the ignore band in pixels (0: the mask unchanged).
+
+    Returns:
+        (H, W) uint8 seed labels.
+    """
+    from scipy import ndimage  # noqa: PLC0415 - only this function needs scipy
+
+    if margin < 0:
+        raise ValueError(f"margin: expected >= 0, got {margin}")
+    label = np.asarray(label, dtype=np.uint8)
+    if margin == 0:
+        return label.copy()
+    out = np.full_like(label, ignore_index)
+    structure = np.ones((3, 3), bool)
+    for value in np.unique(label):
+        if value == ignore_index:
+            continue
+        core = ndimage.binary_erosion(label == value, structure, iterations=int(margin), border_value=1)
+        out[core] = value
+    return out

@@ -58,6 +58,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         real_fraction: share of the real train split used (0.1 of 173 = 17 ids; 0 = none).
         synthetic_dir: optional synthetic dataset folder (``manifest.jsonl`` + images/ + masks/).
         synthetic_min_score: drop synthetic samples whose lowest per-class score is below this.
+        synthetic_ignore_margin: synthetic mask pixels within this many pixels (at ``size``) of
+            another class are left out of the loss: the borders are where attention masks are
+            least sure (0 = every pixel counts).
         synthetic_ratio: synthetic samples per selected real sample (used when
             ``synthetic_count`` is None); with ``real_fraction=0`` all synthetic samples are used.
         synthetic_count: absolute number of synthetic samples (overrides the ratio; None = ratio).
@@ -84,6 +87,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         synthetic_ratio: float = 0.0,
         synthetic_count: int | None = None,
         synthetic_min_score: float | None = None,
+        synthetic_ignore_margin: int = 0,
         real_share: float | None = None,
         augment: Callable | None = None,
         synthetic_augment: Callable | None = None,
@@ -103,7 +107,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"synthetic_count: expected >= 0 or null, got {synthetic_count}")
         if real_share is not None and not 0.0 < real_share < 1.0:
             raise ValueError(f"real_share: expected a share in (0, 1) or null, got {real_share}")
+        if synthetic_ignore_margin < 0:
+            raise ValueError(f"synthetic_ignore_margin: expected >= 0 pixels, got {synthetic_ignore_margin}")
         self.real_share = real_share
+        self.synthetic_ignore_margin = int(synthetic_ignore_margin)
         self._draws = torch.Generator().manual_seed(seed + 2)
         self.class_names = validate_class_names(class_names)
         if tuple(real.class_names) != self.class_names:
@@ -180,7 +187,15 @@ class SegmentationDataModule(pl.LightningDataModule):
         if self.real_train_ids:
             parts.append(SegmentationDataset(self.real, self.real_train_ids, self.size, self.augment))
         if self.synthetic_ids:
-            parts.append(SegmentationDataset(self.synthetic, self.synthetic_ids, self.size, self.synthetic_augment))
+            parts.append(
+                SegmentationDataset(
+                    self.synthetic,
+                    self.synthetic_ids,
+                    self.size,
+                    self.synthetic_augment,
+                    ignore_margin=self.synthetic_ignore_margin,
+                )
+            )
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def _loader(self, dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:

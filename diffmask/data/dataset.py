@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from diffmask.data.sources import Sample, SampleSource
+from diffmask.labels import IGNORE_INDEX, ignore_boundaries
 
 __all__ = ["SegmentationDataset", "resize_sample"]
 
@@ -44,6 +45,8 @@ class SegmentationDataset(Dataset):
         size: output side in pixels.
         transform: optional MONAI dict transform applied to ``image``/``label``.
         ignore_index: label value for unlabelled pixels.
+        ignore_margin: pixels within this distance (at ``size``) of another class are labelled
+            ``ignore_index``, so a loss skips the least certain border of pseudo-labels (0: none).
     """
 
     def __init__(
@@ -52,7 +55,8 @@ class SegmentationDataset(Dataset):
         ids: Sequence[str],
         size: int,
         transform: Callable | None = None,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
+        ignore_margin: int = 0,
     ):
         if size not in (32, 48, 64, 96, 128, 192, 256, 384, 512) and size % 16:
             raise ValueError(f"size: expected a multiple of 16 (e.g. 64, 128, 256), got {size}")
@@ -60,7 +64,10 @@ class SegmentationDataset(Dataset):
         self.ids = list(ids)
         self.size = size
         self.transform = transform
+        if ignore_margin < 0:
+            raise ValueError(f"ignore_margin: expected >= 0 pixels, got {ignore_margin}")
         self.ignore_index = ignore_index
+        self.ignore_margin = int(ignore_margin)
         self._transform_seed: int | None = None  # torch's seed the transform was last seeded with
 
     def _seed_transform(self) -> None:
@@ -87,6 +94,8 @@ class SegmentationDataset(Dataset):
         if label is None:
             lab_t = torch.full((1, self.size, self.size), self.ignore_index, dtype=torch.int64)
         else:
+            if self.ignore_margin:
+                label = ignore_boundaries(label, self.ignore_margin, self.ignore_index)
             lab_t = torch.from_numpy(label.astype(np.int64))[None]
         item = {"image": img_t, "label": lab_t}
         if self.transform is not None:

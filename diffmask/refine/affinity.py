@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffmask.labels import IGNORE_INDEX, ignore_boundaries
 from diffmask.refine.background import add_background
 from diffmask.refine.random_walk import local_random_walk, local_transition
-from diffmask.refine.threshold import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 __all__ = ["AffinityBackbone", "AffinityRefiner", "local_offsets", "affinity_loss", "ignore_boundaries"]
@@ -121,36 +121,6 @@ def seed_grid(seed: torch.Tensor, size: tuple[int, int], ignore_index: int = IGN
     top, label = frac[:, :classes].max(dim=1)
     label[top < 0.99] = ignore_index  # a cell counts only if its whole patch agrees
     return label
-
-
-def ignore_boundaries(label: np.ndarray, margin: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """Seeds from a hard mask: pixels within ``margin`` px of another label become ``ignore_index``.
-
-    A written dataset mask has no "unsure" label, but AffinityNet must not learn from the
-    pixels where threshold/CRF are least sure, i.e. at region borders.
-
-    Args:
-        label: (H, W) uint8 label map (existing ``ignore_index`` pixels stay ignored).
-        margin: half-width of the ignore band in pixels (0: the mask unchanged).
-
-    Returns:
-        (H, W) uint8 seed labels.
-    """
-    from scipy import ndimage  # noqa: PLC0415 - only seed making needs scipy
-
-    if margin < 0:
-        raise ValueError(f"margin: expected >= 0, got {margin}")
-    label = np.asarray(label, dtype=np.uint8)
-    if margin == 0:
-        return label.copy()
-    out = np.full_like(label, ignore_index)
-    structure = np.ones((3, 3), bool)
-    for value in np.unique(label):
-        if value == ignore_index:
-            continue
-        core = ndimage.binary_erosion(label == value, structure, iterations=int(margin), border_value=1)
-        out[core] = value
-    return out
 
 
 def affinity_loss(

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffmask.labels import IGNORE_INDEX
 from diffmask.refine.chain import require_keys
 
 __all__ = ["IGNORE_INDEX", "threshold_masks", "class_levels", "mask_confidence", "ThresholdRefiner"]
 
-IGNORE_INDEX = 255
 _METHODS = ("otsu", "mean_std", "peak_band")
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from monai.losses import DiceCELoss
+import torch.nn.functional as F
 
 from diffmask.evaluation.metrics import SegmentationScores
 from diffmask.labels import validate_class_names
 
-__all__ = ["SegmentationLitModule"]
+__all__ = ["DiceCELossWithIgnore", "SegmentationLitModule", "load_net_weights"]
 
 
 def _drop_unused_cross_attention_norms(net: torch.nn.Module) -> torch.nn.Module:
@@ -23,6 +24,93 @@ def _drop_unused_cross_attention_norms(net: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, TransformerBlock) and not getattr(module, "with_cross_attention", False):
             if isinstance(getattr(module, "norm_cross_attn", None), torch.nn.LayerNorm):
                 module.norm_cross_attn = torch.nn.Identity()
+    return net
+
+
+class DiceCELossWithIgnore(torch.nn.Module):
+    """Soft Dice + cross-entropy on logits, skipping pixels labelled ``ignore_index``.
+
+    Without ignored pixels it equals MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``
+    (Dice per image and class, background included, averaged; smoothing 1e-5). Ignored pixels
+    (uncertain borders of synthetic masks, unlabelled images) count in neither term.
+
+    Args:
+        lambda_dice: weight of the Dice term.
+        lambda_ce: weight of the cross-entropy term.
+        ignore_index: label value of pixels without a label.
+    """
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, ignore_index: int = 255, smooth: float = 1e-5):
+        super().__init__()
+        if lambda_dice < 0 or lambda_ce < 0 or lambda_dice + lambda_ce == 0:
+            raise ValueError(f"lambda_dice/lambda_ce: expected >= 0 and not both 0, got {lambda_dice}, {lambda_ce}")
+        self.lambda_dice, self.lambda_ce = float(lambda_dice), float(lambda_ce)
+        self.ignore_index = int(ignore_index)
+        self.smooth = float(smooth)
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, C, H, W); ``label`` (B, 1, H, W) or (B, H, W) class indices."""
+        target = label[:, 0] if label.dim() == logits.dim() else label
+        target = target.long()
+        valid = target != self.ignore_index
+        num_classes = logits.shape[1]
+        bad = valid & ((target < 0) | (target >= num_classes))
+        if bad.any():
+            raise ValueError(
+                f"label: values {sorted(target[bad].unique().tolist())} are not classes 0..{num_classes - 1} "
+                f"nor ignore_index {self.ignore_index}"
+            )
+        loss = logits.new_zeros(())
+        if self.lambda_ce:
+            # all-ignored batches would give NaN; they contribute nothing
+            ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="sum")
+            loss = loss + self.lambda_ce * ce / valid.sum().clamp(min=1)
+        if self.lambda_dice:
+            mask = valid.unsqueeze(1).to(logits.dtype)
+            probs = logits.softmax(1) * mask
+            onehot = F.one_hot(target.where(valid, 0), num_classes).permute(0, 3, 1, 2).to(logits.dtype) * mask
+            dims = (2, 3)
+            inter = (probs * onehot).sum(dims)
+            denom = probs.sum(dims) + onehot.sum(dims)
+            dice = 1.0 - (2.0 * inter + self.smooth) / (denom + self.smooth)
+            loss = loss + self.lambda_dice * dice.mean()
+        return loss
+
+
+def load_net_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load a backbone's weights from a ``diffmask-train`` checkpoint or a plain state dict.
+
+    Used to fine-tune a network trained elsewhere (e.g. on synthetic data) on real images:
+    only the weights are taken, not the optimizer, schedule or epoch count.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file holds no state dict, or its tensors do not fit ``net``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"segmentation.init_weights: {path} not found; expected a diffmask-train checkpoint "
+            "(<run>/checkpoints/*.ckpt, also in metrics.json 'best_checkpoint') or a torch state dict"
+        )
+    # checkpoints written by diffmask-train hold config objects, hence full unpickling
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"segmentation.init_weights: {path} holds no state dict of tensors")
+    if any(k.startswith("net.") for k in state):
+        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"segmentation.init_weights: {path} does not fit this backbone "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}); "
+            "use the same segmentation config as the run that wrote it"
+        )
+    net.load_state_dict(state)
     return net
 
 
@@ -40,6 +128,10 @@ class SegmentationLitModule(pl.LightningModule):
         scheduler: optional partial LR-scheduler factory taking the optimizer (stepped per epoch).
         lambda_dice: weight of the Dice term.
         lambda_ce: weight of the cross-entropy term.
+        ignore_index: label value excluded from the loss and the scores (e.g. the uncertain
+            border band of synthetic masks, ``data.synthetic_ignore_margin``).
+        init_weights: optional checkpoint to start the backbone from (see
+            :func:`load_net_weights`): synthetic pre-training, then real fine-tuning.
 
     Examples::
 
@@ -58,15 +150,20 @@ class SegmentationLitModule(pl.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
+        ignore_index: int = 255,
+        init_weights: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"], logger=False)
         self.net = _drop_unused_cross_attention_norms(net)
+        if init_weights:
+            load_net_weights(self.net, init_weights)
         self.class_names = validate_class_names(class_names)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
-        self.val_scores = SegmentationScores(self.class_names)
+        self.loss_fn = DiceCELossWithIgnore(lambda_dice, lambda_ce, ignore_index)
+        self.ignore_index = ignore_index
+        self.val_scores = SegmentationScores(self.class_names, ignore_index)
         self.test_scores = torch.nn.ModuleList()
         self.test_set_names: list[str] = []
 
@@ -79,7 +176,7 @@ class SegmentationLitModule(pl.LightningModule):
             names = list(getattr(dm, "test_set_names", None) or ["test"])
             if names != self.test_set_names:
                 self.test_set_names = names
-                self.test_scores = torch.nn.ModuleList(SegmentationScores(self.class_names) for _ in names)
+                self.test_scores = torch.nn.ModuleList(SegmentationScores(self.class_names, self.ignore_index) for _ in names)
 
     def _check_logits(self, logits: torch.Tensor) -> None:
         if logits.shape[1] != len(self.class_names):

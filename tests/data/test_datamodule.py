@@ -124,3 +124,30 @@ def test_augmentation_repeats_with_the_seed_and_differs_across_seeds():
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert not torch.equal(a[0], a[4])  # the same image twice in a run is augmented afresh
+
+
+def test_synthetic_ignore_margin_masks_borders_of_synthetic_labels_only(tmp_path):
+    syn = _synthetic_dir(tmp_path / "syn", n=4)
+    real = PhantomSource(size=32, num_train=4, seed=3)
+    dm = SegmentationDataModule(real, size=32, batch_size=8, real_fraction=1.0, synthetic_dir=str(syn),
+                                synthetic_count=4, synthetic_ignore_margin=1, num_workers=0,
+                                augment=None, synthetic_augment=None)
+    items = [dm.train_dataset()[i] for i in range(8)]
+    real_items = [it for it in items if it["source"] == "real"]
+    syn_items = [it for it in items if it["source"] == "synthetic"]
+    assert len(real_items) == len(syn_items) == 4
+    assert all(not (it["label"] == 255).any() for it in real_items)
+    for it in syn_items:
+        label = it["label"][0]
+        clean = syn / "masks" / f"{it['id']}.png"
+        original = torch.from_numpy(np.asarray(Image.open(clean)).astype(np.int64))
+        ignored = label == 255
+        assert ignored.any()
+        assert torch.equal(label[~ignored], original[~ignored])  # kept pixels keep their class
+        # every ignored pixel touches another class (3x3) in the original mask
+        padded = torch.nn.functional.pad(original[None, None].float(), (1, 1, 1, 1), mode="replicate")[0, 0]
+        windows = padded.unfold(0, 3, 1).unfold(1, 3, 1)
+        mixed = windows.amax((-1, -2)) != windows.amin((-1, -2))
+        assert torch.equal(ignored, mixed)
+    with pytest.raises(ValueError, match="synthetic_ignore_margin"):
+        SegmentationDataModule(real, size=32, synthetic_ignore_margin=-1)

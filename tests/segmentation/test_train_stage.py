@@ -49,3 +49,16 @@ def test_fit_decreases_loss_and_writes_metrics(jsrt_dir, tmp_path, net):
     assert keys["test/jsrt/miou"] == pytest.approx(float(metrics["test/jsrt/miou"]))
     assert out["data"]["n_real_train"] == 9 and out["best_checkpoint"].endswith(".ckpt")
     assert list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+
+def test_fine_tune_starts_from_the_checkpoint_weights(jsrt_dir, tmp_path):
+    """``segmentation.init_weights``: a second run starts where the first one's best weights are."""
+    common = [*TINY, *NETS["unet"], f"paths.jsrt_dir={jsrt_dir}", "trainer.limit_train_batches=2"]
+    first = tmp_path / "pretrain"
+    run(compose_config("train", [*common, "trainer.max_epochs=8"], first))
+    best = json.loads((first / "metrics.json").read_text())["best_checkpoint"]
+    scratch, tuned = tmp_path / "scratch", tmp_path / "tuned"
+    run(compose_config("train", [*common, "trainer.max_epochs=1"], scratch))
+    run(compose_config("train", [*common, "trainer.max_epochs=1", f"segmentation.init_weights={best}"], tuned))
+    pre, start, fresh = _epoch_losses(first), _epoch_losses(tuned)[0], _epoch_losses(scratch)[0]
+    assert fresh - start > 0.5 * (pre[0] - pre[-1]) > 0

@@ -1,0 +1,73 @@
+"""The ignore-aware Dice+CE loss and starting a backbone from a checkpoint (fine-tuning)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+
+from diffmask.segmentation.module import DiceCELossWithIgnore, load_net_weights
+
+
+def test_loss_equals_monai_dice_ce_without_ignored_pixels():
+    torch.manual_seed(0)
+    logits, label = torch.randn(3, 4, 16, 16), torch.randint(0, 4, (3, 1, 16, 16))
+    for ld, lc in [(1.0, 1.0), (0.5, 2.0), (1.0, 0.0)]:
+        ours = DiceCELossWithIgnore(ld, lc)(logits, label)
+        ref = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=ld, lambda_ce=lc)(logits, label)
+        assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_ignored_pixels_get_no_gradient_and_do_not_change_the_loss():
+    torch.manual_seed(1)
+    label = torch.randint(0, 4, (2, 1, 16, 16))
+    label[:, :, :, :5] = 255
+    logits = torch.randn(2, 4, 16, 16, requires_grad=True)
+    loss = DiceCELossWithIgnore()(logits, label)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert logits.grad[..., :5].abs().max() == 0 and logits.grad[..., 5:].abs().max() > 0
+    other = logits.detach().clone()
+    other[..., :5] = torch.randn(2, 4, 16, 5) * 10
+    assert DiceCELossWithIgnore()(other, label).item() == pytest.approx(loss.item(), rel=1e-6)
+    # restricted to the labelled columns, it is the plain loss
+    assert loss.item() == pytest.approx(DiceCELossWithIgnore()(logits[..., 5:], label[..., 5:]).item(), rel=1e-5)
+    all_ignored = torch.full_like(label, 255)
+    assert torch.isfinite(DiceCELossWithIgnore()(logits, all_ignored))
+
+
+def test_loss_rejects_labels_outside_the_classes():
+    with pytest.raises(ValueError, match=r"not classes 0\.\.3"):
+        DiceCELossWithIgnore()(torch.randn(1, 4, 8, 8), torch.full((1, 1, 8, 8), 7))
+
+
+def _net(channels=(4, 8)):
+    return UNet(2, 1, 4, channels=channels, strides=(2,), num_res_units=1)
+
+
+def test_load_net_weights_from_lightning_checkpoint_and_plain_state_dict(tmp_path):
+    torch.manual_seed(2)
+    src = _net()
+    x = torch.rand(2, 1, 16, 16)
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"epoch": 3, "state_dict": {f"net.{k}": v for k, v in src.state_dict().items()}}, ckpt)
+    plain = tmp_path / "net.pt"
+    torch.save(src.state_dict(), plain)
+    src.eval()
+    for path in (ckpt, plain):
+        dst = load_net_weights(_net(), path).eval()
+        assert torch.equal(dst(x), src(x))
+
+
+def test_load_net_weights_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="init_weights: .*missing.ckpt not found"):
+        load_net_weights(_net(), tmp_path / "missing.ckpt")
+    other = tmp_path / "other.pt"
+    torch.save(_net((4, 16)).state_dict(), other)
+    with pytest.raises(ValueError, match="other.pt does not fit this backbone"):
+        load_net_weights(_net(), other)
+    junk = tmp_path / "junk.pt"
+    torch.save({"a": 1}, junk)
+    with pytest.raises(ValueError, match="holds no state dict"):
+        load_net_weights(_net(), junk)
