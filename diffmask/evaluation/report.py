@@ -18,6 +18,8 @@ __all__ = ["RunRecord", "collect_runs", "summarise", "write_report"]
 
 # overrides that distinguish repeats, not conditions
 REPEAT_KEYS = ("seed", "data.seed")
+# a fine-tuning run's starting checkpoint: its path differs per repeat, its source run's condition does not
+INIT_KEY = "segmentation.init_weights"
 
 
 @dataclass
@@ -35,8 +37,23 @@ class RunRecord:
 
 
 def _condition(overrides: list[str]) -> str:
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in REPEAT_KEYS]
+    kept = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key in REPEAT_KEYS:
+            continue
+        kept.append(f"{key}=[{_source_condition(value)}]" if key == INIT_KEY and value not in ("", "null") else o)
     return " ".join(sorted(kept)) or "(defaults)"
+
+
+def _source_condition(checkpoint: str) -> str:
+    """The condition of the run that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt``), else its path."""
+    source = Path(checkpoint).parent.parent / "metrics.json"
+    try:
+        return _condition(list(json.loads(source.read_text()).get("overrides", [])))
+    except (OSError, json.JSONDecodeError):
+        return checkpoint
 
 
 def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:

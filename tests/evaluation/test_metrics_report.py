@@ -36,13 +36,13 @@ def test_scores_skip_classes_missing_from_the_test_set():
     assert "iou_heart" not in out and out["miou"] == 1.0
 
 
-def _fake_run(folder, backbone, frac, seed, miou):
+def _fake_run(folder, backbone, frac, seed, miou, extra=()):
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
         "metrics": {"test/jsrt/miou": miou, "test/jsrt/iou_heart": miou - 0.05},
         "data": {"real_fraction": frac, "n_real_train": int(173 * frac), "n_synthetic_train": 0},
         "backbone": f"x.{backbone}", "seed": seed,
-        "overrides": [f"segmentation={backbone.lower()}", f"data.real_fraction={frac}", f"seed={seed}"],
+        "overrides": [f"segmentation={backbone.lower()}", f"data.real_fraction={frac}", f"seed={seed}", *extra],
     }))
 
 
@@ -65,3 +65,21 @@ def test_report_mean_std_over_seeds(tmp_path):
 def test_report_errors_name_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         collect_runs(tmp_path)
+
+
+def test_report_groups_fine_tuning_runs_by_their_source_condition(tmp_path):
+    """Each seed fine-tunes from its own checkpoint; the rows group by what the checkpoints came from."""
+    for seed, miou in [(0, 0.88), (1, 0.90)]:
+        _fake_run(tmp_path / "pre" / str(seed), "UNet", 0.0, seed, 0.8, extra=["data.synthetic_count=346"])
+        ckpt = tmp_path / "pre" / str(seed) / "checkpoints" / "best.ckpt"
+        _fake_run(tmp_path / "sweep" / f"ft{seed}", "UNet", 0.1, seed, miou,
+                  extra=[f"segmentation.init_weights={ckpt}"])
+    _fake_run(tmp_path / "sweep" / "lost", "UNet", 0.1, 0, 0.5,
+              extra=[f"segmentation.init_weights={tmp_path}/gone.ckpt"])
+    _, rows = summarise(collect_runs(tmp_path / "sweep"))
+    assert len(rows) == 2
+    tuned = next(r for r in rows if r["n_runs"] == 2)
+    assert tuned["test/jsrt/miou"] == pytest.approx(0.89)
+    assert "segmentation.init_weights=[data.real_fraction=0.0 data.synthetic_count=346 segmentation=unet]" in (
+        tuned["condition"])
+    assert "gone.ckpt" in next(r for r in rows if r["n_runs"] == 1)["condition"]
