@@ -88,6 +88,20 @@ class AttentionMaskMaker:
         gray = (images[:, 0].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
         if maps.shape[0] != gray.shape[0] or maps.shape[-2:] != gray.shape[-2:]:
             raise ValueError(f"class maps {maps.shape} do not match the images {tuple(images.shape)}")
+        return self.from_maps(gray, maps)
+
+    def from_maps(self, gray: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, list[dict[str, float]]]:
+        """Masks and scores from recorded class maps: ``gray`` (B, S, S) uint8, ``maps`` (B, K, S, S).
+
+        The same refinement as during sampling, so saved class maps (``attn/<id>.npz``) can be
+        re-refined offline (``diffmask-remask``).
+        """
+        k = len(self.class_names) - 1
+        if maps.ndim != 4 or maps.shape[1] != k or gray.shape != (maps.shape[0], *maps.shape[-2:]):
+            raise ValueError(
+                f"class maps {maps.shape} and images {gray.shape}: expected (B, {k}, S, S) maps for the classes "
+                f"{list(self.class_names[1:])} and (B, S, S) images"
+            )
         samples = [{"image": g, "class_maps": m} for g, m in zip(gray, maps, strict=True)]
         masks, scores = [], []
         for sample, out in zip(samples, self.pool.map(samples), strict=True):

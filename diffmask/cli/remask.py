@@ -1,0 +1,74 @@
+"""Re-mask a synthetic dataset from its saved class maps with another refinement chain.
+
+    diffmask-remask input_dir=artifacts/synthesis/px128 name=px128_crf 'synthesis.refine=[threshold,densecrf]'
+    diffmask-remask input_dir=artifacts/synthesis/px128 name=px128_aff 'synthesis.refine=[threshold,affinity]'
+
+The source must have been generated with ``synthesis=attention_masks`` (``save_class_maps`` is on
+by default). Writes ``${paths.artifact_dir}/synthesis/<name>`` (images and class maps linked to
+the source's, new ``masks/``, ``manifest.jsonl``, ``stage.json``); resumable, skipped when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffmask.artifacts import StageDir
+from diffmask.cli.common import CONFIG_PATH, skip_complete_stage, stage_task
+from diffmask.cli.generate import _affinity_device, build_synthesis
+from diffmask.synthesis.affinity_pass import refine_with_affinity
+from diffmask.synthesis.remask import remask_folder
+
+log = logging.getLogger("diffmask.remask")
+
+
+@stage_task
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Re-refine ``cfg.input_dir``'s class maps into ``cfg.output_dir``; returns counts."""
+    source = StageDir(cfg.input_dir)
+    recorded = source.info().get("config", {})  # a clear error when the source is not a complete stage
+    if source.path.resolve() == StageDir(cfg.output_dir).path.resolve():
+        raise ValueError(f"output_dir: {cfg.output_dir} is the input_dir; choose another name")
+    names = (recorded.get("data") or {}).get("class_names")
+    if names:
+        with open_dict(cfg):
+            cfg.data.class_names = list(names)  # the classes the maps were recorded for
+    stage = StageDir(cfg.output_dir)
+    if skip_complete_stage(stage, cfg):
+        return {}
+    if not cfg.get("synthesis") or not cfg.synthesis.get("mask_maker"):
+        raise ValueError("synthesis: re-masking needs a mask maker (synthesis=attention_masks)")
+    mask_maker, quality_filter, affinity = build_synthesis(cfg.synthesis)
+    class_names = list(cfg.data.class_names)
+    work = stage.begin(resume=True)
+    start = time.time()
+    try:
+        counts = remask_folder(source.path, work, mask_maker, class_names, quality_filter=quality_filter,
+                               batch_size=cfg.batch_size)
+    finally:
+        mask_maker.close()
+    if affinity is not None:
+        counts.update(refine_with_affinity(
+            work, affinity["refiner"], class_names, train_steps=affinity["train_steps"],
+            batch_size=affinity["batch_size"], ignore_margin=affinity["ignore_margin"],
+            device=_affinity_device(cfg.device), seed=cfg.seed,
+        ))
+    seconds = time.time() - start
+    info = {**counts, "seconds": round(seconds, 1)}
+    stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"synthesis": str(source.path)},
+                 counts=info)
+    log.info("%d samples re-masked into %s (%.1f s)", counts["rows"], stage.path, seconds)
+    return info
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="remask")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
