@@ -36,20 +36,24 @@ class RunRecord:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _condition(overrides: list[str]) -> str:
+def _condition(overrides: list[str], seed: int | None = None) -> str:
     kept = []
     for o in overrides:
         key, _, value = o.partition("=")
         key = key.lstrip("+~")
         if key in REPEAT_KEYS:
             continue
-        kept.append(f"{key}=[{_source_condition(value)}]" if key == INIT_KEY and value not in ("", "null") else o)
+        if key == INIT_KEY and value not in ("", "null"):
+            # a multirun's 'segmentation.init_weights=<pretrain sweep>/${seed}' names one run per seed
+            o = f"{key}=[{_source_condition(value.replace('${seed}', str(seed)))}]"
+        kept.append(o)
     return " ".join(sorted(kept)) or "(defaults)"
 
 
 def _source_condition(checkpoint: str) -> str:
-    """The condition of the run that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt``), else its path."""
-    source = Path(checkpoint).parent.parent / "metrics.json"
+    """The condition of the run that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt`` or ``<run>``), else its path."""
+    path = Path(checkpoint)
+    source = (path if path.is_dir() else path.parent.parent) / "metrics.json"
     try:
         return _condition(list(json.loads(source.read_text()).get("overrides", [])))
     except (OSError, json.JSONDecodeError):
@@ -73,7 +77,7 @@ def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
         runs.append(
             RunRecord(
                 path=path.parent,
-                condition=_condition(list(data.get("overrides", []))),
+                condition=_condition(list(data.get("overrides", [])), data.get("seed")),
                 backbone=str(data.get("backbone", "?")).rsplit(".", 1)[-1],
                 real_fraction=info.get("real_fraction"),
                 n_real=info.get("n_real_train"),

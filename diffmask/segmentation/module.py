@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,16 +82,28 @@ def load_net_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Load a backbone's weights from a ``diffmask-train`` checkpoint or a plain state dict.
 
     Used to fine-tune a network trained elsewhere (e.g. on synthetic data) on real images:
-    only the weights are taken, not the optimizer, schedule or epoch count.
+    only the weights are taken, not the optimizer, schedule or epoch count. ``path`` is a
+    checkpoint file, a plain state dict, or a finished run folder (its ``metrics.json``
+    ``best_checkpoint``), so a multirun can fine-tune each seed from its own pre-training run:
+    ``-m seed=0,1,2 'segmentation.init_weights=<pretrain multirun>/${seed}'``.
 
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: the file holds no state dict, or its tensors do not fit ``net``.
     """
     path = Path(path)
+    if path.is_dir():  # a diffmask-train run folder: its best checkpoint
+        metrics = path / "metrics.json"
+        best = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
+        if not best:
+            raise FileNotFoundError(
+                f"segmentation.init_weights: {path} is a folder without a metrics.json naming a best_checkpoint; "
+                "expected a finished diffmask-train run folder or a checkpoint file"
+            )
+        path = Path(best)
     if not path.is_file():
         raise FileNotFoundError(
-            f"segmentation.init_weights: {path} not found; expected a diffmask-train checkpoint "
+            f"segmentation.init_weights: {path} not found; expected a diffmask-train run folder, a checkpoint "
             "(<run>/checkpoints/*.ckpt, also in metrics.json 'best_checkpoint') or a torch state dict"
         )
     # checkpoints written by diffmask-train hold config objects, hence full unpickling

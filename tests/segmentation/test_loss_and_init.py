@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from monai.losses import DiceCELoss
@@ -54,8 +56,11 @@ def test_load_net_weights_from_lightning_checkpoint_and_plain_state_dict(tmp_pat
     torch.save({"epoch": 3, "state_dict": {f"net.{k}": v for k, v in src.state_dict().items()}}, ckpt)
     plain = tmp_path / "net.pt"
     torch.save(src.state_dict(), plain)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"metrics": {}, "best_checkpoint": str(ckpt)}))
     src.eval()
-    for path in (ckpt, plain):
+    for path in (ckpt, plain, run_dir):
         dst = load_net_weights(_net(), path).eval()
         assert torch.equal(dst(x), src(x))
 
@@ -63,6 +68,8 @@ def test_load_net_weights_from_lightning_checkpoint_and_plain_state_dict(tmp_pat
 def test_load_net_weights_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="init_weights: .*missing.ckpt not found"):
         load_net_weights(_net(), tmp_path / "missing.ckpt")
+    with pytest.raises(FileNotFoundError, match="without a metrics.json"):
+        load_net_weights(_net(), tmp_path)
     other = tmp_path / "other.pt"
     torch.save(_net((4, 16)).state_dict(), other)
     with pytest.raises(ValueError, match="other.pt does not fit this backbone"):
