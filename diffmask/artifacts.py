@@ -136,6 +136,15 @@ class StageDir:
         self.tmp_path.mkdir(parents=True, exist_ok=True)
         return self.tmp_path
 
+    def reopen(self) -> Path:
+        """Move a complete stage back to its work folder, to add to it (e.g. more samples)."""
+        if self.tmp_path.exists():
+            raise FileExistsError(f"{self.tmp_path}: a work folder exists already; resume or delete it first")
+        if not self.is_complete():
+            raise FileNotFoundError(f"{self.path}: not a complete stage folder; nothing to reopen")
+        os.replace(self.path, self.tmp_path)
+        return self.tmp_path
+
     def commit(
         self,
         config: dict[str, Any] | None = None,

@@ -4,7 +4,8 @@
     diffmask-generate input_dir=artifacts/diffusion/px128 trainer=ddp trainer.devices=4
 
 Writes ``images/<id>.png`` + ``manifest.jsonl`` + ``stage.json`` to
-``${paths.artifact_dir}/synthesis/<name>``; a rerun resumes where it stopped. With
+``${paths.artifact_dir}/synthesis/<name>``; a rerun resumes where it stopped, and a rerun of a
+complete stage with a larger ``num_samples`` (nothing else changed) adds the missing samples. With
 ``synthesis=attention_masks`` also ``masks/<id>.png`` (threshold/CRF), ``attn/<id>.npz`` (class
 maps) and, when ``affinity`` is in ``synthesis.refine``, a second pass that fits AffinityNet on
 the written images + masks and writes ``masks_affinity/`` (see
@@ -22,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import CONFIG_PATH, skip_complete_stage, stage_task
+from diffmask.cli.common import CONFIG_PATH, RUN_ONLY_SETTINGS, skip_complete_stage, stage_task
 from diffmask.diffusion.sampler import DiffusionSampler
 from diffmask.synthesis import draw_requests, generate_samples, requests_from_prompts
 from diffmask.synthesis.affinity_pass import refine_with_affinity
@@ -34,6 +35,11 @@ log = logging.getLogger("diffmask.generate")
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Generate the samples described by ``cfg``; returns counts."""
     stage = StageDir(cfg.output_dir)
+    if not cfg.get("force") and stage.is_complete() and _only_more_samples(stage, cfg):
+        # requests are prefix-stable: the first num_samples of a larger run are the same samples
+        log.info("%s: extending from %d to %d samples (the ones on disk are kept)",
+                 stage.path, stage.info()["config"]["num_samples"], cfg.num_samples)
+        stage.reopen()
     if skip_complete_stage(stage, cfg):
         return {}
     model_stage = StageDir(cfg.input_dir)
@@ -89,6 +95,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                  counts=info)
     log.info("%d samples in %s (%d new, %.1f s)", counts["rows"], stage.path, counts["written"], seconds)
     return info
+
+
+def _only_more_samples(stage: StageDir, cfg: DictConfig) -> bool:
+    """True when ``cfg`` asks a complete stage for more samples and changes nothing else."""
+    old = stage.info().get("config", {}).get("num_samples")
+    if cfg.prompt_list or not isinstance(old, int) or cfg.num_samples <= old:
+        return False
+    current = OmegaConf.to_container(cfg, resolve=True)
+    return not stage.changed_settings(current, ignore=(*RUN_ONLY_SETTINGS, "num_samples"))
 
 
 def build_synthesis(syn: DictConfig | None) -> tuple[Any, Any, dict[str, Any] | None]:

@@ -34,10 +34,11 @@ def test_generate_cli_writes_a_complete_synthetic_stage(tmp_path, model_dir, cap
     assert len(ManifestSource(out).ids("train")) == 3
     assert run(cfg) == {}  # complete: skipped
     # a complete stage is not redone with other settings, but the run says so
-    changed = compose_generate(tmp_path, f"input_dir={model_dir}", "num_samples=4", "name=s1", "synthesis=none")
+    changed = compose_generate(tmp_path, f"input_dir={model_dir}", "num_samples=3", "name=s1", "synthesis=none",
+                               "guidance_scale=2.0")
     with caplog.at_level("WARNING"):
         assert run(changed) == {}
-    assert "NOT redone" in caplog.text and "num_samples: 3 -> 4" in caplog.text
+    assert "NOT redone" in caplog.text and "guidance_scale: 3.0 -> 2.0" in caplog.text
 
 
 def test_generate_cli_with_given_prompts_and_bad_input(tmp_path, model_dir):
@@ -96,3 +97,23 @@ def test_generate_cli_raw_attention_masks(tmp_path, model_dir):
     rows = read_manifest(out)
     assert all((out / r.sem_seg_file_name).is_file() for r in rows)
     assert ManifestSource(out).load(rows[0].id).label.max() <= 3
+
+
+def test_generate_cli_extends_a_complete_stage_with_more_samples(tmp_path, model_dir):
+    """1N today, 4N tomorrow: the samples on disk are kept, and equal a fresh run's first ones."""
+    common = [f"input_dir={model_dir}", "synthesis=attention_masks", "synthesis.refine=[threshold]"]
+    run(compose_generate(tmp_path, *common, "num_samples=2", "name=grow"))
+    out = tmp_path / "artifacts" / "synthesis" / "grow"
+    first = {r.id: (out / r.file_name).read_bytes() for r in read_manifest(out)}
+    info = run(compose_generate(tmp_path, *common, "num_samples=4", "name=grow"))
+    assert info["rows"] == 4 and info["written"] == 2 and StageDir(out).is_complete()
+    assert json.loads((out / "stage.json").read_text())["config"]["num_samples"] == 4
+    rows = read_manifest(out)
+    assert all((out / r.file_name).read_bytes() == first[r.id] for r in rows if r.id in first)
+    run(compose_generate(tmp_path, *common, "num_samples=4", "name=fresh"))
+    fresh = tmp_path / "artifacts" / "synthesis" / "fresh"
+    assert [r.id for r in read_manifest(fresh)] == [r.id for r in rows]
+    assert all((fresh / r.file_name).read_bytes() == (out / r.file_name).read_bytes() for r in rows)
+    # anything else changed: not extended, not redone
+    assert run(compose_generate(tmp_path, *common, "num_samples=6", "name=grow", "steps=3")) == {}
+    assert len(read_manifest(out)) == 4
