@@ -103,7 +103,9 @@ def _only_more_samples(stage: StageDir, cfg: DictConfig) -> bool:
     if cfg.prompt_list or not isinstance(old, int) or cfg.num_samples <= old:
         return False
     current = OmegaConf.to_container(cfg, resolve=True)
-    return not stage.changed_settings(current, ignore=(*RUN_ONLY_SETTINGS, "num_samples"))
+    changed = [c.split(":", 1)[0] for c in stage.changed_settings(current, ignore=(*RUN_ONLY_SETTINGS, "num_samples"))]
+    # of the data group, generation reads only the real source (prompt metadata) and the class names
+    return not [k for k in changed if not k.startswith("data.") or k.startswith(("data.real.", "data.class_names"))]
 
 
 def build_synthesis(syn: DictConfig | None) -> tuple[Any, Any, dict[str, Any] | None]:

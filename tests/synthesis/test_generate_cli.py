@@ -105,7 +105,8 @@ def test_generate_cli_extends_a_complete_stage_with_more_samples(tmp_path, model
     run(compose_generate(tmp_path, *common, "num_samples=2", "name=grow"))
     out = tmp_path / "artifacts" / "synthesis" / "grow"
     first = {r.id: (out / r.file_name).read_bytes() for r in read_manifest(out)}
-    info = run(compose_generate(tmp_path, *common, "num_samples=4", "name=grow"))
+    # data settings that generation does not read (the segmentation mix) do not stop it
+    info = run(compose_generate(tmp_path, *common, "num_samples=4", "name=grow", "data.real_share=0.5"))
     assert info["rows"] == 4 and info["written"] == 2 and StageDir(out).is_complete()
     assert json.loads((out / "stage.json").read_text())["config"]["num_samples"] == 4
     rows = read_manifest(out)
