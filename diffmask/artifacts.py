@@ -76,6 +76,25 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """``dst`` becomes a hard link to ``src`` (a copy across file systems); never half-written.
+
+    Only for files that are replaced atomically, never modified in place: a link shares them.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
 class StageDir:
     """A stage's output folder, written under ``<path>.tmp`` and renamed when complete.
 
@@ -137,12 +156,28 @@ class StageDir:
         return self.tmp_path
 
     def reopen(self) -> Path:
-        """Move a complete stage back to its work folder, to add to it (e.g. more samples)."""
+        """A work folder holding a copy of the complete stage, to add to it (e.g. more samples).
+
+        The complete folder stays in place and readable until :meth:`commit` replaces it; the
+        copy hard-links files that writers replace atomically and copies the text files they
+        append to (``*.jsonl``, ``*.json``).
+        """
         if self.tmp_path.exists():
             raise FileExistsError(f"{self.tmp_path}: a work folder exists already; resume or delete it first")
         if not self.is_complete():
             raise FileNotFoundError(f"{self.path}: not a complete stage folder; nothing to reopen")
-        os.replace(self.path, self.tmp_path)
+        partial = self.path.with_name(self.path.name + ".reopen")
+        shutil.rmtree(partial, ignore_errors=True)
+        for src in sorted(self.path.rglob("*")):
+            dst = partial / src.relative_to(self.path)
+            if src.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+            elif src.suffix in (".jsonl", ".json"):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+            else:
+                link_or_copy(src, dst)
+        os.replace(partial, self.tmp_path)
         return self.tmp_path
 
     def commit(

@@ -37,10 +37,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stage = StageDir(cfg.output_dir)
     if not cfg.get("force") and stage.is_complete() and _only_more_samples(stage, cfg):
         # requests are prefix-stable: the first num_samples of a larger run are the same samples
-        log.info("%s: extending from %d to %d samples (the ones on disk are kept)",
+        log.info("%s: extending from %d to %d samples (the ones on disk are kept; the set stays readable until done)",
                  stage.path, stage.info()["config"]["num_samples"], cfg.num_samples)
-        stage.reopen()
-    if skip_complete_stage(stage, cfg):
+        if not stage.tmp_path.exists():  # else: an interrupted extension, resumed below
+            stage.reopen()
+    elif skip_complete_stage(stage, cfg):
         return {}
     model_stage = StageDir(cfg.input_dir)
     model_stage.info()  # a clear error when the diffusion stage has not finished

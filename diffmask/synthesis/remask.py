@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from diffmask.artifacts import atomic_write_bytes
+from diffmask.artifacts import atomic_write_bytes, link_or_copy
 from diffmask.data.manifest import ManifestRow, read_manifest, write_manifest
 from diffmask.refine.threshold import IGNORE_INDEX, mask_confidence
 from diffmask.synthesis.writer import _png_bytes, load_class_maps
@@ -31,20 +30,6 @@ from diffmask.synthesis.writer import _png_bytes, load_class_maps
 __all__ = ["remask_folder"]
 
 log = logging.getLogger(__name__)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes a hard link to ``src`` (a copy across file systems); never half-written."""
-    if dst.is_file():
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def _gray(path: Path) -> np.ndarray:
@@ -121,8 +106,8 @@ def remask_folder(
                 continue
             image_name = f"images/{Path(row.file_name).name}"
             attn_name = f"attn/{Path(row.attn_file).name}"
-            _link_or_copy(source / row.file_name, work / image_name)
-            _link_or_copy(source / row.attn_file, work / attn_name)
+            link_or_copy(source / row.file_name, work / image_name)
+            link_or_copy(source / row.attn_file, work / attn_name)
             kept.append(replace(row, file_name=image_name, attn_file=attn_name, sem_seg_file_name=mask_name,
                                 scores=scores[i]))
     write_manifest(work, kept)

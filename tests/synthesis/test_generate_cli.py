@@ -1,4 +1,5 @@
 import json
+from unittest.mock import patch
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -106,7 +107,13 @@ def test_generate_cli_extends_a_complete_stage_with_more_samples(tmp_path, model
     out = tmp_path / "artifacts" / "synthesis" / "grow"
     first = {r.id: (out / r.file_name).read_bytes() for r in read_manifest(out)}
     # data settings that generation does not read (the segmentation mix) do not stop it
-    info = run(compose_generate(tmp_path, *common, "num_samples=4", "name=grow", "data.real_share=0.5"))
+    grow = compose_generate(tmp_path, *common, "num_samples=4", "name=grow", "data.real_share=0.5")
+    with patch("diffmask.cli.generate.generate_samples", side_effect=RuntimeError("killed")):
+        with pytest.raises(RuntimeError, match="killed"):
+            run(grow)
+    # a crash while growing leaves the complete set in place, readable
+    assert StageDir(out).is_complete() and len(read_manifest(out)) == 2
+    info = run(grow)
     assert info["rows"] == 4 and info["written"] == 2 and StageDir(out).is_complete()
     assert json.loads((out / "stage.json").read_text())["config"]["num_samples"] == 4
     rows = read_manifest(out)
