@@ -24,8 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir
 from diffmask.cli.common import CONFIG_PATH, RUN_ONLY_SETTINGS, skip_complete_stage, stage_task
+from diffmask.data.manifest import read_manifest
 from diffmask.diffusion.sampler import DiffusionSampler
-from diffmask.synthesis import draw_requests, generate_samples, requests_from_prompts
+from diffmask.synthesis import (
+    draw_requests,
+    generate_samples,
+    read_done_rows,
+    read_dropped,
+    requests_from_prompts,
+)
 from diffmask.synthesis.affinity_pass import refine_with_affinity
 
 log = logging.getLogger("diffmask.generate")
@@ -39,8 +46,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # requests are prefix-stable: the first num_samples of a larger run are the same samples
         log.info("%s: extending from %d to %d samples (the ones on disk are kept; the set stays readable until done)",
                  stage.path, stage.info()["config"]["num_samples"], cfg.num_samples)
-        if not stage.tmp_path.exists():  # else: an interrupted extension, resumed below
+        if not stage.tmp_path.exists():
             stage.reopen()
+        else:  # an interrupted extension, resumed below, if it holds the complete set's samples
+            have = {*read_done_rows(stage.tmp_path), *read_dropped(stage.tmp_path)}
+            lost = [r.id for r in read_manifest(stage.path) if r.id not in have]
+            if lost:
+                raise ValueError(
+                    f"{stage.tmp_path}: this work folder lacks {len(lost)} samples of the complete set "
+                    f"(e.g. {lost[:3]}), so it is not an interrupted extension; delete it to grow {stage.path}"
+                )
     elif skip_complete_stage(stage, cfg):
         return {}
     model_stage = StageDir(cfg.input_dir)

@@ -122,6 +122,10 @@ def test_generate_cli_extends_a_complete_stage_with_more_samples(tmp_path, model
     fresh = tmp_path / "artifacts" / "synthesis" / "fresh"
     assert [r.id for r in read_manifest(fresh)] == [r.id for r in rows]
     assert all((fresh / r.file_name).read_bytes() == (out / r.file_name).read_bytes() for r in rows)
+    # a stray work folder that is not an interrupted extension is refused, not merged
+    (fresh.with_name("fresh.tmp") / "images").mkdir(parents=True)
+    with pytest.raises(ValueError, match="lacks 4 samples of the complete set"):
+        run(compose_generate(tmp_path, *common, "num_samples=5", "name=fresh"))
     # anything else changed: not extended, not redone
     assert run(compose_generate(tmp_path, *common, "num_samples=6", "name=grow", "steps=3")) == {}
     assert len(read_manifest(out)) == 4
