@@ -162,14 +162,22 @@ def _plots(rows: list[dict[str, Any]], miou_key: str, out: Path) -> list[Path]:
         return paths
     # IoU vs real fraction, one line per (backbone, synthetic count)
     fig, ax = plt.subplots(figsize=(6, 4))
+    # one line per condition apart from the real fraction (e.g. real_share or fine-tuning make their own)
     lines: dict[tuple, list] = defaultdict(list)
     for r in with_key:
-        lines[(r["backbone"], r["n_synthetic"])].append(r)
-    for (backbone, n_syn), members in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        series = " ".join(t for t in r["condition"].split(" ") if not t.startswith("data.real_fraction="))
+        lines[(r["backbone"], r["n_synthetic"] or 0, series)].append(r)
+    shared = defaultdict(int)
+    for backbone, n_syn, _ in lines:
+        shared[(backbone, n_syn)] += 1
+    for (backbone, n_syn, series), members in sorted(lines.items()):
         members.sort(key=lambda r: r["real_fraction"] or 0)
         xs = [r["real_fraction"] or 0 for r in members]
+        label = f"{backbone}, {n_syn} synthetic"
+        if shared[(backbone, n_syn)] > 1:
+            label += f" ({series if len(series) <= 60 else series[:57] + '...'})"
         ax.errorbar(xs, [r[miou_key] for r in members], yerr=[r[miou_key + "_std"] for r in members],
-                    marker="o", capsize=3, label=f"{backbone}, {n_syn or 0} synthetic")
+                    marker="o", capsize=3, label=label)
     ax.set_xlabel("real fraction of the training split")
     ax.set_ylabel(miou_key)
     ax.grid(alpha=0.3)
