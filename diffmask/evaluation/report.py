@@ -45,6 +45,8 @@ def _condition(overrides: list[str], seed: int | None = None) -> str:
             continue
         if key == INIT_KEY and value not in ("", "null"):
             # a multirun's 'segmentation.init_weights=<pretrain sweep>/${seed}' names one run per seed
+            # Hydra records a multirun's interpolations escaped: $\{seed\}
+            value = value.replace("$\\{", "${").replace("\\}", "}")
             o = f"{key}=[{_source_condition(value.replace('${seed}', str(seed)))}]"
         kept.append(o)
     return " ".join(sorted(kept)) or "(defaults)"

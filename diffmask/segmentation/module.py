@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 
 from diffmask.evaluation.metrics import SegmentationScores
 from diffmask.labels import validate_class_names
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DiceCELossWithIgnore", "SegmentationLitModule", "load_net_weights"]
 
@@ -124,6 +127,7 @@ def load_net_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
             "use the same segmentation config as the run that wrote it"
         )
     net.load_state_dict(state)
+    log.info("segmentation: backbone starts from the weights in %s", path)
     return net
 
 

@@ -76,10 +76,11 @@ def test_report_groups_fine_tuning_runs_by_their_source_condition(tmp_path):
                   extra=[f"segmentation.init_weights={ckpt}"])
     _fake_run(tmp_path / "sweep" / "lost", "UNet", 0.1, 0, 0.5,
               extra=[f"segmentation.init_weights={tmp_path}/gone.ckpt"])
-    # a multirun fine-tuning each seed from its run folder: 'segmentation.init_weights=<sweep>/${seed}'
+    # a multirun fine-tuning each seed from its run folder: 'segmentation.init_weights=<sweep>/${seed}',
+    # which Hydra records escaped
     for seed, miou in [(0, 0.87), (1, 0.89)]:
         _fake_run(tmp_path / "sweep" / f"multi{seed}", "UNet", 0.1, seed, miou,
-                  extra=["segmentation.init_weights=" + str(tmp_path / "pre") + "/${seed}", "trainer.max_epochs=9"])
+                  extra=["segmentation.init_weights=" + str(tmp_path / "pre") + "/$\\{seed\\}", "trainer.max_epochs=9"])
     _, rows = summarise(collect_runs(tmp_path / "sweep"))
     multi = next(r for r in rows if "max_epochs=9" in r["condition"])
     assert multi["n_runs"] == 2 and "init_weights=[data.real_fraction=0.0" in multi["condition"]
