@@ -1,4 +1,5 @@
-"""diffmask-pipeline: diffusion fit -> synthetic generation with masks -> segmentation -> evaluation.
+"""diffmask-pipeline: diffusion fit -> synthetic generation with masks -> segmentation -> evaluation
+(-> optional fine-tuning of the segmentation model, e.g. synthetic pre-training then real data).
 
 Each stage runs as its own process (``python -m diffmask.cli.<stage>``), so DDP trainer configs,
 Hydra overrides and resumability work exactly as when the stage is run alone; the command of each
@@ -11,6 +12,7 @@ import logging
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -20,26 +22,39 @@ from diffmask.cli.common import CONFIG_PATH
 
 log = logging.getLogger("diffmask.pipeline")
 
-STAGES = ("fit_diffusion", "generate", "evaluate_masks", "train")
+STAGES = ("fit_diffusion", "generate", "evaluate_masks", "train", "finetune")
+# the CLI module each stage runs (finetune is a segmentation run that starts from train's weights)
+MODULES = {"finetune": "train"}
 
 
-def stage_commands(cfg: DictConfig) -> list[tuple[str, list[str]]]:
-    """The command line of each configured stage, with the artifact folders wired between them."""
+def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str, list[str]]]:
+    """The command line of each configured stage, with the artifact folders wired between them.
+
+    The segmentation stages of one invocation write to ``<log_dir>/pipeline/<name>/<stamp>/``
+    (``train/``, ``finetune/``), so ``finetune`` finds the model ``train`` just made and
+    ``diffmask-report <log_dir>/pipeline/<name>`` tables every invocation.
+    """
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"stages: unknown stage(s) {unknown}; expected a subset of {list(STAGES)}")
+    stages = list(cfg.stages)
+    if "finetune" in stages and ("train" not in stages or stages.index("train") > stages.index("finetune")):
+        raise ValueError(f"stages: finetune starts from the train stage's model; put train before it, got {stages}")
     artifacts = Path(cfg.paths.artifact_dir)
     model_dir = artifacts / "diffusion" / cfg.name
     synth_dir = artifacts / "synthesis" / cfg.name
     log_dir = Path(cfg.paths.log_dir)
+    seg_dir = log_dir / "pipeline" / str(cfg.name) / (stamp or time.strftime("%Y-%m-%d_%H-%M-%S"))
+    synthetic = [f"data.synthetic_dir={synth_dir}"] if "generate" in stages or synth_dir.exists() else []
     wiring = {
         "fit_diffusion": [f"name={cfg.name}"],
         "generate": [f"name={cfg.name}", f"input_dir={model_dir}"],
         "evaluate_masks": [f"input_dir={model_dir}"],
-        "train": [f"data.synthetic_dir={synth_dir}"] if "generate" in cfg.stages or synth_dir.exists() else [],
+        "train": [*synthetic, f"hydra.run.dir={seg_dir}/train"],
+        "finetune": [*synthetic, f"hydra.run.dir={seg_dir}/finetune", f"segmentation.init_weights={seg_dir}/train"],
     }
     commands = []
-    for stage in cfg.stages:
+    for stage in stages:
         overrides = [
             f"paths.artifact_dir={artifacts}",
             f"paths.log_dir={log_dir}",
@@ -47,13 +62,13 @@ def stage_commands(cfg: DictConfig) -> list[tuple[str, list[str]]]:
             *[str(o) for o in cfg.common],
             *[str(o) for o in cfg.get(stage, [])],
         ]
-        commands.append((stage, [sys.executable, "-m", f"diffmask.cli.{stage}", *overrides]))
+        commands.append((stage, [sys.executable, "-m", f"diffmask.cli.{MODULES.get(stage, stage)}", *overrides]))
     return commands
 
 
 def run(cfg: DictConfig) -> None:
     for stage, cmd in stage_commands(cfg):
-        printable = " ".join(shlex.quote(c) for c in [f"diffmask-{stage.replace('_', '-')}", *cmd[3:]])
+        printable = " ".join(shlex.quote(c) for c in [f"diffmask-{cmd[2].rsplit('.', 1)[-1].replace('_', '-')}", *cmd[3:]])
         log.info("stage %s: %s", stage, printable)
         if cfg.dry_run:
             continue

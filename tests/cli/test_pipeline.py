@@ -16,14 +16,30 @@ from tests.conftest import REPO, compose_config
 def test_stage_commands_wire_artifacts(tmp_path):
     cfg = compose_config("pipeline", ["experiment=pipeline_demo", "name=x"], tmp_path, quiet_trainer=False)
     cfg.paths.log_dir = str(tmp_path / "logs")
-    cmds = dict(stage_commands(cfg))
+    cmds = dict(stage_commands(cfg, stamp="T"))
     assert list(cmds) == ["fit_diffusion", "generate", "evaluate_masks", "train"]
     art = tmp_path / "artifacts"
     assert "name=x" in cmds["fit_diffusion"]
     assert f"input_dir={art}/diffusion/x" in cmds["generate"] and "synthesis=attention_masks" in cmds["generate"]
     assert f"input_dir={art}/diffusion/x" in cmds["evaluate_masks"]
     assert f"data.synthetic_dir={art}/synthesis/x" in cmds["train"]
+    assert f"hydra.run.dir={tmp_path}/logs/pipeline/x/T/train" in cmds["train"]
     assert all(c[1:3] == ["-m", f"diffmask.cli.{s}"] for s, c in cmds.items())
+
+
+def test_finetune_stage_starts_from_the_train_stage(tmp_path):
+    cfg = compose_config("pipeline", ["experiment=pipeline_demo", "name=x", "stages=[train,finetune]",
+                                      "finetune=['data.real_fraction=0.1']"], tmp_path, quiet_trainer=False)
+    cfg.paths.log_dir = str(tmp_path / "logs")
+    cmds = dict(stage_commands(cfg, stamp="T"))
+    runs = tmp_path / "logs" / "pipeline" / "x" / "T"
+    assert cmds["finetune"][1:3] == ["-m", "diffmask.cli.train"]
+    assert f"segmentation.init_weights={runs}/train" in cmds["finetune"]
+    assert f"hydra.run.dir={runs}/finetune" in cmds["finetune"] and cmds["finetune"][-1] == "data.real_fraction=0.1"
+    for stages in ("[finetune]", "[finetune,train]"):
+        bad = compose_config("pipeline", [f"stages={stages}"], tmp_path, quiet_trainer=False)
+        with pytest.raises(ValueError, match="put train before it"):
+            stage_commands(bad)
 
 
 def test_unknown_stage_is_a_clear_error(tmp_path):
@@ -41,7 +57,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     cmd = [
         sys.executable, "-m", "diffmask.cli.pipeline", "experiment=pipeline_demo", "name=t",
         f"paths.artifact_dir={tmp_path}/artifacts", f"paths.log_dir={tmp_path}/logs",
-        "stages=[fit_diffusion,generate,train]",
+        "stages=[fit_diffusion,generate,train,finetune]",
         hydra_list("common", ["data=phantom", "data.size=32", "data.num_workers=0", "trainer=cpu",
                               "trainer.enable_progress_bar=false"]),
         hydra_list("fit_diffusion", [
@@ -55,6 +71,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         hydra_list("train", ["data.real_fraction=0.1", "data.synthetic_ratio=1", "segmentation.net.channels=[8,16]",
                              "segmentation.net.strides=[2]", "trainer.max_epochs=1", "trainer.limit_val_batches=1",
                              "trainer.limit_test_batches=1"]),
+        hydra_list("finetune", ["data.real_fraction=0.1", "data.synthetic_count=0", "segmentation.net.channels=[8,16]",
+                                "segmentation.net.strides=[2]", "trainer.max_epochs=1", "trainer.limit_val_batches=1",
+                                "trainer.limit_test_batches=1"]),
     ]
     res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -62,8 +81,11 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert json.loads((synth / "stage.json").read_text())["status"] == "complete"
     rows = [json.loads(line) for line in (synth / "manifest.jsonl").read_text().splitlines()]
     assert rows and all(r["sem_seg_file_name"] and (synth / r["sem_seg_file_name"]).is_file() for r in rows)
-    metrics = list((tmp_path / "logs").glob("train/runs/*/metrics.json"))
+    metrics = list((tmp_path / "logs").glob("pipeline/t/*/train/metrics.json"))
     assert len(metrics) == 1
     out = json.loads(metrics[0].read_text())
     assert out["data"]["n_synthetic_train"] == out["data"]["n_real_train"] == 5
     assert "test/phantom/miou" in out["metrics"]
+    tuned = json.loads((metrics[0].parent.parent / "finetune" / "metrics.json").read_text())
+    assert tuned["data"]["n_synthetic_train"] == 0 and "test/phantom/miou" in tuned["metrics"]
+    assert f"segmentation.init_weights={metrics[0].parent}" in tuned["overrides"]
