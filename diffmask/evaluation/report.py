@@ -163,7 +163,7 @@ def _plots(rows: list[dict[str, Any]], miou_key: str, out: Path) -> list[Path]:
     if not with_key:
         return paths
     # IoU vs real fraction, one line per (backbone, synthetic count)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     # one line per condition apart from the real fraction (e.g. real_share or fine-tuning make their own)
     lines: dict[tuple, list] = defaultdict(list)
     for r in with_key:
@@ -172,18 +172,21 @@ def _plots(rows: list[dict[str, Any]], miou_key: str, out: Path) -> list[Path]:
     shared = defaultdict(int)
     for backbone, n_syn, _ in lines:
         shared[(backbone, n_syn)] += 1
+    # label a series by what sets it apart: the overrides not common to every series
+    common = set.intersection(*(set(series.split(" ")) for _, _, series in lines))
     for (backbone, n_syn, series), members in sorted(lines.items()):
         members.sort(key=lambda r: r["real_fraction"] or 0)
         xs = [r["real_fraction"] or 0 for r in members]
         label = f"{backbone}, {n_syn} synthetic"
-        if shared[(backbone, n_syn)] > 1:
-            label += f" ({series if len(series) <= 60 else series[:57] + '...'})"
+        extra = " ".join(t for t in series.split(" ") if t not in common and not t.startswith("data.synthetic_count="))
+        if shared[(backbone, n_syn)] > 1 and extra:
+            label += f" ({extra if len(extra) <= 60 else extra[:57] + '...'})"
         ax.errorbar(xs, [r[miou_key] for r in members], yerr=[r[miou_key + "_std"] for r in members],
                     marker="o", capsize=3, label=label)
     ax.set_xlabel("real fraction of the training split")
     ax.set_ylabel(miou_key)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, not over it
     fig.tight_layout()
     paths.append(_save_fig(fig, out / "iou_vs_real_fraction.png"))
     plt.close(fig)
