@@ -48,7 +48,7 @@ if [ -n "${SMOKE:-}" ]; then
   NETS="segmentation=unet"; SEEDS=0; JOBS=""
   UNET_SMALL="segmentation.net.channels=[8,16,32] segmentation.net.strides=[2,2]"
   AFF="synthesis.affinity.train_steps=2 synthesis.affinity.refiner.backbone.channels=[8,16] synthesis.affinity.refiner.radius=3 synthesis.affinity.refiner.t=4"
-  EV="model.affinity_steps=2"
+  EV="model.affinity_steps=2"; AFF_T=8
   BENCH=""
 else
   D="data=jsrt data.size=128 data.num_workers=8 trainer=gpu trainer.enable_progress_bar=false"
@@ -58,7 +58,7 @@ else
   NETS="segmentation=unet,transunet"; SEEDS=0,1,2; JOBS="hydra/launcher=joblib hydra.launcher.n_jobs=6"
   UNET_SMALL=""
   AFF=""
-  EV=""
+  EV=""; AFF_T=8,32,256
   BENCH=1
 fi
 
@@ -70,6 +70,9 @@ fit)
   $PY -m diffmask.cli.evaluate_masks $P $D input_dir=$ART/diffusion/$NAME $EV 2>&1 | grep -E " = |took" || true
   cp "$ART/diffusion/$NAME/stage.json" "$OUT/fit_stage.json"
   find "$LOGS/evaluate_masks" -name metrics.json | tail -n 1 | xargs -I{} cp {} "$OUT/mask_iou.json"
+  # AffinityNet's walk length, chosen on the validation images (at 64 px fewer steps were better)
+  $PY -m diffmask.cli.evaluate_masks -m $P $D input_dir=$ART/diffusion/$NAME $EV +data.test_split=val \
+    model.affinity.t=$AFF_T 2>&1 | grep -E "#[0-9]+ :|affinity/miou =|threshold/miou =" | tee "$OUT/affinity_t_val.txt" || true
   ;;
 generate)
   # one sampling run with capture + threshold masks (class maps kept), then the other chains

@@ -29,6 +29,7 @@ def test_gpu_session_steps_run_in_smoke_mode(tmp_path, jsrt_dir):
     masks = json.loads((out / "mask_iou.json").read_text())["metrics"]
     assert {"masks/jsrt/raw/miou", "masks/jsrt/threshold/miou", "masks/jsrt/densecrf/miou",
             "masks/jsrt/affinity/miou"} <= set(masks)
+    assert "affinity/miou =" in (out / "affinity_t_val.txt").read_text()
     for chain in ("", "_raw", "_threshold_densecrf", "_threshold_densecrf_affinity"):
         assert json.loads((out / f"gpu128{chain}_stage.json").read_text())["counts"]["rows"] == 4
     report = (out / "report.md").read_text()
