@@ -26,23 +26,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from diffmask.artifacts import atomic_write_bytes
 from diffmask.data.manifest import read_manifest, write_manifest
 from diffmask.refine.threshold import IGNORE_INDEX, mask_confidence
-from diffmask.synthesis.writer import _png_bytes, load_class_maps
+from diffmask.synthesis.writer import _png_bytes, load_class_maps, read_gray
 
 __all__ = ["refine_with_affinity", "AFFINITY_MASK_DIR", "AFFINITY_WEIGHTS"]
 
 log = logging.getLogger(__name__)
 AFFINITY_MASK_DIR = "masks_affinity"
 AFFINITY_WEIGHTS = "affinity.pt"
-
-
-def _read_gray(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
 
 
 class _SeedDataset(Dataset):
@@ -59,8 +54,8 @@ class _SeedDataset(Dataset):
         from diffmask.refine.affinity import ignore_boundaries  # noqa: PLC0415 - pulls in Lightning
 
         row = self.rows[i]
-        image = torch.from_numpy(_read_gray(self.folder / row.file_name)).float()[None] / 255
-        seed = ignore_boundaries(_read_gray(self.folder / row.sem_seg_file_name), self.margin)
+        image = torch.from_numpy(read_gray(self.folder / row.file_name)).float()[None] / 255
+        seed = ignore_boundaries(read_gray(self.folder / row.sem_seg_file_name), self.margin)
         return {self.image_key: image, self.seed_key: torch.from_numpy(seed.astype(np.int64))}
 
 
@@ -128,10 +123,10 @@ def refine_with_affinity(
         out_name = f"{AFFINITY_MASK_DIR}/{row.id}.png"
         maps = load_class_maps(folder / row.attn_file)
         if (folder / out_name).is_file():
-            label = _read_gray(folder / out_name)
+            label = read_gray(folder / out_name)
             skipped += 1
         else:
-            image = torch.from_numpy(_read_gray(folder / row.file_name)).float()[None] / 255
+            image = torch.from_numpy(read_gray(folder / row.file_name)).float()[None] / 255
             label, _ = refiner.refine(image, torch.from_numpy(maps))
             atomic_write_bytes(folder / out_name, _png_bytes(label))
             done += 1

@@ -20,20 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from diffmask.artifacts import atomic_write_bytes, link_or_copy
 from diffmask.data.manifest import ManifestRow, read_manifest, write_manifest
 from diffmask.refine.threshold import IGNORE_INDEX, mask_confidence
-from diffmask.synthesis.writer import _png_bytes, load_class_maps
+from diffmask.synthesis.writer import _png_bytes, load_class_maps, read_gray
 
 __all__ = ["remask_folder"]
 
 log = logging.getLogger(__name__)
-
-
-def _gray(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
 
 
 def remask_folder(
@@ -86,7 +81,7 @@ def remask_folder(
         labels: dict[int, np.ndarray] = {}
         scores: dict[int, dict[str, float]] = {}
         if todo:
-            gray = np.stack([_gray(source / chunk[i].file_name) for i in todo])
+            gray = np.stack([read_gray(source / chunk[i].file_name) for i in todo])
             masks, new_scores = mask_maker.from_maps(gray, np.stack([maps[i] for i in todo]))
             for i, mask, score in zip(todo, masks, new_scores, strict=True):
                 labels[i], scores[i] = mask, score
@@ -96,7 +91,7 @@ def remask_folder(
                 atomic_write_bytes(work / mask_name, _png_bytes(labels[i]))
                 written += 1
             else:
-                labels[i] = _gray(work / mask_name)
+                labels[i] = read_gray(work / mask_name)
                 confidence = mask_confidence(maps[i], labels[i], IGNORE_INDEX)
                 scores[i] = {n: float(c) for n, c in zip(class_names[1:], confidence, strict=True)}
                 skipped += 1

@@ -26,7 +26,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from diffmask.artifacts import atomic_write_bytes
 from diffmask.data.manifest import ManifestRow, append_manifest_row, write_manifest
 
-__all__ = ["SyntheticWriter", "read_done_rows", "read_dropped", "class_maps_npz", "load_class_maps"]
+__all__ = ["SyntheticWriter", "read_done_rows", "read_dropped", "class_maps_npz", "load_class_maps", "read_gray"]
 
 log = logging.getLogger(__name__)
 SHARD_GLOB = "manifest.rank*.jsonl"
@@ -46,6 +46,11 @@ def load_class_maps(path: str | os.PathLike) -> np.ndarray:
         if "class_maps" not in data:
             raise ValueError(f"{path}: expected an array 'class_maps', found {list(data.keys())}")
         return data["class_maps"].astype(np.float32)
+
+
+def read_gray(path: str | os.PathLike) -> np.ndarray:
+    """A written image or mask PNG as (S, S) uint8."""
+    return np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
