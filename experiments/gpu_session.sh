@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of issues 5 and 6, in three `device` calls of under 10 minutes each, for a
+# The GPU figures of issues 5 and 6, in four `device` calls of under 10 minutes each, for a
 # session with a 30-minute device budget. No GPU session has run it yet: the time limits below
 # are planned, not measured.
 #
@@ -9,17 +9,18 @@
 #   python3 -m pip download -q --no-deps -d .whl hydra-joblib-launcher==1.2.0 joblib   # parallel sweeps
 #   mkdir -p .jsrt && cp -r ../shared/data/jsrt_scr .jsrt/
 #   printf '/.whl/\n/.jsrt/\n' >> .git/info/exclude
-# Then three device runs, each right after the last (the machine keeps artifacts/ and logs/
+# Then four device runs, each right after the last (the machine keeps artifacts/ and logs/
 # only while it stays warm, about 30 s after a call), each with carry [".whl", ".jsrt"]:
 #   bash experiments/gpu_session.sh fit        # diffusion fit (6 min cap) + mask IoU per step
 #   bash experiments/gpu_session.sh generate   # 692 pairs, re-masked per chain, capture/refine benches
 #   bash experiments/gpu_session.sh table      # the results table, UNet + TransUNet, 3 seeds
+#   bash experiments/gpu_session.sh ablation   # refinement ablation: synthetic only per mask chain
 # Each step copies its metrics, logs and reports to $OUT.
 #
 # SMOKE=1 bash experiments/gpu_session.sh <step> runs the same wiring tiny, on a CPU, in
 # minutes (tests/cli/test_gpu_session.py does): it checks the commands, not the figures.
 set -euo pipefail
-STEP=${1:?usage: gpu_session.sh fit|generate|table}
+STEP=${1:?usage: gpu_session.sh fit|generate|table|ablation}
 OUT=${OUT:-${TMPDIR:-/tmp}/gpu_session_out}
 mkdir -p "$OUT"
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -92,7 +93,7 @@ generate)
   ;;
 table)
   # the results table: real 100 % / real 10 % / synthetic only / real 10 % + synthetic (real_share
-  # 0.5) / synthetic pre-training + real 10 % fine-tuning, then the refinement ablation
+  # 0.5) / synthetic pre-training + real 10 % fine-tuning
   A="experiment=ablation $P $DT synthetic_name=$NAME data.seed=0 $UNET_SMALL"
   $PY -m diffmask.cli.train -m $A $JOBS $NETS seed=$SEEDS data.real_fraction=1.0 data.synthetic_count=0 $EPOCHS
   $PY -m diffmask.cli.train -m $A $JOBS $NETS seed=$SEEDS data.real_fraction=0.1 data.synthetic_count=0 $EPOCHS10
@@ -108,14 +109,17 @@ table)
         data.synthetic_count=0 $EPOCHS10 "segmentation.init_weights=$LOGS/ablation/multiruns/synth_$b/\${seed}"
     done
   done
-  for chain in raw threshold_densecrf threshold_densecrf_affinity; do
-    $PY -m diffmask.cli.train -m $A $JOBS segmentation=unet seed=$SEEDS synthetic_name=${NAME}_$chain \
-      data.real_fraction=0 data.synthetic_count=$NS $EPOCHS
-  done
+  $PY -m diffmask.cli.report $LOGS/ablation --out "$OUT"
+  ;;
+ablation)
+  # the refinement ablation: synthetic only, UNet, on each re-masked copy of the set
+  A="experiment=ablation $P $DT data.seed=0 $UNET_SMALL"
+  $PY -m diffmask.cli.train -m $A $JOBS segmentation=unet seed=$SEEDS data.real_fraction=0 data.synthetic_count=$NS \
+    $EPOCHS synthetic_name=${NAME}_raw,${NAME}_threshold_densecrf,${NAME}_threshold_densecrf_affinity
   $PY -m diffmask.cli.report $LOGS/ablation --out "$OUT"
   ;;
 *)
-  echo "unknown step $STEP: expected fit, generate or table" >&2
+  echo "unknown step $STEP: expected fit, generate, table or ablation" >&2
   exit 2
   ;;
 esac

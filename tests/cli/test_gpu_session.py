@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_session_steps_run_in_smoke_mode(tmp_path, jsrt_dir):
     env = {**os.environ, "SMOKE": "1", "PY": sys.executable, "ART": str(tmp_path / "art"),
            "LOGS": str(tmp_path / "logs"), "OUT": str(tmp_path / "out"), "DIFFMASK_JSRT_DIR": str(jsrt_dir)}
-    for step in ("fit", "generate", "table"):
+    for step in ("fit", "generate", "table", "ablation"):
         result = subprocess.run(["bash", "experiments/gpu_session.sh", step], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, f"step {step}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
