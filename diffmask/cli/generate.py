@@ -100,9 +100,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     if affinity is not None:
         counts.update(refine_with_affinity(
-            work, affinity["refiner"], sampler.prompt_builder.class_names, train_steps=affinity["train_steps"],
-            batch_size=affinity["batch_size"], ignore_margin=affinity["ignore_margin"],
-            device=_affinity_device(cfg.trainer.get("accelerator")), seed=cfg.seed,
+            work, class_names=sampler.prompt_builder.class_names,
+            device=affinity_device(cfg.trainer.get("accelerator")), seed=cfg.seed, **affinity,
         ))
     seconds = time.time() - start
     info = {**counts, "requested": len(requests), "seconds": round(seconds, 1),
@@ -125,7 +124,12 @@ def _only_more_samples(stage: StageDir, cfg: DictConfig) -> bool:
 
 
 def build_synthesis(syn: DictConfig | None) -> tuple[Any, Any, dict[str, Any] | None]:
-    """(mask_maker, quality_filter, affinity pass settings) from the ``synthesis`` group."""
+    """(mask_maker, quality_filter, affinity pass settings) from the ``synthesis`` group.
+
+    The affinity settings are keyword arguments of
+    :func:`~diffmask.synthesis.affinity_pass.refine_with_affinity` (``refiner``, ``train_steps``,
+    ``batch_size``, ``ignore_margin``); None when ``affinity`` is not in ``synthesis.refine``.
+    """
     if not syn or not syn.get("mask_maker"):
         if syn and (syn.get("refine") or syn.get("filter_masks") or syn.get("save_class_maps")):
             raise ValueError("synthesis: refine/filter_masks/save_class_maps need a mask_maker (synthesis=attention_masks)")
@@ -168,7 +172,8 @@ def build_synthesis(syn: DictConfig | None) -> tuple[Any, Any, dict[str, Any] | 
     return mask_maker, quality_filter, affinity
 
 
-def _affinity_device(accelerator: str | None) -> str:
+def affinity_device(accelerator: str | None) -> str:
+    """Where the affinity pass runs: the GPU when the accelerator setting allows one and it exists."""
     if accelerator in ("gpu", "cuda", "auto", None) and torch.cuda.is_available():
         return "cuda"
     return "cpu"

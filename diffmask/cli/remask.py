@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffmask.artifacts import StageDir
 from diffmask.cli.common import CONFIG_PATH, skip_complete_stage, stage_task
-from diffmask.cli.generate import _affinity_device, build_synthesis
+from diffmask.cli.generate import affinity_device, build_synthesis
 from diffmask.synthesis.affinity_pass import refine_with_affinity
 from diffmask.synthesis.remask import remask_folder
 
@@ -40,9 +40,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stage = StageDir(cfg.output_dir)
     if skip_complete_stage(stage, cfg):
         return {}
-    if not cfg.get("synthesis") or not cfg.synthesis.get("mask_maker"):
+    mask_maker, quality_filter, affinity = build_synthesis(cfg.get("synthesis"))
+    if mask_maker is None:
         raise ValueError("synthesis: re-masking needs a mask maker (synthesis=attention_masks)")
-    mask_maker, quality_filter, affinity = build_synthesis(cfg.synthesis)
     class_names = list(cfg.data.class_names)
     work = stage.begin(resume=True)
     start = time.time()
@@ -53,9 +53,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         mask_maker.close()
     if affinity is not None:
         counts.update(refine_with_affinity(
-            work, affinity["refiner"], class_names, train_steps=affinity["train_steps"],
-            batch_size=affinity["batch_size"], ignore_margin=affinity["ignore_margin"],
-            device=_affinity_device(cfg.device), seed=cfg.seed,
+            work, class_names=class_names, device=affinity_device(cfg.device), seed=cfg.seed, **affinity,
         ))
     seconds = time.time() - start
     info = {**counts, "seconds": round(seconds, 1)}
