@@ -2,6 +2,7 @@
 
     diffmask-train data=jsrt segmentation=transunet data.real_fraction=0.1 trainer=gpu
     diffmask-train -m segmentation=unet,transunet data.real_fraction=0.1,1.0
+    diffmask-train train=false segmentation.init_weights=<run dir> 'data.test_sets={other: <folder>}'
 
 Writes ``metrics.json`` (test/<set>/iou_<class>, test/<set>/miou, ...) into the run dir.
 """
@@ -51,7 +52,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("test", True):
         ckpt = best_path or (cfg.get("ckpt_path") if not cfg.get("train", True) else None)
-        if not ckpt:
+        init = cfg.segmentation.get("init_weights")
+        if not ckpt and not cfg.get("train", True) and init:
+            log.info("train=false: testing the weights loaded from segmentation.init_weights=%s", init)
+        elif not ckpt:
             log.warning("no best checkpoint found; testing the current weights")
         # our own checkpoint (holds config objects), so full unpickling is safe
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=False)

@@ -3,7 +3,16 @@
 from diffmask.data.datamodule import SegmentationDataModule, collate_samples, select_fraction
 from diffmask.data.dataset import SegmentationDataset
 from diffmask.data.manifest import ManifestRow, read_manifest, write_manifest
-from diffmask.data.sources import JSRTSource, ManifestSource, PhantomSource, Sample, SampleSource, auto_source
+from diffmask.data.sources import (
+    FolderSource,
+    JSRTSource,
+    ManifestSource,
+    PhantomSource,
+    Sample,
+    SampleSource,
+    auto_source,
+    open_test_set,
+)
 
 __all__ = [
     "SegmentationDataModule",
@@ -13,10 +22,12 @@ __all__ = [
     "ManifestRow",
     "read_manifest",
     "write_manifest",
+    "FolderSource",
     "JSRTSource",
     "ManifestSource",
     "PhantomSource",
     "Sample",
     "SampleSource",
     "auto_source",
+    "open_test_set",
 ]

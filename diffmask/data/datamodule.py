@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, WeightedRandomSampler
 
 from diffmask.data.dataset import SegmentationDataset
-from diffmask.data.sources import ManifestSource, SampleSource
+from diffmask.data.sources import ManifestSource, SampleSource, open_test_set
 from diffmask.labels import DEFAULT_CLASS_NAMES, validate_class_names
 
 __all__ = ["SegmentationDataModule", "collate_samples", "select_fraction"]
@@ -69,7 +69,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             many as their count gives (17 real among 346 synthetic: 5 %).
         augment: transform for real training samples (None = none).
         synthetic_augment: transform for synthetic samples (None = none).
-        test_sets: extra named test sets, name -> manifest folder (rows without a split count as
+        test_sets: extra named test sets, name -> a manifest folder or an ``images/`` + ``masks/``
+            folder (:func:`~diffmask.data.sources.open_test_set`; rows without a split count as
             ``test``); the real source's test split always comes first, under ``real.name``.
         num_workers: DataLoader workers.
         seed: seed of the real/synthetic subset draws.
@@ -131,7 +132,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.augment = augment
         self.synthetic_augment = synthetic_augment
         self.extra_test_sets = {
-            name: ManifestSource(path, self.class_names, default_split="test", name=name)
+            name: open_test_set(path, self.class_names, name=name)
             for name, path in (test_sets or {}).items()
         }
         self.num_workers = num_workers

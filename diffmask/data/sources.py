@@ -2,7 +2,8 @@
 
 A source knows the ids of each split and loads one sample at its native size:
 
-* :class:`JSRTSource` — the JSRT/SCR folder (``images/``, ``masks/``, ``metadata.csv``);
+* :class:`FolderSource` — ``images/`` + ``masks/`` (+ optional ``metadata.csv``), e.g. an external test set;
+* :class:`JSRTSource` — the JSRT/SCR folder (the same layout, ``metadata.csv`` with splits required);
 * :class:`ManifestSource` — any folder with a ``manifest.jsonl`` (synthetic data, external test sets);
 * :class:`PhantomSource` — procedurally drawn chest-like images (no files needed).
 
@@ -27,10 +28,12 @@ from diffmask.labels import DEFAULT_CLASS_NAMES, validate_class_names
 __all__ = [
     "Sample",
     "SampleSource",
+    "FolderSource",
     "JSRTSource",
     "ManifestSource",
     "PhantomSource",
     "auto_source",
+    "open_test_set",
     "read_image",
     "read_label",
 ]
@@ -71,16 +74,37 @@ class SampleSource(Protocol):
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a grayscale image as (H, W) uint8; a clear error naming the file if unreadable."""
+    """Read a grayscale image as (H, W) uint8; a clear error naming the file if unreadable.
+
+    8-bit images (grayscale, palette, RGB) are read as they are. 16-bit, 32-bit and float
+    images (common for X-rays from other hospitals) are scaled linearly from their own
+    min..max to 0..255: converting them directly would clip every value above 255 to white.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("L"), dtype=np.uint8)
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                arr = np.asarray(im).astype(np.float64)
+                if arr.ndim != 2:
+                    raise ValueError(f"expected one channel, got shape {arr.shape}")
+                arr = _rescale_to_uint8(arr, path)
+            else:
+                arr = np.asarray(im.convert("L"), dtype=np.uint8)
     except Exception as e:  # PIL raises several types for corrupt files
         raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
     return arr
+
+
+def _rescale_to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise ValueError("holds NaN or infinite pixel values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        log.warning("%s: constant image (value %g)", path, lo)
+        return np.zeros(arr.shape, np.uint8)
+    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
 def read_label(path: str | os.PathLike, num_classes: int, image_shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -113,8 +137,100 @@ def read_label(path: str | os.PathLike, num_classes: int, image_shape: tuple[int
     return arr.astype(np.uint8)
 
 
-class JSRTSource:
-    """The JSRT/SCR folder: ``images/<id>.png``, ``masks/<id>.png``, ``metadata.csv``.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def _find_file(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
+    for suffix in suffixes:
+        for candidate in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+class FolderSource:
+    """A folder of ``images/<id>.<png|jpg|...>`` with label maps ``masks/<id>.<png|...>``.
+
+    ``metadata.csv`` (columns ``id``, ``split``, optional ``sex, age, finding, diagnosis,
+    reading``) is optional: without it every image is one split, ``default_split``. This is
+    how a second real test set (another hospital, another layout than the manifest) plugs in
+    by path; labels ``0..k`` with ``k`` below the number of classes (e.g. lungs only) are fine.
+
+    Args:
+        root: folder path.
+        class_names: label names, background first.
+        name: a short name for logs and metric keys (default: the folder name).
+        default_split: the split of every image when there is no ``metadata.csv``.
+        require_metadata: refuse a folder without ``metadata.csv``.
+
+    Raises:
+        FileNotFoundError: naming the folder or file that is missing.
+        ValueError: naming ``metadata.csv`` when a required column is missing.
+    """
+
+    REQUIRED_COLUMNS = ("id", "split")
+    META_COLUMNS = ("sex", "age", "finding", "diagnosis", "reading")
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES,
+        name: str | None = None,
+        default_split: str = "test",
+        require_metadata: bool = False,
+    ):
+        self.root = Path(root)
+        self.name = name or self.root.name
+        self.class_names = validate_class_names(class_names)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: folder not found")
+        for sub in ("images", "masks"):
+            if not (self.root / sub).is_dir():
+                raise FileNotFoundError(f"{self.root / sub}: folder not found (expected images/ and masks/)")
+        meta_file = self.root / "metadata.csv"
+        if meta_file.is_file():
+            with open(meta_file, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                columns = reader.fieldnames or []
+                missing = [c for c in self.REQUIRED_COLUMNS if c not in columns]
+                if missing:
+                    raise ValueError(f"{meta_file}: missing column(s) {missing}; found {columns}")
+                self._rows = {row["id"]: row for row in reader}
+        elif require_metadata:
+            raise FileNotFoundError(f"{meta_file}: metadata.csv not found")
+        else:
+            stems = sorted(p.stem for p in (self.root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not stems:
+                raise FileNotFoundError(f"{self.root / 'images'}: no images ({', '.join(IMAGE_SUFFIXES)})")
+            self._rows = {stem: {"id": stem, "split": default_split} for stem in stems}
+        self._splits: dict[str, list[str]] = {}
+        for sid, row in self._rows.items():
+            self._splits.setdefault(row["split"] or default_split, []).append(sid)
+
+    def ids(self, split: str) -> list[str]:
+        ids = sorted(self._splits.get(split, []))
+        if not ids:
+            where = self.root / "metadata.csv" if (self.root / "metadata.csv").is_file() else self.root
+            raise ValueError(f"{where}: split {split!r} is empty (splits present: {sorted(self._splits)})")
+        return ids
+
+    def load(self, sample_id: str) -> Sample:
+        row = self._rows[sample_id]
+        image_file = _find_file(self.root / "images", sample_id, IMAGE_SUFFIXES)
+        if image_file is None:
+            raise FileNotFoundError(f"{self.root / 'images' / sample_id}.png: image file not found")
+        mask_file = _find_file(self.root / "masks", sample_id, MASK_SUFFIXES)
+        if mask_file is None:
+            raise FileNotFoundError(f"{self.root / 'masks' / sample_id}.png: mask file not found")
+        image = read_image(image_file)
+        label = read_label(mask_file, len(self.class_names), image.shape)
+        meta = {k: (row.get(k) or "") for k in self.META_COLUMNS}
+        return Sample(id=sample_id, image=image, label=label, prompt="", source="real", meta=meta)
+
+
+class JSRTSource(FolderSource):
+    """The JSRT/SCR folder: ``images/<id>.png``, ``masks/<id>.png``, ``metadata.csv`` (with splits).
 
     Args:
         root: folder path.
@@ -126,45 +242,12 @@ class JSRTSource:
         len(src.ids("train"))  # 173
     """
 
-    REQUIRED_COLUMNS = ("id", "split")
-    META_COLUMNS = ("sex", "age", "finding", "diagnosis", "reading")
-
     def __init__(self, root: str | os.PathLike, class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES):
-        self.root = Path(root)
-        self.name = "jsrt"
-        self.class_names = validate_class_names(class_names)
-        meta_file = self.root / "metadata.csv"
-        if not self.root.is_dir():
+        if not Path(root).is_dir():
             raise FileNotFoundError(
-                f"{self.root}: JSRT folder not found (set paths.jsrt_dir or the DIFFMASK_JSRT_DIR variable)"
+                f"{root}: JSRT folder not found (set paths.jsrt_dir or the DIFFMASK_JSRT_DIR variable)"
             )
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file}: metadata.csv not found in the JSRT folder")
-        with open(meta_file, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            missing = [c for c in self.REQUIRED_COLUMNS if c not in columns]
-            if missing:
-                raise ValueError(f"{meta_file}: missing column(s) {missing}; found {columns}")
-            self._rows = {row["id"]: row for row in reader}
-        self._splits: dict[str, list[str]] = {}
-        for sid, row in self._rows.items():
-            self._splits.setdefault(row["split"], []).append(sid)
-
-    def ids(self, split: str) -> list[str]:
-        ids = sorted(self._splits.get(split, []))
-        if not ids:
-            raise ValueError(
-                f"{self.root / 'metadata.csv'}: split {split!r} is empty (splits present: {sorted(self._splits)})"
-            )
-        return ids
-
-    def load(self, sample_id: str) -> Sample:
-        row = self._rows[sample_id]
-        image = read_image(self.root / "images" / f"{sample_id}.png")
-        label = read_label(self.root / "masks" / f"{sample_id}.png", len(self.class_names), image.shape)
-        meta = {k: (row.get(k) or "") for k in self.META_COLUMNS}
-        return Sample(id=sample_id, image=image, label=label, prompt="", source="real", meta=meta)
+        super().__init__(root, class_names, name="jsrt", require_metadata=True)
 
 
 class ManifestSource:
@@ -313,6 +396,24 @@ def draw_phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
     img = sum(pad[dy : dy + size, dx : dx + size] for dy in range(3) for dx in range(3)) / 9.0
     img = img + rng.normal(0, 0.03, img.shape).astype(np.float32)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8), label
+
+
+def open_test_set(
+    path: str | os.PathLike, class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES, name: str | None = None
+) -> SampleSource:
+    """An external test set by path: a manifest folder (or file), or an ``images/`` + ``masks/`` folder.
+
+    Rows / images without a split count as ``test``.
+    """
+    path = Path(path)
+    if path.is_file() or (path / "manifest.jsonl").is_file():
+        return ManifestSource(path, class_names, default_split="test", name=name)
+    if (path / "images").is_dir():
+        return FolderSource(path, class_names, name=name, default_split="test")
+    raise FileNotFoundError(
+        f"{path}: not a test set (expected a manifest.jsonl, or images/ and masks/ folders with "
+        "optional metadata.csv)"
+    )
 
 
 def auto_source(

@@ -120,3 +120,44 @@ def test_phantom_is_deterministic_and_anatomical():
     assert np.nonzero(s1.label == 1)[1].mean() > 32 > np.nonzero(s1.label == 2)[1].mean()
     # lungs darker than heart
     assert s1.image[s1.label == 1].mean() < s1.image[s1.label == 3].mean()
+
+
+def test_16bit_image_is_rescaled_not_clipped(tmp_path):
+    from diffmask.data.sources import read_image
+
+    ramp = np.linspace(1000, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)  # 12 bits in a 16-bit PNG
+    Image.fromarray(ramp).save(tmp_path / "x.png")
+    with Image.open(tmp_path / "x.png") as im:
+        assert im.mode.startswith("I;16")
+    img = read_image(tmp_path / "x.png")
+    assert img.dtype == np.uint8 and img.min() == 0 and img.max() == 255
+    # monotone and spread over the range, not saturated
+    assert (np.diff(img.ravel().astype(int)) >= 0).all() and 0.3 < (img > 127).mean() < 0.7
+
+    Image.fromarray(np.full((8, 8), np.nan, np.float32)).save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match=r"nan\.tif: unreadable image .*NaN"):
+        read_image(tmp_path / "nan.tif")
+
+
+def test_folder_test_set_without_metadata(jsrt_dir, tmp_path):
+    """An external test set as images/ + masks/ only, lungs-only labels 0/1/2, a JPEG image."""
+    from diffmask.data import FolderSource, open_test_set
+
+    ext = tmp_path / "other_hospital"
+    (ext / "images").mkdir(parents=True)
+    (ext / "masks").mkdir()
+    for i in ("0003", "0004"):
+        label = np.asarray(Image.open(jsrt_dir / "masks" / f"{i}.png"))
+        Image.fromarray(np.where(label == 3, 0, label).astype(np.uint8)).save(ext / "masks" / f"case_{i}.png")
+        Image.open(jsrt_dir / "images" / f"{i}.png").convert("L").save(ext / "images" / f"case_{i}.jpg", quality=95)
+    src = open_test_set(ext, name="hospital_b")
+    assert isinstance(src, FolderSource) and src.name == "hospital_b"
+    assert src.ids("test") == ["case_0003", "case_0004"]
+    s = src.load("case_0003")
+    assert s.image.shape == s.label.shape == (256, 256) and set(np.unique(s.label)) == {0, 1, 2}
+
+    (ext / "masks" / "case_0004.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"masks/case_0004\.png: mask file not found"):
+        src.load("case_0004")
+    with pytest.raises(FileNotFoundError, match="expected a manifest.jsonl, or images/ and masks/"):
+        open_test_set(tmp_path / "nowhere")

@@ -62,3 +62,35 @@ def test_fine_tune_starts_from_the_checkpoint_weights(jsrt_dir, tmp_path):
     run(compose_config("train", [*common, "trainer.max_epochs=1", f"segmentation.init_weights={best}"], tuned))
     pre, start, fresh = _epoch_losses(first), _epoch_losses(tuned)[0], _epoch_losses(scratch)[0]
     assert fresh - start > 0.5 * (pre[0] - pre[-1]) > 0
+
+
+def test_trained_model_scored_on_an_external_folder_without_training(jsrt_dir, tmp_path):
+    """``train=false segmentation.init_weights=<run>``: a lungs-only images/+masks/ folder is scored on the lungs."""
+    import numpy as np
+    from PIL import Image
+
+    ext = tmp_path / "hospital_b"
+    (ext / "images").mkdir(parents=True)
+    (ext / "masks").mkdir()
+    for i in ("0005", "0006", "0007"):
+        label = np.asarray(Image.open(jsrt_dir / "masks" / f"{i}.png"))
+        Image.fromarray(np.where(label == 3, 0, label).astype(np.uint8)).save(ext / "masks" / f"{i}.png")
+        # a 16-bit export of the same X-ray
+        image = np.asarray(Image.open(jsrt_dir / "images" / f"{i}.png").convert("L")).astype(np.uint16) * 16
+        Image.fromarray(image).save(ext / "images" / f"{i}.png")
+    common = [*TINY, *NETS["unet"], f"paths.jsrt_dir={jsrt_dir}", "trainer.limit_train_batches=2",
+              f"data.test_sets={{hospital_b: {ext}}}", "trainer.limit_test_batches=null"]
+    fitted = tmp_path / "fit"
+    run(compose_config("train", [*common, "trainer.max_epochs=4"], fitted))
+    before = json.loads((fitted / "metrics.json").read_text())["metrics"]
+    scored = tmp_path / "scored"
+    run(compose_config("train", [*common, "train=false", f"segmentation.init_weights={fitted}"], scored))
+    out = json.loads((scored / "metrics.json").read_text())
+    keys = out["metrics"]
+    assert out["best_checkpoint"] is None and out["epochs"] == 0
+    assert "test/hospital_b/iou_heart" not in keys and 0 < keys["test/hospital_b/iou_left_lung"] <= 1
+    assert keys["test/hospital_b/miou"] == pytest.approx(
+        (keys["test/hospital_b/iou_left_lung"] + keys["test/hospital_b/iou_right_lung"]) / 2, abs=1e-6)
+    # the same weights score the same on the same images
+    for key in ("test/jsrt/miou", "test/hospital_b/miou"):
+        assert keys[key] == pytest.approx(before[key], abs=1e-5)
