@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, WeightedRandomSampler
 
-from diffmask.data.dataset import SegmentationDataset
+from diffmask.data.dataset import INTENSITY_MODES, SegmentationDataset
 from diffmask.data.sources import ManifestSource, SampleSource, open_test_set
 from diffmask.labels import DEFAULT_CLASS_NAMES, validate_class_names
 
@@ -72,6 +72,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         test_sets: extra named test sets, name -> a manifest folder or an ``images/`` + ``masks/``
             folder (:func:`~diffmask.data.sources.open_test_set`; rows without a split count as
             ``test``); the real source's test split always comes first, under ``real.name``.
+        intensity: per-image intensity normalisation of every image served, real, synthetic,
+            validation and test alike: ``raw``, ``percentile`` or ``equalize``
+            (:func:`~diffmask.data.dataset.normalize_intensity`).
         num_workers: DataLoader workers.
         seed: seed of the real/synthetic subset draws.
         train_split, val_split, test_split: split names.
@@ -93,6 +96,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         augment: Callable | None = None,
         synthetic_augment: Callable | None = None,
         test_sets: Mapping[str, str] | None = None,
+        intensity: str = "raw",
         num_workers: int = 0,
         seed: int = 0,
         train_split: str = "train",
@@ -110,6 +114,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"real_share: expected a share in (0, 1) or null, got {real_share}")
         if synthetic_ignore_margin < 0:
             raise ValueError(f"synthetic_ignore_margin: expected >= 0 pixels, got {synthetic_ignore_margin}")
+        if intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity: expected one of {list(INTENSITY_MODES)}, got {intensity!r}")
+        self.intensity = intensity
         self.real_share = real_share
         self.synthetic_ignore_margin = int(synthetic_ignore_margin)
         self._draws = torch.Generator().manual_seed(seed + 2)
@@ -186,7 +193,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     def train_dataset(self) -> torch.utils.data.Dataset:
         parts = []
         if self.real_train_ids:
-            parts.append(SegmentationDataset(self.real, self.real_train_ids, self.size, self.augment))
+            parts.append(
+                SegmentationDataset(self.real, self.real_train_ids, self.size, self.augment, intensity=self.intensity)
+            )
         if self.synthetic_ids:
             parts.append(
                 SegmentationDataset(
@@ -195,6 +204,7 @@ class SegmentationDataModule(pl.LightningDataModule):
                     self.size,
                     self.synthetic_augment,
                     ignore_margin=self.synthetic_ignore_margin,
+                    intensity=self.intensity,
                 )
             )
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
@@ -227,12 +237,15 @@ class SegmentationDataModule(pl.LightningDataModule):
         return self._loader(self.train_dataset(), shuffle=True, sampler=self.train_sampler())
 
     def val_dataloader(self) -> DataLoader:
-        ds = SegmentationDataset(self.real, self.real.ids(self.splits["val"]), self.size)
+        ds = SegmentationDataset(self.real, self.real.ids(self.splits["val"]), self.size, intensity=self.intensity)
         return self._loader(ds, shuffle=False)
 
     def test_dataloader(self) -> list[DataLoader]:
         sources = {self.real.name: self.real, **self.extra_test_sets}
         return [
-            self._loader(SegmentationDataset(src, src.ids(self.splits["test"]), self.size), shuffle=False)
+            self._loader(
+                SegmentationDataset(src, src.ids(self.splits["test"]), self.size, intensity=self.intensity),
+                shuffle=False,
+            )
             for src in sources.values()
         ]

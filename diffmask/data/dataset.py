@@ -12,7 +12,42 @@ from torch.utils.data import Dataset
 from diffmask.data.sources import Sample, SampleSource
 from diffmask.labels import IGNORE_INDEX, ignore_boundaries
 
-__all__ = ["SegmentationDataset", "resize_sample"]
+__all__ = ["INTENSITY_MODES", "SegmentationDataset", "normalize_intensity", "resize_sample"]
+
+INTENSITY_MODES = ("raw", "percentile", "equalize")
+
+
+def normalize_intensity(image: np.ndarray, mode: str = "raw") -> np.ndarray:
+    """Per-image intensity normalisation of a uint8 (H, W) image; returns uint8.
+
+    * ``raw``: unchanged.
+    * ``percentile``: the 1st..99th percentile stretched linearly to 0..255 (undoes a linear
+      change of exposure or window).
+    * ``equalize``: histogram equalisation, with the histogram of the central half of the image
+      (each side's middle 50 %, where the lungs and heart are in any chest X-ray) mapping every
+      pixel. Any strictly increasing change of the grey levels (gamma, window, exposure) gives
+      the same output up to quantisation, which takes away much of the appearance gap between
+      hospitals. The central histogram keeps a dark border or a wider field of view from
+      shifting the whole map, as a whole-image histogram does (measured: test mIoU 0.74 instead
+      of 0.89 on 80 %-shrunk JSRT images; experiments/README.md).
+    """
+    if mode == "raw":
+        return image
+    if mode == "percentile":
+        lo, hi = np.percentile(image, [1.0, 99.0])
+        if hi <= lo:
+            return image
+        out = (image.astype(np.float32) - lo) * (255.0 / (hi - lo))
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    if mode == "equalize":
+        h, w = image.shape
+        top, left = h // 4, w // 4
+        hist = np.bincount(image[top : h - top, left : w - left].ravel(), minlength=256)
+        if np.count_nonzero(hist) < 2:
+            return image
+        lut = np.round(np.cumsum(hist) * (255.0 / hist.sum())).astype(np.uint8)
+        return lut[image]
+    raise ValueError(f"intensity: expected one of {list(INTENSITY_MODES)}, got {mode!r}")
 
 
 def resize_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -47,6 +82,7 @@ class SegmentationDataset(Dataset):
         ignore_index: label value for unlabelled pixels.
         ignore_margin: pixels within this distance (at ``size``) of another class are labelled
             ``ignore_index``, so a loss skips the least certain border of pseudo-labels (0: none).
+        intensity: per-image normalisation after resizing (:func:`normalize_intensity`).
     """
 
     def __init__(
@@ -57,6 +93,7 @@ class SegmentationDataset(Dataset):
         transform: Callable | None = None,
         ignore_index: int = IGNORE_INDEX,
         ignore_margin: int = 0,
+        intensity: str = "raw",
     ):
         if size not in (32, 48, 64, 96, 128, 192, 256, 384, 512) and size % 16:
             raise ValueError(f"size: expected a multiple of 16 (e.g. 64, 128, 256), got {size}")
@@ -68,6 +105,9 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"ignore_margin: expected >= 0 pixels, got {ignore_margin}")
         self.ignore_index = ignore_index
         self.ignore_margin = int(ignore_margin)
+        if intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity: expected one of {list(INTENSITY_MODES)}, got {intensity!r}")
+        self.intensity = intensity
         self._transform_seed: int | None = None  # torch's seed the transform was last seeded with
 
     def _seed_transform(self) -> None:
@@ -90,6 +130,7 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.source.load(self.ids[index])
         image, label = resize_sample(sample, self.size)
+        image = normalize_intensity(image, self.intensity)
         img_t = torch.from_numpy(image.astype(np.float32) / 255.0)[None]
         if label is None:
             lab_t = torch.full((1, self.size, self.size), self.ignore_index, dtype=torch.int64)

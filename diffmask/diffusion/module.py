@@ -166,7 +166,7 @@ class DiffusionLitModule(pl.LightningModule):
                 f"labelled_ids: {unknown[:5]} are not in the {dm.real.name} source's "
                 f"{dm.splits['train']!r} split ({len(unknown)} unknown)"
             )
-        dataset = SegmentationDataset(dm.real, sorted(self.labelled_ids), dm.size)
+        dataset = SegmentationDataset(dm.real, sorted(self.labelled_ids), dm.size, intensity=dm.intensity)
         self._labelled = LabelledBatches(
             dataset, self.align.batch_size, seed=torch.initial_seed() * 1013 + self.global_rank
         )

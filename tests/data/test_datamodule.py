@@ -151,3 +151,38 @@ def test_synthetic_ignore_margin_masks_borders_of_synthetic_labels_only(tmp_path
         assert torch.equal(ignored, mixed)
     with pytest.raises(ValueError, match="synthetic_ignore_margin"):
         SegmentationDataModule(real, size=32, synthetic_ignore_margin=-1)
+
+
+def test_equalize_removes_a_monotone_grey_level_change(jsrt_dir):
+    """``data.intensity=equalize``: the same X-ray under another window/gamma gives (almost) the same input."""
+    from diffmask.data.dataset import normalize_intensity
+
+    img = JSRTSource(jsrt_dir).load("0000").image
+    shifted = np.round(255 * (0.15 + 0.7 * (img / 255.0) ** 0.6)).astype(np.uint8)  # brighter, lower contrast
+    assert np.abs(img.astype(int) - shifted).mean() > 15
+    a, b = normalize_intensity(img, "equalize"), normalize_intensity(shifted, "equalize")
+    assert np.abs(a.astype(int) - b).mean() < 3
+    # a wider field of view (the chest shrunk to 80 % on a dark border) moves the map little:
+    # the histogram is the centre's, not the border's
+    from PIL import Image
+
+    def shrink(x):
+        out = np.full(x.shape, 10, np.uint8)
+        out[26:231, 26:231] = np.asarray(Image.fromarray(x).resize((205, 205), Image.BILINEAR))
+        return out
+
+    lungs = shrink((JSRTSource(jsrt_dir).load("0000").label > 0).astype(np.uint8) * 255) > 127
+    moved = np.abs(normalize_intensity(shrink(img), "equalize").astype(int) - shrink(a))[lungs].mean()
+    assert moved < 15, moved
+    p = normalize_intensity(img, "percentile")
+    assert p.dtype == np.uint8 and p.min() == 0 and p.max() == 255
+    assert normalize_intensity(img, "raw") is img
+    with pytest.raises(ValueError, match="intensity: expected one of"):
+        normalize_intensity(img, "clahe")
+
+    dm = SegmentationDataModule(JSRTSource(jsrt_dir), size=32, intensity="equalize")
+    item = dm.test_dataloader()[0].dataset[0]
+    assert item["image"].min() == 0.0 and item["image"].max() == 1.0
+    assert abs(float(item["image"][:, 8:24, 8:24].mean()) - 0.5) < 0.05  # the centre's grey levels spread evenly
+    with pytest.raises(ValueError, match="intensity: expected one of"):
+        SegmentationDataModule(JSRTSource(jsrt_dir), size=32, intensity="none")
