@@ -4,8 +4,8 @@
     diffmask-evaluate-masks input_dir=... 'model.timesteps=[100,200,300]' trainer=ddp trainer.devices=4
 
 Loads the diffusion stage's model and prompt builder, runs :class:`MaskQualityLitModule` with
-``trainer.test`` on the real test split (``data.size`` is set to the model's resolution) and
-writes ``metrics.json`` to the run dir (``paths.output_dir``).
+``trainer.test`` on the real test split (``data.size`` and ``data.intensity`` are set to the
+model's) and writes ``metrics.json`` to the run dir (``paths.output_dir``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"input_dir: {model_stage.path}/diffmask.json lacks prompt_builder/resolution; export it with the fit stage"
         )
     with open_dict(cfg):
-        # attention maps and masks are compared at the resolution the model was trained at
+        # attention maps and masks are compared at the resolution the model was trained at, on
+        # real images normalised as its training images were (models from before: raw)
         cfg.data.size = int(meta["resolution"])
+        if cfg.data.get("intensity", "raw") != meta.get("intensity", "raw"):
+            log.info("data.intensity=%s: the model at %s was trained on it", meta.get("intensity", "raw"), model_stage.path)
+        cfg.data.intensity = meta.get("intensity", "raw")
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model, components=components, prompt_builder=PromptBuilder(**meta["prompt_builder"]))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer)
@@ -55,6 +59,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                        {datamodule.real.name: datamodule.real, **datamodule.extra_test_sets}.items()},
             "timesteps": list(cfg.model.timesteps),
             "size": int(meta["resolution"]),
+            "intensity": cfg.data.intensity,
             "overrides": job_overrides(),
             "seed": cfg.seed,
         })

@@ -90,7 +90,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if not trainer.is_global_zero:
         return metrics
-    model.export(work, extra={"labelled_ids": sorted(model.labelled_ids or [])})
+    # the input normalisation the model learnt; evaluate-masks feeds real images the same way
+    model.export(work, extra={"labelled_ids": sorted(model.labelled_ids or []), "intensity": datamodule.intensity})
     if not cfg.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     info = {

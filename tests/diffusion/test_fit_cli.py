@@ -32,14 +32,14 @@ def compose_fit(tmp_path, *overrides):
 
 
 def test_fit_diffusion_cli_writes_a_complete_diffusers_model(tmp_path):
-    cfg = compose_fit(tmp_path, "diffusion.align.label_fraction=0.5", "name=tiny")
+    cfg = compose_fit(tmp_path, "diffusion.align.label_fraction=0.5", "name=tiny", "data.intensity=equalize")
     metrics = run(cfg)
     out = tmp_path / "artifacts" / "diffusion" / "tiny"
     info = json.loads((out / "stage.json").read_text())
     assert info["status"] == "complete" and info["counts"]["steps"] == 3 and info["counts"]["n_labelled"] == 2
     assert not (out / "checkpoints").exists()
     meta = json.loads((out / "diffmask.json").read_text())
-    assert meta["resolution"] == 32 and len(meta["labelled_ids"]) == 2
+    assert meta["resolution"] == 32 and len(meta["labelled_ids"]) == 2 and meta["intensity"] == "equalize"
     assert "train/align_loss" in metrics or "train/mse" in metrics
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
     images = DiffusionSampler.from_pretrained(out)([meta["prompt_builder"]["templates"][0].format(

@@ -69,11 +69,13 @@ def test_evaluate_masks_cli_on_two_jsrt_test_images_writes_metrics(tmp_path, mod
         "+trainer.limit_test_batches=1", "model.timesteps=[200]", "model.affinity_steps=2",
         "model.affinity_batch_size=2", "model.refiners.densecrf.iterations=2", "model.affinity.t=4",
         "model.affinity.radius=3", "model.affinity.backbone.channels=[8,16]", "model.affinity.backbone.feature_dim=8",
-        "model.store.upsample=bilinear",
+        "model.store.upsample=bilinear", "data.intensity=equalize",
     ], tmp_path / "run")
     metrics = run(cfg)
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert written["size"] == 32 and written["test_sets"] == ["jsrt"]
+    # size and intensity normalisation are the model's, whatever data.* says
+    trained_on = json.loads((model_dir / "diffmask.json").read_text()).get("intensity", "raw")  # older exports: raw
+    assert written["size"] == 32 and written["test_sets"] == ["jsrt"] and written["intensity"] == trained_on == "raw"
     for step in STEP_NAMES:
         for name in CLASSES:
             assert 0 <= metrics[f"masks/jsrt/{step}/iou_{name}"] <= 1
