@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seconds = time.time() - start
     info = {**counts, "seconds": round(seconds, 1)}
     stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"synthesis": str(source.path)},
-                 counts=info)
+                 counts=info, extra={"intensity": source.info().get("intensity", "raw")})
     log.info("%d samples re-masked into %s (%.1f s)", counts["rows"], stage.path, seconds)
     return info
 

@@ -7,8 +7,10 @@ test always use real data; extra test sets (``test_sets``) plug in by name.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -134,6 +136,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             if not synthetic_dir
             else ManifestSource(synthetic_dir, self.class_names, "train", min_score=synthetic_min_score)
         )
+        if synthetic_dir:
+            self._check_synthetic_intensity(Path(synthetic_dir))
         self.synthetic_ratio = synthetic_ratio
         self.synthetic_count = synthetic_count
         self.augment = augment
@@ -162,6 +166,19 @@ class SegmentationDataModule(pl.LightningDataModule):
             size,
             "" if real_share is None else f", real share per batch {real_share:g}",
         )
+
+    def _check_synthetic_intensity(self, folder: Path) -> None:
+        """Warn when the synthetic images come from a model trained on other normalised images."""
+        stage_file = (folder if folder.is_dir() else folder.parent) / "stage.json"
+        if not stage_file.is_file():
+            return
+        made_from = json.loads(stage_file.read_text()).get("intensity", "raw")
+        if made_from != self.intensity:
+            log.warning(
+                "data.intensity=%s, but the synthetic images in %s come from a diffusion model trained on "
+                "data.intensity=%s images: give every stage the same setting (pipeline: common=['data.intensity=...'])",
+                self.intensity, stage_file.parent, made_from,
+            )
 
     def _select_synthetic(self) -> list[str]:
         if self.synthetic is None:

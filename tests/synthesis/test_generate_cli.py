@@ -30,6 +30,7 @@ def test_generate_cli_writes_a_complete_synthetic_stage(tmp_path, model_dir, cap
     assert info["rows"] == 3 and StageDir(out).is_complete()
     stage = json.loads((out / "stage.json").read_text())
     assert stage["inputs"]["diffusion"]["path"] == str(model_dir)
+    assert stage["intensity"] == "raw"  # the model's input normalisation (older exports: raw)
     rows = read_manifest(out)
     assert [r.source for r in rows] == ["synthetic"] * 3 and all("left lung" in r.prompt for r in rows)
     assert len(ManifestSource(out).ids("train")) == 3
@@ -40,6 +41,16 @@ def test_generate_cli_writes_a_complete_synthetic_stage(tmp_path, model_dir, cap
     with caplog.at_level("WARNING"):
         assert run(changed) == {}
     assert "NOT redone" in caplog.text and "guidance_scale: 3.0 -> 2.0" in caplog.text
+    # segmentation on these images with another normalisation: a warning naming the fix
+    from diffmask.data import PhantomSource, SegmentationDataModule
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        SegmentationDataModule(PhantomSource(size=32, num_train=2), size=32, synthetic_dir=str(out), intensity="raw")
+        assert "data.intensity" not in caplog.text
+        SegmentationDataModule(PhantomSource(size=32, num_train=2), size=32, synthetic_dir=str(out),
+                               intensity="equalize")
+    assert "trained on data.intensity=raw images" in caplog.text
 
 
 def test_generate_cli_with_given_prompts_and_bad_input(tmp_path, model_dir):
