@@ -152,8 +152,8 @@ def _find_file(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | Non
 class FolderSource:
     """A folder of ``images/<id>.<png|jpg|...>`` with label maps ``masks/<id>.<png|...>``.
 
-    ``metadata.csv`` (columns ``id``, ``split``, optional ``sex, age, finding, diagnosis,
-    reading``) is optional: without it every image is one split, ``default_split``. This is
+    ``metadata.csv`` (column ``id``; optional ``split``, ``sex, age, finding, diagnosis,
+    reading``) is optional: without it, or without a split, an image is in ``default_split``. This is
     how a second real test set (another hospital, another layout than the manifest) plugs in
     by path; labels ``0..k`` with ``k`` below the number of classes (e.g. lungs only) are fine.
 
@@ -169,7 +169,7 @@ class FolderSource:
         ValueError: naming ``metadata.csv`` when a required column is missing.
     """
 
-    REQUIRED_COLUMNS = ("id", "split")
+    REQUIRED_COLUMNS: tuple[str, ...] = ("id",)  # rows without a split are ``default_split``
     META_COLUMNS = ("sex", "age", "finding", "diagnosis", "reading")
 
     def __init__(
@@ -206,7 +206,7 @@ class FolderSource:
             self._rows = {stem: {"id": stem, "split": default_split} for stem in stems}
         self._splits: dict[str, list[str]] = {}
         for sid, row in self._rows.items():
-            self._splits.setdefault(row["split"] or default_split, []).append(sid)
+            self._splits.setdefault(row.get("split") or default_split, []).append(sid)
 
     def ids(self, split: str) -> list[str]:
         ids = sorted(self._splits.get(split, []))
@@ -241,6 +241,8 @@ class JSRTSource(FolderSource):
         src = JSRTSource("../shared/data/jsrt_scr")
         len(src.ids("train"))  # 173
     """
+
+    REQUIRED_COLUMNS = ("id", "split")
 
     def __init__(self, root: str | os.PathLike, class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES):
         if not Path(root).is_dir():

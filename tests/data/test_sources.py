@@ -156,6 +156,11 @@ def test_folder_test_set_without_metadata(jsrt_dir, tmp_path):
     s = src.load("case_0003")
     assert s.image.shape == s.label.shape == (256, 256) and set(np.unique(s.label)) == {0, 1, 2}
 
+    # a metadata.csv without splits: every listed image is a test image
+    (ext / "metadata.csv").write_text("id,sex\ncase_0003,F\ncase_0004,M\n")
+    src = open_test_set(ext)
+    assert src.ids("test") == ["case_0003", "case_0004"] and src.load("case_0004").meta["sex"] == "M"
+
     (ext / "masks" / "case_0004.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"masks/case_0004\.png: mask file not found"):
         src.load("case_0004")
