@@ -93,8 +93,15 @@ generate)
   ;;
 table)
   # the results table: real 100 % / real 10 % / synthetic only / real 10 % + synthetic (real_share
-  # 0.5) / synthetic pre-training + real 10 % fine-tuning
-  A="experiment=ablation $P $DT synthetic_name=$NAME data.seed=0 $UNET_SMALL"
+  # 0.5) / synthetic pre-training + real 10 % fine-tuning; every model is also scored on shifted
+  # copies of the JSRT test split (another hospital, by proxy: experiments/robustness)
+  JS=${DIFFMASK_JSRT_DIR:-../shared/data/jsrt_scr}
+  SH=""
+  if [ -f "$JS/metadata.csv" ]; then
+    $PY experiments/robustness/make_shifted_sets.py "$JS" "$ART/shifted" > /dev/null
+    SH="data.test_sets={window:$ART/shifted/window,fov:$ART/shifted/fov,detector:$ART/shifted/detector,mixed:$ART/shifted/mixed}"
+  fi
+  A="experiment=ablation $P $DT synthetic_name=$NAME data.seed=0 $UNET_SMALL $SH"
   $PY -m diffmask.cli.train -m $A $JOBS $NETS seed=$SEEDS data.real_fraction=1.0 data.synthetic_count=0 $EPOCHS
   $PY -m diffmask.cli.train -m $A $JOBS $NETS seed=$SEEDS data.real_fraction=0.1 data.synthetic_count=0 $EPOCHS10
   $PY -m diffmask.cli.train -m $A $JOBS $NETS seed=$SEEDS data.real_fraction=0.1 data.synthetic_count=$NS \

@@ -36,6 +36,9 @@ def test_gpu_session_steps_run_in_smoke_mode(tmp_path, jsrt_dir):
     assert "8 runs, 8 conditions" in report
     assert "segmentation.init_weights=[" in report and "synthetic_name=gpu128_raw" in report
     assert (out / "report.csv").is_file() and (out / "iou_vs_real_fraction.png").is_file()
+    # the table's models are also scored on the shifted JSRT copies (experiments/robustness)
+    header = (out / "report.csv").read_text().splitlines()[0]
+    assert all(f"test/{s}/miou" in header for s in ("jsrt", "window", "fov", "detector", "mixed")), header
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(["bash", "experiments/gpu_session.sh", "nope"], cwd=ROOT, env=env, check=True,
                        capture_output=True)
