@@ -176,7 +176,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         if made_from != self.intensity:
             log.warning(
                 "data.intensity=%s, but the synthetic images in %s come from a diffusion model trained on "
-                "data.intensity=%s images: give every stage the same setting (pipeline: common=['data.intensity=...'])",
+                "data.intensity=%s images: give every stage the same setting (pipeline: in its common list)",
                 self.intensity, stage_file.parent, made_from,
             )
 
