@@ -1,6 +1,7 @@
 """Write appearance-shifted copies of a real test split, as stand-ins for other hospitals.
 
-Each set is an ``images/`` + ``masks/`` folder that ``data.test_sets`` reads by path. The
+Each set is an ``images/`` + ``masks/`` folder with the samples' ``metadata.csv`` (prompts for
+mask evaluation are built from it), which ``data.test_sets`` reads by path. The
 shifts are the usual differences between sites, applied to the JSRT test images:
 
 * ``window``: another exposure / display window (gamma 0.6, grey levels squeezed into 15-85 %);
@@ -17,6 +18,7 @@ They are proxies, not a real external test set: they show what the model is sens
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 from pathlib import Path
 
@@ -90,6 +92,14 @@ def main() -> None:
             image, label = shifted(name, sample.image, sample.label, rng)
             atomic_write_bytes(folder / "images" / f"{sid}.png", _png_bytes(image))
             atomic_write_bytes(folder / "masks" / f"{sid}.png", _png_bytes(label))
+        # the samples' metadata too: mask evaluation builds each image's prompt from it
+        lines = io.StringIO()
+        writer = csv.writer(lines, lineterminator="\n")
+        writer.writerow(["id", "split", *src.META_COLUMNS])
+        for sid in src.ids(args.split):
+            meta = src.load(sid).meta
+            writer.writerow([sid, "test", *(meta.get(c, "") for c in src.META_COLUMNS)])
+        atomic_write_bytes(folder / "metadata.csv", lines.getvalue().encode())
         print(f"{folder}: {len(src.ids(args.split))} images")
 
 

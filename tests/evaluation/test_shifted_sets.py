@@ -25,7 +25,7 @@ def test_shifted_sets_keep_the_labels_aligned(jsrt_dir, tmp_path):
     win = open_test_set(tmp_path / "window", name="window")
     assert win.ids("test") == real.ids("test")
     w = win.load(sid)
-    assert np.array_equal(w.label, orig.label)
+    assert np.array_equal(w.label, orig.label) and w.meta == orig.meta  # metadata carried for prompts
     assert w.image.min() >= 0.15 * 255 - 1 and w.image.max() <= 0.85 * 255 + 1
     f = open_test_set(tmp_path / "fov").load(sid)
     # 80 % of the image on a border: each class keeps ~64 % of its area, and its centre
