@@ -42,9 +42,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # attention maps and masks are compared at the resolution the model was trained at, on
         # real images normalised as its training images were (models from before: raw)
         cfg.data.size = int(meta["resolution"])
-        if cfg.data.get("intensity", "raw") != meta.get("intensity", "raw"):
-            log.info("data.intensity=%s: the model at %s was trained on it", meta.get("intensity", "raw"), model_stage.path)
-        cfg.data.intensity = meta.get("intensity", "raw")
+        if cfg.data.get("intensity", "raw") != components.intensity:
+            log.info("data.intensity=%s: the model at %s was trained on it", components.intensity, model_stage.path)
+        cfg.data.intensity = components.intensity
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model, components=components, prompt_builder=PromptBuilder(**meta["prompt_builder"]))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer)

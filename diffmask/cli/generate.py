@@ -14,10 +14,8 @@ the written images + masks and writes ``masks_affinity/`` (see
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -109,16 +107,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     info = {**counts, "requested": len(requests), "seconds": round(seconds, 1),
             "images_per_s": counts["written"] / seconds if seconds > 0 else None}
     stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"diffusion": str(model_stage.path)},
-                 counts=info, extra={"intensity": _model_intensity(model_stage.path)})
+                 counts=info, extra={"intensity": sampler.components.intensity})
     log.info("%d samples in %s (%d new, %.1f s)", counts["rows"], stage.path, counts["written"], seconds)
     return info
-
-
-def _model_intensity(model_dir: Path) -> str:
-    """The input normalisation the diffusion model learnt (``data.intensity``; older models: raw)."""
-    meta_file = Path(model_dir) / "diffmask.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    return str(meta.get("intensity", "raw"))
 
 
 def _only_more_samples(stage: StageDir, cfg: DictConfig) -> bool:

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, WeightedRandomSampler
 
-from diffmask.data.dataset import INTENSITY_MODES, SegmentationDataset
+from diffmask.data.dataset import SegmentationDataset, check_intensity
 from diffmask.data.sources import ManifestSource, SampleSource, open_test_set
 from diffmask.labels import DEFAULT_CLASS_NAMES, validate_class_names
 
@@ -116,9 +116,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"real_share: expected a share in (0, 1) or null, got {real_share}")
         if synthetic_ignore_margin < 0:
             raise ValueError(f"synthetic_ignore_margin: expected >= 0 pixels, got {synthetic_ignore_margin}")
-        if intensity not in INTENSITY_MODES:
-            raise ValueError(f"intensity: expected one of {list(INTENSITY_MODES)}, got {intensity!r}")
-        self.intensity = intensity
+        self.intensity = check_intensity(intensity)
         self.real_share = real_share
         self.synthetic_ignore_margin = int(synthetic_ignore_margin)
         self._draws = torch.Generator().manual_seed(seed + 2)

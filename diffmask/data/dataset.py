@@ -12,9 +12,16 @@ from torch.utils.data import Dataset
 from diffmask.data.sources import Sample, SampleSource
 from diffmask.labels import IGNORE_INDEX, ignore_boundaries
 
-__all__ = ["INTENSITY_MODES", "SegmentationDataset", "normalize_intensity", "resize_sample"]
+__all__ = ["INTENSITY_MODES", "SegmentationDataset", "check_intensity", "normalize_intensity", "resize_sample"]
 
 INTENSITY_MODES = ("raw", "percentile", "equalize")
+
+
+def check_intensity(mode: str) -> str:
+    """``mode`` if it is one of :data:`INTENSITY_MODES`, else a ValueError naming the field."""
+    if mode not in INTENSITY_MODES:
+        raise ValueError(f"intensity: expected one of {list(INTENSITY_MODES)}, got {mode!r}")
+    return mode
 
 
 def normalize_intensity(image: np.ndarray, mode: str = "raw") -> np.ndarray:
@@ -31,7 +38,7 @@ def normalize_intensity(image: np.ndarray, mode: str = "raw") -> np.ndarray:
       shifting the whole map, as a whole-image histogram does (measured, one seed: mIoU 0.743
       with a whole-image histogram on 80 %-shrunk JSRT test images; experiments/robustness).
     """
-    if mode == "raw":
+    if check_intensity(mode) == "raw":
         return image
     if mode == "percentile":
         lo, hi = np.percentile(image, [1.0, 99.0])
@@ -39,15 +46,14 @@ def normalize_intensity(image: np.ndarray, mode: str = "raw") -> np.ndarray:
             return image
         out = (image.astype(np.float32) - lo) * (255.0 / (hi - lo))
         return np.clip(np.round(out), 0, 255).astype(np.uint8)
-    if mode == "equalize":
-        h, w = image.shape
-        top, left = h // 4, w // 4
-        hist = np.bincount(image[top : h - top, left : w - left].ravel(), minlength=256)
-        if np.count_nonzero(hist) < 2:
-            return image
-        lut = np.round(np.cumsum(hist) * (255.0 / hist.sum())).astype(np.uint8)
-        return lut[image]
-    raise ValueError(f"intensity: expected one of {list(INTENSITY_MODES)}, got {mode!r}")
+    # equalize
+    h, w = image.shape
+    top, left = h // 4, w // 4
+    hist = np.bincount(image[top : h - top, left : w - left].ravel(), minlength=256)
+    if np.count_nonzero(hist) < 2:
+        return image
+    lut = np.round(np.cumsum(hist) * (255.0 / hist.sum())).astype(np.uint8)
+    return lut[image]
 
 
 def resize_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -105,9 +111,7 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"ignore_margin: expected >= 0 pixels, got {ignore_margin}")
         self.ignore_index = ignore_index
         self.ignore_margin = int(ignore_margin)
-        if intensity not in INTENSITY_MODES:
-            raise ValueError(f"intensity: expected one of {list(INTENSITY_MODES)}, got {intensity!r}")
-        self.intensity = intensity
+        self.intensity = check_intensity(intensity)
         self._transform_seed: int | None = None  # torch's seed the transform was last seeded with
 
     def _seed_transform(self) -> None:

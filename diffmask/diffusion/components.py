@@ -71,6 +71,11 @@ class DiffusionComponents:
         return self.vae is not None
 
     @property
+    def intensity(self) -> str:
+        """The ``data.intensity`` the exported model was trained on (``raw`` when not recorded)."""
+        return str(self.metadata.get("intensity", "raw"))
+
+    @property
     def vae_scale_factor(self) -> int:
         return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
 

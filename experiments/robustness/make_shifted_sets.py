@@ -87,18 +87,16 @@ def main() -> None:
         folder = Path(args.out_dir) / name
         for sub in ("images", "masks"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        for sid in src.ids(args.split):
-            sample = src.load(sid)
-            image, label = shifted(name, sample.image, sample.label, rng)
-            atomic_write_bytes(folder / "images" / f"{sid}.png", _png_bytes(image))
-            atomic_write_bytes(folder / "masks" / f"{sid}.png", _png_bytes(label))
         # the samples' metadata too: mask evaluation builds each image's prompt from it
         lines = io.StringIO()
         writer = csv.writer(lines, lineterminator="\n")
         writer.writerow(["id", "split", *src.META_COLUMNS])
         for sid in src.ids(args.split):
-            meta = src.load(sid).meta
-            writer.writerow([sid, "test", *(meta.get(c, "") for c in src.META_COLUMNS)])
+            sample = src.load(sid)
+            image, label = shifted(name, sample.image, sample.label, rng)
+            atomic_write_bytes(folder / "images" / f"{sid}.png", _png_bytes(image))
+            atomic_write_bytes(folder / "masks" / f"{sid}.png", _png_bytes(label))
+            writer.writerow([sid, "test", *(sample.meta.get(c, "") for c in src.META_COLUMNS)])
         atomic_write_bytes(folder / "metadata.csv", lines.getvalue().encode())
         print(f"{folder}: {len(src.ids(args.split))} images")
 
