@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import atomic_write_json
+from diffmask.seeds import check_seed
 
 __all__ = [
     "CONFIG_PATH",
@@ -24,6 +25,8 @@ __all__ = [
     "log_config",
     "write_metrics",
     "stage_task",
+    "seed_run",
+    "require_training",
 ]
 
 log = logging.getLogger("diffmask")
@@ -69,6 +72,41 @@ def log_config(cfg: DictConfig, loggers: list[pl.loggers.Logger]) -> None:
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     for lg in loggers:
         lg.log_hyperparams(container)
+
+
+def seed_run(cfg: DictConfig) -> int:
+    """Check the run's ``seed`` and seed Python, numpy and torch (and the data workers) with it.
+
+    Lightning's ``seed_everything`` draws a random seed, with a warning only, for a negative or
+    too large one: a sweep would not repeat; here that is an error naming ``seed``.
+    """
+    seed = check_seed(cfg.get("seed"), "seed")
+    pl.seed_everything(seed, workers=True)
+    return seed
+
+
+def require_training(trainer: pl.Trainer) -> None:
+    """Refuse a fit that would train nothing: its scores would come from an untrained model.
+
+    ``trainer.max_epochs=0``, ``trainer.max_steps=0`` or ``trainer.limit_train_batches=0``
+    make ``fit`` return at once, and a run would write normal-looking metrics (mIoU 0.07) a
+    sweep could take for results. To score a model without training, say so: ``train=false``
+    with ``segmentation.init_weights=<run dir>``.
+    """
+    zero = [
+        f"trainer.{name}={value}"
+        for name, value in (
+            ("max_epochs", trainer.max_epochs),
+            ("max_steps", trainer.max_steps),
+            ("limit_train_batches", trainer.limit_train_batches),
+        )
+        if value is not None and value == 0
+    ]
+    if zero:
+        raise ValueError(
+            f"{', '.join(zero)}: the fit would train nothing and score an untrained model; expected at least "
+            "one training step (to score a trained model without fitting: train=false segmentation.init_weights=...)"
+        )
 
 
 def _to_float(value: Any) -> float | None:

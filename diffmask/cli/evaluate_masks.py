@@ -19,7 +19,14 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import CONFIG_PATH, job_overrides, optimized_value, stage_task, write_metrics
+from diffmask.cli.common import (
+    CONFIG_PATH,
+    job_overrides,
+    optimized_value,
+    seed_run,
+    stage_task,
+    write_metrics,
+)
 from diffmask.diffusion.components import load_components
 from diffmask.prompts.builder import PromptBuilder
 
@@ -29,7 +36,7 @@ log = logging.getLogger("diffmask.evaluate_masks")
 @stage_task
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Score the attention masks of the model in ``cfg.input_dir`` on real test images."""
-    pl.seed_everything(cfg.seed, workers=True)
+    seed_run(cfg)
     model_stage = StageDir(cfg.input_dir)
     model_stage.info()  # a clear error when the diffusion stage has not finished
     components = load_components(model_stage.path)
@@ -54,6 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         out = Path(cfg.paths.output_dir) / "metrics.json"
         write_metrics(out, metrics, extra={
             "model_dir": str(model_stage.path),
+            "data": {"real": datamodule.real.name},  # "phantom" when data=auto found no JSRT folder
             "test_sets": datamodule.test_set_names,
             "n_test": {name: len(src.ids("test")) for name, src in
                        {datamodule.real.name: datamodule.real, **datamodule.extra_test_sets}.items()},

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from diffmask.cli.common import (
     CONFIG_PATH,
     instantiate_loggers,
     log_config,
+    require_training,
+    seed_run,
     skip_complete_stage,
     stage_task,
     write_metrics,
@@ -49,7 +50,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stage = StageDir(cfg.output_dir)
     if skip_complete_stage(stage, cfg):
         return {}
-    pl.seed_everything(cfg.seed, workers=True)
+    seed_run(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     if not issubclass(hydra.utils.get_class(cfg.prompts._target_), PromptBuilder):
         raise ValueError(
@@ -75,6 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     throughput = TrainingThroughput()
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[checkpoint, throughput], logger=loggers or False)
+    require_training(trainer)
     log_config(cfg, loggers)
 
     ckpt_path = cfg.get("ckpt_path")
@@ -86,7 +88,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     fit_seconds = time.time() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
-    metrics["train/images_per_s"] = throughput.images_per_s
+    if throughput.images_per_s is not None:
+        metrics["train/images_per_s"] = throughput.images_per_s
 
     if not trainer.is_global_zero:
         return metrics
@@ -97,16 +100,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     info = {
         "steps": int(trainer.global_step),
         "fit_seconds": round(fit_seconds, 1),
-        # None, not NaN, when every batch fell in the warm-up (NaN is not valid JSON)
-        "images_per_s": None if math.isnan(throughput.images_per_s) else throughput.images_per_s,
+        "images_per_s": throughput.images_per_s,
         "n_real_train": len(datamodule.real_train_ids),
         "n_labelled": len(model.labelled_ids or []),
         "space": "latent" if components.latent else "pixel",
         "resolution": model.resolution,
     }
-    stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={}, counts=info)
-    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, extra={"model_dir": str(stage.path), **info})
-    log.info("diffusion model written to %s (%d steps, %.1f images/s)", stage.path, info["steps"], throughput.images_per_s)
+    data = {"real": datamodule.real.name}  # "phantom" when data=auto found no JSRT folder
+    stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={}, counts=info, extra={"data": data})
+    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics,
+                  extra={"model_dir": str(stage.path), "data": data, **info})
+    log.info("diffusion model written to %s (%d steps, %s images/s)", stage.path, info["steps"],
+             "n/a" if throughput.images_per_s is None else f"{throughput.images_per_s:.1f}")
     return metrics
 
 

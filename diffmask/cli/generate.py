@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import CONFIG_PATH, RUN_ONLY_SETTINGS, skip_complete_stage, stage_task
+from diffmask.cli.common import CONFIG_PATH, RUN_ONLY_SETTINGS, seed_run, skip_complete_stage, stage_task
 from diffmask.data.manifest import read_manifest
 from diffmask.diffusion.sampler import DiffusionSampler
 from diffmask.synthesis import (
@@ -34,6 +34,7 @@ from diffmask.synthesis import (
     requests_from_prompts,
 )
 from diffmask.synthesis.affinity_pass import refine_with_affinity
+from diffmask.synthesis.quality import class_presence_record
 
 log = logging.getLogger("diffmask.generate")
 
@@ -41,6 +42,7 @@ log = logging.getLogger("diffmask.generate")
 @stage_task
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Generate the samples described by ``cfg``; returns counts."""
+    seed_run(cfg)  # requests and the affinity pass draw from it
     stage = StageDir(cfg.output_dir)
     if not cfg.get("force") and stage.is_complete() and _only_more_samples(stage, cfg):
         # requests are prefix-stable: the first num_samples of a larger run are the same samples
@@ -106,8 +108,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seconds = time.time() - start
     info = {**counts, "requested": len(requests), "seconds": round(seconds, 1),
             "images_per_s": counts["written"] / seconds if seconds > 0 else None}
+    presence = class_presence_record(work, sampler.prompt_builder.class_names, cfg.synthesis.get("min_class_presence"))
     stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"diffusion": str(model_stage.path)},
-                 counts=info, extra={"intensity": sampler.components.intensity})
+                 counts=info, extra={"intensity": sampler.components.intensity, **presence})
     log.info("%d samples in %s (%d new, %.1f s)", counts["rows"], stage.path, counts["written"], seconds)
     return info
 

@@ -18,9 +18,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import CONFIG_PATH, skip_complete_stage, stage_task
+from diffmask.cli.common import CONFIG_PATH, seed_run, skip_complete_stage, stage_task
 from diffmask.cli.generate import affinity_device, build_synthesis
 from diffmask.synthesis.affinity_pass import refine_with_affinity
+from diffmask.synthesis.quality import class_presence_record
 from diffmask.synthesis.remask import remask_folder
 
 log = logging.getLogger("diffmask.remask")
@@ -29,6 +30,7 @@ log = logging.getLogger("diffmask.remask")
 @stage_task
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Re-refine ``cfg.input_dir``'s class maps into ``cfg.output_dir``; returns counts."""
+    seed_run(cfg)  # the affinity pass's training order
     source = StageDir(cfg.input_dir)
     recorded = source.info().get("config", {})  # a clear error when the source is not a complete stage
     if source.path.resolve() == StageDir(cfg.output_dir).path.resolve():
@@ -57,8 +59,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ))
     seconds = time.time() - start
     info = {**counts, "seconds": round(seconds, 1)}
+    presence = class_presence_record(work, class_names, cfg.synthesis.get("min_class_presence"))
     stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"synthesis": str(source.path)},
-                 counts=info, extra={"intensity": source.info().get("intensity", "raw")})
+                 counts=info, extra={"intensity": source.info().get("intensity", "raw"), **presence})
     log.info("%d samples re-masked into %s (%.1f s)", counts["rows"], stage.path, seconds)
     return info
 

@@ -14,9 +14,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
     parser.add_argument("--test-set", default=None, help="test set whose mIoU the plots show (default: first)")
     parser.add_argument("--wandb-project", default=None, help="also log table + plots to this W&B project")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out corrupt metrics.json files (listed in the log and report.md) instead of stopping")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for kind, path in write_report(args.sweep_dir, args.out, args.test_set, args.wandb_project).items():
+    written = write_report(args.sweep_dir, args.out, args.test_set, args.wandb_project, skip_bad=args.skip_bad)
+    for kind, path in written.items():
         print(f"{kind}: {path}")
 
 

@@ -25,6 +25,8 @@ from diffmask.cli.common import (
     job_overrides,
     log_config,
     optimized_value,
+    require_training,
+    seed_run,
     stage_task,
     write_metrics,
 )
@@ -35,12 +37,14 @@ log = logging.getLogger("diffmask.train")
 @stage_task
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test the segmentation stage described by ``cfg``; returns the test metrics."""
-    pl.seed_everything(cfg.seed, workers=True)
+    seed_run(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.segmentation)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if cfg.get("train", True):
+        require_training(trainer)
     log_config(cfg, loggers)
 
     start = time.time()

@@ -17,9 +17,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, WeightedRandomSampler
 
-from diffmask.data.dataset import SegmentationDataset, check_intensity
+from diffmask.data.dataset import SegmentationDataset, check_intensity, check_resize
 from diffmask.data.sources import ManifestSource, SampleSource, open_test_set
 from diffmask.labels import DEFAULT_CLASS_NAMES, validate_class_names
+from diffmask.seeds import check_seed
 
 __all__ = ["SegmentationDataModule", "collate_samples", "select_fraction"]
 
@@ -63,6 +64,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         synthetic_ignore_margin: synthetic mask pixels within this many pixels (at ``size``) of
             another class are left out of the loss: the borders are where attention masks are
             least sure (0 = every pixel counts).
+        synthetic_min_class_presence: refuse a synthetic set in which a foreground class appears
+            in fewer than this share of the masks (an undertrained generator's masks are mostly
+            background); read from the set's ``stage.json`` (``class_presence``, recorded by
+            generate and remask), else measured on its masks. None = train on it anyway.
         synthetic_ratio: synthetic samples per selected real sample (used when
             ``synthetic_count`` is None); with ``real_fraction=0`` all synthetic samples are used.
         synthetic_count: absolute number of synthetic samples (overrides the ratio; None = ratio).
@@ -77,6 +82,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         intensity: per-image intensity normalisation of every image served, real, synthetic,
             validation and test alike: ``raw``, ``percentile`` or ``equalize``
             (:func:`~diffmask.data.dataset.normalize_intensity`).
+        resize: how a non-square image becomes ``size`` x ``size``: ``stretch`` (both axes
+            scaled, as the SCR and Montgomery masks were made) or ``letterbox`` (the short side
+            padded with black and background first, keeping the aspect ratio).
         num_workers: DataLoader workers.
         seed: seed of the real/synthetic subset draws.
         train_split, val_split, test_split: split names.
@@ -94,11 +102,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         synthetic_count: int | None = None,
         synthetic_min_score: float | None = None,
         synthetic_ignore_margin: int = 0,
+        synthetic_min_class_presence: float | None = 0.5,
         real_share: float | None = None,
         augment: Callable | None = None,
         synthetic_augment: Callable | None = None,
         test_sets: Mapping[str, str] | None = None,
         intensity: str = "raw",
+        resize: str = "stretch",
         num_workers: int = 0,
         seed: int = 0,
         train_split: str = "train",
@@ -116,7 +126,14 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"real_share: expected a share in (0, 1) or null, got {real_share}")
         if synthetic_ignore_margin < 0:
             raise ValueError(f"synthetic_ignore_margin: expected >= 0 pixels, got {synthetic_ignore_margin}")
+        if synthetic_min_class_presence is not None and not 0.0 <= synthetic_min_class_presence <= 1.0:
+            raise ValueError(
+                f"synthetic_min_class_presence: expected a share in [0, 1] or null, got {synthetic_min_class_presence}"
+            )
+        seed = check_seed(seed, "data.seed")
         self.intensity = check_intensity(intensity)
+        self.resize = check_resize(resize)
+        self.synthetic_min_class_presence = synthetic_min_class_presence
         self.real_share = real_share
         self.synthetic_ignore_margin = int(synthetic_ignore_margin)
         self._draws = torch.Generator().manual_seed(seed + 2)
@@ -134,8 +151,6 @@ class SegmentationDataModule(pl.LightningDataModule):
             if not synthetic_dir
             else ManifestSource(synthetic_dir, self.class_names, "train", min_score=synthetic_min_score)
         )
-        if synthetic_dir:
-            self._check_synthetic_intensity(Path(synthetic_dir))
         self.synthetic_ratio = synthetic_ratio
         self.synthetic_count = synthetic_count
         self.augment = augment
@@ -147,8 +162,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self._check_test_sets()
         self.real_train_ids: list[str] = select_fraction(real.ids(train_split), real_fraction, seed)
         self.synthetic_ids: list[str] = self._select_synthetic()
+        if synthetic_dir:
+            self._check_synthetic_set(Path(synthetic_dir))
         if not self.real_train_ids and not self.synthetic_ids:
             raise ValueError(
                 f"data: the training set is empty (real_fraction={real_fraction}, "
@@ -165,18 +183,55 @@ class SegmentationDataModule(pl.LightningDataModule):
             "" if real_share is None else f", real share per batch {real_share:g}",
         )
 
-    def _check_synthetic_intensity(self, folder: Path) -> None:
-        """Warn when the synthetic images come from a model trained on other normalised images."""
+    def _check_synthetic_set(self, folder: Path) -> None:
+        """Warn when the synthetic images come from a model trained on other normalised images;
+        when synthetic samples are used, refuse masks in which a class is mostly absent
+        (``synthetic_min_class_presence``)."""
         stage_file = (folder if folder.is_dir() else folder.parent) / "stage.json"
-        if not stage_file.is_file():
-            return
-        made_from = json.loads(stage_file.read_text()).get("intensity", "raw")
-        if made_from != self.intensity:
+        info = json.loads(stage_file.read_text()) if stage_file.is_file() else {}
+        made_from = info.get("intensity", "raw")
+        if stage_file.is_file() and made_from != self.intensity:
             log.warning(
                 "data.intensity=%s, but the synthetic images in %s come from a diffusion model trained on "
                 "data.intensity=%s images: give every stage the same setting (pipeline: in its common list)",
                 self.intensity, stage_file.parent, made_from,
             )
+        if self.synthetic_min_class_presence is None or not self.synthetic_ids:
+            return
+        presence = info.get("class_presence")
+        if presence is None:  # a set made before stage.json recorded it, or by hand
+            presence = self.synthetic.class_presence()
+        sparse = {name: share for name, share in presence.items() if share < self.synthetic_min_class_presence}
+        if sparse:
+            shares = ", ".join(f"{name} in {share:.0%}" for name, share in sparse.items())
+            raise ValueError(
+                f"synthetic_dir: {self.synthetic.root}: class(es) present in too few masks ({shares}; "
+                f"data.synthetic_min_class_presence={self.synthetic_min_class_presence:g}); an undertrained "
+                "generator's attention masks are mostly background (see the set's stage.json warnings). "
+                "To train on it anyway: data.synthetic_min_class_presence=null"
+            )
+
+    def _check_test_sets(self) -> None:
+        """Open every test image and mask now, so that a bad file fails before the fit, not after it
+        (when the fit's scores on the other test sets would be lost with it)."""
+        for name, source in {self.real.name: self.real, **self.extra_test_sets}.items():
+            ids = source.ids(self.splits["test"])
+            problems = []
+            for sid in ids:
+                try:
+                    sample = source.load(sid)
+                except (OSError, ValueError) as e:
+                    problems.append(str(e))
+                    continue
+                if sample.label is None:
+                    problems.append(f"{sid}: no mask (a test image needs a label map: sem_seg_file_name)")
+            if problems:
+                shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+                where = getattr(source, "root", name)
+                raise ValueError(
+                    f"test set {name!r} ({where}): {len(problems)} of {len(ids)} test samples are bad "
+                    f"(checked before the fit):\n  {shown}"
+                )
 
     def _select_synthetic(self) -> list[str]:
         if self.synthetic is None:
@@ -209,7 +264,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         parts = []
         if self.real_train_ids:
             parts.append(
-                SegmentationDataset(self.real, self.real_train_ids, self.size, self.augment, intensity=self.intensity)
+                SegmentationDataset(
+                    self.real, self.real_train_ids, self.size, self.augment, intensity=self.intensity, resize=self.resize
+                )
             )
         if self.synthetic_ids:
             parts.append(
@@ -220,6 +277,7 @@ class SegmentationDataModule(pl.LightningDataModule):
                     self.synthetic_augment,
                     ignore_margin=self.synthetic_ignore_margin,
                     intensity=self.intensity,
+                    resize=self.resize,
                 )
             )
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
@@ -252,14 +310,18 @@ class SegmentationDataModule(pl.LightningDataModule):
         return self._loader(self.train_dataset(), shuffle=True, sampler=self.train_sampler())
 
     def val_dataloader(self) -> DataLoader:
-        ds = SegmentationDataset(self.real, self.real.ids(self.splits["val"]), self.size, intensity=self.intensity)
+        ds = SegmentationDataset(
+            self.real, self.real.ids(self.splits["val"]), self.size, intensity=self.intensity, resize=self.resize
+        )
         return self._loader(ds, shuffle=False)
 
     def test_dataloader(self) -> list[DataLoader]:
         sources = {self.real.name: self.real, **self.extra_test_sets}
         return [
             self._loader(
-                SegmentationDataset(src, src.ids(self.splits["test"]), self.size, intensity=self.intensity),
+                SegmentationDataset(
+                    src, src.ids(self.splits["test"]), self.size, intensity=self.intensity, resize=self.resize
+                ),
                 shuffle=False,
             )
             for src in sources.values()

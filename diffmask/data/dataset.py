@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -12,15 +13,32 @@ from torch.utils.data import Dataset
 from diffmask.data.sources import Sample, SampleSource
 from diffmask.labels import IGNORE_INDEX, ignore_boundaries
 
-__all__ = ["INTENSITY_MODES", "SegmentationDataset", "check_intensity", "normalize_intensity", "resize_sample"]
+__all__ = [
+    "INTENSITY_MODES",
+    "RESIZE_MODES",
+    "SegmentationDataset",
+    "check_intensity",
+    "check_resize",
+    "normalize_intensity",
+    "resize_sample",
+]
 
+log = logging.getLogger(__name__)
 INTENSITY_MODES = ("raw", "percentile", "equalize")
+RESIZE_MODES = ("stretch", "letterbox")
 
 
 def check_intensity(mode: str) -> str:
     """``mode`` if it is one of :data:`INTENSITY_MODES`, else a ValueError naming the field."""
     if mode not in INTENSITY_MODES:
         raise ValueError(f"intensity: expected one of {list(INTENSITY_MODES)}, got {mode!r}")
+    return mode
+
+
+def check_resize(mode: str) -> str:
+    """``mode`` if it is one of :data:`RESIZE_MODES`, else a ValueError naming the field."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize: expected one of {list(RESIZE_MODES)}, got {mode!r}")
     return mode
 
 
@@ -56,9 +74,24 @@ def normalize_intensity(image: np.ndarray, mode: str = "raw") -> np.ndarray:
     return lut[image]
 
 
-def resize_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize to ``size``×``size``: image with area/bilinear filtering, label with nearest."""
+def letterbox(array: np.ndarray, fill: int = 0) -> np.ndarray:
+    """``array`` (H, W) padded evenly on its short side with ``fill`` to a square."""
+    h, w = array.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return np.pad(array, ((top, side - h - top), (left, side - w - left)), constant_values=fill)
+
+
+def resize_sample(sample: Sample, size: int, mode: str = "stretch") -> tuple[np.ndarray, np.ndarray | None]:
+    """Resize to ``size``×``size``: image with area/bilinear filtering, label with nearest.
+
+    A non-square image is stretched (``mode="stretch"``) or first padded to a square with black
+    and background (``mode="letterbox"``).
+    """
     image, label = sample.image, sample.label
+    if check_resize(mode) == "letterbox" and image.shape[0] != image.shape[1]:
+        image = letterbox(image)
+        label = None if label is None else letterbox(label)
     if image.shape != (size, size):
         resample = Image.BOX if image.shape[0] > size else Image.BILINEAR
         image = np.asarray(Image.fromarray(image).resize((size, size), resample))
@@ -89,6 +122,8 @@ class SegmentationDataset(Dataset):
         ignore_margin: pixels within this distance (at ``size``) of another class are labelled
             ``ignore_index``, so a loss skips the least certain border of pseudo-labels (0: none).
         intensity: per-image normalisation after resizing (:func:`normalize_intensity`).
+        resize: ``stretch`` or ``letterbox`` for non-square images (:func:`resize_sample`); the
+            first one met is logged.
     """
 
     def __init__(
@@ -100,6 +135,7 @@ class SegmentationDataset(Dataset):
         ignore_index: int = IGNORE_INDEX,
         ignore_margin: int = 0,
         intensity: str = "raw",
+        resize: str = "stretch",
     ):
         if size not in (32, 48, 64, 96, 128, 192, 256, 384, 512) and size % 16:
             raise ValueError(f"size: expected a multiple of 16 (e.g. 64, 128, 256), got {size}")
@@ -112,6 +148,8 @@ class SegmentationDataset(Dataset):
         self.ignore_index = ignore_index
         self.ignore_margin = int(ignore_margin)
         self.intensity = check_intensity(intensity)
+        self.resize = check_resize(resize)
+        self._told_non_square = False
         self._transform_seed: int | None = None  # torch's seed the transform was last seeded with
 
     def _seed_transform(self) -> None:
@@ -133,7 +171,15 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.source.load(self.ids[index])
-        image, label = resize_sample(sample, self.size)
+        h, w = sample.image.shape
+        if h != w and not self._told_non_square:
+            self._told_non_square = True
+            log.info(
+                "%s: non-square images (e.g. %s, %dx%d) are %s to %dx%d (data.resize=%s)", self.source.name, sample.id,
+                h, w, "stretched" if self.resize == "stretch" else "padded to a square and resized",
+                self.size, self.size, self.resize,
+            )
+        image, label = resize_sample(sample, self.size, self.resize)
         image = normalize_intensity(image, self.intensity)
         img_t = torch.from_numpy(image.astype(np.float32) / 255.0)[None]
         if label is None:

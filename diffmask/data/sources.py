@@ -24,6 +24,7 @@ from PIL import Image
 
 from diffmask.data.manifest import ManifestRow, read_manifest
 from diffmask.labels import DEFAULT_CLASS_NAMES, validate_class_names
+from diffmask.seeds import check_seed
 
 __all__ = [
     "Sample",
@@ -287,6 +288,22 @@ class ManifestSource:
     def rows(self) -> list[ManifestRow]:
         return list(self._rows.values())
 
+    def class_presence(self, ids: list[str] | None = None) -> dict[str, float]:
+        """For each foreground class, the share of labelled rows whose mask holds at least one pixel of it.
+
+        Reads the masks of ``ids`` (default: every row); ``{}`` when no row has a mask. An
+        undertrained generator's attention masks are mostly background: presence near 0.
+        """
+        rows = [self._rows[i] for i in (self._rows if ids is None else ids)]
+        labelled = [r for r in rows if r.sem_seg_file_name]
+        if not labelled:
+            return {}
+        counts = np.zeros(len(self.class_names), np.int64)
+        for r in labelled:
+            label = read_label(self._resolve(r.sem_seg_file_name), len(self.class_names))
+            counts += np.bincount(label.ravel(), minlength=len(self.class_names))[: len(self.class_names)] > 0
+        return {name: float(c) / len(labelled) for name, c in zip(self.class_names[1:], counts[1:], strict=True)}
+
     def ids(self, split: str) -> list[str]:
         ids = self._splits.get(split, [])
         if not ids:
@@ -340,7 +357,7 @@ class PhantomSource:
             raise ValueError(f"class_names: the phantom draws {list(DEFAULT_CLASS_NAMES)}, got {list(class_names)}")
         self.name = "phantom"
         self.size = size
-        self.seed = seed
+        self.seed = check_seed(seed, "seed (phantom)")
         counts = {"train": num_train, "val": num_val, "test": num_test}
         self._splits = {s: [f"{s}{i:04d}" for i in range(n)] for s, n in counts.items()}
 
@@ -427,5 +444,10 @@ def auto_source(
     if jsrt_dir and (Path(jsrt_dir) / "metadata.csv").is_file():
         log.info("data: using JSRT/SCR from %s", Path(jsrt_dir).resolve())
         return JSRTSource(jsrt_dir, class_names)
-    log.warning("data: no JSRT folder at %s; using the built-in phantom (size %d)", jsrt_dir, phantom_size)
+    log.warning(
+        "\n%s\ndata=auto: no JSRT folder at %s (paths.jsrt_dir / DIFFMASK_JSRT_DIR):\n"
+        "  THIS RUN USES THE BUILT-IN PHANTOM (size %d), not real X-rays; its metrics.json says data.real=phantom.\n"
+        "  Use data=jsrt to make a missing folder an error.\n%s",
+        "=" * 100, Path(jsrt_dir).resolve() if jsrt_dir else None, phantom_size, "=" * 100,
+    )
     return PhantomSource(size=phantom_size, class_names=class_names)

@@ -13,6 +13,9 @@ __all__ = ["TrainingThroughput"]
 class TrainingThroughput(pl.Callback):
     """Logs ``train/images_per_s`` (all devices together), skipping the first ``warmup`` batches.
 
+    A run no longer than the warm-up is measured over all its batches instead (a rough figure,
+    better than none); a run without a training batch has no figure (``None``).
+
     Args:
         warmup: batches ignored at the start (compilation, cuDNN autotuning, data workers).
     """
@@ -21,6 +24,8 @@ class TrainingThroughput(pl.Callback):
         self.warmup = warmup
         self.images = 0
         self.seconds = 0.0
+        self.all_images = 0  # warm-up included
+        self.all_seconds = 0.0
         self._seen = 0
         self._start: float | None = None
 
@@ -33,12 +38,21 @@ class TrainingThroughput(pl.Callback):
         self._seen += 1
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)  # time the work, not the kernel launches
-        if self._start is None or self._seen <= self.warmup:
+        if self._start is None:
             return
-        self.seconds += time.perf_counter() - self._start
-        self.images += int(batch["image"].shape[0]) * trainer.world_size
+        seconds = time.perf_counter() - self._start
+        images = int(batch["image"].shape[0]) * trainer.world_size
+        self.all_seconds += seconds
+        self.all_images += images
+        if self._seen <= self.warmup:
+            return
+        self.seconds += seconds
+        self.images += images
         pl_module.log("train/images_per_s", self.images_per_s, batch_size=1, rank_zero_only=True)
 
     @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else float("nan")
+    def images_per_s(self) -> float | None:
+        """Images per second after the warm-up, else over every batch; None before any batch."""
+        if self.seconds > 0:
+            return self.images / self.seconds
+        return self.all_images / self.all_seconds if self.all_seconds > 0 else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import statistics
 from collections import defaultdict
@@ -15,6 +16,8 @@ from typing import Any
 from diffmask.artifacts import atomic_write_bytes, atomic_write_text
 
 __all__ = ["RunRecord", "collect_runs", "summarise", "write_report"]
+
+log = logging.getLogger(__name__)
 
 # overrides that distinguish repeats, not conditions
 REPEAT_KEYS = ("seed", "data.seed")
@@ -28,6 +31,7 @@ class RunRecord:
 
     path: Path
     condition: str
+    real: str  # the real data it saw: "jsrt", or "phantom" when data=auto found no JSRT folder
     backbone: str
     real_fraction: float | None
     n_real: int | None
@@ -62,35 +66,52 @@ def _source_condition(checkpoint: str) -> str:
         return checkpoint
 
 
-def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
-    """Every ``metrics.json`` under ``sweep_dir`` (recursively), as :class:`RunRecord` rows."""
+def collect_runs(sweep_dir: str | Path, skip_bad: bool = False) -> tuple[list[RunRecord], dict[Path, str]]:
+    """Every ``metrics.json`` under ``sweep_dir`` (recursively), as :class:`RunRecord` rows.
+
+    Args:
+        sweep_dir: the folder to search.
+        skip_bad: log a corrupt or foreign ``metrics.json`` and carry on, instead of stopping at it.
+
+    Returns:
+        (runs, bad files -> why; empty unless ``skip_bad``).
+    """
     root = Path(sweep_dir)
     if not root.exists():
         raise FileNotFoundError(f"{root}: sweep folder not found")
-    runs = []
+    runs, bad = [], {}
     for path in sorted(root.rglob("metrics.json")):
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg})") from e
-        if "metrics" not in data:
-            raise ValueError(f"{path}: no 'metrics' field; not a diffmask metrics file")
-        info = data.get("data", {})
-        runs.append(
-            RunRecord(
-                path=path.parent,
-                condition=_condition(list(data.get("overrides", [])), data.get("seed")),
-                backbone=str(data.get("backbone", "?")).rsplit(".", 1)[-1],
-                real_fraction=info.get("real_fraction"),
-                n_real=info.get("n_real_train"),
-                n_synthetic=info.get("n_synthetic_train"),
-                seed=data.get("seed"),
-                metrics={k: v for k, v in data["metrics"].items() if v is not None},
-            )
-        )
+            runs.append(_read_run(path))
+        except ValueError as e:
+            if not skip_bad:
+                raise ValueError(f"{e} (diffmask-report --skip-bad lists such files and carries on)") from e
+            log.warning("skipping %s", e)
+            bad[path] = str(e).removeprefix(f"{path}: ")
     if not runs:
-        raise FileNotFoundError(f"{root}: no metrics.json found below this folder")
-    return runs
+        raise FileNotFoundError(f"{root}: no readable metrics.json found below this folder ({len(bad)} bad)")
+    return runs, bad
+
+
+def _read_run(path: Path) -> RunRecord:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        raise ValueError(f"{path}: no 'metrics' mapping; not a diffmask metrics file")
+    info = data.get("data") or {}
+    return RunRecord(
+        path=path.parent,
+        condition=_condition(list(data.get("overrides", [])), data.get("seed")),
+        real=str(info.get("real", "?")),
+        backbone=str(data.get("backbone", "?")).rsplit(".", 1)[-1],
+        real_fraction=info.get("real_fraction"),
+        n_real=info.get("n_real_train"),
+        n_synthetic=info.get("n_synthetic_train"),
+        seed=data.get("seed"),
+        metrics={k: v for k, v in data["metrics"].items() if isinstance(v, int | float)},
+    )
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -99,21 +120,24 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(runs: list[RunRecord], prefix: str = "test/") -> tuple[list[str], list[dict[str, Any]]]:
-    """Group runs by condition; mean and std over repeats of every metric under ``prefix``.
+    """Group runs by condition and real data; mean and std over repeats of every metric under ``prefix``.
+
+    Runs of one condition on other real data (JSRT and the phantom) are never averaged together.
 
     Returns:
-        (metric names, rows) with row keys: condition, backbone, real_fraction, n_real,
+        (metric names, rows) with row keys: condition, real, backbone, real_fraction, n_real,
         n_synthetic, n_runs, and ``<metric>`` / ``<metric>_std`` for each metric.
     """
-    groups: dict[str, list[RunRecord]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for r in runs:
-        groups[r.condition].append(r)
+        groups[(r.condition, r.real)].append(r)
     metric_names = sorted({k for r in runs for k in r.metrics if k.startswith(prefix)})
     rows = []
-    for condition, members in groups.items():
+    for (condition, real), members in groups.items():
         first = members[0]
         row: dict[str, Any] = {
             "condition": condition,
+            "real": real,
             "backbone": first.backbone,
             "real_fraction": first.real_fraction,
             "n_real": first.n_real,
@@ -131,10 +155,11 @@ def summarise(runs: list[RunRecord], prefix: str = "test/") -> tuple[list[str], 
 
 def _markdown(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
     short = [m.split("/", 1)[-1] for m in metric_names]
-    head = ["backbone", "real frac.", "n real", "n synth.", "runs", *short, "condition"]
+    head = ["backbone", "real data", "real frac.", "n real", "n synth.", "runs", *short, "condition"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["backbone"], f"{r['real_fraction']}", f"{r['n_real']}", f"{r['n_synthetic']}", f"{r['n_runs']}"]
+        real = f"**{r['real']}** (not real X-rays)" if r["real"] == "phantom" else r["real"]
+        cells = [r["backbone"], real, f"{r['real_fraction']}", f"{r['n_real']}", f"{r['n_synthetic']}", f"{r['n_runs']}"]
         for m in metric_names:
             cells.append("—" if m not in r else f"{r[m]:.4f} ± {r[m + '_std']:.4f}")
         cells.append(f"`{r['condition']}`")
@@ -142,8 +167,16 @@ def _markdown(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bad_files(bad: dict[Path, str], root: Path) -> str:
+    if not bad:
+        return ""
+    lines = [f"\n## {len(bad)} metrics.json file(s) left out (unreadable)\n"]
+    lines += [f"- `{path.relative_to(root) if path.is_relative_to(root) else path}`: {why}" for path, why in bad.items()]
+    return "\n".join(lines) + "\n"
+
+
 def _csv(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
-    fields = ["condition", "backbone", "real_fraction", "n_real", "n_synthetic", "n_runs"]
+    fields = ["condition", "real", "backbone", "real_fraction", "n_real", "n_synthetic", "n_runs"]
     fields += [x for m in metric_names for x in (m, f"{m}_std")]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
@@ -212,7 +245,7 @@ def _save_fig(fig, path: Path) -> Path:
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, test_set: str | None = None,
-                 wandb_project: str | None = None) -> dict[str, Path]:
+                 wandb_project: str | None = None, skip_bad: bool = False) -> dict[str, Path]:
     """Write ``report.md``, ``report.csv`` and PNG plots for a sweep; optionally log them to W&B.
 
     Args:
@@ -220,19 +253,20 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, test_
         out_dir: where to write (default: ``sweep_dir``).
         test_set: test set whose ``miou`` the plots show (default: the first found).
         wandb_project: log the table and plots to this W&B project (honours WANDB_MODE=offline).
+        skip_bad: leave out corrupt ``metrics.json`` files, listed in ``report.md``, instead of stopping.
 
     Returns:
         Paths of the written files by kind.
     """
     out = Path(out_dir or sweep_dir)
-    runs = collect_runs(sweep_dir)
+    runs, bad = collect_runs(sweep_dir, skip_bad)
     metric_names, rows = summarise(runs)
     mious = [m for m in metric_names if m.endswith("/miou")]
     miou_key = f"test/{test_set}/miou" if test_set else (mious[0] if mious else "")
     written = {
         "markdown": atomic_write_text(out / "report.md", f"# Results: {Path(sweep_dir).name}\n\n"
                                       f"{len(runs)} runs, {len(rows)} conditions; mean ± std over repeats.\n\n"
-                                      + _markdown(metric_names, rows)),
+                                      + _markdown(metric_names, rows) + _bad_files(bad, Path(sweep_dir))),
         "csv": atomic_write_text(out / "report.csv", _csv(metric_names, rows)),
     }
     for p in _plots(rows, miou_key, out) if miou_key else []:

@@ -9,11 +9,44 @@ with the reason) and counted in ``stage.json``, so a resumed run does not redo t
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["MaskQualityFilter"]
+from diffmask.data.sources import ManifestSource
+
+__all__ = ["MaskQualityFilter", "class_presence_record"]
+
+log = logging.getLogger(__name__)
+
+
+def class_presence_record(
+    folder: str | os.PathLike, class_names: Sequence[str], min_presence: float | None
+) -> dict[str, Any]:
+    """What a synthetic set's ``stage.json`` records of its masks: ``class_presence`` (for each
+    foreground class, the share of masks holding it) and ``warnings``.
+
+    A class in fewer than ``min_presence`` of the masks (an undertrained generator's attention
+    masks are mostly background) gets a loud log warning and a line in ``warnings``; the set is
+    still written, and the segmentation datamodule refuses it unless told otherwise
+    (``data.synthetic_min_class_presence``). ``{}`` when the set has no masks.
+    """
+    presence = ManifestSource(folder, class_names).class_presence()
+    if not presence:
+        return {}
+    warnings = [
+        f"class {name!r} is in {share:.0%} of the masks (synthesis.min_class_presence={min_presence:g}): "
+        "the generator may be undertrained; segmentation refuses this set unless "
+        "data.synthetic_min_class_presence=null"
+        for name, share in presence.items()
+        if min_presence is not None and share < min_presence
+    ]
+    for line in warnings:
+        log.warning("\n%s\n%s: %s\n%s", "!" * 100, folder, line, "!" * 100)
+    return {"class_presence": presence, "warnings": warnings}
 
 
 class MaskQualityFilter:

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -8,6 +9,7 @@ from omegaconf import open_dict
 from diffmask.cli.common import CONFIG_PATH
 from diffmask.cli.fit_diffusion import run
 from diffmask.diffusion import DiffusionSampler
+from diffmask.diffusion.throughput import TrainingThroughput
 
 TINY = [
     "data=phantom", "data.size=32", "data.batch_size=4", "data.num_workers=0", "data.real.num_train=4",
@@ -57,13 +59,28 @@ def test_fit_diffusion_cli_rejects_a_resolution_the_unet_cannot_take(tmp_path):
         run(cfg)
 
 
-def test_fit_diffusion_cli_writes_strict_json_when_all_steps_are_warm_up(tmp_path):
-    # 3 steps < the throughput callback's 5 warm-up batches: no images/s figure, written as null
-    run(compose_fit(tmp_path, "name=warm"))
+def test_fit_diffusion_cli_measures_a_run_shorter_than_the_warm_up(tmp_path, caplog):
+    # 3 steps < the throughput callback's 5 warm-up batches: measured over all batches, never NaN
+    with caplog.at_level(logging.INFO, logger="diffmask"):
+        run(compose_fit(tmp_path, "name=warm"))
     strict = {"parse_constant": lambda c: pytest.fail(f"non-JSON constant {c}")}
     info = json.loads((tmp_path / "artifacts" / "diffusion" / "warm" / "stage.json").read_text(), **strict)
-    assert info["counts"]["images_per_s"] is None
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text(), **strict)["images_per_s"] is None
+    assert info["counts"]["images_per_s"] > 0
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text(), **strict)
+    assert written["images_per_s"] == info["counts"]["images_per_s"] == written["metrics"]["train/images_per_s"]
+    assert written["data"]["real"] == info["data"]["real"] == "phantom"
+    assert "nan" not in caplog.text.lower()
+
+
+def test_throughput_without_a_training_batch_is_none():
+    assert TrainingThroughput().images_per_s is None
+
+
+def test_fit_diffusion_cli_refuses_a_fit_that_trains_nothing(tmp_path):
+    for setting in ("trainer.max_epochs=0", "trainer.max_steps=0", "trainer.limit_train_batches=0"):
+        with pytest.raises(ValueError, match=rf"{setting}: the fit would train nothing"):
+            run(compose_fit(tmp_path, setting, "name=untrained"))
+    assert not (tmp_path / "artifacts" / "diffusion" / "untrained").exists()
 
 
 def test_fit_diffusion_cli_rejects_the_retrieval_prompts_group(tmp_path):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from diffmask.cli.report import main
 from diffmask.evaluation import SegmentationScores, compute_dice, compute_iou
 from diffmask.evaluation.report import collect_runs, summarise, write_report
 
@@ -36,11 +37,11 @@ def test_scores_skip_classes_missing_from_the_test_set():
     assert "iou_heart" not in out and out["miou"] == 1.0
 
 
-def _fake_run(folder, backbone, frac, seed, miou, extra=()):
+def _fake_run(folder, backbone, frac, seed, miou, extra=(), real="jsrt"):
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
         "metrics": {"test/jsrt/miou": miou, "test/jsrt/iou_heart": miou - 0.05},
-        "data": {"real_fraction": frac, "n_real_train": int(173 * frac), "n_synthetic_train": 0},
+        "data": {"real": real, "real_fraction": frac, "n_real_train": int(173 * frac), "n_synthetic_train": 0},
         "backbone": f"x.{backbone}", "seed": seed,
         "overrides": [f"segmentation={backbone.lower()}", f"data.real_fraction={frac}", f"seed={seed}", *extra],
     }))
@@ -50,7 +51,7 @@ def test_report_mean_std_over_seeds(tmp_path):
     for i, (b, f, s, m) in enumerate([("UNet", 1.0, 0, 0.90), ("UNet", 1.0, 1, 0.92), ("UNet", 0.1, 0, 0.85),
                                       ("TransUNet", 1.0, 0, 0.88)]):
         _fake_run(tmp_path / "sweep" / str(i), b, f, s, m)
-    names, rows = summarise(collect_runs(tmp_path / "sweep"))
+    names, rows = summarise(collect_runs(tmp_path / "sweep")[0])
     unet_full = next(r for r in rows if r["backbone"] == "UNet" and r["real_fraction"] == 1.0)
     assert unet_full["n_runs"] == 2
     assert unet_full["test/jsrt/miou"] == pytest.approx(0.91)
@@ -63,8 +64,38 @@ def test_report_mean_std_over_seeds(tmp_path):
 
 
 def test_report_errors_name_the_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+    with pytest.raises(FileNotFoundError, match="no readable metrics.json"):
         collect_runs(tmp_path)
+
+
+def test_report_skip_bad_lists_corrupt_files_and_carries_on(tmp_path, capsys):
+    for seed, miou in [(0, 0.90), (1, 0.92)]:
+        _fake_run(tmp_path / "sweep" / f"ok{seed}", "UNet", 1.0, seed, miou)
+    (tmp_path / "sweep" / "torn").mkdir()
+    (tmp_path / "sweep" / "torn" / "metrics.json").write_text('{"metrics": {"test/jsrt/mi')
+    (tmp_path / "sweep" / "foreign").mkdir()
+    (tmp_path / "sweep" / "foreign" / "metrics.json").write_text('{"loss": 0.1}')
+    # by default the first bad file stops the report, naming it and the way out
+    with pytest.raises(ValueError, match=r"foreign/metrics.json: no 'metrics' mapping.*--skip-bad"):
+        collect_runs(tmp_path / "sweep")
+    runs, bad = collect_runs(tmp_path / "sweep", skip_bad=True)
+    assert len(runs) == 2 and sorted(p.parent.name for p in bad) == ["foreign", "torn"]
+    assert "not valid JSON" in bad[tmp_path / "sweep" / "torn" / "metrics.json"]
+    main([str(tmp_path / "sweep"), "--skip-bad", "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "0.9100 ± 0.0141" in md
+    assert "2 metrics.json file(s) left out" in md and "`torn/metrics.json`: not valid JSON" in md
+    assert "report.md" in capsys.readouterr().out
+
+
+def test_report_says_which_runs_saw_the_phantom_and_never_averages_them_with_jsrt(tmp_path):
+    _fake_run(tmp_path / "sweep" / "a", "UNet", 1.0, 0, 0.90)
+    _fake_run(tmp_path / "sweep" / "b", "UNet", 1.0, 1, 0.60, real="phantom")  # same condition, data=auto fell back
+    _, rows = summarise(collect_runs(tmp_path / "sweep")[0])
+    assert sorted((r["real"], r["n_runs"], r["test/jsrt/miou"]) for r in rows) == [("jsrt", 1, 0.90), ("phantom", 1, 0.60)]
+    written = write_report(tmp_path / "sweep")
+    assert "**phantom** (not real X-rays)" in written["markdown"].read_text()
+    assert written["csv"].read_text().splitlines()[0].startswith("condition,real,")
 
 
 def test_report_groups_fine_tuning_runs_by_their_source_condition(tmp_path):
@@ -81,7 +112,7 @@ def test_report_groups_fine_tuning_runs_by_their_source_condition(tmp_path):
     for seed, miou in [(0, 0.87), (1, 0.89)]:
         _fake_run(tmp_path / "sweep" / f"multi{seed}", "UNet", 0.1, seed, miou,
                   extra=["segmentation.init_weights=" + str(tmp_path / "pre") + "/$\\{seed\\}", "trainer.max_epochs=9"])
-    _, rows = summarise(collect_runs(tmp_path / "sweep"))
+    _, rows = summarise(collect_runs(tmp_path / "sweep")[0])
     multi = next(r for r in rows if "max_epochs=9" in r["condition"])
     assert multi["n_runs"] == 2 and "init_weights=[data.real_fraction=0.0" in multi["condition"]
     rows = [r for r in rows if r is not multi]

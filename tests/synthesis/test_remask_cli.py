@@ -52,6 +52,11 @@ def test_remask_with_the_same_chain_reproduces_the_masks_and_links_the_images(tm
         assert set(b.scores) == {"left_lung", "right_lung", "heart"}
     stage = json.loads((out / "stage.json").read_text())
     assert stage["inputs"]["synthesis"]["path"] == str(source)
+    # the masks' class presence is recorded, as generate records it, with a warning per sparse class
+    for made in (stage, json.loads((source / "stage.json").read_text())):
+        assert set(made["class_presence"]) == {"left_lung", "right_lung", "heart"}
+        assert all(0.0 <= v <= 1.0 for v in made["class_presence"].values())
+        assert len(made["warnings"]) == sum(v < 0.5 for v in made["class_presence"].values())
     assert ManifestSource(out).load(rows[0].id).label.shape == (32, 32)
 
 
