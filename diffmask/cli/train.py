@@ -30,6 +30,7 @@ from diffmask.cli.common import (
     stage_task,
     write_metrics,
 )
+from diffmask.evaluation.paired import PER_IMAGE_FILE, write_per_image
 
 log = logging.getLogger("diffmask.train")
 
@@ -89,6 +90,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "epochs": trainer.current_epoch,
             },
         )
+        if cfg.get("test", True):
+            write_per_image(Path(cfg.paths.output_dir) / PER_IMAGE_FILE, model.per_image, datamodule.class_names)
         log.info("metrics written to %s", out)
         for key in sorted(k for k in metrics if k.startswith("test/")):
             log.info("%s = %.4f", key, float(metrics[key]))

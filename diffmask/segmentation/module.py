@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from diffmask.evaluation.metrics import SegmentationScores
+from diffmask.evaluation.metrics import SegmentationScores, compute_iou
 from diffmask.labels import validate_class_names
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ class SegmentationLitModule(pl.LightningModule):
         self.val_scores = SegmentationScores(self.class_names, ignore_index)
         self.test_scores = torch.nn.ModuleList()
         self.test_set_names: list[str] = []
+        self.per_image: list[dict] = []  # after a test: {set, id, iou_<class>} per test image (NaN: class absent)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image)
@@ -222,9 +223,20 @@ class SegmentationLitModule(pl.LightningModule):
         self.log("val/miou", miou, prog_bar=True)
         self.val_scores.reset()
 
+    def on_test_epoch_start(self) -> None:
+        self.per_image = []
+
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch["image"])
-        self.test_scores[dataloader_idx].update(logits.argmax(1), batch["label"][:, 0])
+        pred, target = logits.argmax(1), batch["label"][:, 0]
+        self.test_scores[dataloader_idx].update(pred, target)
+        # per-image IoU for paired comparisons of two models on the same images (diffmask-compare)
+        iou = compute_iou(pred, target, len(self.class_names), self.ignore_index).cpu()
+        for sid, row in zip(batch["id"], iou.tolist(), strict=True):
+            self.per_image.append({
+                "set": self.test_set_names[dataloader_idx], "id": str(sid),
+                **{f"iou_{name}": row[c] for c, name in enumerate(self.class_names) if c > 0},
+            })
 
     def on_test_epoch_end(self) -> None:
         for name, scores in zip(self.test_set_names, self.test_scores, strict=True):
@@ -232,6 +244,12 @@ class SegmentationLitModule(pl.LightningModule):
             # add_dataloader_idx=False keeps flat keys like test/jsrt/miou
             self.log_dict({f"test/{name}/{k}": v for k, v in values.items()}, add_dataloader_idx=False)
             scores.reset()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self.per_image)
+            # the distributed sampler pads with repeats: one row per (set, id)
+            unique = {(r["set"], r["id"]): r for rows in gathered for r in rows}
+            self.per_image = list(unique.values())
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self(batch["image"]).argmax(1).to(torch.uint8)

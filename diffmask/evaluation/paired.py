@@ -1,0 +1,196 @@
+"""Paired comparison of two training recipes on the same test images: a bootstrap interval.
+
+Each segmentation run writes ``per_image.csv`` (one row per test image and test set: ``set, id,
+iou_<class>``; empty where the class is absent from the image's ground truth). Two recipes (each
+one run or several seeds) are compared per test set on the images they share:
+
+1. per recipe, each image's per-class IoU is averaged over its runs (seeds);
+2. the set's mIoU is the mean over classes of the mean over images, as the test metric is;
+3. the images are resampled with replacement ``n_boot`` times, the same draw for both recipes
+   (paired), and the 2.5 / 97.5 percentiles of the mIoU difference give a 95 % interval.
+
+The interval covers the choice of test images, not the seeds (averaged in step 1): with three
+seeds, report the seeds' standard deviation beside it (``diffmask-report``). A difference is
+called real when the interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffmask.artifacts import atomic_write_text
+
+__all__ = [
+    "PER_IMAGE_FILE",
+    "PairedComparison",
+    "compare_recipes",
+    "paired_bootstrap",
+    "read_per_image",
+    "write_per_image",
+]
+
+PER_IMAGE_FILE = "per_image.csv"
+
+
+def write_per_image(path: str | os.PathLike, rows: list[dict], class_names: Sequence[str]) -> Path:
+    """Atomically write per-image rows ``{set, id, iou_<class>}`` (NaN written as an empty cell)."""
+    fields = ["set", "id", *(f"iou_{c}" for c in class_names[1:])]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return atomic_write_text(path, buf.getvalue())
+
+
+def read_per_image(path: str | os.PathLike) -> dict[str, dict[str, dict[str, float]]]:
+    """``{set: {id: {class: iou}}}`` from a ``per_image.csv`` (absent classes left out)."""
+    path = Path(path)
+    out: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"set", "id"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected columns set, id, iou_<class>...; found {reader.fieldnames}")
+        for line, row in enumerate(reader, 2):
+            try:
+                scores = {k[4:]: float(v) for k, v in row.items() if k.startswith("iou_") and v not in ("", None)}
+            except ValueError as e:
+                raise ValueError(f"{path}:{line}: {e}") from e
+            out[row["set"]][row["id"]] = scores
+    return dict(out)
+
+
+def _find_runs(folders: Sequence[str | os.PathLike]) -> list[Path]:
+    files = []
+    for folder in folders:
+        folder = Path(folder)
+        if folder.is_file():
+            files.append(folder)
+            continue
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: run folder not found")
+        found = sorted(folder.rglob(PER_IMAGE_FILE))
+        if not found:
+            raise FileNotFoundError(f"{folder}: no {PER_IMAGE_FILE} below this folder (runs from before it was written?)")
+        files.extend(found)
+    return files
+
+
+def _seed_mean(files: list[Path], test_set: str) -> dict[str, dict[str, float]]:
+    """Each image's per-class IoU averaged over the runs that scored it."""
+    sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for f in files:
+        for sid, scores in read_per_image(f).get(test_set, {}).items():
+            for cls, v in scores.items():
+                sums[sid][cls].append(v)
+    return {sid: {c: float(np.mean(v)) for c, v in per.items()} for sid, per in sums.items()}
+
+
+def _miou(values: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """mIoU over the last-but-one axis of images: (..., N, C) -> (...)."""
+    counts = present.sum(-2)
+    means = np.where(counts > 0, (values * present).sum(-2) / np.maximum(counts, 1), np.nan)
+    return np.nanmean(means, -1)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: int = 0) -> dict[str, float]:
+    """Bootstrap of ``mIoU(a) - mIoU(b)`` over images, both resampled with the same draws.
+
+    Args:
+        a, b: (N, C) per-image, per-class IoU of two recipes on the same N images; NaN where the
+            class is absent from the image (the same places in both).
+        n_boot: bootstrap draws.
+        seed: seed of the draws.
+
+    Returns:
+        ``miou_a``, ``miou_b``, ``diff``, ``ci_low``, ``ci_high`` (95 %), ``p`` (two-sided: twice
+        the smaller share of draws on either side of 0).
+    """
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"expected two (N, C) arrays of one shape, got {a.shape} and {b.shape}")
+    present = ~np.isnan(a) & ~np.isnan(b)
+    a0, b0 = np.where(present, a, 0.0), np.where(present, b, 0.0)
+    idx = np.random.default_rng(seed).integers(0, a.shape[0], size=(n_boot, a.shape[0]))
+    diffs = _miou(a0[idx], present[idx]) - _miou(b0[idx], present[idx])
+    miou_a, miou_b = float(_miou(a0, present)), float(_miou(b0, present))
+    lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
+    p = 2 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0)))
+    return {"miou_a": miou_a, "miou_b": miou_b, "diff": miou_a - miou_b, "ci_low": float(lo), "ci_high": float(hi),
+            "p": min(1.0, p)}
+
+
+@dataclass
+class PairedComparison:
+    """One test set's comparison of recipe A against recipe B."""
+
+    test_set: str
+    n_images: int
+    n_runs_a: int
+    n_runs_b: int
+    miou_a: float
+    miou_b: float
+    diff: float
+    ci_low: float
+    ci_high: float
+    p: float
+
+    @property
+    def real(self) -> bool:
+        """The 95 % interval excludes 0."""
+        return self.ci_low > 0 or self.ci_high < 0
+
+
+def compare_recipes(
+    runs_a: Sequence[str | os.PathLike],
+    runs_b: Sequence[str | os.PathLike],
+    test_sets: Sequence[str] | None = None,
+    n_boot: int = 10000,
+    seed: int = 0,
+) -> list[PairedComparison]:
+    """Compare recipe A (its runs: folders searched for ``per_image.csv``, or the files) with B.
+
+    Only images scored by both recipes count; a test set one recipe lacks is left out.
+    """
+    files_a, files_b = _find_runs(runs_a), _find_runs(runs_b)
+    sets_a = {s for f in files_a for s in read_per_image(f)}
+    sets_b = {s for f in files_b for s in read_per_image(f)}
+    names = [s for s in (test_sets or sorted(sets_a & sets_b)) if s in sets_a and s in sets_b]
+    if not names:
+        raise ValueError(f"no test set scored by both recipes (A: {sorted(sets_a)}, B: {sorted(sets_b)})")
+    out = []
+    for name in names:
+        a, b = _seed_mean(files_a, name), _seed_mean(files_b, name)
+        ids = sorted(set(a) & set(b))
+        classes = sorted({c for sid in ids for c in (*a[sid], *b[sid])})
+        arr_a = np.array([[a[sid].get(c, np.nan) for c in classes] for sid in ids])
+        arr_b = np.array([[b[sid].get(c, np.nan) for c in classes] for sid in ids])
+        stats = paired_bootstrap(arr_a, arr_b, n_boot, seed)
+        out.append(PairedComparison(name, len(ids), len(files_a), len(files_b), **stats))
+    return out
+
+
+def comparison_markdown(results: list[PairedComparison], name_a: str = "A", name_b: str = "B") -> str:
+    """A table: one row per test set, the difference A - B with its 95 % interval and whether it is real."""
+    lines = [
+        f"| test set | images | {name_a} (runs) | {name_b} (runs) | {name_a} - {name_b} | 95 % interval | p | real? |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.test_set} | {r.n_images} | {r.miou_a:.4f} ({r.n_runs_a}) | {r.miou_b:.4f} ({r.n_runs_b}) | "
+            f"{r.diff:+.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | {r.p:.3f} | {'yes' if r.real else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def comparison_rows(results: list[PairedComparison]) -> list[dict]:
+    return [{**asdict(r), "real": r.real} for r in results]
