@@ -63,8 +63,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "model_dir": str(model_stage.path),
             "data": {"real": datamodule.real.name},  # "phantom" when data=auto found no JSRT folder
             "test_sets": datamodule.test_set_names,
-            "n_test": {name: len(src.ids("test")) for name, src in
-                       {datamodule.real.name: datamodule.real, **datamodule.extra_test_sets}.items()},
+            "test_set_info": datamodule.test_set_info(),
+            "missing_test_sets": datamodule.missing_test_sets,
             "timesteps": list(cfg.model.timesteps),
             "size": int(meta["resolution"]),
             "intensity": cfg.data.intensity,

@@ -81,6 +81,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "n_synthetic_train": len(datamodule.synthetic_ids),
                     "synthetic_dir": cfg.data.get("synthetic_dir"),
                 },
+                "test_sets": datamodule.test_set_info(),
+                "missing_test_sets": datamodule.missing_test_sets,
                 "backbone": cfg.segmentation.net._target_,
                 "overrides": job_overrides(),
                 "seed": cfg.seed,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +78,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         synthetic_augment: transform for synthetic samples (None = none).
         test_sets: extra named test sets, name -> a manifest folder or an ``images/`` + ``masks/``
             folder (:func:`~diffmask.data.sources.open_test_set`; rows without a split count as
-            ``test``); the real source's test split always comes first, under ``real.name``.
+            ``test``); the real source's test split always comes first, under ``real.name``. A
+            missing folder is an error: it was asked for.
+        external_sets: folders of test sets from other hospitals, scored by every run
+            (``paths.external_sets``, default Montgomery), each named by its folder; scored after
+            the real test split, before ``test_sets``. A missing folder is one log line and an
+            entry in :attr:`missing_test_sets` (the run's ``metrics.json``), never a crash: an
+            outside user has none of them.
         intensity: per-image intensity normalisation of every image served, real, synthetic,
             validation and test alike: ``raw``, ``percentile`` or ``equalize``
             (:func:`~diffmask.data.dataset.normalize_intensity`).
@@ -107,6 +113,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         augment: Callable | None = None,
         synthetic_augment: Callable | None = None,
         test_sets: Mapping[str, str] | None = None,
+        external_sets: Sequence[str] | None = None,
         intensity: str = "raw",
         resize: str = "stretch",
         num_workers: int = 0,
@@ -134,6 +141,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.intensity = check_intensity(intensity)
         self.resize = check_resize(resize)
         self.synthetic_min_class_presence = synthetic_min_class_presence
+        self.synthetic_intensity = self.intensity  # set by _check_synthetic_set from the set's stage.json
         self.real_share = real_share
         self.synthetic_ignore_margin = int(synthetic_ignore_margin)
         self._draws = torch.Generator().manual_seed(seed + 2)
@@ -155,10 +163,24 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.synthetic_count = synthetic_count
         self.augment = augment
         self.synthetic_augment = synthetic_augment
-        self.extra_test_sets = {
-            name: open_test_set(path, self.class_names, name=name)
-            for name, path in (test_sets or {}).items()
-        }
+        self.missing_test_sets: dict[str, str] = {}
+        self.extra_test_sets: dict[str, SampleSource] = {}
+        if isinstance(external_sets, str | Mapping):
+            raise ValueError(f"external_sets: expected a list of folders, got {external_sets!r}")
+        for path in external_sets or []:
+            name = Path(path).name
+            if name in self.missing_test_sets or name in self.extra_test_sets or name == real.name:
+                raise ValueError(f"external_sets: two test sets named {name!r} (by their folders); rename one")
+            if not Path(path).exists():
+                self.missing_test_sets[name] = f"{path}: folder not found"
+                log.warning("external test set %r not found at %s: not scored (paths.external_sets)", name, path)
+                continue
+            self.extra_test_sets[name] = open_test_set(path, self.class_names, name=name)
+        for name, path in (test_sets or {}).items():
+            if name in self.extra_test_sets or name in self.missing_test_sets or name == real.name:
+                raise ValueError(f"test_sets: the name {name!r} is taken (real data or paths.external_sets); rename it")
+            self.extra_test_sets[name] = open_test_set(path, self.class_names, name=name)
+        self.test_set_classes: dict[str, list[str]] = {}  # filled by _check_test_sets
         self.num_workers = num_workers
         self.seed = seed
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
@@ -184,17 +206,26 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
 
     def _check_synthetic_set(self, folder: Path) -> None:
-        """Warn when the synthetic images come from a model trained on other normalised images;
-        when synthetic samples are used, refuse masks in which a class is mostly absent
-        (``synthetic_min_class_presence``)."""
+        """Serve the synthetic images normalised as the real ones; when synthetic samples are used,
+        refuse masks in which a class is mostly absent (``synthetic_min_class_presence``).
+
+        A generator trained on ``data.intensity=X`` images makes X-normalised images (its set's
+        ``stage.json`` records X): with X = this run's setting they are served as they are (CLAHE
+        twice is not CLAHE), with X = ``raw`` they are normalised like the real ones, and any
+        other X is refused: real and synthetic images would differ in appearance by construction.
+        """
         stage_file = (folder if folder.is_dir() else folder.parent) / "stage.json"
         info = json.loads(stage_file.read_text()) if stage_file.is_file() else {}
         made_from = info.get("intensity", "raw")
-        if stage_file.is_file() and made_from != self.intensity:
-            log.warning(
-                "data.intensity=%s, but the synthetic images in %s come from a diffusion model trained on "
-                "data.intensity=%s images: give every stage the same setting (pipeline: in its common list)",
-                self.intensity, stage_file.parent, made_from,
+        if made_from == self.intensity:
+            self.synthetic_intensity = "raw"
+        elif made_from == "raw":
+            self.synthetic_intensity = self.intensity
+        else:
+            raise ValueError(
+                f"data.intensity={self.intensity}, but the synthetic images in {stage_file.parent} come from a "
+                f"diffusion model trained on data.intensity={made_from} images (its stage.json): give every stage "
+                "the same setting (pipeline: in its common list)"
             )
         if self.synthetic_min_class_presence is None or not self.synthetic_ids:
             return
@@ -217,6 +248,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         for name, source in {self.real.name: self.real, **self.extra_test_sets}.items():
             ids = source.ids(self.splits["test"])
             problems = []
+            seen = np.zeros(len(self.class_names), bool)
             for sid in ids:
                 try:
                     sample = source.load(sid)
@@ -225,6 +257,8 @@ class SegmentationDataModule(pl.LightningDataModule):
                     continue
                 if sample.label is None:
                     problems.append(f"{sid}: no mask (a test image needs a label map: sem_seg_file_name)")
+                    continue
+                seen[np.unique(sample.label)] = True
             if problems:
                 shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
                 where = getattr(source, "root", name)
@@ -232,6 +266,20 @@ class SegmentationDataModule(pl.LightningDataModule):
                     f"test set {name!r} ({where}): {len(problems)} of {len(ids)} test samples are bad "
                     f"(checked before the fit):\n  {shown}"
                 )
+            self.test_set_classes[name] = [c for c, there in zip(self.class_names[1:], seen[1:], strict=True) if there]
+            absent = [c for c in self.class_names[1:] if c not in self.test_set_classes[name]]
+            if absent:
+                log.info("test set %r has no %s label: scored on %s only", name, ", ".join(absent),
+                         ", ".join(self.test_set_classes[name]))
+
+    def test_set_info(self) -> dict[str, dict]:
+        """Per test set: its folder, image count and the classes it is scored on (for ``metrics.json``)."""
+        sources = {self.real.name: self.real, **self.extra_test_sets}
+        return {
+            name: {"path": str(getattr(src, "root", "")) or None, "n_images": len(src.ids(self.splits["test"])),
+                   "classes": self.test_set_classes.get(name)}
+            for name, src in sources.items()
+        }
 
     def _select_synthetic(self) -> list[str]:
         if self.synthetic is None:
@@ -276,7 +324,7 @@ class SegmentationDataModule(pl.LightningDataModule):
                     self.size,
                     self.synthetic_augment,
                     ignore_margin=self.synthetic_ignore_margin,
-                    intensity=self.intensity,
+                    intensity=self.synthetic_intensity,
                     resize=self.resize,
                 )
             )
