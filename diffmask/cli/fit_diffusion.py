@@ -58,6 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "prompts=retrieval is for diffmask-generate"
         )
     prompt_builder = hydra.utils.instantiate(cfg.prompts, class_names=list(datamodule.class_names))
+    # the metadata values the model is fitted with; others (another hospital's) get neutral words
+    prompt_builder.learn_values(_train_metas(datamodule))
     components_target = hydra.utils.get_method(cfg.diffusion.components._target_)
     extra: dict[str, Any] = {}
     if "vocabulary" in inspect.signature(components_target).parameters:

@@ -71,6 +71,8 @@ class DiffusionLitModule(pl.LightningModule):
         train_text_encoder: also train the text encoder (required from scratch; optional when
             fine-tuning Stable Diffusion).
         cond_dropout: probability of dropping a prompt to "" for classifier-free guidance.
+        field_dropout: probability of each metadata field's word becoming its neutral word while
+            fitting, so a prompt without metadata (another hospital's images) is in-distribution.
         ema_decay: EMA decay of the UNet weights (0 = no EMA); the export uses the EMA weights.
         ema_warmup: ramp the decay as min(decay, (1 + step) / (10 + step)).
         align: attention alignment settings (None or ``label_fraction=0`` = off).
@@ -96,6 +98,7 @@ class DiffusionLitModule(pl.LightningModule):
         resolution: int = 128,
         train_text_encoder: bool = True,
         cond_dropout: float = 0.1,
+        field_dropout: float = 0.0,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         align: AttentionAlignment | None = None,
@@ -121,6 +124,9 @@ class DiffusionLitModule(pl.LightningModule):
         self.resolution = resolution
         self.train_text_encoder = train_text_encoder
         self.cond_dropout = cond_dropout
+        if not 0.0 <= field_dropout <= 1.0:
+            raise ValueError(f"field_dropout: expected a probability in [0, 1], got {field_dropout}")
+        self.field_dropout = field_dropout
         self.ema_decay = ema_decay
         self.ema_warmup = ema_warmup
         self.align = align or AttentionAlignment(label_fraction=0.0)
@@ -204,7 +210,9 @@ class DiffusionLitModule(pl.LightningModule):
         """Prompts of a batch and their class-token positions (None for dropped prompts)."""
         texts, positions = [], []
         for meta in metas:
-            built = self.prompt_builder.build(meta, rng=self._prompt_rng if train else None)
+            built = self.prompt_builder.build(
+                meta, rng=self._prompt_rng if train else None, drop_fields=self.field_dropout if train else 0.0
+            )
             if train and dropout and self.cond_dropout > 0 and self._prompt_rng.random() < self.cond_dropout:
                 texts.append("")
                 positions.append(None)

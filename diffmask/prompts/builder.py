@@ -53,6 +53,11 @@ class PromptBuilder:
         sex_words: maps raw sex values (lower-cased) to words; unknown values are neutral.
         age_format: how a known age is written (``{age}`` is the number).
         class_joiner, class_last_joiner: separators between class phrases.
+        known_values: per metadata field, the words the model was trained with
+            (:meth:`learn_values`; recorded in ``diffmask.json``). A value outside them (an
+            external hospital's "tuberculosis" for a JSRT model) becomes the field's neutral word:
+            the model never saw it, while it did see the neutral word (``field_dropout`` at fit).
+            None = every value is used.
 
     Examples::
 
@@ -71,6 +76,7 @@ class PromptBuilder:
         age_format: str = "{age} year old",
         class_joiner: str = ", ",
         class_last_joiner: str = " and ",
+        known_values: Mapping[str, Sequence[str]] | None = None,
     ):
         if isinstance(templates, str):
             templates = [templates]
@@ -95,9 +101,15 @@ class PromptBuilder:
         self.age_format = age_format
         self.class_joiner = class_joiner
         self.class_last_joiner = class_last_joiner
+        self.known_values = None if known_values is None else {
+            str(k): sorted({str(v) for v in vs}) for k, vs in known_values.items()
+        }
+        if self.known_values is not None:
+            unknown = sorted(set(self.known_values) - set(META_FIELDS))
+            if unknown:
+                raise ValueError(f"known_values: unknown field(s) {unknown}; expected some of {list(META_FIELDS)}")
 
-    def field_values(self, meta: Mapping[str, object] | None) -> dict[str, str]:
-        """The words that fill the metadata fields (neutral words for missing values)."""
+    def _raw_values(self, meta: Mapping[str, object] | None) -> dict[str, str]:
         meta = {str(k): ("" if v is None else str(v).strip()) for k, v in (meta or {}).items()}
         values = {}
         sex = meta.get("sex", "").lower()
@@ -108,20 +120,44 @@ class PromptBuilder:
             values[key] = " ".join(meta.get(key, "").lower().split()) or self.neutral[key]
         return values
 
+    def field_values(self, meta: Mapping[str, object] | None) -> dict[str, str]:
+        """The words that fill the metadata fields (neutral words for missing or unknown values)."""
+        values = self._raw_values(meta)
+        for key, known in (self.known_values or {}).items():
+            if values[key] != self.neutral[key] and values[key] not in known:
+                values[key] = self.neutral[key]
+        return values
+
+    def learn_values(self, metas: Sequence[Mapping[str, object]]) -> None:
+        """Record the values of the fitting set's metadata as :attr:`known_values` (at fit time)."""
+        seen: dict[str, set[str]] = {k: set() for k in META_FIELDS}
+        for meta in metas:
+            for key, value in self._raw_values(meta).items():
+                if value != self.neutral[key]:
+                    seen[key].add(value)
+        self.known_values = {k: sorted(v) for k, v in seen.items()}
+
     def build(self, meta: Mapping[str, object] | None = None, template: int | None = None,
-              rng: random.Random | None = None) -> BuiltPrompt:
+              rng: random.Random | None = None, drop_fields: float = 0.0) -> BuiltPrompt:
         """Fill a template for one sample.
 
         Args:
             meta: the sample's metadata (``Sample.meta``); missing keys are fine.
             template: index of the template to use (default: random with ``rng``, else 0).
-            rng: picks the template when ``template`` is None.
+            rng: picks the template when ``template`` is None, and the dropped fields.
+            drop_fields: with ``rng``, each metadata field becomes its neutral word with this
+                probability (prompt dropout at fit: a prompt without metadata, as for another
+                hospital's images, is then one the model has seen).
         """
         if template is None:
             template = rng.randrange(len(self.templates)) if rng is not None else 0
         if not 0 <= template < len(self.templates):
             raise ValueError(f"template: index {template} out of range (have {len(self.templates)} templates)")
+        if not 0.0 <= drop_fields <= 1.0:
+            raise ValueError(f"drop_fields: expected a probability in [0, 1], got {drop_fields}")
         values = self.field_values(meta)
+        if drop_fields > 0 and rng is not None:
+            values = {k: (self.neutral[k] if rng.random() < drop_fields else v) for k, v in values.items()}
         text, spans = "", []
         for literal, name, spec, _conv in string.Formatter().parse(self.templates[template]):
             text += literal
@@ -151,6 +187,7 @@ class PromptBuilder:
             "age_format": self.age_format,
             "class_joiner": self.class_joiner,
             "class_last_joiner": self.class_last_joiner,
+            "known_values": self.known_values,
         }
 
     def words(self) -> list[str]:

@@ -42,6 +42,9 @@ def test_fit_diffusion_cli_writes_a_complete_diffusers_model(tmp_path):
     assert not (out / "checkpoints").exists()
     meta = json.loads((out / "diffmask.json").read_text())
     assert meta["resolution"] == 32 and len(meta["labelled_ids"]) == 2 and meta["intensity"] == "equalize"
+    # the metadata values it was fitted with: others get neutral words at mask evaluation
+    assert set(meta["prompt_builder"]["known_values"]["sex"]) <= {"male", "female"}
+    assert meta["prompt_builder"]["known_values"]["finding"]
     assert "train/align_loss" in metrics or "train/mse" in metrics
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
     images = DiffusionSampler.from_pretrained(out)([meta["prompt_builder"]["templates"][0].format(
