@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="diffmask-report", description=__doc__)
     parser.add_argument("sweep_dir", help="folder with the runs' metrics.json files (searched recursively)")
     parser.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
-    parser.add_argument("--test-set", default=None, help="test set whose mIoU the plots show (default: first)")
+    parser.add_argument("--test-set", default=None, help="only plot this test set's mIoU (default: one pair of plots per test set)")
     parser.add_argument("--wandb-project", default=None, help="also log table + plots to this W&B project")
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out corrupt metrics.json files (listed in the log and report.md) instead of stopping")

@@ -154,6 +154,8 @@ def summarise(runs: list[RunRecord], prefix: str = "test/") -> tuple[list[str], 
 
 
 def _markdown(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
+    # IoU per test set and class, and mIoU; Dice is in the CSV
+    metric_names = [m for m in metric_names if m.rsplit("/", 1)[-1].startswith(("iou_", "miou"))]
     short = [m.split("/", 1)[-1] for m in metric_names]
     head = ["backbone", "real data", "real frac.", "n real", "n synth.", "runs", *short, "condition"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -185,7 +187,7 @@ def _csv(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _plots(rows: list[dict[str, Any]], miou_key: str, out: Path) -> list[Path]:
+def _plots(rows: list[dict[str, Any]], miou_key: str, out: Path, suffix: str = "") -> list[Path]:
     import matplotlib  # noqa: PLC0415 - plotting is optional at import time
 
     matplotlib.use("Agg")
@@ -221,7 +223,7 @@ def _plots(rows: list[dict[str, Any]], miou_key: str, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, not over it
     fig.tight_layout()
-    paths.append(_save_fig(fig, out / "iou_vs_real_fraction.png"))
+    paths.append(_save_fig(fig, out / f"iou_vs_real_fraction{suffix}.png"))
     plt.close(fig)
     # per-condition bars
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(with_key) + 2), 4))
@@ -233,7 +235,7 @@ def _plots(rows: list[dict[str, Any]], miou_key: str, out: Path) -> list[Path]:
     lo = min(r[miou_key] for r in with_key)
     ax.set_ylim(max(0.0, lo - 0.1), 1.0)
     fig.tight_layout()
-    paths.append(_save_fig(fig, out / "backbones.png"))
+    paths.append(_save_fig(fig, out / f"backbones{suffix}.png"))
     plt.close(fig)
     return paths
 
@@ -251,7 +253,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, test_
     Args:
         sweep_dir: folder holding the runs (searched recursively for ``metrics.json``).
         out_dir: where to write (default: ``sweep_dir``).
-        test_set: test set whose ``miou`` the plots show (default: the first found).
+        test_set: the test set whose ``miou`` the plots show (default: one pair of plots per test set).
         wandb_project: log the table and plots to this W&B project (honours WANDB_MODE=offline).
         skip_bad: leave out corrupt ``metrics.json`` files, listed in ``report.md``, instead of stopping.
 
@@ -261,16 +263,17 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, test_
     out = Path(out_dir or sweep_dir)
     runs, bad = collect_runs(sweep_dir, skip_bad)
     metric_names, rows = summarise(runs)
-    mious = [m for m in metric_names if m.endswith("/miou")]
-    miou_key = f"test/{test_set}/miou" if test_set else (mious[0] if mious else "")
+    # one pair of plots per test set (JSRT and every external set), or only the one asked for
+    sets = [test_set] if test_set else [m.split("/")[1] for m in metric_names if m.endswith("/miou")]
     written = {
         "markdown": atomic_write_text(out / "report.md", f"# Results: {Path(sweep_dir).name}\n\n"
                                       f"{len(runs)} runs, {len(rows)} conditions; mean ± std over repeats.\n\n"
                                       + _markdown(metric_names, rows) + _bad_files(bad, Path(sweep_dir))),
         "csv": atomic_write_text(out / "report.csv", _csv(metric_names, rows)),
     }
-    for p in _plots(rows, miou_key, out) if miou_key else []:
-        written[p.stem] = p
+    for name in sets:
+        for p in _plots(rows, f"test/{name}/miou", out, suffix=f"_{name}"):
+            written[p.stem] = p
     if wandb_project:
         import wandb  # noqa: PLC0415 - optional
 

@@ -59,7 +59,7 @@ def test_report_mean_std_over_seeds(tmp_path):
     written = write_report(tmp_path / "sweep", tmp_path / "out")
     md = written["markdown"].read_text()
     assert "0.9100 ± 0.0141" in md and len(rows) == 3
-    assert written["iou_vs_real_fraction"].stat().st_size > 1000
+    assert written["iou_vs_real_fraction_jsrt"].stat().st_size > 1000 and "backbones_jsrt" in written
     assert "test/jsrt/miou_std" in written["csv"].read_text().splitlines()[0]
 
 
@@ -122,3 +122,19 @@ def test_report_groups_fine_tuning_runs_by_their_source_condition(tmp_path):
     assert "segmentation.init_weights=[data.real_fraction=0.0 data.synthetic_count=346 segmentation=unet]" in (
         tuned["condition"])
     assert "gone.ckpt" in next(r for r in rows if r["n_runs"] == 1)["condition"]
+
+
+def test_report_has_a_column_per_test_set_and_class_and_plots_per_set(tmp_path):
+    for seed, (j, m) in enumerate([(0.91, 0.70), (0.92, 0.80)]):
+        run = tmp_path / "sweep" / str(seed)
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({
+            "metrics": {"test/jsrt/miou": j, "test/jsrt/iou_heart": j - 0.05, "test/jsrt/dice_heart": j,
+                        "test/montgomery/miou": m, "test/montgomery/iou_left_lung": m},
+            "data": {"real": "jsrt", "real_fraction": 1.0}, "seed": seed, "overrides": [f"seed={seed}"]}))
+    written = write_report(tmp_path / "sweep")
+    header = written["markdown"].read_text().split("\n")[4]
+    assert "jsrt/iou_heart" in header and "montgomery/iou_left_lung" in header and "montgomery/miou" in header
+    assert "dice" not in header and "test/jsrt/dice_heart" in written["csv"].read_text()  # Dice: CSV only
+    assert "0.7500 ± 0.0707" in written["markdown"].read_text()
+    assert {"iou_vs_real_fraction_jsrt", "iou_vs_real_fraction_montgomery", "backbones_montgomery"} <= set(written)
