@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_CLASS_NAMES", "IGNORE_INDEX", "class_word", "ignore_boundaries", "validate_class_names"]
+__all__ = [
+    "DEFAULT_CLASS_NAMES",
+    "IGNORE_INDEX",
+    "class_word",
+    "ignore_boundaries",
+    "keep_largest_components",
+    "validate_class_names",
+]
 
 # index = label value in the mask PNGs; index 0 is always background
 DEFAULT_CLASS_NAMES: tuple[str, ...] = ("background", "left_lung", "right_lung", "heart")
@@ -61,4 +68,29 @@ def ignore_boundaries(label: np.ndarray, margin: int, ignore_index: int = IGNORE
             continue
         core = ndimage.binary_erosion(label == value, structure, iterations=int(margin), border_value=1)
         out[core] = value
+    return out
+
+
+def keep_largest_components(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each foreground class keeps only its largest 8-connected region; the rest becomes background.
+
+    An anatomical prior for chest X-rays: each lung and the heart is one region. It removes the
+    fragments a model predicts along an external film's frame lines and borders.
+
+    Args:
+        label: (H, W) or (B, H, W) integer label map.
+        num_classes: classes including background (0).
+    """
+    from scipy import ndimage  # noqa: PLC0415 - only this prior needs scipy
+
+    label = np.asarray(label)
+    if label.ndim == 3:
+        return np.stack([keep_largest_components(x, num_classes) for x in label])
+    out = label.copy()
+    eight = np.ones((3, 3), bool)
+    for c in range(1, num_classes):
+        regions, n = ndimage.label(label == c, structure=eight)
+        if n > 1:
+            sizes = np.bincount(regions.ravel())[1:]
+            out[(regions > 0) & (regions != 1 + int(np.argmax(sizes)))] = 0
     return out

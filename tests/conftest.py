@@ -1,4 +1,4 @@
-"""Shared fixtures: the JSRT folder, config composition for the stage entry points."""
+"""Shared fixtures: the JSRT folder (or a phantom one in its layout), config composition for the stage entry points."""
 
 from __future__ import annotations
 
@@ -14,17 +14,63 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # thread than on two contended ones); subprocesses inherit it through OMP_NUM_THREADS
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+# other hospitals' test sets (paths.external_sets, default ../shared/data/montgomery) are scored
+# only where a test names one: the suite behaves the same with and without that folder
+os.environ["DIFFMASK_MONTGOMERY_DIR"] = "/nonexistent/external/montgomery"
 
 REPO = Path(__file__).resolve().parents[1]
 JSRT_DIR = Path(os.environ.get("DIFFMASK_JSRT_DIR", REPO.parent / "shared" / "data" / "jsrt_scr"))
+JSRT_MISSING = "JSRT/SCR not found (set DIFFMASK_JSRT_DIR)"
+# CI has the data: there a test that would skip for want of it fails instead, so coverage cannot drop
+REQUIRE_JSRT = os.environ.get("DIFFMASK_REQUIRE_JSRT", "") not in ("", "0")
+# the phantom folder that stands in for JSRT: split sizes of a small JSRT-like study
+PHANTOM_SPLITS = {"train": 40, "val": 8, "test": 8}
+
+
+def require_jsrt() -> Path:
+    """The JSRT/SCR folder; skips the test without it (fails instead with DIFFMASK_REQUIRE_JSRT=1)."""
+    if (JSRT_DIR / "metadata.csv").is_file():
+        return JSRT_DIR
+    if REQUIRE_JSRT:
+        pytest.fail(f"{JSRT_DIR}: {JSRT_MISSING}; DIFFMASK_REQUIRE_JSRT=1 forbids skipping for it", pytrace=False)
+    pytest.skip(JSRT_MISSING)
 
 
 @pytest.fixture(scope="session")
 def jsrt_dir() -> Path:
-    """The JSRT/SCR folder; the suite needs it (CI has ../shared beside the checkout)."""
-    if not (JSRT_DIR / "metadata.csv").is_file():
-        raise FileNotFoundError(f"{JSRT_DIR}: JSRT/SCR data not found; set DIFFMASK_JSRT_DIR")
-    return JSRT_DIR
+    """The JSRT/SCR folder, for tests whose behaviour depends on JSRT itself (its splits, its images)."""
+    return require_jsrt()
+
+
+def write_phantom_folder(root: Path, size: int = 256, splits: dict[str, int] = PHANTOM_SPLITS) -> Path:
+    """Phantom images written in JSRT's layout: ``images/``, ``masks/``, ``metadata.csv`` with splits."""
+    from PIL import Image
+
+    from diffmask.data import PhantomSource
+
+    source = PhantomSource(size=size, num_train=splits["train"], num_val=splits["val"], num_test=splits["test"])
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    columns = ["id", "split", *source.load(source.ids("train")[0]).meta]
+    lines = [",".join(columns)]
+    for split in splits:
+        for sid in source.ids(split):
+            sample = source.load(sid)
+            Image.fromarray(sample.image).save(root / "images" / f"{sid}.png")
+            Image.fromarray(sample.label).save(root / "masks" / f"{sid}.png")
+            lines.append(",".join([sid, split, *(sample.meta[c] for c in columns[2:])]))
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_dir(tmp_path_factory) -> Path:
+    """A real-data folder in JSRT's layout, for tests whose behaviour does not depend on JSRT:
+    the JSRT folder when it is there, else phantom images written in its layout (256 px;
+    40 / 8 / 8 images in train / val / test), so an outside user's ``make test`` runs them too."""
+    if (JSRT_DIR / "metadata.csv").is_file():
+        return JSRT_DIR
+    return write_phantom_folder(tmp_path_factory.mktemp("phantom_jsrt"))
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path, quiet_trainer: bool = True):

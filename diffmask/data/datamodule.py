@@ -171,6 +171,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             name = Path(path).name
             if name in self.missing_test_sets or name in self.extra_test_sets or name == real.name:
                 raise ValueError(f"external_sets: two test sets named {name!r} (by their folders); rename one")
+            if test_split != "test":  # e.g. tuning on the validation split: other hospitals stay unseen
+                self.missing_test_sets[name] = f"not scored: data.test_split={test_split} (external sets are test-only)"
+                log.info("external test set %r not scored: data.test_split=%s", name, test_split)
+                continue
             if not Path(path).exists():
                 self.missing_test_sets[name] = f"{path}: folder not found"
                 log.warning("external test set %r not found at %s: not scored (paths.external_sets)", name, path)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmask.evaluation.metrics import SegmentationScores, compute_iou
-from diffmask.labels import validate_class_names
+from diffmask.labels import keep_largest_components, validate_class_names
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,9 @@ class SegmentationLitModule(pl.LightningModule):
             border band of synthetic masks, ``data.synthetic_ignore_margin``).
         init_weights: optional checkpoint to start the backbone from (see
             :func:`load_net_weights`): synthetic pre-training, then real fine-tuning.
+        postprocess: ``None`` or ``largest_component``: each class of a prediction keeps only
+            its largest connected region (validation, test and predict alike;
+            :func:`~diffmask.labels.keep_largest_components`).
 
     Examples::
 
@@ -169,8 +172,12 @@ class SegmentationLitModule(pl.LightningModule):
         lambda_ce: float = 1.0,
         ignore_index: int = 255,
         init_weights: str | None = None,
+        postprocess: str | None = None,
     ):
         super().__init__()
+        if postprocess not in (None, "largest_component"):
+            raise ValueError(f"postprocess: expected null or largest_component, got {postprocess!r}")
+        self.postprocess = postprocess
         self.save_hyperparameters(ignore=["net"], logger=False)
         self.net = _drop_unused_cross_attention_norms(net)
         if init_weights:
@@ -187,6 +194,14 @@ class SegmentationLitModule(pl.LightningModule):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image)
+
+    def labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) logits -> (B, H, W) predicted labels, post-processed as configured."""
+        pred = logits.argmax(1)
+        if self.postprocess == "largest_component":
+            kept = keep_largest_components(pred.cpu().numpy(), len(self.class_names))
+            pred = torch.from_numpy(kept).to(pred.device)
+        return pred
 
     def setup(self, stage: str) -> None:
         if stage == "test":
@@ -213,7 +228,7 @@ class SegmentationLitModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["image"])
         loss = self.loss_fn(logits, batch["label"])
-        self.val_scores.update(logits.argmax(1), batch["label"][:, 0])
+        self.val_scores.update(self.labels(logits), batch["label"][:, 0])
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=logits.shape[0])
 
     def on_validation_epoch_end(self) -> None:
@@ -228,7 +243,7 @@ class SegmentationLitModule(pl.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch["image"])
-        pred, target = logits.argmax(1), batch["label"][:, 0]
+        pred, target = self.labels(logits), batch["label"][:, 0]
         self.test_scores[dataloader_idx].update(pred, target)
         # per-image IoU for paired comparisons of two models on the same images (diffmask-compare)
         iou = compute_iou(pred, target, len(self.class_names), self.ignore_index).cpu()
@@ -252,7 +267,7 @@ class SegmentationLitModule(pl.LightningModule):
             self.per_image = list(unique.values())
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self(batch["image"]).argmax(1).to(torch.uint8)
+        return self.labels(self(batch["image"])).to(torch.uint8)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())

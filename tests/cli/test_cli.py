@@ -50,9 +50,14 @@ def test_missing_required_field_fails_clearly(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_gives_one_metrics_file_per_job(jsrt_dir, tmp_path):
+def test_multirun_gives_one_metrics_file_per_job(real_dir, tmp_path):
+    from diffmask.data import JSRTSource
+
+    # 9 and 17 real training images: 5 % and 10 % of JSRT's 173 (the same counts of a phantom folder)
+    n = len(JSRTSource(real_dir).ids("train"))
     res = _train(
-        ["-m", "segmentation=unet,transunet", "data.real_fraction=0.05,0.1", f"paths.jsrt_dir={jsrt_dir}", *TINY],
+        ["-m", "segmentation=unet,transunet", f"data.real_fraction={9 / n},{17 / n}", f"paths.jsrt_dir={real_dir}",
+         *TINY],
         tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]

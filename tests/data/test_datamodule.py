@@ -43,39 +43,41 @@ def test_select_fraction_reproducible_and_nested():
         select_fraction(ids, 1.5, 0)
 
 
-def test_real_fraction_and_synthetic_ratio(jsrt_dir, tmp_path):
+def test_real_fraction_and_synthetic_ratio(real_dir, tmp_path):
     syn = _synthetic_dir(tmp_path / "syn")
-    dm = SegmentationDataModule(
-        JSRTSource(jsrt_dir), size=32, batch_size=4, real_fraction=0.02, synthetic_dir=str(syn), synthetic_ratio=2
-    )
+    real = JSRTSource(real_dir)
+    three = 3 / len(real.ids("train"))  # 3 of JSRT's 173 training images, or of the phantom folder's
+    dm = SegmentationDataModule(real, size=32, batch_size=4, real_fraction=three, synthetic_dir=str(syn), synthetic_ratio=2)
     assert len(dm.real_train_ids) == 3 and len(dm.synthetic_ids) == 6
+    assert set(dm.real_train_ids) <= set(real.ids("train"))
     assert len(dm.train_dataset()) == 9
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 1, 32, 32) and batch["label"].dtype == torch.int64
     assert batch["image"].min() >= 0 and batch["image"].max() <= 1
     assert set(batch["source"]) <= {"real", "synthetic"}
     # absolute count overrides the ratio; synthetic only uses all synthetic samples
-    dm2 = SegmentationDataModule(JSRTSource(jsrt_dir), size=32, real_fraction=0.0, synthetic_dir=str(syn))
+    dm2 = SegmentationDataModule(real, size=32, real_fraction=0.0, synthetic_dir=str(syn))
     assert dm2.real_train_ids == [] and len(dm2.synthetic_ids) == 12
-    dm3 = SegmentationDataModule(JSRTSource(jsrt_dir), size=32, real_fraction=0.1, synthetic_dir=str(syn), synthetic_count=5)
+    dm3 = SegmentationDataModule(real, size=32, real_fraction=0.1, synthetic_dir=str(syn), synthetic_count=5)
     assert len(dm3.synthetic_ids) == 5
     with pytest.raises(ValueError, match="has only 12"):
-        SegmentationDataModule(JSRTSource(jsrt_dir), size=32, synthetic_dir=str(syn), synthetic_count=50)
+        SegmentationDataModule(real, size=32, synthetic_dir=str(syn), synthetic_count=50)
     with pytest.raises(ValueError, match="training set is empty"):
-        SegmentationDataModule(JSRTSource(jsrt_dir), size=32, real_fraction=0.0)
+        SegmentationDataModule(real, size=32, real_fraction=0.0)
 
 
-def test_external_test_set_by_path(jsrt_dir, tmp_path):
+def test_external_test_set_by_path(real_dir, tmp_path):
     ext = _synthetic_dir(tmp_path / "ext")
-    dm = SegmentationDataModule(JSRTSource(jsrt_dir), size=32, test_sets={"other": str(ext)})
+    real = JSRTSource(real_dir)
+    dm = SegmentationDataModule(real, size=32, test_sets={"other": str(ext)})
     assert dm.test_set_names == ["jsrt", "other"]
     loaders = dm.test_dataloader()
-    assert len(loaders) == 2 and len(loaders[1].dataset) == 12
+    assert len(loaders) == 2 and len(loaders[0].dataset) == len(real.ids("test")) and len(loaders[1].dataset) == 12
 
 
 @pytest.mark.parametrize("size", [64, 128])
-def test_resolution(jsrt_dir, size):
-    dm = SegmentationDataModule(JSRTSource(jsrt_dir), size=size, batch_size=2)
+def test_resolution(real_dir, size):
+    dm = SegmentationDataModule(JSRTSource(real_dir), size=size, batch_size=2)
     item = dm.val_dataloader().dataset[0]
     assert item["image"].shape == item["label"].shape == (1, size, size)
 
@@ -153,11 +155,13 @@ def test_synthetic_ignore_margin_masks_borders_of_synthetic_labels_only(tmp_path
         SegmentationDataModule(real, size=32, synthetic_ignore_margin=-1)
 
 
-def test_equalize_removes_a_monotone_grey_level_change(jsrt_dir):
+def test_equalize_removes_a_monotone_grey_level_change(real_dir):
     """``data.intensity=equalize``: the same X-ray under another window/gamma gives (almost) the same input."""
     from diffmask.data.dataset import normalize_intensity
 
-    img = JSRTSource(jsrt_dir).load("0000").image
+    real = JSRTSource(real_dir)
+    first = real.load(real.ids("train")[0])
+    img = first.image
     shifted = np.round(255 * (0.15 + 0.7 * (img / 255.0) ** 0.6)).astype(np.uint8)  # brighter, lower contrast
     assert np.abs(img.astype(int) - shifted).mean() > 15
     a, b = normalize_intensity(img, "equalize"), normalize_intensity(shifted, "equalize")
@@ -171,18 +175,18 @@ def test_equalize_removes_a_monotone_grey_level_change(jsrt_dir):
         out[26:231, 26:231] = np.asarray(Image.fromarray(x).resize((205, 205), Image.BILINEAR))
         return out
 
-    lungs = shrink((JSRTSource(jsrt_dir).load("0000").label > 0).astype(np.uint8) * 255) > 127
+    lungs = shrink((first.label > 0).astype(np.uint8) * 255) > 127
     moved = np.abs(normalize_intensity(shrink(img), "equalize").astype(int) - shrink(a))[lungs].mean()
     assert moved < 15, moved
     p = normalize_intensity(img, "percentile")
     assert p.dtype == np.uint8 and p.min() == 0 and p.max() == 255
     assert normalize_intensity(img, "raw") is img
     with pytest.raises(ValueError, match="intensity: expected one of"):
-        normalize_intensity(img, "clahe")
+        normalize_intensity(img, "zscore")
 
-    dm = SegmentationDataModule(JSRTSource(jsrt_dir), size=32, intensity="equalize")
+    dm = SegmentationDataModule(real, size=32, intensity="equalize")
     item = dm.test_dataloader()[0].dataset[0]
     assert item["image"].min() == 0.0 and item["image"].max() == 1.0
     assert abs(float(item["image"][:, 8:24, 8:24].mean()) - 0.5) < 0.05  # the centre's grey levels spread evenly
     with pytest.raises(ValueError, match="intensity: expected one of"):
-        SegmentationDataModule(JSRTSource(jsrt_dir), size=32, intensity="none")
+        SegmentationDataModule(real, size=32, intensity="none")

@@ -64,6 +64,9 @@ def test_a_missing_external_folder_is_a_note_not_a_crash(tmp_path, caplog):
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["missing_test_sets"] == {"montgomery": f"{gone}: folder not found"}
     assert list(written["test_sets"]) == ["phantom"] and "test/phantom/miou" in written["metrics"]
+    # scoring the validation split (tuning): other hospitals stay unseen
+    dm = SegmentationDataModule(_phantom(), size=32, external_sets=[str(_lungs_only(tmp_path / "c"))], test_split="val")
+    assert dm.test_set_names == ["phantom"] and "data.test_split=val" in dm.missing_test_sets["c"]
     # asked for by name (data.test_sets), a missing folder stays an error
     with pytest.raises(FileNotFoundError, match="montgomery"):
         SegmentationDataModule(_phantom(), size=32, test_sets={"other": str(gone)})

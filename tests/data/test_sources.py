@@ -17,9 +17,12 @@ from diffmask.data import (
     read_manifest,
     write_manifest,
 )
+from tests.conftest import PHANTOM_SPLITS, write_phantom_folder
 
 
-def _copy_jsrt_subset(src, dst, ids=("0000", "0001", "0002"), drop_column=None, split="train"):
+def _copy_jsrt_subset(src, dst, drop_column=None, split="train"):
+    """The first three training images of a JSRT-layout folder, all in ``split``; returns their ids."""
+    ids = JSRTSource(src).ids("train")[:3]
     (dst / "images").mkdir(parents=True)
     (dst / "masks").mkdir()
     for i in ids:
@@ -30,6 +33,7 @@ def _copy_jsrt_subset(src, dst, ids=("0000", "0001", "0002"), drop_column=None, 
         cols.remove(drop_column)
     lines = [",".join(cols)] + [",".join({"id": i, "split": split}.get(c, "") for c in cols) for i in ids]
     (dst / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return ids
 
 
 def test_jsrt_splits_and_sample(jsrt_dir):
@@ -44,39 +48,55 @@ def test_jsrt_splits_and_sample(jsrt_dir):
     assert s.meta["sex"] in ("M", "F")
 
 
-def test_missing_metadata_column(jsrt_dir, tmp_path):
-    _copy_jsrt_subset(jsrt_dir, tmp_path, drop_column="split")
+def test_phantom_folder_stands_in_for_jsrt(tmp_path):
+    """The phantom folder that ``real_dir`` falls back to without JSRT reads like JSRT (tested here,
+    because with the data, as in CI, ``real_dir`` is JSRT and the phantom folder is never written)."""
+    src = JSRTSource(write_phantom_folder(tmp_path / "phantom"))
+    assert src.name == "jsrt"
+    assert [len(src.ids(s)) for s in ("train", "val", "test")] == [PHANTOM_SPLITS[s] for s in ("train", "val", "test")]
+    assert not set(src.ids("train")) & set(src.ids("test"))
+    for sid in (src.ids("train")[0], src.ids("test")[-1]):
+        s = src.load(sid)
+        assert s.image.shape == s.label.shape == (256, 256)
+        assert s.image.dtype == np.uint8 and set(np.unique(s.label)) == {0, 1, 2, 3}
+        # patient's left lung (1) lies on the image's right half
+        assert np.nonzero(s.label == 1)[1].mean() > 128 > np.nonzero(s.label == 2)[1].mean()
+        assert s.meta["sex"] in ("M", "F") and s.meta["age"].isdigit() and s.meta["finding"]
+
+
+def test_missing_metadata_column(real_dir, tmp_path):
+    _copy_jsrt_subset(real_dir, tmp_path, drop_column="split")
     with pytest.raises(ValueError, match=r"metadata.csv: missing column\(s\) \['split'\]"):
         JSRTSource(tmp_path)
 
 
-def test_empty_split(jsrt_dir, tmp_path):
-    _copy_jsrt_subset(jsrt_dir, tmp_path)
+def test_empty_split(real_dir, tmp_path):
+    _copy_jsrt_subset(real_dir, tmp_path)
     with pytest.raises(ValueError, match="split 'test' is empty"):
         JSRTSource(tmp_path).ids("test")
 
 
-def test_unreadable_image(jsrt_dir, tmp_path):
-    _copy_jsrt_subset(jsrt_dir, tmp_path)
-    (tmp_path / "images" / "0001.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"0001\.png: unreadable image"):
-        JSRTSource(tmp_path).load("0001")
+def test_unreadable_image(real_dir, tmp_path):
+    sid = _copy_jsrt_subset(real_dir, tmp_path)[1]
+    (tmp_path / "images" / f"{sid}.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=rf"{sid}\.png: unreadable image"):
+        JSRTSource(tmp_path).load(sid)
 
 
-def test_mask_labels_out_of_range(jsrt_dir, tmp_path):
-    _copy_jsrt_subset(jsrt_dir, tmp_path)
-    mask = np.array(Image.open(tmp_path / "masks" / "0002.png"))
+def test_mask_labels_out_of_range(real_dir, tmp_path):
+    sid = _copy_jsrt_subset(real_dir, tmp_path)[2]
+    mask = np.array(Image.open(tmp_path / "masks" / f"{sid}.png"))
     mask[0, 0] = 7
-    Image.fromarray(mask).save(tmp_path / "masks" / "0002.png")
-    with pytest.raises(ValueError, match=r"masks/0002\.png: mask has labels \[7\] outside 0\.\.3"):
-        JSRTSource(tmp_path).load("0002")
+    Image.fromarray(mask).save(tmp_path / "masks" / f"{sid}.png")
+    with pytest.raises(ValueError, match=rf"masks/{sid}\.png: mask has labels \[7\] outside 0\.\.3"):
+        JSRTSource(tmp_path).load(sid)
 
 
-def test_mask_size_mismatch(jsrt_dir, tmp_path):
-    _copy_jsrt_subset(jsrt_dir, tmp_path)
-    Image.fromarray(np.zeros((100, 100), np.uint8)).save(tmp_path / "masks" / "0000.png")
-    with pytest.raises(ValueError, match=r"0000\.png: mask size \(100, 100\) does not match its image size"):
-        JSRTSource(tmp_path).load("0000")
+def test_mask_size_mismatch(real_dir, tmp_path):
+    sid = _copy_jsrt_subset(real_dir, tmp_path)[0]
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(tmp_path / "masks" / f"{sid}.png")
+    with pytest.raises(ValueError, match=rf"{sid}\.png: mask size \(100, 100\) does not match its image size"):
+        JSRTSource(tmp_path).load(sid)
 
 
 def test_missing_folder_names_the_setting(tmp_path):
@@ -139,30 +159,31 @@ def test_16bit_image_is_rescaled_not_clipped(tmp_path):
         read_image(tmp_path / "nan.tif")
 
 
-def test_folder_test_set_without_metadata(jsrt_dir, tmp_path):
+def test_folder_test_set_without_metadata(real_dir, tmp_path):
     """An external test set as images/ + masks/ only, lungs-only labels 0/1/2, a JPEG image."""
     from diffmask.data import FolderSource, open_test_set
 
     ext = tmp_path / "other_hospital"
     (ext / "images").mkdir(parents=True)
     (ext / "masks").mkdir()
-    for i in ("0003", "0004"):
-        label = np.asarray(Image.open(jsrt_dir / "masks" / f"{i}.png"))
+    a, b = JSRTSource(real_dir).ids("test")[:2]
+    for i in (a, b):
+        label = np.asarray(Image.open(real_dir / "masks" / f"{i}.png"))
         Image.fromarray(np.where(label == 3, 0, label).astype(np.uint8)).save(ext / "masks" / f"case_{i}.png")
-        Image.open(jsrt_dir / "images" / f"{i}.png").convert("L").save(ext / "images" / f"case_{i}.jpg", quality=95)
+        Image.open(real_dir / "images" / f"{i}.png").convert("L").save(ext / "images" / f"case_{i}.jpg", quality=95)
     src = open_test_set(ext, name="hospital_b")
     assert isinstance(src, FolderSource) and src.name == "hospital_b"
-    assert src.ids("test") == ["case_0003", "case_0004"]
-    s = src.load("case_0003")
+    assert src.ids("test") == [f"case_{a}", f"case_{b}"]
+    s = src.load(f"case_{a}")
     assert s.image.shape == s.label.shape == (256, 256) and set(np.unique(s.label)) == {0, 1, 2}
 
     # a metadata.csv without splits: every listed image is a test image
-    (ext / "metadata.csv").write_text("id,sex\ncase_0003,F\ncase_0004,M\n")
+    (ext / "metadata.csv").write_text(f"id,sex\ncase_{a},F\ncase_{b},M\n")
     src = open_test_set(ext)
-    assert src.ids("test") == ["case_0003", "case_0004"] and src.load("case_0004").meta["sex"] == "M"
+    assert src.ids("test") == [f"case_{a}", f"case_{b}"] and src.load(f"case_{b}").meta["sex"] == "M"
 
-    (ext / "masks" / "case_0004.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"masks/case_0004\.png: mask file not found"):
-        src.load("case_0004")
+    (ext / "masks" / f"case_{b}.png").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"masks/case_{b}\.png: mask file not found"):
+        src.load(f"case_{b}")
     with pytest.raises(FileNotFoundError, match="expected a manifest.jsonl, or images/ and masks/"):
         open_test_set(tmp_path / "nowhere")

@@ -60,12 +60,14 @@ def test_module_scores_every_step_on_two_phantom_images():
         MaskQualityLitModule(tiny_scratch_components(32), PromptBuilder(), CrossAttentionStore, timesteps=[1000])
 
 
-def test_evaluate_masks_cli_on_two_jsrt_test_images_writes_metrics(tmp_path, model_dir, jsrt_dir):
+def test_evaluate_masks_cli_on_two_jsrt_test_images_writes_metrics(tmp_path, model_dir, real_dir):
     from diffmask.cli.evaluate_masks import run
 
-    # a 2-image manifest test set beside JSRT's own test split (limited to 1 batch of 2 images)
+    # JSRT's own test split (or the phantom folder's) only, limited to 1 batch of 2 images; no other
+    # hospital's folder, whether or not ../shared/data/montgomery is on this machine
     cfg = compose_config("evaluate_masks", [
-        f"input_dir={model_dir}", f"paths.jsrt_dir={jsrt_dir}", "data.batch_size=2", "data.num_workers=0",
+        f"input_dir={model_dir}", f"paths.jsrt_dir={real_dir}", "paths.external_sets=[]", "data.batch_size=2",
+        "data.num_workers=0",
         "+trainer.limit_test_batches=1", "model.timesteps=[200]", "model.affinity_steps=2",
         "model.affinity_batch_size=2", "model.refiners.densecrf.iterations=2", "model.affinity.t=4",
         "model.affinity.radius=3", "model.affinity.backbone.channels=[8,16]", "model.affinity.backbone.feature_dim=8",

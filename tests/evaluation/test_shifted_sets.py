@@ -13,13 +13,13 @@ from diffmask.data import JSRTSource, open_test_set
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_shifted_sets_keep_the_labels_aligned(jsrt_dir, tmp_path):
+def test_shifted_sets_keep_the_labels_aligned(real_dir, tmp_path):
     subprocess.run(
-        [sys.executable, "experiments/robustness/make_shifted_sets.py", str(jsrt_dir), str(tmp_path),
+        [sys.executable, "experiments/robustness/make_shifted_sets.py", str(real_dir), str(tmp_path),
          "--shifts", "window", "fov"],
         cwd=ROOT, check=True, capture_output=True,
     )
-    real = JSRTSource(jsrt_dir)
+    real = JSRTSource(real_dir)
     sid = real.ids("test")[0]
     orig = real.load(sid)
     win = open_test_set(tmp_path / "window", name="window")

@@ -4,8 +4,6 @@ from transformers import CLIPTokenizer
 from diffmask.data import JSRTSource, PhantomSource
 from diffmask.prompts import PromptBuilder, build_prompt_tokenizer, class_token_positions, prompt_vocabulary
 
-JSRT = "../shared/data/jsrt_scr"
-
 
 def _decoded(tokenizer, text, positions):
     ids = tokenizer(text)["input_ids"]
@@ -27,8 +25,9 @@ def test_missing_or_odd_metadata_gives_neutral_words():
     assert builder.build({"sex": "X"}).text == p.text
 
 
-def test_real_jsrt_metadata_builds_prompts_that_fit_the_tokenizer():
-    src = JSRTSource(JSRT)
+def test_real_jsrt_metadata_builds_prompts_that_fit_the_tokenizer(jsrt_dir):
+    """JSRT's own words (its findings and diagnoses, e.g. 'pulmonary he matoma') keep the class phrases whole."""
+    src = JSRTSource(jsrt_dir)
     metas = [src._rows[i] for i in src.ids("train")]
     builder = PromptBuilder()
     tok = build_prompt_tokenizer(prompt_vocabulary(builder.words(), metas), model_max_length=64)

@@ -26,9 +26,9 @@ from diffmask.synthesis import draw_requests
 
 
 @pytest.fixture(scope="module")
-def metas(jsrt_dir):
-    """Metadata of the 173 real JSRT training images (read from metadata.csv, no pixels needed)."""
-    with open(Path(jsrt_dir) / "metadata.csv", newline="") as f:
+def metas(real_dir):
+    """Metadata of the real training images (JSRT's 173, or the phantom folder's; from metadata.csv, no pixels)."""
+    with open(Path(real_dir) / "metadata.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
     return [{k: r[k] for k in ("sex", "age", "finding", "diagnosis", "reading")} for r in rows]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from monai.losses import DiceCELoss
@@ -78,3 +79,27 @@ def test_load_net_weights_errors_name_the_file(tmp_path):
     torch.save({"a": 1}, junk)
     with pytest.raises(ValueError, match="holds no state dict"):
         load_net_weights(_net(), junk)
+
+
+def test_largest_component_postprocess_removes_fragments_at_a_film_frame():
+    from diffmask.labels import keep_largest_components
+    from diffmask.segmentation import SegmentationLitModule
+
+    label = np.zeros((2, 16, 16), np.int64)
+    label[:, 2:12, 2:6] = 2       # a lung
+    label[:, 0:16, 15] = 2        # a strip along the frame
+    label[:, 3:9, 9:14] = 1       # the other lung, one region
+    label[:, 13:15, 9:11] = 1     # a fragment of it
+    label[1, 5, 3] = 0            # a hole does not split a region
+    kept = keep_largest_components(label, 4)
+    assert (kept[:, :, 15] == 0).all() and (kept[:, 13:15, 9:11] == 0).all()
+    assert (kept[:, 3:9, 9:14] == 1).all() and (kept[0, 2:12, 2:6] == 2).all() and kept[1, 5, 3] == 0
+    logits = torch.nn.functional.one_hot(torch.from_numpy(label), 4).permute(0, 3, 1, 2).float()
+    net = torch.nn.Identity()
+    plain = SegmentationLitModule(net, ["background", "left_lung", "right_lung", "heart"], optimizer=None)
+    post = SegmentationLitModule(net, ["background", "left_lung", "right_lung", "heart"], optimizer=None,
+                                 postprocess="largest_component")
+    assert torch.equal(plain.labels(logits), torch.from_numpy(label))
+    assert torch.equal(post.labels(logits), torch.from_numpy(kept))
+    with pytest.raises(ValueError, match="postprocess: expected null or largest_component"):
+        SegmentationLitModule(net, ["background", "heart"], optimizer=None, postprocess="crf")

@@ -1,4 +1,5 @@
-"""The segmentation stage end to end on a few real JSRT images: fit, best checkpoint, metrics.json."""
+"""The segmentation stage end to end on a few real images (JSRT, or the phantom folder in its layout
+without it): fit, best checkpoint, metrics.json."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 
 from diffmask.cli.train import run
+from diffmask.data import JSRTSource
 from tests.conftest import compose_config
 
 TINY = [
@@ -15,7 +17,6 @@ TINY = [
     "data.size=32",
     "data.batch_size=4",
     "data.num_workers=0",
-    "data.real_fraction=0.05",  # 9 real images
     "trainer.max_epochs=6",
     "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2",
@@ -30,14 +31,20 @@ NETS = {
 }
 
 
+def _tiny(real_dir):
+    """TINY on ``real_dir`` with 9 real training images (5 % of JSRT's 173, the same 9 of a phantom folder)."""
+    nine = 9 / len(JSRTSource(real_dir).ids("train"))
+    return [*TINY, f"paths.jsrt_dir={real_dir}", f"data.real_fraction={nine}"]
+
+
 def _epoch_losses(output_dir):
     rows = list(csv.DictReader(open(next(output_dir.glob("csv/version_*/metrics.csv")))))
     return [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
 
 
 @pytest.mark.parametrize("net", sorted(NETS))
-def test_fit_decreases_loss_and_writes_metrics(jsrt_dir, tmp_path, net):
-    cfg = compose_config("train", [*TINY, *NETS[net], f"paths.jsrt_dir={jsrt_dir}"], tmp_path)
+def test_fit_decreases_loss_and_writes_metrics(real_dir, tmp_path, net):
+    cfg = compose_config("train", [*_tiny(real_dir), *NETS[net]], tmp_path)
     metrics = run(cfg)
     losses = _epoch_losses(tmp_path)
     assert len(losses) == 6
@@ -51,9 +58,9 @@ def test_fit_decreases_loss_and_writes_metrics(jsrt_dir, tmp_path, net):
     assert list((tmp_path / "checkpoints").glob("*.ckpt"))
 
 
-def test_fine_tune_starts_from_the_checkpoint_weights(jsrt_dir, tmp_path):
+def test_fine_tune_starts_from_the_checkpoint_weights(real_dir, tmp_path):
     """``segmentation.init_weights``: a second run starts where the first one's best weights are."""
-    common = [*TINY, *NETS["unet"], f"paths.jsrt_dir={jsrt_dir}", "trainer.limit_train_batches=2"]
+    common = [*_tiny(real_dir), *NETS["unet"], "trainer.limit_train_batches=2"]
     first = tmp_path / "pretrain"
     run(compose_config("train", [*common, "trainer.max_epochs=8"], first))
     best = json.loads((first / "metrics.json").read_text())["best_checkpoint"]
@@ -64,7 +71,7 @@ def test_fine_tune_starts_from_the_checkpoint_weights(jsrt_dir, tmp_path):
     assert fresh - start > 0.5 * (pre[0] - pre[-1]) > 0
 
 
-def test_trained_model_scored_on_an_external_folder_without_training(jsrt_dir, tmp_path):
+def test_trained_model_scored_on_an_external_folder_without_training(real_dir, tmp_path):
     """``train=false segmentation.init_weights=<run>``: a lungs-only images/+masks/ folder is scored on the lungs."""
     import numpy as np
     from PIL import Image
@@ -72,13 +79,13 @@ def test_trained_model_scored_on_an_external_folder_without_training(jsrt_dir, t
     ext = tmp_path / "hospital_b"
     (ext / "images").mkdir(parents=True)
     (ext / "masks").mkdir()
-    for i in ("0005", "0006", "0007"):
-        label = np.asarray(Image.open(jsrt_dir / "masks" / f"{i}.png"))
+    for i in JSRTSource(real_dir).ids("test")[:3]:
+        label = np.asarray(Image.open(real_dir / "masks" / f"{i}.png"))
         Image.fromarray(np.where(label == 3, 0, label).astype(np.uint8)).save(ext / "masks" / f"{i}.png")
         # a 16-bit export of the same X-ray
-        image = np.asarray(Image.open(jsrt_dir / "images" / f"{i}.png").convert("L")).astype(np.uint16) * 16
+        image = np.asarray(Image.open(real_dir / "images" / f"{i}.png").convert("L")).astype(np.uint16) * 16
         Image.fromarray(image).save(ext / "images" / f"{i}.png")
-    common = [*TINY, *NETS["unet"], f"paths.jsrt_dir={jsrt_dir}", "trainer.limit_train_batches=2",
+    common = [*_tiny(real_dir), *NETS["unet"], "trainer.limit_train_batches=2",
               f"data.test_sets={{hospital_b: {ext}}}", "trainer.limit_test_batches=null"]
     fitted = tmp_path / "fit"
     run(compose_config("train", [*common, "trainer.max_epochs=4"], fitted))
