@@ -63,6 +63,33 @@ def write_phantom_folder(root: Path, size: int = 256, splits: dict[str, int] = P
     return root
 
 
+def write_synthetic_folder(
+    root: Path, n: int = 12, size: int = 32, background_only: bool = False, made_with: str | None = None
+) -> Path:
+    """A synthetic set as generation writes it (``manifest.jsonl``, ``images/``, ``masks/``), drawn from
+    the phantom; all-background masks with ``background_only`` (an undertrained generator's), and a
+    ``stage.json`` recording the generator's ``data.intensity`` with ``made_with``."""
+    import json
+
+    from PIL import Image
+
+    from diffmask.data import ManifestRow, PhantomSource, write_manifest
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    src = PhantomSource(size=size, num_train=n, seed=7)
+    for i, sid in enumerate(src.ids("train")):
+        s = src.load(sid)
+        Image.fromarray(s.image).save(root / "images" / f"{sid}.png")
+        Image.fromarray(s.label * (not background_only)).save(root / "masks" / f"{sid}.png")
+        rows.append(ManifestRow(sid, f"images/{sid}.png", f"masks/{sid}.png", "p", "synthetic", seed=i))
+    write_manifest(root, rows)
+    if made_with:
+        (root / "stage.json").write_text(json.dumps({"status": "complete", "intensity": made_with}))
+    return root
+
+
 @pytest.fixture(scope="session")
 def real_dir(tmp_path_factory) -> Path:
     """A real-data folder in JSRT's layout, for tests whose behaviour does not depend on JSRT:

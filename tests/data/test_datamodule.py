@@ -9,27 +9,12 @@ from PIL import Image
 
 from diffmask.data import (
     JSRTSource,
-    ManifestRow,
     PhantomSource,
     SegmentationDataModule,
     select_fraction,
-    write_manifest,
 )
 from diffmask.data.transforms import build_augmentation
-
-
-def _synthetic_dir(tmp_path, n=12, size=32):
-    (tmp_path / "images").mkdir(parents=True)
-    (tmp_path / "masks").mkdir()
-    rows = []
-    src = PhantomSource(size=size, num_train=n, seed=7)
-    for i, sid in enumerate(src.ids("train")):
-        s = src.load(sid)
-        Image.fromarray(s.image).save(tmp_path / "images" / f"{sid}.png")
-        Image.fromarray(s.label).save(tmp_path / "masks" / f"{sid}.png")
-        rows.append(ManifestRow(sid, f"images/{sid}.png", f"masks/{sid}.png", "p", "synthetic", seed=i))
-    write_manifest(tmp_path, rows)
-    return tmp_path
+from tests.conftest import write_synthetic_folder
 
 
 def test_select_fraction_reproducible_and_nested():
@@ -44,7 +29,7 @@ def test_select_fraction_reproducible_and_nested():
 
 
 def test_real_fraction_and_synthetic_ratio(real_dir, tmp_path):
-    syn = _synthetic_dir(tmp_path / "syn")
+    syn = write_synthetic_folder(tmp_path / "syn")
     real = JSRTSource(real_dir)
     three = 3 / len(real.ids("train"))  # 3 of JSRT's 173 training images, or of the phantom folder's
     dm = SegmentationDataModule(real, size=32, batch_size=4, real_fraction=three, synthetic_dir=str(syn), synthetic_ratio=2)
@@ -67,7 +52,7 @@ def test_real_fraction_and_synthetic_ratio(real_dir, tmp_path):
 
 
 def test_external_test_set_by_path(real_dir, tmp_path):
-    ext = _synthetic_dir(tmp_path / "ext")
+    ext = write_synthetic_folder(tmp_path / "ext")
     real = JSRTSource(real_dir)
     dm = SegmentationDataModule(real, size=32, test_sets={"other": str(ext)})
     assert dm.test_set_names == ["jsrt", "other"]
@@ -95,7 +80,7 @@ def test_augmentation_keeps_sides():
 
 
 def test_real_share_balances_real_and_synthetic_draws(tmp_path):
-    syn = _synthetic_dir(tmp_path / "syn", n=24)
+    syn = write_synthetic_folder(tmp_path / "syn", n=24)
     real = PhantomSource(size=32, num_train=8, seed=3)
 
     def real_fraction_drawn(**kw):
@@ -129,7 +114,7 @@ def test_augmentation_repeats_with_the_seed_and_differs_across_seeds():
 
 
 def test_synthetic_ignore_margin_masks_borders_of_synthetic_labels_only(tmp_path):
-    syn = _synthetic_dir(tmp_path / "syn", n=4)
+    syn = write_synthetic_folder(tmp_path / "syn", n=4)
     real = PhantomSource(size=32, num_train=4, seed=3)
     dm = SegmentationDataModule(real, size=32, batch_size=8, real_fraction=1.0, synthetic_dir=str(syn),
                                 synthetic_count=4, synthetic_ignore_margin=1, num_workers=0,

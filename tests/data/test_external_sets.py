@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from diffmask.cli.train import run as train
-from diffmask.data import ManifestRow, PhantomSource, SegmentationDataModule, write_manifest
+from diffmask.data import PhantomSource, SegmentationDataModule
 from diffmask.data.dataset import normalize_intensity
 from diffmask.data.transforms import RandBurnInd, build_augmentation
-from tests.conftest import compose_config
+from tests.conftest import compose_config, write_synthetic_folder
 
 TINY = [
     "data=phantom", "data.size=32", "data.batch_size=4", "data.num_workers=0", "data.real.num_train=8",
@@ -77,37 +77,21 @@ def test_a_missing_external_folder_is_a_note_not_a_crash(tmp_path, caplog):
         SegmentationDataModule(_phantom(), size=32, external_sets=[str(ext), str(ext)])
 
 
-def _synthetic(root, made_with: str | None):
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    src = PhantomSource(size=32, num_train=4, seed=5)
-    rows = []
-    for i, sid in enumerate(src.ids("train")):
-        s = src.load(sid)
-        Image.fromarray(s.image).save(root / "images" / f"{sid}.png")
-        Image.fromarray(s.label).save(root / "masks" / f"{sid}.png")
-        rows.append(ManifestRow(sid, f"images/{sid}.png", f"masks/{sid}.png", "p", "synthetic", seed=i))
-    write_manifest(root, rows)
-    if made_with:
-        (root / "stage.json").write_text(json.dumps({"status": "complete", "intensity": made_with}))
-    return root
-
-
 @pytest.mark.parametrize("mode", ["equalize", "clahe"])
 def test_synthetic_images_are_normalised_once_and_a_mismatch_is_refused(tmp_path, mode):
     # made by a generator trained on normalised images: served as they are (normalised once)
-    same = _synthetic(tmp_path / "same", made_with=mode)
+    same = write_synthetic_folder(tmp_path / "same", n=4, made_with=mode)
     dm = SegmentationDataModule(_phantom(), size=32, real_fraction=0.0, synthetic_dir=str(same), intensity=mode,
                                 augment=None, synthetic_augment=None)
     raw_image = np.asarray(Image.open(same / "images" / "train0000.png"), dtype=np.float32) / 255
     assert torch.allclose(dm.train_dataset()[0]["image"][0], torch.from_numpy(raw_image))
     # made by a raw generator: normalised like the real images
-    raw = _synthetic(tmp_path / "raw", made_with="raw")
+    raw = write_synthetic_folder(tmp_path / "raw", n=4, made_with="raw")
     dm = SegmentationDataModule(_phantom(), size=32, real_fraction=0.0, synthetic_dir=str(raw), intensity=mode)
     expected = normalize_intensity(np.asarray(Image.open(raw / "images" / "train0000.png")), mode)
     assert torch.allclose(dm.train_dataset()[0]["image"][0], torch.from_numpy(expected.astype(np.float32) / 255))
     # made on another normalisation: refused
-    other = _synthetic(tmp_path / "other", made_with="percentile")
+    other = write_synthetic_folder(tmp_path / "other", n=4, made_with="percentile")
     with pytest.raises(ValueError, match=rf"data.intensity={mode}, but the synthetic images .* data.intensity=percentile"):
         SegmentationDataModule(_phantom(), size=32, real_fraction=0.0, synthetic_dir=str(other), intensity=mode)
 

@@ -16,7 +16,7 @@ from diffmask.data.dataset import SegmentationDataset, resize_sample
 from diffmask.data.sources import FolderSource, Sample
 from diffmask.seeds import check_seed
 from diffmask.synthesis.quality import class_presence_record
-from tests.conftest import compose_config
+from tests.conftest import compose_config, write_synthetic_folder
 
 TINY = [
     "data=phantom", "data.size=32", "data.batch_size=4", "data.num_workers=0", "data.real.num_train=8",
@@ -39,20 +39,6 @@ def _folder(root, n=4, size=32, seed=3):
         s = src.load(sid)
         Image.fromarray(s.image).save(root / "images" / f"{sid}.png")
         Image.fromarray(s.label).save(root / "masks" / f"{sid}.png")
-    return root
-
-
-def _synthetic(root, background_only=False, n=6):
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    src = PhantomSource(size=32, num_train=n, seed=5)
-    rows = []
-    for i, sid in enumerate(src.ids("train")):
-        s = src.load(sid)
-        Image.fromarray(s.image).save(root / "images" / f"{sid}.png")
-        Image.fromarray(np.zeros_like(s.label) if background_only else s.label).save(root / "masks" / f"{sid}.png")
-        rows.append(ManifestRow(sid, f"images/{sid}.png", f"masks/{sid}.png", "p", "synthetic", seed=i))
-    write_manifest(root, rows)
     return root
 
 
@@ -117,7 +103,7 @@ def test_a_bad_test_set_fails_the_run_before_fitting(tmp_path):
 
 
 def test_a_manifest_test_set_without_masks_is_refused(tmp_path):
-    syn = _synthetic(tmp_path / "m")
+    syn = write_synthetic_folder(tmp_path / "m", n=6)
     rows = [ManifestRow(r, f"images/{r}.png", None, "p", "real") for r in sorted(p.stem for p in (syn / "images").iterdir())]
     write_manifest(syn, rows)
     with pytest.raises(ValueError, match="no mask"):
@@ -127,7 +113,7 @@ def test_a_manifest_test_set_without_masks_is_refused(tmp_path):
 # 2. synthetic sets whose masks are mostly background ----------------------------------------------
 
 def test_class_presence_recorded_and_a_background_only_set_refused(tmp_path, caplog):
-    empty = _synthetic(tmp_path / "empty", background_only=True)
+    empty = write_synthetic_folder(tmp_path / "empty", n=6, background_only=True)
     with caplog.at_level(logging.WARNING):
         record = class_presence_record(empty, ["background", "left_lung", "right_lung", "heart"], 0.5)
     assert record["class_presence"] == {"left_lung": 0.0, "right_lung": 0.0, "heart": 0.0}
@@ -141,7 +127,7 @@ def test_class_presence_recorded_and_a_background_only_set_refused(tmp_path, cap
                                 synthetic_min_class_presence=None)
     assert len(dm.synthetic_ids) == 4
     # a healthy set passes; its recorded stage.json presence is what the datamodule reads
-    good = _synthetic(tmp_path / "good")
+    good = write_synthetic_folder(tmp_path / "good", n=6)
     assert class_presence_record(good, ["background", "left_lung", "right_lung", "heart"], 0.5) == {
         "class_presence": {"left_lung": 1.0, "right_lung": 1.0, "heart": 1.0}, "warnings": []}
     SegmentationDataModule(_phantom(), size=32, synthetic_dir=str(good), real_fraction=0.0)
