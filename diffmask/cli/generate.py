@@ -106,8 +106,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             device=affinity_device(cfg.trainer.get("accelerator")), seed=cfg.seed, **affinity,
         ))
     seconds = time.time() - start
-    info = {**counts, "requested": len(requests), "seconds": round(seconds, 1),
-            "images_per_s": counts["written"] / seconds if seconds > 0 else None}
+    # every rank's new samples (``written`` is rank 0's alone under DDP): all in the folder now, less those at start
+    made = counts["rows"] + counts["dropped_total"] - counts["skipped"]
+    info = {**counts, "made": made, "requested": len(requests), "seconds": round(seconds, 1),
+            "images_per_s": made / seconds if seconds > 0 else None}
     presence = class_presence_record(work, sampler.prompt_builder.class_names, cfg.synthesis.get("min_class_presence"))
     stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"diffusion": str(model_stage.path)},
                  counts=info, extra={"intensity": sampler.components.intensity, **presence})

@@ -122,7 +122,7 @@ def test_generate_cli_extends_a_complete_stage_with_more_samples(tmp_path, model
     # a crash while growing leaves the complete set in place, readable
     assert StageDir(out).is_complete() and len(read_manifest(out)) == 2
     info = run(grow)
-    assert info["rows"] == 4 and info["written"] == 2 and StageDir(out).is_complete()
+    assert info["rows"] == 4 and info["written"] == info["made"] == 2 and StageDir(out).is_complete()
     assert json.loads((out / "stage.json").read_text())["config"]["num_samples"] == 4
     rows = read_manifest(out)
     assert all((out / r.file_name).read_bytes() == first[r.id] for r in rows if r.id in first)
