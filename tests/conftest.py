@@ -33,7 +33,7 @@ def require_jsrt() -> Path:
         return JSRT_DIR
     if REQUIRE_JSRT:
         pytest.fail(f"{JSRT_DIR}: {JSRT_MISSING}; DIFFMASK_REQUIRE_JSRT=1 forbids skipping for it", pytrace=False)
-    pytest.skip(JSRT_MISSING)
+    pytest.skip(JSRT_MISSING)  # "JSRT/SCR not found (set DIFFMASK_JSRT_DIR)"
 
 
 @pytest.fixture(scope="session")

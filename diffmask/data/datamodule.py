@@ -86,8 +86,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             entry in :attr:`missing_test_sets` (the run's ``metrics.json``), never a crash: an
             outside user has none of them.
         intensity: per-image intensity normalisation of every image served, real, synthetic,
-            validation and test alike: ``raw``, ``percentile`` or ``equalize``
-            (:func:`~diffmask.data.dataset.normalize_intensity`).
+            validation and test alike: ``raw``, ``percentile``, ``equalize`` (the configs'
+            default) or ``clahe`` (:func:`~diffmask.data.dataset.normalize_intensity`).
         resize: how a non-square image becomes ``size`` x ``size``: ``stretch`` (both axes
             scaled, as the SCR and Montgomery masks were made) or ``letterbox`` (the short side
             padded with black and background first, keeping the aspect ratio).
