@@ -17,6 +17,8 @@ field                  meaning
 ``attn_file``          optional; saved class maps (``.npz``) of a synthetic sample
 ``score_<class>``      optional per-class mask quality score in [0, 1]
 ``meta``               optional dict of metadata (sex, age, finding, ...)
+``pair_id``            optional; the real sample a synthetic one was made from (controlled
+                       generation: its mask is that sample's, or a deformation of it)
 =====================  ========================================================================
 """
 
@@ -48,12 +50,13 @@ class ManifestRow:
     attn_file: str | None = None
     scores: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    pair_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         row = {k: v for k, v in asdict(self).items() if k not in ("scores",)}
         if not row["meta"]:
             row.pop("meta")
-        for key in ("split", "attn_file"):
+        for key in ("split", "attn_file", "pair_id"):
             if row[key] is None:
                 row.pop(key)
         for name, value in self.scores.items():
@@ -81,6 +84,7 @@ class ManifestRow:
             attn_file=row.get("attn_file"),
             scores=scores,
             meta=dict(row.get("meta") or {}),
+            pair_id=None if row.get("pair_id") in (None, "") else str(row["pair_id"]),
         )
 
 
