@@ -1,4 +1,9 @@
-"""Collect ``metrics.json`` files of a sweep into a results table (mean ± std over seeds) and plots."""
+"""Collect ``metrics.json`` files of a sweep into a results table (mean ± std over seeds) and plots.
+
+Runs trained on a synthetic set (``metrics.json`` ``data.synthetic_dir``) show the set's label
+fidelity (its ``stage.json`` ``label_fidelity.miou``, written by ``diffmask-fidelity --write``;
+:mod:`diffmask.evaluation.fidelity`) in a ``label fidelity`` column, blank where the set has none.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ class RunRecord:
     n_synthetic: int | None
     seed: int | None
     metrics: dict[str, float] = field(default_factory=dict)
+    label_fidelity: float | None = None  # the mIoU recorded in its synthetic set's stage.json, if any
 
 
 def _condition(overrides: list[str], seed: int | None = None) -> str:
@@ -101,6 +107,7 @@ def _read_run(path: Path) -> RunRecord:
     if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
         raise ValueError(f"{path}: no 'metrics' mapping; not a diffmask metrics file")
     info = data.get("data") or {}
+    synthetic_dir = info.get("synthetic_dir")
     return RunRecord(
         path=path.parent,
         condition=_condition(list(data.get("overrides", [])), data.get("seed")),
@@ -111,7 +118,21 @@ def _read_run(path: Path) -> RunRecord:
         n_synthetic=info.get("n_synthetic_train"),
         seed=data.get("seed"),
         metrics={k: v for k, v in data["metrics"].items() if isinstance(v, int | float)},
+        label_fidelity=_label_fidelity(synthetic_dir) if synthetic_dir and info.get("n_synthetic_train") != 0 else None,
     )
+
+
+def _label_fidelity(synthetic_dir: str) -> float | None:
+    """``label_fidelity.miou`` of a synthetic set's ``stage.json``; None when the set, its record or
+    its value is missing or unreadable (a relative path is taken from the current folder)."""
+    path = Path(synthetic_dir)
+    stage_file = (path.parent if path.suffix == ".jsonl" else path) / "stage.json"
+    try:
+        record = json.loads(stage_file.read_text()).get("label_fidelity") or {}
+        value = float(record.get("miou"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return None if math.isnan(value) else value
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -126,7 +147,8 @@ def summarise(runs: list[RunRecord], prefix: str = "test/") -> tuple[list[str], 
 
     Returns:
         (metric names, rows) with row keys: condition, real, backbone, real_fraction, n_real,
-        n_synthetic, n_runs, and ``<metric>`` / ``<metric>_std`` for each metric.
+        n_synthetic, n_runs, ``label_fidelity`` (mean over the runs whose synthetic set records
+        one; absent when none does), and ``<metric>`` / ``<metric>_std`` for each metric.
     """
     groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for r in runs:
@@ -144,6 +166,9 @@ def summarise(runs: list[RunRecord], prefix: str = "test/") -> tuple[list[str], 
             "n_synthetic": first.n_synthetic,
             "n_runs": len(members),
         }
+        fidelity = [r.label_fidelity for r in members if r.label_fidelity is not None]
+        if fidelity:
+            row["label_fidelity"] = statistics.fmean(fidelity)
         for m in metric_names:
             values = [r.metrics[m] for r in members if m in r.metrics and not math.isnan(r.metrics[m])]
             if values:
@@ -157,11 +182,17 @@ def _markdown(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
     # IoU per test set and class, and mIoU; Dice is in the CSV
     metric_names = [m for m in metric_names if m.rsplit("/", 1)[-1].startswith(("iou_", "miou"))]
     short = [m.split("/", 1)[-1] for m in metric_names]
-    head = ["backbone", "real data", "real frac.", "n real", "n synth.", "runs", *short, "condition"]
+    # the synthetic sets' label fidelity, when any run was trained on one
+    fidelity = any(r["n_synthetic"] or "label_fidelity" in r for r in rows)
+    head = ["backbone", "real data", "real frac.", "n real", "n synth.", *(["label fidelity"] if fidelity else []),
+            "runs", *short, "condition"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         real = f"**{r['real']}** (not real X-rays)" if r["real"] == "phantom" else r["real"]
-        cells = [r["backbone"], real, f"{r['real_fraction']}", f"{r['n_real']}", f"{r['n_synthetic']}", f"{r['n_runs']}"]
+        cells = [r["backbone"], real, f"{r['real_fraction']}", f"{r['n_real']}", f"{r['n_synthetic']}"]
+        if fidelity:
+            cells.append(f"{r['label_fidelity']:.4f}" if "label_fidelity" in r else "")
+        cells.append(f"{r['n_runs']}")
         for m in metric_names:
             cells.append("—" if m not in r else f"{r[m]:.4f} ± {r[m + '_std']:.4f}")
         cells.append(f"`{r['condition']}`")
@@ -178,7 +209,7 @@ def _bad_files(bad: dict[Path, str], root: Path) -> str:
 
 
 def _csv(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
-    fields = ["condition", "real", "backbone", "real_fraction", "n_real", "n_synthetic", "n_runs"]
+    fields = ["condition", "real", "backbone", "real_fraction", "n_real", "n_synthetic", "n_runs", "label_fidelity"]
     fields += [x for m in metric_names for x in (m, f"{m}_std")]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
