@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -24,8 +25,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir
 from diffmask.cli.common import CONFIG_PATH, RUN_ONLY_SETTINGS, seed_run, skip_complete_stage, stage_task
+from diffmask.control.conditions import ConditionBuilder
+from diffmask.control.module import load_controlled
 from diffmask.data.manifest import read_manifest
+from diffmask.data.sources import ManifestSource
 from diffmask.diffusion.sampler import DiffusionSampler
+from diffmask.evaluation.fidelity import (
+    format_fidelity,
+    label_fidelity,
+    record_label_fidelity,
+    served_intensity,
+    set_intensity,
+)
+from diffmask.prompts.builder import PromptBuilder
 from diffmask.synthesis import (
     draw_requests,
     generate_samples,
@@ -34,6 +46,8 @@ from diffmask.synthesis import (
     requests_from_prompts,
 )
 from diffmask.synthesis.affinity_pass import refine_with_affinity
+from diffmask.synthesis.controlled import SOURCES as CONTROL_SOURCES
+from diffmask.synthesis.controlled import ConditionDataset, controlled_requests
 from diffmask.synthesis.quality import class_presence_record
 
 log = logging.getLogger("diffmask.generate")
@@ -44,7 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Generate the samples described by ``cfg``; returns counts."""
     seed_run(cfg)  # requests and the affinity pass draw from it
     stage = StageDir(cfg.output_dir)
-    if not cfg.get("force") and stage.is_complete() and _only_more_samples(stage, cfg):
+    controlled = bool(cfg.get("synthesis") and cfg.synthesis.get("control_dir"))
+    if not cfg.get("force") and not controlled and stage.is_complete() and _only_more_samples(stage, cfg):
         # requests are prefix-stable: the first num_samples of a larger run are the same samples
         log.info("%s: extending from %d to %d samples (the ones on disk are kept; the set stays readable until done)",
                  stage.path, stage.info()["config"]["num_samples"], cfg.num_samples)
@@ -62,12 +77,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {}
     model_stage = StageDir(cfg.input_dir)
     model_stage.info()  # a clear error when the diffusion stage has not finished
-    sampler = DiffusionSampler.from_pretrained(model_stage.path, scheduler=cfg.scheduler)
+    if controlled:
+        sampler, requests = controlled_generation(cfg, model_stage.path)
+    else:
+        sampler = DiffusionSampler.from_pretrained(model_stage.path, scheduler=cfg.scheduler)
     if sampler.prompt_builder is None:
         raise ValueError(f"input_dir: {model_stage.path}/diffmask.json has no prompt_builder; export it with the fit stage")
-    if cfg.prompt_list:
+    if not controlled and cfg.prompt_list:
         requests = requests_from_prompts(list(cfg.prompt_list), cfg.num_per_prompt, cfg.seed)
-    else:
+    elif not controlled:
         real = hydra.utils.instantiate(cfg.data.real)
         metas = [real.load(sid).meta for sid in real.ids("train")]
         retriever = hydra.utils.instantiate(cfg.prompts) if cfg.get("prompts") else None  # prompts=retrieval
@@ -90,6 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         num_workers=cfg.num_workers,
         save_class_maps=bool(cfg.synthesis.get("save_class_maps")),
         quality_filter=quality_filter,
+        control_scale=float(cfg.synthesis.get("control_scale", 1.0)) if controlled else 1.0,
     )
     if mask_maker is not None:
         mask_maker.close()
@@ -111,10 +130,76 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     info = {**counts, "made": made, "requested": len(requests), "seconds": round(seconds, 1),
             "images_per_s": made / seconds if seconds > 0 else None}
     presence = class_presence_record(work, sampler.prompt_builder.class_names, cfg.synthesis.get("min_class_presence"))
-    stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"diffusion": str(model_stage.path)},
+    inputs = {"diffusion": str(model_stage.path)}
+    if controlled:
+        inputs["control"] = str(cfg.synthesis.control_dir)
+        if cfg.synthesis.get("condition_dir"):
+            inputs["conditions"] = str(cfg.synthesis.condition_dir)
+    stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs=inputs,
                  counts=info, extra={"intensity": sampler.components.intensity, **presence})
     log.info("%d samples in %s (%d new, %.1f s)", counts["rows"], stage.path, counts["written"], seconds)
+    if cfg.get("fidelity_model"):
+        # label fidelity: a segmentation model trained on real images, scored against the set's masks
+        result = label_fidelity(stage.path, cfg.fidelity_model, sampler.prompt_builder.class_names,
+                                device=affinity_device(cfg.trainer.get("accelerator")))
+        record_label_fidelity(stage.path, result)
+        log.info("label fidelity (%s): %s", cfg.fidelity_model, format_fidelity(result))
+        info["label_fidelity_miou"] = result["miou"]
     return info
+
+
+def controlled_generation(cfg: DictConfig, model_dir) -> tuple[DiffusionSampler, ConditionDataset]:
+    """The ControlNet sampler and the condition dataset of ``synthesis=controlled``.
+
+    Raises:
+        ValueError: an unknown source, a ControlNet made from another model than ``input_dir``,
+            a source without masks, or a condition folder made with another normalisation.
+    """
+    syn = cfg.synthesis
+    source_kind = str(syn.get("source", "real"))
+    if source_kind not in CONTROL_SOURCES:
+        raise ValueError(f"synthesis.source: expected one of {list(CONTROL_SOURCES)}, got {source_kind!r}")
+    components, controlnet, meta = load_controlled(syn.control_dir, model_dir)
+    builder = PromptBuilder(**components.metadata["prompt_builder"]) if "prompt_builder" in components.metadata else None
+    sampler = DiffusionSampler(components, int(meta["resolution"]), scheduler=cfg.scheduler, prompt_builder=builder,
+                               controlnet=controlnet)
+    condition = ConditionBuilder(**meta["condition"])
+    intensity = str(meta.get("intensity", components.intensity))
+    if source_kind == "folder":
+        if not syn.get("condition_dir"):
+            raise ValueError("synthesis.condition_dir: source=folder needs a synthesis folder (manifest.jsonl, masks/)")
+        folder = Path(syn.condition_dir)
+        source = ManifestSource(folder, sampler.prompt_builder.class_names if builder else meta["class_names"])
+        ids = source.ids("train")
+        no_mask = [r.id for r in source.rows() if not r.sem_seg_file_name]
+        if no_mask:
+            raise ValueError(
+                f"synthesis.condition_dir: {folder} has {len(no_mask)} rows without a mask (sem_seg_file_name), "
+                f"e.g. {no_mask[:3]}; conditions need label maps"
+            )
+        served = served_intensity(set_intensity(folder), intensity, where=f"synthesis.condition_dir {folder}")
+    else:
+        source = hydra.utils.instantiate(cfg.data.real)
+        ids = list(meta.get("labelled_ids") or [])
+        if not ids:
+            raise ValueError(f"synthesis.control_dir: {syn.control_dir}/control.json names no labelled_ids")
+        unknown = sorted(set(ids) - set(source.ids("train")))
+        if unknown:
+            raise ValueError(
+                f"synthesis.control_dir: the ControlNet's labelled images {unknown[:3]} are not in the "
+                f"{source.name} source's train split (data.real must be the data it was fitted on)"
+            )
+        served = intensity
+    deformation = hydra.utils.instantiate(syn.deform) if source_kind == "deformed" else None
+    requests = controlled_requests(
+        source, ids, int(syn.get("augment_ratio", 1)), cfg.seed, builder, deform=deformation is not None,
+        use_row_prompts=source_kind == "folder",
+    )
+    dataset = ConditionDataset(requests, source, condition, sampler.resolution, intensity=served,
+                               resize=str(cfg.data.get("resize", "stretch")), deformation=deformation)
+    log.info("controlled generation: %d conditions (%s, %s) x %d variants, ControlNet %s (%s)", len(ids), source_kind,
+             source.name, int(syn.get("augment_ratio", 1)), syn.control_dir, condition.type)
+    return sampler, dataset
 
 
 def _only_more_samples(stage: StageDir, cfg: DictConfig) -> bool:

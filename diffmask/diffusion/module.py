@@ -28,7 +28,7 @@ from diffmask.diffusion.alignment import (
 from diffmask.diffusion.components import METADATA_FILE, DiffusionComponents, check_resolution
 from diffmask.prompts.builder import PromptBuilder, class_token_positions
 
-__all__ = ["DiffusionLitModule", "encode_prompts"]
+__all__ = ["DiffusionLitModule", "encode_images", "encode_prompts"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,23 @@ def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[s
         )
     ids = torch.as_tensor(enc["input_ids"], device=device)
     return text_encoder(ids)[0]
+
+
+def encode_images(image: torch.Tensor, vae: torch.nn.Module | None, resolution: int) -> torch.Tensor:
+    """(B, 1, S, S) in [0, 1] → a UNet's clean input: pixels in [-1, 1] or scaled VAE latents."""
+    if image.shape[-1] != resolution or image.shape[-2] != resolution:
+        raise ValueError(
+            f"image: expected {resolution}x{resolution} px (the model's resolution), "
+            f"got {tuple(image.shape[-2:])}; set data.size to the diffusion resolution"
+        )
+    x = image * 2.0 - 1.0
+    if vae is None:
+        return x
+    x = x.repeat(1, vae.config.in_channels // x.shape[1], 1, 1)
+    with torch.no_grad():
+        latents = vae.encode(x.to(vae.dtype)).latent_dist.sample()
+    # bf16 autocast makes the VAE return bf16; noise targets are kept in fp32
+    return (latents * vae.config.scaling_factor).float()
 
 
 class DiffusionLitModule(pl.LightningModule):
@@ -190,19 +207,7 @@ class DiffusionLitModule(pl.LightningModule):
     # ---- the loss ------------------------------------------------------------------------
     def encode_images(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) in [0, 1] → the UNet's clean input: pixels in [-1, 1] or scaled VAE latents."""
-        if image.shape[-1] != self.resolution or image.shape[-2] != self.resolution:
-            raise ValueError(
-                f"image: expected {self.resolution}x{self.resolution} px (the model's resolution), "
-                f"got {tuple(image.shape[-2:])}; set data.size to the diffusion resolution"
-            )
-        x = image * 2.0 - 1.0
-        if self.vae is None:
-            return x
-        x = x.repeat(1, self.vae.config.in_channels // x.shape[1], 1, 1)
-        with torch.no_grad():
-            latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample()
-        # bf16 autocast makes the VAE return bf16; noise targets are kept in fp32
-        return (latents * self.vae.config.scaling_factor).float()
+        return encode_images(image, self.vae, self.resolution)
 
     def make_prompts(
         self, metas: Sequence[dict], train: bool, dropout: bool = True

@@ -51,6 +51,8 @@ class DiffusionSampler:
         scheduler: ``ddim`` (deterministic with ``eta=0``) or ``ddpm``.
         prompt_builder: finds the class phrases in prompts (for ``token_positions``); optional.
         device: where to run (default: the UNet's device).
+        controlnet: optional ``ControlNetModel`` (:mod:`diffmask.control`); then every call
+            needs ``control`` images and the UNet takes the ControlNet's residuals.
 
     Examples::
 
@@ -65,6 +67,7 @@ class DiffusionSampler:
         scheduler: str = "ddim",
         prompt_builder: PromptBuilder | None = None,
         device: str | torch.device | None = None,
+        controlnet: torch.nn.Module | None = None,
     ):
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler: expected one of {sorted(SCHEDULERS)}, got {scheduler!r}")
@@ -75,7 +78,8 @@ class DiffusionSampler:
         self.scheduler = SCHEDULERS[scheduler].from_config(sched_cfg)
         self.prompt_builder = prompt_builder
         self.device = torch.device(device) if device is not None else components.unet.device
-        for m in (components.unet, components.text_encoder, components.vae):
+        self.controlnet = controlnet
+        for m in (components.unet, components.text_encoder, components.vae, controlnet):
             if m is not None:
                 m.to(self.device).eval()
 
@@ -133,6 +137,8 @@ class DiffusionSampler:
         guidance_scale: float = 3.0,
         attention_sink: AttentionSink | None = None,
         eta: float = 0.0,
+        control: torch.Tensor | None = None,
+        control_scale: float = 1.0,
     ) -> GenerationOutput:
         """Generate one image per (prompt, seed).
 
@@ -146,6 +152,8 @@ class DiffusionSampler:
                 ``[uncond, cond]`` (an ``AttentionRecorder`` keeps the conditional half). A sink
                 with a ``begin_step(index, timestep)`` method is told each step.
             eta: DDIM noise (0 = deterministic); ignored by DDPM.
+            control: (B, C, S, S) condition images for the ControlNet (required with one).
+            control_scale: multiplier of the ControlNet's residuals (1 = as fitted).
 
         Returns:
             :class:`GenerationOutput` with images (B, 1, S, S) in [0, 1] on the CPU.
@@ -156,6 +164,16 @@ class DiffusionSampler:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps: expected >= 1, got {num_inference_steps}")
         comps, device = self.components, self.device
+        if (control is None) != (self.controlnet is None):
+            raise ValueError(
+                "control: a sampler with a ControlNet needs condition images, and one without cannot take them"
+            )
+        if control is not None and (control.shape[0] != len(prompts) or control.shape[-1] != self.resolution
+                                    or control.shape[-2] != self.resolution):
+            raise ValueError(
+                f"control: expected ({len(prompts)}, C, {self.resolution}, {self.resolution}) condition images, "
+                f"got {tuple(control.shape)}"
+            )
         positions = self.token_positions(prompts, strict=False)
         # 1. text states; guidance doubles the batch as [uncond, cond]
         guided = guidance_scale > 1.0
@@ -164,6 +182,9 @@ class DiffusionSampler:
             uncond = encode_prompts(comps.tokenizer, comps.text_encoder, [""] * len(prompts), device)
             states = torch.cat([uncond, states])
         states = states.to(comps.unet.dtype)
+        if control is not None:
+            control = control.to(device, comps.unet.dtype)
+            control = torch.cat([control, control]) if guided else control
         # 2. initial noise, one generator per image
         x = self.initial_noise(seeds) * self.scheduler.init_noise_sigma
         generators = [torch.Generator().manual_seed(s + 1) for s in seeds]  # for stochastic steps
@@ -177,7 +198,12 @@ class DiffusionSampler:
                 # 3. predict noise (or v), with guidance
                 inp = torch.cat([x, x]) if guided else x
                 inp = self.scheduler.scale_model_input(inp, t)
-                pred = comps.unet(inp, t, encoder_hidden_states=states).sample
+                residuals: dict[str, Any] = {}
+                if control is not None:
+                    down, mid = self.controlnet(inp, t, encoder_hidden_states=states, controlnet_cond=control,
+                                                conditioning_scale=control_scale, return_dict=False)
+                    residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+                pred = comps.unet(inp, t, encoder_hidden_states=states, **residuals).sample
                 if guided:
                     pred_uncond, pred_cond = pred.chunk(2)
                     pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)

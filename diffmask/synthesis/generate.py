@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from diffmask.diffusion.sampler import DiffusionSampler
 from diffmask.synthesis.module import MaskMaker, SynthesisLitModule
@@ -20,7 +20,7 @@ __all__ = ["generate_samples"]
 def generate_samples(
     trainer_factory,
     sampler: DiffusionSampler,
-    requests: Sequence[GenerationRequest],
+    requests: Sequence[GenerationRequest] | Dataset,
     output_dir: str | os.PathLike,
     class_names: Sequence[str],
     batch_size: int = 8,
@@ -31,19 +31,23 @@ def generate_samples(
     num_workers: int = 0,
     save_class_maps: bool = False,
     quality_filter: Any | None = None,
+    control_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Generate every request not yet in ``output_dir``; write PNGs, shards and ``manifest.jsonl``.
 
     Args:
         trainer_factory: called as ``trainer_factory(callbacks=[writer])`` → a ``pl.Trainer``
             (e.g. a partially instantiated trainer config).
-        sampler, requests, class_names: what to generate and with which model.
+        sampler, requests, class_names: what to generate and with which model; ``requests`` may
+            also be a dataset of items with condition images (controlled generation,
+            :class:`~diffmask.synthesis.controlled.ConditionDataset`, collated by its ``collate``).
         output_dir: the work folder (a ``StageDir``'s ``.tmp``); resumable.
         batch_size: images per device per step.
         num_inference_steps, guidance_scale, eta: sampling settings.
         mask_maker: optional masks + scores from recorded attention.
         save_class_maps: also write each sample's class maps (``attn/<id>.npz``, ``attn_file``).
         quality_filter: optional ``reason(mask, scores)``; dropped samples are recorded, not written.
+        control_scale: the ControlNet's residual multiplier (controlled generation).
 
     Returns:
         counts: ``written`` and ``dropped`` (this run, this rank), ``skipped`` (already on disk
@@ -55,10 +59,12 @@ def generate_samples(
     writer = SyntheticWriter(output_dir, class_names)
     trainer: pl.Trainer = trainer_factory(callbacks=[writer])
     module = SynthesisLitModule(sampler, num_inference_steps, guidance_scale, eta=eta, mask_maker=mask_maker,
-                                save_class_maps=save_class_maps, quality_filter=quality_filter)
+                                save_class_maps=save_class_maps, quality_filter=quality_filter,
+                                control_scale=control_scale)
+    dataset = requests if isinstance(requests, Dataset) else RequestDataset(requests)
     loader = DataLoader(
-        RequestDataset(requests), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=collate_requests,
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=getattr(dataset, "collate", collate_requests),
     )
     # predictions go to disk batch by batch; keeping them would hold every image in memory
     trainer.predict(module, dataloaders=loader, return_predictions=False)

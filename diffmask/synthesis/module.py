@@ -11,7 +11,23 @@ import torch
 from diffmask.attention import AttentionSink
 from diffmask.diffusion.sampler import DiffusionSampler
 
-__all__ = ["MaskMaker", "SynthesisLitModule"]
+__all__ = ["MaskMaker", "SynthesisLitModule", "attention_agreement"]
+
+
+def attention_agreement(
+    attention_mask: np.ndarray, condition_mask: np.ndarray, class_names: tuple[str, ...]
+) -> dict[str, float]:
+    """Per foreground class, the IoU of a controlled image's attention mask with its condition mask
+    (1.0 when the class is in neither): how far DiffMask's labels would agree with the true ones."""
+    out = {}
+    for c, name in enumerate(class_names):
+        if c == 0:
+            continue
+        a, b = attention_mask == c, condition_mask == c
+        union = int((a | b).sum())
+        out[name] = 1.0 if union == 0 else float((a & b).sum()) / union
+    return out
+
 
 
 @runtime_checkable
@@ -47,6 +63,10 @@ class SynthesisLitModule(pl.LightningModule):
         quality_filter: optional ``reason(mask, scores) -> str | None`` (e.g.
             :class:`~diffmask.synthesis.quality.MaskQualityFilter`); a non-None reason drops
             the sample (the writer records it as dropped).
+        control_scale: ControlNet residual multiplier, for batches carrying ``condition`` images
+            (controlled generation, :mod:`diffmask.synthesis.controlled`). Their ``masks`` are the
+            condition masks; a mask maker then only scores how far the image's own attention
+            agrees with them (per-class IoU in ``scores``).
 
     Predictions are dicts with ``id, prompt, seed, meta`` (lists), ``images`` (B, S, S) uint8 and,
     with a mask maker, ``masks`` (B, S, S) uint8, ``scores`` (list of dicts), ``dropped`` (list of
@@ -64,6 +84,7 @@ class SynthesisLitModule(pl.LightningModule):
         mask_maker: MaskMaker | None = None,
         save_class_maps: bool = False,
         quality_filter: Any | None = None,
+        control_scale: float = 1.0,
     ):
         super().__init__()
         if num_inference_steps < 1:
@@ -80,6 +101,7 @@ class SynthesisLitModule(pl.LightningModule):
         self.mask_maker = mask_maker
         self.save_class_maps = bool(save_class_maps)
         self.quality_filter = quality_filter
+        self.control_scale = float(control_scale)
         self.skip_ids: set[str] = set()
 
     def predict_step(self, batch: dict[str, list], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
@@ -88,6 +110,9 @@ class SynthesisLitModule(pl.LightningModule):
             return None
         rows = {k: [v[i] for i in keep] for k, v in batch.items()}
         self.sampler.device = self.device
+        # controlled generation: condition images in, and the masks they were made from out
+        control = torch.stack(rows.pop("condition")) if "condition" in rows else None
+        cond_masks = np.stack([np.asarray(m, dtype=np.uint8) for m in rows.pop("mask")]) if "mask" in rows else None
         sink = positions = None
         if self.mask_maker is not None:
             positions = self.sampler.token_positions(rows["prompt"])
@@ -97,9 +122,23 @@ class SynthesisLitModule(pl.LightningModule):
         out = self.sampler(
             rows["prompt"], rows["seed"], num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale, attention_sink=sink, eta=self.eta,
+            **({} if control is None else {"control": control, "control_scale": self.control_scale}),
         )
         pred: dict[str, Any] = dict(rows)
         pred["images"] = (out.images[:, 0].numpy() * 255.0).round().astype(np.uint8)
+        if cond_masks is not None:
+            # the label of a controlled image is its condition's mask; attention masks, when made,
+            # are kept as class maps and agreement scores only
+            pred["masks"] = cond_masks
+            pred["scores"] = [{} for _ in keep]
+            pred["dropped"] = [None] * len(keep)
+            if self.mask_maker is not None:
+                attn_masks, _ = self.mask_maker(out.images, sink, positions)
+                pred["scores"] = [attention_agreement(a, m, tuple(self.mask_maker.class_names))
+                                  for a, m in zip(np.asarray(attn_masks), cond_masks, strict=True)]
+                if self.save_class_maps:
+                    pred["class_maps"] = sink.result().to(torch.float16).cpu().numpy()
+            return pred
         if self.mask_maker is not None:
             masks, scores = self.mask_maker(out.images, sink, positions)
             masks = np.asarray(masks, dtype=np.uint8)

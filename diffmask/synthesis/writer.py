@@ -180,6 +180,7 @@ class SyntheticWriter(BasePredictionWriter):
                 attn_file=attn_name,
                 source="synthetic", seed=int(prediction["seed"][i]), scores=scores,
                 meta=dict(prediction["meta"][i]) if "meta" in prediction else {},
+                pair_id=prediction["pair_id"][i] if "pair_id" in prediction else None,
             )
             append_manifest_row(shard, row)
             self.written += 1

@@ -1,0 +1,125 @@
+"""ControlNet stage (EMIT-Diff): fit a ControlNet beside a diffusion model on the labelled real images.
+
+    diffmask-fit-control input_dir=artifacts/diffusion/cpu64 data.real_fraction=0.1 control.condition.type=mask name=mask
+    diffmask-fit-control input_dir=/models/sd-v1-5 data.size=256 trainer=gpu
+
+Writes a diffusers ``ControlNetModel`` folder (``config.json`` + weights), ``control.json`` (the
+base model and its fingerprint, the condition settings) and ``stage.json`` to
+``${paths.artifact_dir}/control/<name>``; ``metrics.json`` into the run dir. Resumable.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from diffmask.artifacts import StageDir
+from diffmask.cli.common import (
+    CONFIG_PATH,
+    instantiate_loggers,
+    log_config,
+    require_training,
+    seed_run,
+    skip_complete_stage,
+    stage_task,
+    write_metrics,
+)
+from diffmask.control.module import build_controlnet
+from diffmask.diffusion.components import load_components
+from diffmask.diffusion.throughput import TrainingThroughput
+from diffmask.prompts.builder import PromptBuilder
+
+log = logging.getLogger("diffmask.fit_control")
+
+
+@stage_task
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the ControlNet described by ``cfg`` and export it; returns the final metrics."""
+    stage = StageDir(cfg.output_dir)
+    if skip_complete_stage(stage, cfg):
+        return {}
+    seed_run(cfg)
+    base_dir = Path(cfg.input_dir)
+    if (base_dir / "stage.json").is_file():
+        StageDir(base_dir).info()  # a clear error when the diffusion stage has not finished
+    components = load_components(base_dir)
+    meta = components.metadata
+    datamodule = hydra.utils.instantiate(cfg.data)
+    if meta and datamodule.intensity != components.intensity:
+        raise ValueError(
+            f"data.intensity={datamodule.intensity}, but the diffusion model in {base_dir} was fitted on "
+            f"data.intensity={components.intensity} images; give both stages the same setting"
+        )
+    class_names = list(datamodule.class_names)
+    if meta.get("class_names") and list(meta["class_names"]) != class_names:
+        raise ValueError(f"data.class_names {class_names} differ from the diffusion model's {meta['class_names']}")
+    builder = PromptBuilder(**meta["prompt_builder"]) if "prompt_builder" in meta else None
+
+    node = OmegaConf.to_container(cfg.control, resolve=True)
+    embedding = node.pop("conditioning_embedding_out_channels", None)
+    condition = hydra.utils.instantiate(node.pop("condition"))
+    controlnet = build_controlnet(components.unet, condition.channels, components.vae_scale_factor, embedding)
+    model = hydra.utils.instantiate(node, components=components, controlnet=controlnet, condition=condition,
+                                    prompt_builder=builder)
+
+    work = stage.begin(resume=True)
+    ckpt_dir = work / "checkpoints"
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False, save_last=True,
+        every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1, monitor="step", mode="max",
+    )
+    throughput = TrainingThroughput()
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[checkpoint, throughput], logger=loggers or False)
+    require_training(trainer)
+    log_config(cfg, loggers)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None and (ckpt_dir / "last.ckpt").is_file():
+        ckpt_path = str(ckpt_dir / "last.ckpt")
+        log.info("resuming from %s", ckpt_path)
+    start = time.time()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    fit_seconds = time.time() - start
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+    if throughput.images_per_s is not None:
+        metrics["train/images_per_s"] = throughput.images_per_s
+    if not trainer.is_global_zero:
+        return metrics
+    labelled = sorted(datamodule.real_train_ids)
+    model.export(work, base_dir, extra={"labelled_ids": labelled, "intensity": datamodule.intensity,
+                                        "class_names": class_names})
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    info = {
+        "steps": int(trainer.global_step),
+        "fit_seconds": round(fit_seconds, 1),
+        "images_per_s": throughput.images_per_s,
+        "n_labelled": len(labelled),
+        "condition": condition.type,
+        "resolution": model.resolution,
+    }
+    data = {"real": datamodule.real.name}
+    stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"diffusion": str(base_dir)}, counts=info,
+                 extra={"data": data})
+    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics,
+                  extra={"control_dir": str(stage.path), "data": data, **info})
+    log.info("ControlNet (%s) written to %s (%d steps on %d labelled images)", condition.type, stage.path,
+             info["steps"], len(labelled))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="fit_control")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
