@@ -3,6 +3,12 @@
     diffmask-train data=jsrt segmentation=transunet data.real_fraction=0.1 trainer=gpu
     diffmask-train -m segmentation=unet,transunet data.real_fraction=0.1,1.0
     diffmask-train train=false segmentation.init_weights=<run dir> 'data.test_sets={other: <folder>}'
+    diffmask-train segmentation.merge.alpha=0.6 data.synthetic_dir=<set whose rows carry pair_id>
+
+Random merging masks (EMIT-Diff): a non-null ``segmentation.merge.alpha`` makes the datamodule
+paired (``SegmentationDataModule(paired=True)``; there is no ``data.paired`` key): each real
+training image comes with a synthetic variant of it from ``data.synthetic_dir`` (rows whose
+``pair_id`` is its id), and the loss mixes the two patch by patch.
 
 Writes ``metrics.json`` (test/<set>/iou_<class>, test/<set>/miou, ...) into the run dir.
 """
@@ -39,7 +45,9 @@ log = logging.getLogger("diffmask.train")
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test the segmentation stage described by ``cfg``; returns the test metrics."""
     seed_run(cfg)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    # random merging masks need (real, synthetic variant) pairs: the merge setting decides the pairing
+    paired = (cfg.segmentation.get("merge") or {}).get("alpha") is not None
+    datamodule = hydra.utils.instantiate(cfg.data, paired=paired)
     model = hydra.utils.instantiate(cfg.segmentation)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -80,6 +88,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "n_real_train": len(datamodule.real_train_ids),
                     "n_synthetic_train": len(datamodule.synthetic_ids),
                     "synthetic_dir": cfg.data.get("synthetic_dir"),
+                    # paired (segmentation.merge.alpha): n_pairs, n_real_with_variants, n_real_self_paired, ...
+                    **({"paired": datamodule.pair_info} if datamodule.paired else {}),
                 },
                 "test_sets": datamodule.test_set_info(),
                 "missing_test_sets": datamodule.missing_test_sets,

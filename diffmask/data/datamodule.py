@@ -3,6 +3,12 @@
 ``real_fraction`` picks a reproducible share of the real training split; ``synthetic_count``
 (absolute) or ``synthetic_ratio`` (per selected real image) picks synthetic samples. Val and
 test always use real data; extra test sets (``test_sets``) plug in by name.
+
+In paired mode (``paired=True``; ``diffmask-train`` sets it when ``segmentation.merge.alpha``
+is not null) the training set is the selected real images, each served with one of its
+synthetic variants (the selected synthetic samples whose manifest ``pair_id`` is its id) as
+``pair_image`` / ``pair_label``, for random merging masks (EMIT-Diff,
+:mod:`diffmask.segmentation.merge`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, WeightedRandomSampler
 
-from diffmask.data.dataset import SegmentationDataset, check_intensity, check_resize
+from diffmask.data.dataset import PairedDataset, SegmentationDataset, check_intensity, check_resize
 from diffmask.data.sources import ManifestSource, SampleSource, open_test_set
 from diffmask.labels import DEFAULT_CLASS_NAMES, validate_class_names
 from diffmask.seeds import check_seed
@@ -28,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def collate_samples(items: list[dict]) -> dict:
-    """Stack tensors; keep strings and metadata dicts as lists (their keys may differ)."""
+    """Stack tensors (``image``, ``label``, and in paired mode ``pair_image``, ``pair_label``); keep
+    strings and metadata dicts as lists (their keys may differ)."""
     out: dict = {}
     for key in items[0]:
         values = [it[key] for it in items]
@@ -69,7 +76,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             background); read from the set's ``stage.json`` (``class_presence``, recorded by
             generate and remask), else measured on its masks. None = train on it anyway.
         synthetic_ratio: synthetic samples per selected real sample (used when
-            ``synthetic_count`` is None); with ``real_fraction=0`` all synthetic samples are used.
+            ``synthetic_count`` is None); with ``real_fraction=0``, or in paired mode with a ratio
+            of 0, all synthetic samples are used.
         synthetic_count: absolute number of synthetic samples (overrides the ratio; None = ratio).
         real_share: when real and synthetic samples are mixed, the expected share of real ones in
             each training batch (drawn with replacement; an epoch keeps its length). None = as
@@ -94,6 +102,18 @@ class SegmentationDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         seed: seed of the real/synthetic subset draws.
         train_split, val_split, test_split: split names.
+        paired: serve the selected real training images only, each with a synthetic variant of
+            it drawn afresh at every fetch (:class:`~diffmask.data.dataset.PairedDataset`): the
+            selected synthetic samples whose ``pair_id`` is its id; real images without one are
+            paired with themselves (logged). Synthetic samples go through ``synthetic_augment``,
+            ``synthetic_ignore_margin`` and the synthetic intensity as when mixed; the pair's
+            augmentations are drawn independently. Needs ``synthetic_dir`` and real images, and
+            excludes ``real_share``. :attr:`pair_info` counts the pairs (``metrics.json``).
+            ``diffmask-train`` sets it from ``segmentation.merge.alpha``; it is no config key.
+
+    Raises:
+        ValueError: a setting out of range, an empty training set, or in paired mode no real
+            images, no ``synthetic_dir``, a ``real_share``, or no real image with a variant.
     """
 
     def __init__(
@@ -121,8 +141,24 @@ class SegmentationDataModule(pl.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
+        paired: bool = False,
     ):
         super().__init__()
+        self.paired = bool(paired)
+        if self.paired:
+            why = "paired data (for segmentation.merge.alpha, random merging masks)"
+            if not synthetic_dir:
+                raise ValueError(
+                    f"{why} needs data.synthetic_dir: a synthetic set whose manifest rows carry pair_id, the real "
+                    "training image each was made from"
+                )
+            if real_fraction == 0:
+                raise ValueError(f"{why} pairs real training images with their variants: data.real_fraction=0 leaves none")
+            if real_share is not None:
+                raise ValueError(
+                    f"data.real_share={real_share} has no meaning with {why}: every item is a real image and a "
+                    "variant of it, mixed by segmentation.merge.alpha; set data.real_share=null"
+                )
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if synthetic_ratio < 0:
@@ -193,6 +229,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.synthetic_ids: list[str] = self._select_synthetic()
         if synthetic_dir:
             self._check_synthetic_set(Path(synthetic_dir))
+        self.pair_info: dict[str, int] | None = None  # set in paired mode, for metrics.json
+        self._variants: list[list[int]] = []  # per real training id, indices into synthetic_ids
+        if self.paired:
+            self._pair_variants(synthetic_dir)
         if not self.real_train_ids and not self.synthetic_ids:
             raise ValueError(
                 f"data: the training set is empty (real_fraction={real_fraction}, "
@@ -200,14 +240,51 @@ class SegmentationDataModule(pl.LightningDataModule):
                 f"synthetic_count={synthetic_count}, synthetic_ratio={synthetic_ratio})"
             )
         log.info(
-            "data: %d real train (%s, fraction %.3g) + %d synthetic train images at %dpx%s",
+            "data: %d real train (%s, fraction %.3g) %s %d synthetic train images at %dpx%s",
             len(self.real_train_ids),
             real.name,
             real_fraction,
+            "paired with variants among" if self.paired else "+",
             len(self.synthetic_ids),
             size,
             "" if real_share is None else f", real share per batch {real_share:g}",
         )
+
+    def _pair_variants(self, synthetic_dir: str) -> None:
+        """Find each selected real training image's variants among the selected synthetic samples."""
+        pair_of = {r.id: r.pair_id for r in self.synthetic.rows()}
+        position = {sid: i for i, sid in enumerate(self.real_train_ids)}
+        self._variants = [[] for _ in self.real_train_ids]
+        unmatched = 0
+        for j, sid in enumerate(self.synthetic_ids):
+            i = position.get(pair_of.get(sid))
+            if i is None:
+                unmatched += 1
+            else:
+                self._variants[i].append(j)
+        with_variants = sum(bool(v) for v in self._variants)
+        if not with_variants:
+            n_tagged = sum(pair_of.get(sid) is not None for sid in self.synthetic_ids)
+            raise ValueError(
+                f"data.synthetic_dir={synthetic_dir}: none of the {len(self.synthetic_ids)} selected synthetic samples "
+                f"({n_tagged} with a pair_id) is a variant of one of the {len(self.real_train_ids)} selected real "
+                f"training images ({self.real.name}): paired data (segmentation.merge.alpha) needs manifest rows whose "
+                "pair_id is a real training id (data.real_fraction, data.synthetic_count / synthetic_ratio select both)"
+            )
+        self_paired = len(self._variants) - with_variants
+        self.pair_info = {
+            "n_pairs": len(self.synthetic_ids) - unmatched,
+            "n_real_with_variants": with_variants,
+            "n_real_self_paired": self_paired,
+            "n_synthetic_unmatched": unmatched,
+        }
+        if self_paired:
+            log.warning(
+                "data: %d of %d real training images have no variant among the selected synthetic samples: "
+                "paired with themselves (their plain loss)", self_paired, len(self._variants),
+            )
+        if unmatched:
+            log.info("data: %d selected synthetic samples are no variant of a selected real image: unused", unmatched)
 
     def _check_synthetic_set(self, folder: Path) -> None:
         """Serve the synthetic images normalised as the real ones; when synthetic samples are used,
@@ -293,8 +370,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         pool = self.synthetic.ids(self.splits["train"])
         if self.synthetic_count is not None:
             n = self.synthetic_count
-        elif self.real_fraction == 0:
-            n = len(pool)
+        elif self.real_fraction == 0 or (self.paired and self.synthetic_ratio == 0):
+            n = len(pool)  # synthetic only; or paired, where the pool only supplies variants
         else:
             n = round(self.synthetic_ratio * len(self.real_train_ids))
         if n > len(pool):
@@ -313,6 +390,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         return [self.real.name, *self.extra_test_sets]
 
     def train_dataset(self) -> torch.utils.data.Dataset:
+        if self.paired:
+            real = SegmentationDataset(
+                self.real, self.real_train_ids, self.size, self.augment, intensity=self.intensity, resize=self.resize
+            )
+            # the pair's augmentation is drawn independently of its real image's; an offset beyond any
+            # worker id (workers are seeded base_seed + worker_id) keeps workers from sharing streams too
+            return PairedDataset(real, self._synthetic_dataset(seed_offset=1_000_003), self._variants)
         parts = []
         if self.real_train_ids:
             parts.append(
@@ -321,18 +405,20 @@ class SegmentationDataModule(pl.LightningDataModule):
                 )
             )
         if self.synthetic_ids:
-            parts.append(
-                SegmentationDataset(
-                    self.synthetic,
-                    self.synthetic_ids,
-                    self.size,
-                    self.synthetic_augment,
-                    ignore_margin=self.synthetic_ignore_margin,
-                    intensity=self.synthetic_intensity,
-                    resize=self.resize,
-                )
-            )
+            parts.append(self._synthetic_dataset())
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def _synthetic_dataset(self, seed_offset: int = 0) -> SegmentationDataset:
+        return SegmentationDataset(
+            self.synthetic,
+            self.synthetic_ids,
+            self.size,
+            self.synthetic_augment,
+            ignore_margin=self.synthetic_ignore_margin,
+            intensity=self.synthetic_intensity,
+            resize=self.resize,
+            seed_offset=seed_offset,
+        )
 
     def _loader(self, dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
@@ -349,7 +435,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def train_sampler(self) -> Sampler | None:
         """Weighted draws giving real samples ``real_share`` of each epoch (None: plain shuffling)."""
         n_real, n_syn = len(self.real_train_ids), len(self.synthetic_ids)
-        if self.real_share is None or not n_real or not n_syn:
+        if self.real_share is None or self.paired or not n_real or not n_syn:
             return None
         weights = torch.cat([
             torch.full((n_real,), self.real_share / n_real, dtype=torch.double),

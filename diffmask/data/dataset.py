@@ -16,6 +16,7 @@ from diffmask.labels import IGNORE_INDEX, ignore_boundaries
 __all__ = [
     "INTENSITY_MODES",
     "RESIZE_MODES",
+    "PairedDataset",
     "SegmentationDataset",
     "check_intensity",
     "check_resize",
@@ -133,6 +134,9 @@ class SegmentationDataset(Dataset):
         intensity: per-image normalisation after resizing and augmenting (:func:`normalize_intensity`).
         resize: ``stretch`` or ``letterbox`` for non-square images (:func:`resize_sample`); the
             first one met is logged.
+        seed_offset: added to torch's seed when seeding ``transform``, so that two datasets
+            fetched in step (a real image and its synthetic pair) with equal transforms do not
+            draw the same augmentation.
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class SegmentationDataset(Dataset):
         ignore_margin: int = 0,
         intensity: str = "raw",
         resize: str = "stretch",
+        seed_offset: int = 0,
     ):
         if size not in (32, 48, 64, 96, 128, 192, 256, 384, 512) and size % 16:
             raise ValueError(f"size: expected a multiple of 16 (e.g. 64, 128, 256), got {size}")
@@ -159,6 +164,7 @@ class SegmentationDataset(Dataset):
         self.intensity = check_intensity(intensity)
         self.resize = check_resize(resize)
         self._told_non_square = False
+        self.seed_offset = int(seed_offset)
         self._transform_seed: int | None = None  # torch's seed the transform was last seeded with
 
     def _seed_transform(self) -> None:
@@ -170,7 +176,7 @@ class SegmentationDataset(Dataset):
         it is ``base_seed + worker_id``, drawn from the run's seed every epoch, so workers
         neither repeat each other nor the previous epoch, and runs repeat exactly.
         """
-        seed = torch.initial_seed() % 2**32
+        seed = (torch.initial_seed() + self.seed_offset) % 2**32
         if self._transform_seed != seed and hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=seed)
             self._transform_seed = seed
@@ -212,4 +218,48 @@ class SegmentationDataset(Dataset):
             source=sample.source,
             meta={k: str(v) for k, v in sample.meta.items()},
         )
+        return item
+
+
+class PairedDataset(Dataset):
+    """Real items, each with one synthetic variant of it, for random merging masks (EMIT-Diff;
+    :mod:`diffmask.segmentation.merge`).
+
+    Item ``i`` is ``real[i]`` plus ``pair_image``, ``pair_label`` and ``pair_sample_id`` from
+    ``synthetic[j]``, ``j`` drawn uniformly from ``variants[i]`` at every fetch with torch's RNG
+    (the run's seed in the main process, the worker's seed in a DataLoader worker, so seeded runs
+    repeat). An empty ``variants[i]`` pairs the real item with itself (a copy of its image and
+    label): merging then gives its plain loss. The two datasets augment independently, each
+    label following its own image.
+
+    Args:
+        real: the real training samples.
+        synthetic: the synthetic samples (with their own augmentation, ignore margin, intensity).
+        variants: per real item, the indices into ``synthetic`` of its variants.
+
+    Raises:
+        ValueError: ``variants`` not one list per real item, or an index outside ``synthetic``.
+    """
+
+    def __init__(self, real: Dataset, synthetic: Dataset, variants: Sequence[Sequence[int]]):
+        if len(variants) != len(real):
+            raise ValueError(f"variants: expected one list per real item ({len(real)}), got {len(variants)}")
+        bad = [j for choices in variants for j in choices if not 0 <= j < len(synthetic)]
+        if bad:
+            raise ValueError(f"variants: indices {bad[:5]} are outside the {len(synthetic)} synthetic samples")
+        self.real = real
+        self.synthetic = synthetic
+        self.variants = [list(choices) for choices in variants]
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.real[index]
+        choices = self.variants[index]
+        if not choices:
+            item.update(pair_image=item["image"].clone(), pair_label=item["label"].clone(), pair_sample_id=item["id"])
+            return item
+        pair = self.synthetic[choices[int(torch.randint(len(choices), ()))]]
+        item.update(pair_image=pair["image"], pair_label=pair["label"], pair_sample_id=pair["id"])
         return item

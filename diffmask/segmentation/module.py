@@ -1,10 +1,16 @@
-"""The segmentation stage: any backbone, Dice+CE loss, per-class IoU/Dice on val and test."""
+"""The segmentation stage: any backbone, Dice+CE loss, per-class IoU/Dice on val and test.
+
+With ``merge.alpha`` set (random merging masks, EMIT-Diff; :mod:`diffmask.segmentation.merge`)
+each training batch pairs real images with synthetic variants of them (``pair_image``,
+``pair_label``, served by the datamodule in paired mode) and the loss is taken on the real and
+synthetic predictions merged patch by patch.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -13,6 +19,7 @@ import torch.nn.functional as F
 
 from diffmask.evaluation.metrics import SegmentationScores, compute_iou
 from diffmask.labels import keep_largest_components, validate_class_names
+from diffmask.segmentation.merge import MergeSettings, merge_pair, patch_merge_mask
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +159,13 @@ class SegmentationLitModule(pl.LightningModule):
         postprocess: ``None`` or ``largest_component``: each class of a prediction keeps only
             its largest connected region (validation, test and predict alike;
             :func:`~diffmask.labels.keep_largest_components`).
+        merge: random merging masks (EMIT-Diff), ``{alpha, patch}`` as a mapping or a
+            :class:`~diffmask.segmentation.merge.MergeSettings`; ``alpha`` null (the default)
+            = off. On, training batches must carry ``pair_image`` and ``pair_label`` (the
+            datamodule's paired mode, which ``diffmask-train`` turns on with it): both images go
+            through the net in one forward pass, and ``train/loss`` is the loss of the two
+            predictions and labels merged with a fresh Bernoulli(``alpha``) mask of
+            ``patch``-pixel blocks (True = real), drawn from torch's global RNG.
 
     Examples::
 
@@ -173,8 +187,10 @@ class SegmentationLitModule(pl.LightningModule):
         ignore_index: int = 255,
         init_weights: str | None = None,
         postprocess: str | None = None,
+        merge: MergeSettings | Mapping | None = None,
     ):
         super().__init__()
+        self.merge = MergeSettings.from_config(merge)
         if postprocess not in (None, "largest_component"):
             raise ValueError(f"postprocess: expected null or largest_component, got {postprocess!r}")
         self.postprocess = postprocess
@@ -218,10 +234,32 @@ class SegmentationLitModule(pl.LightningModule):
                 f"classes ({list(self.class_names)}); set the backbone's out_channels"
             )
 
+    def _merged_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of a paired batch, merged with a fresh patch mask (``merge`` on)."""
+        missing = [k for k in ("pair_image", "pair_label") if k not in batch]
+        if missing:
+            raise ValueError(
+                f"segmentation.merge.alpha={self.merge.alpha:g} needs paired training batches, but this one has no "
+                f"{', '.join(missing)}: the data must be paired (SegmentationDataModule(paired=True), which "
+                "diffmask-train sets when segmentation.merge.alpha is not null, with a data.synthetic_dir whose "
+                "rows carry pair_id)"
+            )
+        image, pair_image = batch["image"], batch["pair_image"]
+        if pair_image.shape != image.shape:
+            raise ValueError(f"pair_image: expected the shape of image {tuple(image.shape)}, got {tuple(pair_image.shape)}")
+        both = self(torch.cat([image, pair_image]))
+        self._check_logits(both)
+        real_logits, syn_logits = both[: image.shape[0]], both[image.shape[0] :]
+        mask = patch_merge_mask(real_logits.shape, self.merge.patch, self.merge.alpha, device=both.device)
+        return merge_pair(real_logits, syn_logits, batch["label"], batch["pair_label"], mask)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
-        self._check_logits(logits)
-        loss = self.loss_fn(logits, batch["label"])
+        if self.merge.enabled:
+            logits, label = self._merged_logits(batch)
+        else:
+            logits, label = self(batch["image"]), batch["label"]
+            self._check_logits(logits)
+        loss = self.loss_fn(logits, label)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=logits.shape[0])
         return loss
 
