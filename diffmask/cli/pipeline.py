@@ -1,5 +1,5 @@
-"""diffmask-pipeline: diffusion fit -> synthetic generation with masks -> segmentation -> evaluation
-(-> optional fine-tuning of the segmentation model, e.g. synthetic pre-training then real data).
+"""diffmask-pipeline: diffusion fit (-> ControlNet fit) -> synthetic generation with masks -> segmentation
+-> evaluation (-> optional fine-tuning of the segmentation model, e.g. synthetic pre-training then real data).
 
 Each stage runs as its own process (``python -m diffmask.cli.<stage>``), so DDP trainer configs,
 Hydra overrides and resumability work exactly as when the stage is run alone; the command of each
@@ -22,7 +22,7 @@ from diffmask.cli.common import CONFIG_PATH
 
 log = logging.getLogger("diffmask.pipeline")
 
-STAGES = ("fit_diffusion", "generate", "evaluate_masks", "train", "finetune")
+STAGES = ("fit_diffusion", "fit_control", "generate", "evaluate_masks", "train", "finetune")
 # the CLI module each stage runs (finetune is a segmentation run that starts from train's weights)
 MODULES = {"finetune": "train"}
 
@@ -43,12 +43,16 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
     artifacts = Path(cfg.paths.artifact_dir)
     model_dir = artifacts / "diffusion" / cfg.name
     synth_dir = artifacts / "synthesis" / cfg.name
+    control_dir = artifacts / "control" / cfg.name
     log_dir = Path(cfg.paths.log_dir)
     seg_dir = log_dir / "pipeline" / str(cfg.name) / (stamp or time.strftime("%Y-%m-%d_%H-%M-%S"))
     synthetic = [f"data.synthetic_dir={synth_dir}"] if "generate" in stages or synth_dir.exists() else []
     wiring = {
         "fit_diffusion": [f"name={cfg.name}"],
-        "generate": [f"name={cfg.name}", f"input_dir={model_dir}"],
+        "fit_control": [f"name={cfg.name}", f"input_dir={model_dir}"],
+        # controlled generation (synthesis=controlled in its overrides) reads the pipeline's ControlNet
+        "generate": [f"name={cfg.name}", f"input_dir={model_dir}",
+                     *([f"synthesis.control_dir={control_dir}"] if _controlled(cfg) else [])],
         "evaluate_masks": [f"input_dir={model_dir}"],
         "train": [*synthetic, f"hydra.run.dir={seg_dir}/train"],
         "finetune": [*synthetic, f"hydra.run.dir={seg_dir}/finetune", f"segmentation.init_weights={seg_dir}/train"],
@@ -64,6 +68,12 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
         ]
         commands.append((stage, [sys.executable, "-m", f"diffmask.cli.{MODULES.get(stage, stage)}", *overrides]))
     return commands
+
+
+def _controlled(cfg: DictConfig) -> bool:
+    """True when the generate stage makes controlled (ControlNet) samples."""
+    overrides = [str(o) for o in [*cfg.common, *cfg.get("generate", [])]]
+    return any(o.replace(" ", "") == "synthesis=controlled" for o in overrides)
 
 
 def run(cfg: DictConfig) -> None:

@@ -27,6 +27,20 @@ def test_stage_commands_wire_artifacts(tmp_path):
     assert all(c[1:3] == ["-m", f"diffmask.cli.{s}"] for s, c in cmds.items())
 
 
+def test_control_stage_feeds_controlled_generation(tmp_path):
+    cfg = compose_config("pipeline", ["name=x", "stages=[fit_diffusion,fit_control,generate,train]",
+                                      "generate=['synthesis=controlled']"], tmp_path, quiet_trainer=False)
+    cfg.paths.log_dir = str(tmp_path / "logs")
+    cmds = dict(stage_commands(cfg, stamp="T"))
+    art = tmp_path / "artifacts"
+    assert cmds["fit_control"][1:3] == ["-m", "diffmask.cli.fit_control"]
+    assert f"input_dir={art}/diffusion/x" in cmds["fit_control"] and "name=x" in cmds["fit_control"]
+    assert f"synthesis.control_dir={art}/control/x" in cmds["generate"]
+    # attention-mask generation is not given a ControlNet
+    plain = compose_config("pipeline", ["name=x", "stages=[fit_diffusion,generate]"], tmp_path, quiet_trainer=False)
+    assert not any("control_dir" in c for c in dict(stage_commands(plain, stamp="T"))["generate"])
+
+
 def test_finetune_stage_starts_from_the_train_stage(tmp_path):
     cfg = compose_config("pipeline", ["experiment=pipeline_demo", "name=x", "stages=[train,finetune]",
                                       "finetune=['data.real_fraction=0.1']"], tmp_path, quiet_trainer=False)
