@@ -1,4 +1,5 @@
-"""CPU micro-benchmarks (`make bench`): data loading and segmentation train steps.
+"""CPU micro-benchmarks (`make bench`): data loading, segmentation train steps, sampling with and
+without a ControlNet (the same diffusion model).
 
 Speed targets live here, not in tests. GPU figures: the recipes in experiments/*/README.md.
 Prints one line per measurement: name, value, unit.
@@ -60,6 +61,28 @@ def bench_nets(size: int, batch: int = 8) -> None:
         print(f"segmentation/{name}@{size}px train step (batch {batch})\t{sec:.2f}\ts ({params:.1f} M params)")
 
 
+def bench_control(size: int = 64, batch: int = 8, steps: int = 10) -> None:
+    """Images/s of the same pixel model sampling with and without a ControlNet beside it."""
+    from diffmask.control import ConditionBuilder, build_controlnet
+    from diffmask.diffusion import DiffusionSampler, build_scratch_components
+
+    # pipeline_cpu's generator shape (1.7 M parameters, cross-attention only)
+    comps = build_scratch_components(
+        resolution=size, block_out_channels=(32, 64, 64), layers_per_block=1, attention_heads=4,
+        cross_attention_dim=64, norm_num_groups=8, only_cross_attention=True, text_hidden_size=64, text_layers=2,
+        text_intermediate_size=128,
+    )
+    prompts, seeds = ["left lung, right lung and heart"] * batch, list(range(batch))
+    plain = DiffusionSampler(comps, size)
+    condition = ConditionBuilder("mask", 4)
+    controlled = DiffusionSampler(comps, size, controlnet=build_controlnet(comps.unet, condition.channels))
+    cond = torch.rand(batch, condition.channels, size, size)
+    for name, run in (("plain", lambda: plain(prompts, seeds, num_inference_steps=steps)),
+                      ("controlnet", lambda: controlled(prompts, seeds, num_inference_steps=steps, control=cond))):
+        sec = _time(run, 1)
+        print(f"generation/{name}@{size}px ({steps} steps, guidance 3, batch {batch})\t{batch / sec:.2f}\timages/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=128)
@@ -68,6 +91,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_data(args.size)
     bench_nets(args.size)
+    bench_control()
 
 
 if __name__ == "__main__":
