@@ -81,8 +81,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         sampler, requests = controlled_generation(cfg, model_stage.path)
     else:
         sampler = DiffusionSampler.from_pretrained(model_stage.path, scheduler=cfg.scheduler)
-    if sampler.prompt_builder is None:
+    if sampler.prompt_builder is None and not controlled:
         raise ValueError(f"input_dir: {model_stage.path}/diffmask.json has no prompt_builder; export it with the fit stage")
+    class_names = sampler.prompt_builder.class_names if sampler.prompt_builder else tuple(cfg.data.class_names)
     if not controlled and cfg.prompt_list:
         requests = requests_from_prompts(list(cfg.prompt_list), cfg.num_per_prompt, cfg.seed)
     elif not controlled:
@@ -99,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         sampler,
         requests,
         work,
-        class_names=sampler.prompt_builder.class_names,
+        class_names=class_names,
         batch_size=cfg.batch_size,
         num_inference_steps=cfg.steps,
         guidance_scale=cfg.guidance_scale,
@@ -121,7 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     if affinity is not None:
         counts.update(refine_with_affinity(
-            work, class_names=sampler.prompt_builder.class_names,
+            work, class_names=class_names,
             device=affinity_device(cfg.trainer.get("accelerator")), seed=cfg.seed, **affinity,
         ))
     seconds = time.time() - start
@@ -129,7 +130,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     made = counts["rows"] + counts["dropped_total"] - counts["skipped"]
     info = {**counts, "made": made, "requested": len(requests), "seconds": round(seconds, 1),
             "images_per_s": made / seconds if seconds > 0 else None}
-    presence = class_presence_record(work, sampler.prompt_builder.class_names, cfg.synthesis.get("min_class_presence"))
+    presence = class_presence_record(work, class_names, cfg.synthesis.get("min_class_presence"))
     inputs = {"diffusion": str(model_stage.path)}
     if controlled:
         inputs["control"] = str(cfg.synthesis.control_dir)
@@ -140,7 +141,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("%d samples in %s (%d new, %.1f s)", counts["rows"], stage.path, counts["written"], seconds)
     if cfg.get("fidelity_model"):
         # label fidelity: a segmentation model trained on real images, scored against the set's masks
-        result = label_fidelity(stage.path, cfg.fidelity_model, sampler.prompt_builder.class_names,
+        result = label_fidelity(stage.path, cfg.fidelity_model, class_names,
                                 device=affinity_device(cfg.trainer.get("accelerator")))
         record_label_fidelity(stage.path, result)
         log.info("label fidelity (%s): %s", cfg.fidelity_model, format_fidelity(result))
@@ -161,6 +162,11 @@ def controlled_generation(cfg: DictConfig, model_dir) -> tuple[DiffusionSampler,
         raise ValueError(f"synthesis.source: expected one of {list(CONTROL_SOURCES)}, got {source_kind!r}")
     components, controlnet, meta = load_controlled(syn.control_dir, model_dir)
     builder = PromptBuilder(**components.metadata["prompt_builder"]) if "prompt_builder" in components.metadata else None
+    if builder is None and not meta.get("prompt"):
+        raise ValueError(
+            f"input_dir: {model_dir} has no prompt builder (diffmask.json) and the ControlNet in {syn.control_dir} "
+            "was fitted without a fixed prompt (control.prompt); there is nothing to build prompts from"
+        )
     sampler = DiffusionSampler(components, int(meta["resolution"]), scheduler=cfg.scheduler, prompt_builder=builder,
                                controlnet=controlnet)
     condition = ConditionBuilder(**meta["condition"])
@@ -169,7 +175,7 @@ def controlled_generation(cfg: DictConfig, model_dir) -> tuple[DiffusionSampler,
         if not syn.get("condition_dir"):
             raise ValueError("synthesis.condition_dir: source=folder needs a synthesis folder (manifest.jsonl, masks/)")
         folder = Path(syn.condition_dir)
-        source = ManifestSource(folder, sampler.prompt_builder.class_names if builder else meta["class_names"])
+        source = ManifestSource(folder, meta.get("class_names") or list(cfg.data.class_names))
         ids = source.ids("train")
         no_mask = [r.id for r in source.rows() if not r.sem_seg_file_name]
         if no_mask:
@@ -193,7 +199,7 @@ def controlled_generation(cfg: DictConfig, model_dir) -> tuple[DiffusionSampler,
     deformation = hydra.utils.instantiate(syn.deform) if source_kind == "deformed" else None
     requests = controlled_requests(
         source, ids, int(syn.get("augment_ratio", 1)), cfg.seed, builder, deform=deformation is not None,
-        use_row_prompts=source_kind == "folder",
+        use_row_prompts=source_kind == "folder", fixed_prompt=meta.get("prompt"),
     )
     dataset = ConditionDataset(requests, source, condition, sampler.resolution, intensity=served,
                                resize=str(cfg.data.get("resize", "stretch")), deformation=deformation)

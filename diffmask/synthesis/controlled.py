@@ -64,6 +64,7 @@ def controlled_requests(
     prompt_builder: PromptBuilder | None,
     deform: bool = False,
     use_row_prompts: bool = False,
+    fixed_prompt: str | None = None,
 ) -> list[ControlRequest]:
     """``augment_ratio`` requests per condition sample in ``ids``.
 
@@ -75,6 +76,7 @@ def controlled_requests(
         prompt_builder: builds prompts from each sample's metadata (None: the sample's own prompt).
         deform: draw a warp per variant (``synthesis.source=deformed``).
         use_row_prompts: take each sample's own prompt when it has one (a synthesis folder's rows).
+        fixed_prompt: one prompt for every request (a ControlNet fitted with ``control.prompt``).
     """
     if augment_ratio < 1:
         raise ValueError(f"synthesis.augment_ratio: expected >= 1 variants per condition, got {augment_ratio}")
@@ -85,7 +87,9 @@ def controlled_requests(
         sample = source.load(sid)
         for k in range(augment_ratio):
             rng = random.Random(f"{seed}/{sid}/{k}")
-            if (use_row_prompts and sample.prompt) or prompt_builder is None:
+            if fixed_prompt is not None:
+                prompt = fixed_prompt
+            elif (use_row_prompts and sample.prompt) or prompt_builder is None:
                 prompt = sample.prompt
             else:
                 prompt = prompt_builder.build(sample.meta, rng=rng).text

@@ -196,3 +196,20 @@ def test_controlled_generation_bad_input(tmp_path, model_dir):
     sampler = DiffusionSampler(comps, 32, controlnet=build_controlnet(comps.unet, 3))
     with pytest.raises(ValueError, match="needs condition images"):
         sampler(["p"], [0], num_inference_steps=1)
+
+
+def test_control_on_a_local_stable_diffusion_folder(tmp_path):
+    """A ControlNet made from a Stable Diffusion folder (latent space, VAE factor 2 here) with
+    EMIT-Diff's fixed prompt; loaded back and sampled through the same code."""
+    from diffmask.control import load_controlled
+    from diffmask.diffusion.tiny_models import save_tiny_stable_diffusion
+
+    sd = save_tiny_stable_diffusion(tmp_path / "sd")
+    control_dir = _fit_control(tmp_path, sd, "sd", "control.prompt='Lung, Xray'", "control.condition.type=edges")
+    meta = json.loads((StageDir(control_dir).path / "control.json").read_text())
+    assert meta["prompt"] == "Lung, Xray" and meta["base_model"] == str(sd.resolve())
+    comps, net, _ = load_controlled(control_dir, sd)
+    assert comps.vae is not None and tuple(net.config.conditioning_embedding_out_channels) == (16, 32)
+    sampler = DiffusionSampler(comps, 32, controlnet=net)
+    out = sampler(["Lung, Xray"] * 2, [0, 1], num_inference_steps=2, control=torch.rand(2, 1, 32, 32))
+    assert out.images.shape == (2, 1, 32, 32) and torch.isfinite(out.images).all()
