@@ -14,16 +14,19 @@ the written images + masks and writes ``masks_affinity/`` (see
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir
+from diffmask.attention.store import CrossAttentionStore
 from diffmask.cli.common import CONFIG_PATH, RUN_ONLY_SETTINGS, seed_run, skip_complete_stage, stage_task
 from diffmask.control.conditions import ConditionBuilder
 from diffmask.control.module import load_controlled
@@ -38,6 +41,8 @@ from diffmask.evaluation.fidelity import (
     set_intensity,
 )
 from diffmask.prompts.builder import PromptBuilder
+from diffmask.refine.mask_maker import AttentionMaskMaker
+from diffmask.refine.threshold import ThresholdRefiner
 from diffmask.synthesis import (
     draw_requests,
     generate_samples,
@@ -92,6 +97,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         retriever = hydra.utils.instantiate(cfg.prompts) if cfg.get("prompts") else None  # prompts=retrieval
         requests = draw_requests(cfg.num_samples, cfg.seed, sampler.prompt_builder, metas, retriever=retriever)
     mask_maker, quality_filter, affinity = build_synthesis(cfg.synthesis)
+    if controlled and cfg.synthesis.get("capture_attention"):
+        # DiffMask's attention masks of the controlled images, scored against their condition masks
+        mask_maker = AttentionMaskMaker(functools.partial(CrossAttentionStore), ThresholdRefiner(), class_names)
 
     work = stage.begin(resume=True)
     start = time.time()
@@ -107,7 +115,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         eta=cfg.eta,
         mask_maker=mask_maker,
         num_workers=cfg.num_workers,
-        save_class_maps=bool(cfg.synthesis.get("save_class_maps")),
+        save_class_maps=bool(cfg.synthesis.get("save_class_maps") or (controlled and mask_maker is not None)),
         quality_filter=quality_filter,
         control_scale=float(cfg.synthesis.get("control_scale", 1.0)) if controlled else 1.0,
     )
@@ -131,6 +139,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     info = {**counts, "made": made, "requested": len(requests), "seconds": round(seconds, 1),
             "images_per_s": made / seconds if seconds > 0 else None}
     presence = class_presence_record(work, class_names, cfg.synthesis.get("min_class_presence"))
+    if controlled and mask_maker is not None:
+        presence["attention_agreement"] = attention_agreement_record(work, class_names)
     inputs = {"diffusion": str(model_stage.path)}
     if controlled:
         inputs["control"] = str(cfg.synthesis.control_dir)
@@ -147,6 +157,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("label fidelity (%s): %s", cfg.fidelity_model, format_fidelity(result))
         info["label_fidelity_miou"] = result["miou"]
     return info
+
+
+def attention_agreement_record(folder, class_names) -> dict[str, float]:
+    """Mean per-class IoU of the controlled images' attention masks with their condition masks
+    (the manifest's ``score_<class>``, written by capture_attention)."""
+    rows = read_manifest(folder)
+    return {name: float(np.mean([r.scores[name] for r in rows if name in r.scores]))
+            for name in class_names[1:] if any(name in r.scores for r in rows)}
 
 
 def controlled_generation(cfg: DictConfig, model_dir) -> tuple[DiffusionSampler, ConditionDataset]:

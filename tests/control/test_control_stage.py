@@ -121,6 +121,17 @@ def test_fit_control_exports_a_plain_controlnet_and_generation_keeps_its_masks(t
     stage = json.loads((StageDir(out).path / "stage.json").read_text())
     assert stage["inputs"]["control"]["path"] == str(control_dir)
 
+    # attention capture beside the condition: class maps saved, agreement with the condition mask scored
+    _, out_a = _generate(tmp_path, model_dir, control_dir, "attn", "synthesis.augment_ratio=1",
+                         "synthesis.capture_attention=true")
+    rows_a = read_manifest(out_a)
+    assert all(r.attn_file and set(r.scores) == {"left_lung", "right_lung", "heart"} for r in rows_a)
+    assert all(0.0 <= v <= 1.0 for r in rows_a for v in r.scores.values())
+    agreement = json.loads((StageDir(out_a).path / "stage.json").read_text())["attention_agreement"]
+    assert set(agreement) == {"left_lung", "right_lung", "heart"}
+    for r in rows_a:  # the written mask is still the condition's, not the attention's
+        assert np.array_equal(np.asarray(Image.open(f"{out_a}/{r.sem_seg_file_name}")), src.load(r.pair_id).label)
+
     # deformed conditions: each variant's mask is a warp of its real mask, and differs between variants
     _, out_d = _generate(tmp_path, model_dir, control_dir, "deformed", "synthesis.source=deformed",
                          "synthesis.augment_ratio=2")
