@@ -36,6 +36,12 @@ def test_control_stage_feeds_controlled_generation(tmp_path):
     assert cmds["fit_control"][1:3] == ["-m", "diffmask.cli.fit_control"]
     assert f"input_dir={art}/diffusion/x" in cmds["fit_control"] and "name=x" in cmds["fit_control"]
     assert f"synthesis.control_dir={art}/control/x" in cmds["generate"]
+    # the EMIT-Diff CPU recipe composes from pipeline_cpu and wires the same way
+    emit = compose_config("pipeline", ["experiment=pipeline_emit_cpu"], tmp_path, quiet_trainer=False)
+    emit_cmds = dict(stage_commands(emit, stamp="T"))
+    assert list(emit_cmds) == ["fit_diffusion", "fit_control", "generate", "train", "finetune"]
+    assert f"synthesis.control_dir={art}/control/emit64" in emit_cmds["generate"]
+    assert "diffusion.align.label_fraction=0.1" in emit_cmds["fit_diffusion"]  # pipeline_cpu's generator
     # attention-mask generation is not given a ControlNet
     plain = compose_config("pipeline", ["name=x", "stages=[fit_diffusion,generate]"], tmp_path, quiet_trainer=False)
     assert not any("control_dir" in c for c in dict(stage_commands(plain, stamp="T"))["generate"])
