@@ -27,6 +27,7 @@ __all__ = [
     "stage_task",
     "seed_run",
     "require_training",
+    "resumable_fit",
 ]
 
 log = logging.getLogger("diffmask")
@@ -180,3 +181,39 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
     """The metric a Hydra sweeper optimises (``optimized_metric``), if set and present."""
     name = cfg.get("optimized_metric")
     return _to_float(metrics.get(name)) if name else None
+
+
+def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.LightningDataModule,
+                  work: Path) -> tuple[pl.Trainer, dict[str, float], float]:
+    """Fit a generative stage's model with step checkpoints in ``<work>/checkpoints``.
+
+    Resumes from ``cfg.ckpt_path`` or, when null, from ``<work>/checkpoints/last.ckpt``; refuses a
+    trainer that would not train (:func:`require_training`). Returns (trainer, the final
+    ``train/*`` and ``val/*`` metrics with ``train/images_per_s``, fit seconds).
+    """
+    from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: PLC0415
+
+    from diffmask.diffusion.throughput import TrainingThroughput  # noqa: PLC0415
+
+    ckpt_dir = work / "checkpoints"
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False, save_last=True,
+        every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1, monitor="step", mode="max",
+    )
+    throughput = TrainingThroughput()
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[checkpoint, throughput], logger=loggers or False)
+    require_training(trainer)
+    log_config(cfg, loggers)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None and (ckpt_dir / "last.ckpt").is_file():
+        ckpt_path = str(ckpt_dir / "last.ckpt")
+        log.info("resuming from %s", ckpt_path)
+    start = time.time()
+    # our own checkpoint (holds config objects), so full unpickling is safe
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    fit_seconds = time.time() - start
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+    if throughput.images_per_s is not None:
+        metrics["train/images_per_s"] = throughput.images_per_s
+    return trainer, metrics, fit_seconds

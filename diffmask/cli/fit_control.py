@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from diffmask.artifacts import StageDir
 from diffmask.cli.common import (
     CONFIG_PATH,
-    instantiate_loggers,
-    log_config,
-    require_training,
+    resumable_fit,
     seed_run,
     skip_complete_stage,
     stage_task,
@@ -34,7 +29,6 @@ from diffmask.cli.common import (
 )
 from diffmask.control.module import build_controlnet
 from diffmask.diffusion.components import load_components
-from diffmask.diffusion.throughput import TrainingThroughput
 from diffmask.prompts.builder import PromptBuilder
 
 log = logging.getLogger("diffmask.fit_control")
@@ -71,37 +65,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                     prompt_builder=builder)
 
     work = stage.begin(resume=True)
-    ckpt_dir = work / "checkpoints"
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False, save_last=True,
-        every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1, monitor="step", mode="max",
-    )
-    throughput = TrainingThroughput()
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[checkpoint, throughput], logger=loggers or False)
-    require_training(trainer)
-    log_config(cfg, loggers)
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is None and (ckpt_dir / "last.ckpt").is_file():
-        ckpt_path = str(ckpt_dir / "last.ckpt")
-        log.info("resuming from %s", ckpt_path)
-    start = time.time()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-    fit_seconds = time.time() - start
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
-    if throughput.images_per_s is not None:
-        metrics["train/images_per_s"] = throughput.images_per_s
+    trainer, metrics, fit_seconds = resumable_fit(cfg, model, datamodule, work)
+    images_per_s = metrics.get("train/images_per_s")
     if not trainer.is_global_zero:
         return metrics
     labelled = sorted(datamodule.real_train_ids)
     model.export(work, base_dir, extra={"labelled_ids": labelled, "intensity": datamodule.intensity,
                                         "class_names": class_names})
     if not cfg.keep_checkpoints:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
     info = {
         "steps": int(trainer.global_step),
         "fit_seconds": round(fit_seconds, 1),
-        "images_per_s": throughput.images_per_s,
+        "images_per_s": images_per_s,
         "n_labelled": len(labelled),
         "condition": condition.type,
         "resolution": model.resolution,

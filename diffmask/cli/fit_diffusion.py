@@ -12,27 +12,21 @@ from __future__ import annotations
 import inspect
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from diffmask.artifacts import StageDir
 from diffmask.cli.common import (
     CONFIG_PATH,
-    instantiate_loggers,
-    log_config,
-    require_training,
+    resumable_fit,
     seed_run,
     skip_complete_stage,
     stage_task,
     write_metrics,
 )
-from diffmask.diffusion.throughput import TrainingThroughput
 from diffmask.prompts.builder import PromptBuilder
 from diffmask.prompts.tokenizer import prompt_vocabulary
 
@@ -70,39 +64,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = hydra.utils.instantiate(cfg.diffusion, components=components, prompt_builder=prompt_builder)
 
     work = stage.begin(resume=True)
-    ckpt_dir = work / "checkpoints"
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False, save_last=True,
-        every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1, monitor="step", mode="max",
-    )
-    throughput = TrainingThroughput()
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[checkpoint, throughput], logger=loggers or False)
-    require_training(trainer)
-    log_config(cfg, loggers)
-
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is None and (ckpt_dir / "last.ckpt").is_file():
-        ckpt_path = str(ckpt_dir / "last.ckpt")
-        log.info("resuming from %s", ckpt_path)
-    start = time.time()
-    # our own checkpoint (holds config objects), so full unpickling is safe
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-    fit_seconds = time.time() - start
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
-    if throughput.images_per_s is not None:
-        metrics["train/images_per_s"] = throughput.images_per_s
+    trainer, metrics, fit_seconds = resumable_fit(cfg, model, datamodule, work)
+    images_per_s = metrics.get("train/images_per_s")
 
     if not trainer.is_global_zero:
         return metrics
     # the input normalisation the model learnt; evaluate-masks feeds real images the same way
     model.export(work, extra={"labelled_ids": sorted(model.labelled_ids or []), "intensity": datamodule.intensity})
     if not cfg.keep_checkpoints:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
     info = {
         "steps": int(trainer.global_step),
         "fit_seconds": round(fit_seconds, 1),
-        "images_per_s": throughput.images_per_s,
+        "images_per_s": images_per_s,
         "n_real_train": len(datamodule.real_train_ids),
         "n_labelled": len(model.labelled_ids or []),
         "space": "latent" if components.latent else "pixel",
@@ -113,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics,
                   extra={"model_dir": str(stage.path), "data": data, **info})
     log.info("diffusion model written to %s (%d steps, %s images/s)", stage.path, info["steps"],
-             "n/a" if throughput.images_per_s is None else f"{throughput.images_per_s:.1f}")
+             "n/a" if images_per_s is None else f"{images_per_s:.1f}")
     return metrics
 
 
