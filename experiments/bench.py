@@ -77,10 +77,13 @@ def bench_control(size: int = 64, batch: int = 8, steps: int = 10) -> None:
     condition = ConditionBuilder("mask", 4)
     controlled = DiffusionSampler(comps, size, controlnet=build_controlnet(comps.unet, condition.channels))
     cond = torch.rand(batch, condition.channels, size, size)
-    for name, run in (("plain", lambda: plain(prompts, seeds, num_inference_steps=steps)),
-                      ("controlnet", lambda: controlled(prompts, seeds, num_inference_steps=steps, control=cond))):
-        sec = _time(run, 1)
-        print(f"generation/{name}@{size}px ({steps} steps, guidance 3, batch {batch})\t{batch / sec:.2f}\timages/s")
+    for g in (1.0, 3.0):  # 1 = no classifier-free guidance (the EMIT-Diff CPU recipe), 3 = DiffMask's default
+        for name, run in (
+            ("plain", lambda g=g: plain(prompts, seeds, num_inference_steps=steps, guidance_scale=g)),
+            ("controlnet", lambda g=g: controlled(prompts, seeds, num_inference_steps=steps, guidance_scale=g, control=cond)),
+        ):
+            sec = _time(run, 1)
+            print(f"generation/{name}@{size}px ({steps} steps, guidance {g:g}, batch {batch})\t{batch / sec:.2f}\timages/s")
 
 
 def main() -> None:
