@@ -48,3 +48,30 @@ def test_two_ranks_with_attention_masks_write_disjoint_ids_and_every_file(tmp_pa
     for row in read_manifest(out):
         assert (out / row.sem_seg_file_name).is_file() and (out / row.attn_file).is_file()
         assert set(row.scores) == {"left_lung", "right_lung", "heart"}
+
+
+@pytest.mark.slow
+def test_two_ranks_write_controlled_samples_with_their_condition_masks(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffmask.control import ConditionBuilder, build_controlnet
+    from diffmask.data import PhantomSource
+    from diffmask.diffusion import DiffusionSampler
+    from diffmask.diffusion.tiny_models import tiny_scratch_components
+    from diffmask.synthesis.controlled import ConditionDataset, controlled_requests
+
+    comps = tiny_scratch_components(32, seed=1)
+    builder = ConditionBuilder("mask", 4)
+    sampler = DiffusionSampler(comps, 32, prompt_builder=PromptBuilder(),
+                               controlnet=build_controlnet(comps.unet, builder.channels))
+    src = PhantomSource(size=32, num_train=3)
+    requests = controlled_requests(src, src.ids("train"), 2, seed=0, prompt_builder=PromptBuilder())
+    out = tmp_path / "ddp_control"
+    counts = generate_samples(TWO_CPU_RANKS, sampler, ConditionDataset(requests, src, builder, 32), out,
+                              DEFAULT_CLASS_NAMES, batch_size=2, num_inference_steps=1, guidance_scale=1.0)
+    assert counts["rows"] == 6
+    rows = read_manifest(out)
+    assert sorted(r.id for r in rows) == sorted(r.id for r in requests)
+    for r in rows:
+        assert np.array_equal(np.asarray(Image.open(out / r.sem_seg_file_name)), src.load(r.pair_id).label)
