@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from diffmask.attention import AttentionSink, capture_cross_attention
 from diffmask.diffusion.components import DiffusionComponents, check_resolution, load_components
@@ -18,7 +18,14 @@ from diffmask.prompts.builder import PromptBuilder, class_token_positions
 
 __all__ = ["DiffusionSampler", "GenerationOutput"]
 
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+# ddim/ddpm: per-image noise generators; dpmpp (DPM-Solver++ multistep) and unipc: deterministic
+# fast solvers (10-20 steps), one UNet call per step, so attention capture sees every step
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpmpp": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
 
 
 @dataclass
@@ -48,7 +55,8 @@ class DiffusionSampler:
     Args:
         components: the model (UNet, text encoder, tokenizer, scheduler config, optional VAE).
         resolution: image side in pixels.
-        scheduler: ``ddim`` (deterministic with ``eta=0``) or ``ddpm``.
+        scheduler: ``ddim`` (deterministic with ``eta=0``), ``ddpm``, ``dpmpp`` (DPM-Solver++
+            multistep) or ``unipc`` (UniPC); the last two are deterministic and need fewer steps.
         prompt_builder: finds the class phrases in prompts (for ``token_positions``); optional.
         device: where to run (default: the UNet's device).
         controlnet: optional ``ControlNetModel`` (:mod:`diffmask.control`); then every call
@@ -208,7 +216,9 @@ class DiffusionSampler:
                     pred_uncond, pred_cond = pred.chunk(2)
                     pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
                 # 4. one scheduler step
-                kwargs: dict[str, Any] = {"generator": generators}
+                kwargs: dict[str, Any] = {}
+                if isinstance(self.scheduler, DDIMScheduler | DDPMScheduler):
+                    kwargs["generator"] = generators
                 if isinstance(self.scheduler, DDIMScheduler):
                     kwargs["eta"] = eta
                 x = self.scheduler.step(pred, t, x, **kwargs).prev_sample
