@@ -104,8 +104,10 @@ def test_each_scheduler_samples_with_attention_capture(scheduler):
     assert steps == [0, 1, 2, 3]
     maps = store.result()
     assert maps.shape == (2, 3, 32, 32) and torch.isfinite(maps).all()
-    b = sampler(PROMPTS, [1, 2], num_inference_steps=4, guidance_scale=2.0)
-    # capture computes attention its own way: the same image up to float rounding
-    assert torch.isfinite(a.images).all() and torch.allclose(a.images, b.images, atol=1e-3)
+    again = functools.partial(CrossAttentionStore, upsample="bilinear")(output_size=32)
+    again.set_tokens(positions)
+    b = sampler(PROMPTS, [1, 2], num_inference_steps=4, guidance_scale=2.0, attention_sink=again)
+    # the solver's state is reset per call: the same seeds give the same images
+    assert torch.isfinite(a.images).all() and torch.equal(a.images, b.images)
     with pytest.raises(ValueError, match="scheduler: expected one of"):
         DiffusionSampler(tiny_scratch_components(32), 32, scheduler="euler")
