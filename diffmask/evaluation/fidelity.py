@@ -37,6 +37,7 @@ from diffmask.artifacts import StageDir, atomic_write_json
 from diffmask.data.dataset import SegmentationDataset, check_intensity
 from diffmask.data.sources import ManifestSource
 from diffmask.labels import IGNORE_INDEX, validate_class_names
+from diffmask.segmentation.module import resolve_checkpoint
 
 __all__ = [
     "FIDELITY_KEY",
@@ -45,7 +46,6 @@ __all__ = [
     "load_segmentation_model",
     "per_image_iou",
     "record_label_fidelity",
-    "resolve_checkpoint",
     "served_intensity",
     "set_intensity",
     "format_fidelity",
@@ -91,35 +91,6 @@ def served_intensity(made_from: str, intensity: str, where: str | Path = "synthe
     )
 
 
-def resolve_checkpoint(model: str | Path) -> Path:
-    """The checkpoint of ``model``: a ``diffmask-train`` run folder (its ``metrics.json``
-    ``best_checkpoint``) or a checkpoint file.
-
-    A run folder moved since it was written is still found: a ``best_checkpoint`` that no longer
-    exists is looked for under the folder's own ``checkpoints/``.
-
-    Raises:
-        FileNotFoundError: naming the folder or file when there is no checkpoint (a
-            ``train=false`` run has none).
-    """
-    path = Path(model)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: model not found; expected a diffmask-train run folder or a checkpoint file")
-    metrics = path / "metrics.json"
-    best = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
-    if not best:
-        raise FileNotFoundError(
-            f"{path}: no checkpoint (expected a finished diffmask-train run folder whose metrics.json names a "
-            "best_checkpoint; a train=false run has none), or pass the checkpoint file itself"
-        )
-    for candidate in (Path(best), path / "checkpoints" / Path(best).name):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{metrics}: best_checkpoint {best} not found (nor under {path / 'checkpoints'})")
-
-
 def _run_dir(model: Path) -> Path:
     """The run folder of a model path: the folder itself, or a checkpoint's ``<run>/checkpoints/..``."""
     if model.is_dir():
@@ -163,7 +134,7 @@ def load_segmentation_model(model: str | Path, device: str | torch.device = "cpu
     from diffmask.segmentation.module import SegmentationLitModule, load_net_weights  # noqa: PLC0415
 
     register_resolvers()
-    checkpoint = resolve_checkpoint(model)
+    checkpoint = resolve_checkpoint(model, field="fidelity_model")
     cfg = load_run_config(checkpoint if Path(model).is_file() else model)
     seg = cfg.segmentation
     # the optimizer is never used here; init_weights is not loaded (the checkpoint holds the weights)

@@ -23,7 +23,7 @@ from diffmask.segmentation.merge import MergeSettings, merge_pair, patch_merge_m
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiceCELossWithIgnore", "SegmentationLitModule", "load_net_weights"]
+__all__ = ["DiceCELossWithIgnore", "SegmentationLitModule", "load_net_weights", "resolve_checkpoint"]
 
 
 def _drop_unused_cross_attention_norms(net: torch.nn.Module) -> torch.nn.Module:
@@ -88,6 +88,38 @@ class DiceCELossWithIgnore(torch.nn.Module):
         return loss
 
 
+def resolve_checkpoint(model: str | Path, field: str = "model") -> Path:
+    """The checkpoint of ``model``: a ``diffmask-train`` run folder (its ``metrics.json``
+    ``best_checkpoint``) or a checkpoint / state-dict file.
+
+    A run folder moved since it was written is still found: a ``best_checkpoint`` that no longer
+    exists is looked for under the folder's own ``checkpoints/``.
+
+    Raises:
+        FileNotFoundError: naming ``field`` and the folder or file when there is no checkpoint
+            (a ``train=false`` run has none).
+    """
+    path = Path(model)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{field}: {path} not found; expected a diffmask-train run folder, a checkpoint "
+            "(<run>/checkpoints/*.ckpt, also in metrics.json 'best_checkpoint') or a torch state dict"
+        )
+    metrics = path / "metrics.json"
+    best = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
+    if not best:
+        raise FileNotFoundError(
+            f"{field}: {path}: no checkpoint: a folder without a metrics.json naming a best_checkpoint (a "
+            "train=false run has none); expected a finished diffmask-train run folder, or pass the checkpoint file"
+        )
+    for candidate in (Path(best), path / "checkpoints" / Path(best).name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{field}: {metrics}: best_checkpoint {best} not found (nor under {path / 'checkpoints'})")
+
+
 def load_net_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Load a backbone's weights from a ``diffmask-train`` checkpoint or a plain state dict.
 
@@ -101,21 +133,7 @@ def load_net_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         FileNotFoundError: no file at ``path``.
         ValueError: the file holds no state dict, or its tensors do not fit ``net``.
     """
-    path = Path(path)
-    if path.is_dir():  # a diffmask-train run folder: its best checkpoint
-        metrics = path / "metrics.json"
-        best = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
-        if not best:
-            raise FileNotFoundError(
-                f"segmentation.init_weights: {path} is a folder without a metrics.json naming a best_checkpoint; "
-                "expected a finished diffmask-train run folder or a checkpoint file"
-            )
-        path = Path(best)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"segmentation.init_weights: {path} not found; expected a diffmask-train run folder, a checkpoint "
-            "(<run>/checkpoints/*.ckpt, also in metrics.json 'best_checkpoint') or a torch state dict"
-        )
+    path = resolve_checkpoint(path, field="segmentation.init_weights")
     # checkpoints written by diffmask-train hold config objects, hence full unpickling
     obj = torch.load(path, map_location="cpu", weights_only=False)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
