@@ -1,7 +1,8 @@
 """The parts of a text-conditioned diffusion model, built from scratch or loaded from a folder.
 
-* :func:`build_scratch_components` — pixel-space ``UNet2DConditionModel`` + a small
-  ``CLIPTextModel`` from a config + the offline prompt tokenizer (``diffusion=scratch``).
+* :func:`build_scratch_components` — a ``UNet2DConditionModel`` + a small ``CLIPTextModel`` from
+  a config + the offline prompt tokenizer, in pixel space (``diffusion=scratch``) or on the
+  latents of the project's autoencoder (``diffusion=latent``).
 * :func:`load_components` — a folder in diffusers format: a Stable Diffusion checkpoint
   (``diffusion=pretrained``, latent space with its ``AutoencoderKL``) or a model this project
   exported (pixel or latent). Both go through the same code.
@@ -65,6 +66,11 @@ class DiffusionComponents:
         self.noise_scheduler = noise_scheduler
         self.vae = vae
         self.metadata = metadata or {}
+        if vae is not None and int(unet.config.in_channels) != int(vae.config.latent_channels):
+            raise ValueError(
+                f"autoencoder: its latents have {vae.config.latent_channels} channels, the UNet takes "
+                f"{unet.config.in_channels}; the UNet was built for another autoencoder (or for pixels)"
+            )
 
     @property
     def latent(self) -> bool:
@@ -115,8 +121,10 @@ def build_scratch_components(
     num_train_timesteps: int = 1000,
     beta_schedule: str = "squaredcos_cap_v2",
     prediction_type: str = "epsilon",
+    autoencoder_dir: str | os.PathLike | None = None,
 ) -> DiffusionComponents:
-    """A pixel-space text-conditioned diffusion model with random weights (no download).
+    """A text-conditioned diffusion model with random weights (no download), in pixel space or,
+    with ``autoencoder_dir``, on a trained autoencoder's latent grid (``diffusion=latent``).
 
     Args:
         vocabulary: extra words the tokenizer keeps whole, on top of
@@ -135,6 +143,9 @@ def build_scratch_components(
         text_hidden_size, text_layers, text_heads, text_intermediate_size: the CLIP text encoder.
         max_prompt_tokens: the tokenizer's padded length (BOS and EOS included).
         num_train_timesteps, beta_schedule, prediction_type: the DDPM training scheduler.
+        autoencoder_dir: a ``diffmask-fit-autoencoder`` stage folder (or a Stable Diffusion
+            folder's ``vae/``): the UNet then works on its latents (``resolution`` / factor per
+            side, its latent channels) and the autoencoder is kept frozen beside it.
     """
     levels = len(block_out_channels)
     if levels < 2:
@@ -154,12 +165,20 @@ def build_scratch_components(
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
     tokenizer = build_prompt_tokenizer(prompt_vocabulary(vocabulary), model_max_length=max_prompt_tokens)
+    vae = None
+    channels, sample_size = 1, resolution
+    if autoencoder_dir is not None:
+        from diffmask.autoencoder import load_autoencoder  # noqa: PLC0415
+
+        vae = load_autoencoder(autoencoder_dir, resolution)
+        channels = int(vae.config.latent_channels)
+        sample_size = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
     unet = UNet2DConditionModel(
-        sample_size=resolution,
-        in_channels=1,
-        out_channels=1,
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
         down_block_types=down,
         up_block_types=up,
         block_out_channels=tuple(block_out_channels),
@@ -189,7 +208,8 @@ def build_scratch_components(
     scheduler = DDPMScheduler(
         num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type
     )
-    comps = DiffusionComponents(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler)
+    comps = DiffusionComponents(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler,
+                                vae=vae)
     check_resolution(comps, resolution)
     return comps
 

@@ -1,0 +1,306 @@
+"""The project's own latent autoencoder: a diffusers ``AutoencoderKL`` trained on the real X-rays.
+
+Stable Diffusion, which DiffMask fine-tunes, denoises an autoencoder's 8x smaller grid. Hub weights
+cannot be had offline, so this stage trains one (4x by default: 128 px -> 32 x 32 x 4) on the real
+training images (no labels needed). Loss: L1 reconstruction + a KL term (a small weight keeps the
+latents near a Gaussian) + an edge-preserving L1 on image gradients (lung and heart borders are
+what the masks follow). The export is a plain ``AutoencoderKL.from_pretrained`` folder whose
+``scaling_factor`` is measured on the training latents (1 / their standard deviation), as SD's
+0.18215 was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from diffmask.artifacts import atomic_write_bytes, atomic_write_json
+
+__all__ = [
+    "AUTOENCODER_FILE",
+    "AutoencoderLitModule",
+    "build_autoencoder",
+    "load_autoencoder",
+    "image_gradient_loss",
+    "psnr",
+    "reconstruct",
+    "ssim",
+    "save_grid",
+]
+
+log = logging.getLogger(__name__)
+AUTOENCODER_FILE = "autoencoder.json"  # beside config.json: resolution, factor, measured latent statistics
+
+
+def build_autoencoder(
+    factor: int = 4,
+    latent_channels: int = 4,
+    block_out_channels: Sequence[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    norm_num_groups: int = 8,
+    in_channels: int = 1,
+    mid_block_attention: bool = False,
+) -> AutoencoderKL:
+    """A randomly initialised ``AutoencoderKL`` that downsamples ``factor`` times (gray in, gray out).
+
+    Args:
+        factor: image side / latent side, a power of two (4: 128 px -> 32 x 32; 8 as SD).
+        latent_channels: channels of the latent grid (SD: 4).
+        block_out_channels: channels per level; ``log2(factor) + 1`` levels.
+        layers_per_block: ResNet layers per level.
+        norm_num_groups: GroupNorm groups (must divide every entry of ``block_out_channels``).
+        in_channels: image channels (1: gray X-rays).
+        mid_block_attention: self-attention in the middle block (SD has it; on CPU at a 32 x 32
+            grid it costs more than it gives).
+    """
+    levels = int(round(math.log2(factor))) + 1 if factor >= 1 else 0
+    if factor < 2 or 2 ** (levels - 1) != factor:
+        raise ValueError(f"autoencoder.factor: expected a power of two >= 2 (4 or 8), got {factor}")
+    if len(block_out_channels) != levels:
+        raise ValueError(
+            f"autoencoder.block_out_channels: factor {factor} needs {levels} levels (log2(factor) + 1), "
+            f"got {list(block_out_channels)}"
+        )
+    bad = [c for c in block_out_channels if c % norm_num_groups]
+    if bad:
+        raise ValueError(f"autoencoder.block_out_channels: {bad} not divisible by norm_num_groups={norm_num_groups}")
+    return AutoencoderKL(
+        in_channels=in_channels,
+        out_channels=in_channels,
+        latent_channels=latent_channels,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        mid_block_add_attention=mid_block_attention,
+    )
+
+
+def load_autoencoder(path: str | os.PathLike, resolution: int | None = None) -> AutoencoderKL:
+    """Load an autoencoder folder (this stage's export, or a Stable Diffusion folder's ``vae/``).
+
+    Args:
+        path: the folder holding ``config.json`` and the weights.
+        resolution: the image side it will be used at; checked against the side this project's
+            autoencoder was trained at (its ``autoencoder.json``), since the latent scaling
+            factor was measured there. SD's VAE has no such record and is not checked.
+
+    Raises:
+        FileNotFoundError: no folder, or no ``config.json`` in it.
+        ValueError: ``resolution`` differs from the trained side, or is not divisible by the factor.
+    """
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(
+            f"autoencoder_dir: {root} holds no config.json (expected a diffmask-fit-autoencoder stage folder "
+            "or a Stable Diffusion folder's vae/)"
+        )
+    vae = AutoencoderKL.from_pretrained(root)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution is not None:
+        info_file = root / AUTOENCODER_FILE
+        trained = json.loads(info_file.read_text()).get("resolution") if info_file.is_file() else None
+        if trained is not None and int(trained) != int(resolution):
+            raise ValueError(
+                f"autoencoder_dir: {root} was trained at {trained} px, the diffusion model is at {resolution} px "
+                f"(data.size); train an autoencoder at data.size={resolution} or set data.size={trained}"
+            )
+        if resolution % factor:
+            raise ValueError(f"data.size: {resolution} px is not divisible by the autoencoder's factor {factor}")
+    return vae
+
+
+# ---- losses and image metrics --------------------------------------------------------------------
+def image_gradient_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between the horizontal and vertical finite differences of two (B, C, H, W) images."""
+    dx = (pred[..., :, 1:] - pred[..., :, :-1]) - (target[..., :, 1:] - target[..., :, :-1])
+    dy = (pred[..., 1:, :] - pred[..., :-1, :]) - (target[..., 1:, :] - target[..., :-1, :])
+    return dx.abs().mean() + dy.abs().mean()
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of (B, C, H, W) images in [0, 1]."""
+    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10.0 * torch.log10(1.0 / mse)
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM of (B, C, H, W) images in [0, 1] (Gaussian window, Wang et al. 2004 constants)."""
+    x, y = pred.float(), target.float()
+    coords = torch.arange(window, dtype=torch.float32) - (window - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = (g / g.sum()).to(x.device)
+    c = x.shape[1]
+    kx = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    ky = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, kx, groups=c), ky, groups=c)  # valid region only
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1)
+
+
+def save_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor]) -> Path:
+    """Write rows of (N, 1, H, W) images in [0, 1] as one 8-bit PNG (e.g. originals over reconstructions)."""
+    from PIL import Image  # noqa: PLC0415
+
+    lines = [torch.cat(list(r[:, 0].clamp(0, 1)), dim=1) for r in rows]
+    grid = (torch.cat(lines, dim=0).numpy() * 255).round().astype(np.uint8)
+    import io  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# ---- the LightningModule -------------------------------------------------------------------------
+class AutoencoderLitModule(pl.LightningModule):
+    """Trains an ``AutoencoderKL`` to reconstruct the real X-rays (batches of the segmentation datamodule).
+
+    Images (B, 1, S, S) in [0, 1] are scaled to [-1, 1] (as the diffusion stage feeds them); the
+    loss is ``L1 + kl_weight * KL + gradient_weight * L1(image gradients)``, the KL being the
+    posterior's mean per latent element.
+
+    Args:
+        vae: the autoencoder (:func:`build_autoencoder`).
+        optimizer: partial optimizer (``_partial_: true``).
+        lr_scheduler: optional partial LR scheduler, stepped every optimizer step.
+        resolution: image side (recorded in the export; the latent scaling factor is measured there).
+        kl_weight, gradient_weight: loss weights.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        resolution: int = 128,
+        kl_weight: float = 1.0e-4,
+        gradient_weight: float = 1.0,
+    ):
+        super().__init__()
+        if kl_weight < 0 or gradient_weight < 0:
+            raise ValueError(f"kl_weight, gradient_weight: expected >= 0, got {kl_weight}, {gradient_weight}")
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if resolution % factor:
+            raise ValueError(f"resolution: {resolution} px is not divisible by the autoencoder's factor {factor}")
+        self.save_hyperparameters(ignore=["vae", "optimizer", "lr_scheduler"])
+        self.vae = vae
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.resolution = resolution
+        self.factor = factor
+        self.kl_weight = kl_weight
+        self.gradient_weight = gradient_weight
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.vae.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _inputs(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-1] != self.resolution or image.shape[-2] != self.resolution:
+            raise ValueError(
+                f"image: expected {self.resolution}x{self.resolution} px (autoencoder resolution), got "
+                f"{tuple(image.shape[-2:])}; set data.size={self.resolution}"
+            )
+        x = image * 2.0 - 1.0
+        return x.repeat(1, self.vae.config.in_channels // x.shape[1], 1, 1)
+
+    def losses(self, image: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
+        x = self._inputs(image)
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample() if sample else posterior.mode()
+        recon = self.vae.decode(z).sample
+        out = {
+            "l1": (recon - x).abs().mean(),
+            "kl": posterior.kl().mean() / z[0].numel(),
+            "gradient": image_gradient_loss(recon, x),
+        }
+        out["loss"] = out["l1"] + self.kl_weight * out["kl"] + self.gradient_weight * out["gradient"]
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.losses(batch["image"])
+        b = batch["image"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=b)
+        for key in ("l1", "kl", "gradient"):
+            self.log(f"train/{key}", out[key], batch_size=b)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        image = batch["image"]
+        out = self.losses(image, sample=False)
+        recon = self.reconstruct(image)
+        b = image.shape[0]
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=b, sync_dist=True)
+        self.log("val/psnr", psnr(recon, image).mean(), prog_bar=True, batch_size=b, sync_dist=True)
+        self.log("val/ssim", ssim(recon, image).mean(), batch_size=b, sync_dist=True)
+
+    @torch.no_grad()
+    def reconstruct(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) in [0, 1] -> its reconstruction through the posterior mean, in [0, 1]."""
+        return reconstruct(self.vae, image)
+
+    # ---- export --------------------------------------------------------------------------
+    @torch.no_grad()
+    def latent_statistics(self, loader) -> dict[str, float]:
+        """Mean and standard deviation of the posterior means over ``loader``'s images."""
+        total, total_sq, count = 0.0, 0.0, 0
+        for batch in loader:
+            x = self._inputs(batch["image"].to(self.device))
+            z = self.vae.encode(x).latent_dist.mean.double()
+            total += float(z.sum())
+            total_sq += float((z * z).sum())
+            count += z.numel()
+        if count == 0:
+            raise ValueError("latent_statistics: the loader gave no images")
+        mean = total / count
+        std = math.sqrt(max(total_sq / count - mean * mean, 1e-12))
+        return {"latent_mean": mean, "latent_std": std}
+
+    def export(self, path: str | os.PathLike, stats: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
+        """Save a plain ``AutoencoderKL`` folder with ``scaling_factor = 1 / latent_std`` (+ ``autoencoder.json``)."""
+        path = Path(path)
+        self.vae.register_to_config(scaling_factor=float(1.0 / stats["latent_std"]))
+        self.vae.save_pretrained(path)
+        info = {
+            "format": 1,
+            "resolution": self.resolution,
+            "factor": self.factor,
+            "latent_channels": int(self.vae.config.latent_channels),
+            "scaling_factor": float(self.vae.config.scaling_factor),
+            **stats,
+            "global_step": int(self.global_step),
+            **(extra or {}),
+        }
+        atomic_write_json(path / AUTOENCODER_FILE, json.loads(json.dumps(info, default=str)))
+        return path
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, image: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) in [0, 1] -> the autoencoder's reconstruction (posterior mean), gray, in [0, 1]."""
+    x = (image * 2.0 - 1.0).repeat(1, vae.config.in_channels // image.shape[1], 1, 1).to(vae.dtype)
+    recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().mean(dim=1, keepdim=True)
+    return ((recon.clamp(-1, 1) + 1) / 2).to(image.dtype)

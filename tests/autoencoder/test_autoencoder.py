@@ -1,0 +1,146 @@
+"""The latent autoencoder stage and ``diffusion=latent`` (issue 16), on 32 px phantoms."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from omegaconf import open_dict
+
+from diffmask.attention import CrossAttentionStore
+from diffmask.autoencoder import AutoencoderLitModule, build_autoencoder, load_autoencoder, psnr, reconstruct, ssim
+from diffmask.cli.common import CONFIG_PATH
+from diffmask.data import ManifestSource, PhantomSource
+from diffmask.data.dataset import SegmentationDataset
+from diffmask.diffusion import DiffusionSampler, build_scratch_components
+from diffmask.diffusion.components import DiffusionComponents
+
+TINY_AE = ["autoencoder.vae.block_out_channels=[16,32,32]", "autoencoder.vae.norm_num_groups=8"]
+TINY_DATA = ["data=phantom", "data.size=32", "data.batch_size=4", "data.num_workers=0", "data.real.num_train=4",
+             "data.real.num_val=2", "data.real.num_test=3", "trainer.enable_progress_bar=false", "logger=csv",
+             "trainer.limit_val_batches=1", "trainer.check_val_every_n_epoch=1"]
+TINY_UNET = [
+    "diffusion.components.block_out_channels=[16,32]", "diffusion.components.layers_per_block=1",
+    "diffusion.components.attention_levels=[true,true]",
+    "diffusion.components.attention_heads=2", "diffusion.components.cross_attention_dim=32",
+    "diffusion.components.norm_num_groups=8", "diffusion.components.text_hidden_size=32",
+    "diffusion.components.text_layers=2", "diffusion.components.text_heads=2",
+    "diffusion.components.text_intermediate_size=64", "diffusion.components.max_prompt_tokens=48",
+]
+
+
+def _phantoms(n=2, size=32):
+    source = PhantomSource(size=size, num_train=n, num_val=1, num_test=1)
+    dataset = SegmentationDataset(source, source.ids("train"), size)
+    return torch.stack([dataset[i]["image"] for i in range(n)])
+
+
+def _module(lr=3e-3, **kwargs):
+    vae = build_autoencoder(factor=4, block_out_channels=(16, 32, 32), norm_num_groups=8)
+    return AutoencoderLitModule(vae, lambda p: torch.optim.Adam(p, lr=lr), resolution=32, **kwargs)
+
+
+def test_metrics_on_known_images():
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)
+    assert ssim(x, torch.rand(2, 1, 32, 32)).max() < 0.2
+    # MSE 0.01 -> 20 dB
+    assert torch.allclose(psnr(torch.full((1, 1, 8, 8), 0.6), torch.full((1, 1, 8, 8), 0.5)), torch.tensor([20.0]),
+                          atol=1e-3)
+
+
+def test_autoencoder_learns_to_round_trip_a_phantom():
+    torch.manual_seed(0)
+    module = _module()
+    image = _phantoms(2)
+    before = float(psnr(reconstruct(module.vae, image), image).mean())
+    optimizer = module.optimizer_factory(module.vae.parameters())
+    for _ in range(150):
+        optimizer.zero_grad()
+        module.losses(image)["loss"].backward()
+        optimizer.step()
+    after = float(psnr(reconstruct(module.vae, image), image).mean())
+    assert after > 24.0 and after > before + 10.0, (before, after)
+    assert float(ssim(reconstruct(module.vae, image), image).mean()) > 0.6
+
+
+def test_export_loads_with_plain_from_pretrained_and_records_the_scaling_factor(tmp_path):
+    torch.manual_seed(0)
+    module = _module().eval()
+    image = _phantoms(3)
+    stats = module.latent_statistics([{"image": image}])
+    module.export(tmp_path / "ae", stats)
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "ae").eval()
+    x = image * 2 - 1
+    with torch.no_grad():
+        z0 = module.vae.encode(x).latent_dist.mean
+        z1 = loaded.encode(x).latent_dist.mean
+    assert torch.equal(z0, z1)
+    assert loaded.config.scaling_factor == pytest.approx(1.0 / float(z0.double().std(unbiased=False)), rel=1e-4)
+    info = json.loads((tmp_path / "ae" / "autoencoder.json").read_text())
+    assert info["resolution"] == 32 and info["factor"] == 4 and info["latent_channels"] == 4
+
+
+def test_sizes_that_do_not_fit_are_clear_errors(tmp_path):
+    module = _module()
+    module.export(tmp_path / "ae", {"latent_mean": 0.0, "latent_std": 1.0})
+    with pytest.raises(ValueError, match="trained at 32 px, the diffusion model is at 64 px"):
+        load_autoencoder(tmp_path / "ae", resolution=64)
+    with pytest.raises(FileNotFoundError, match="autoencoder_dir: .* no config.json"):
+        load_autoencoder(tmp_path)
+    with pytest.raises(ValueError, match="factor 8 needs 4 levels"):
+        build_autoencoder(factor=8, block_out_channels=(16, 32, 32))
+    # a UNet built for another autoencoder (8 latent channels) does not take these 4-channel latents
+    pixel = build_scratch_components(resolution=32, block_out_channels=(16, 32), attention_heads=2,
+                                     cross_attention_dim=32, norm_num_groups=8, text_hidden_size=32, text_layers=1,
+                                     text_heads=2, text_intermediate_size=32)
+    other = build_autoencoder(factor=4, latent_channels=8, block_out_channels=(16, 32, 32))
+    with pytest.raises(ValueError, match="latents have 8 channels, the UNet takes 1"):
+        DiffusionComponents(pixel.unet, pixel.text_encoder, pixel.tokenizer, pixel.noise_scheduler, vae=other)
+
+
+def _compose(name, tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose(name, overrides=[*TINY_DATA, *overrides])
+    with open_dict(cfg):
+        cfg.paths.artifact_dir = str(tmp_path / "artifacts")
+        cfg.paths.output_dir = str(tmp_path / f"run_{name}")
+    return cfg
+
+
+def test_autoencoder_stage_then_a_latent_diffusion_model_with_capture_at_the_image_size(tmp_path):
+    from diffmask.cli.fit_autoencoder import run as fit_autoencoder
+    from diffmask.cli.fit_diffusion import run as fit_diffusion
+
+    fit_autoencoder(_compose("fit_autoencoder", tmp_path, *TINY_AE, "trainer.max_steps=4", "name=ae",
+                             "reconstructions=true"))
+    ae = tmp_path / "artifacts" / "autoencoder" / "ae"
+    info = json.loads((ae / "stage.json").read_text())
+    assert info["status"] == "complete" and info["counts"]["steps"] == 4 and info["counts"]["factor"] == 4
+    assert info["test"]["phantom"]["n"] == 3 and info["test"]["phantom"]["psnr"] > 0
+    assert (ae / "grid.png").is_file() and (ae / "test_metrics.json").is_file()
+    assert AutoencoderKL.from_pretrained(ae).config.scaling_factor == pytest.approx(info["counts"]["scaling_factor"])
+    # the reconstructions: a set a segmenter trains on, one per real training image, with its mask
+    recon = ManifestSource(ae / "reconstructions")
+    assert len(recon.ids("train")) == 4 and recon.load(recon.ids("train")[0]).label is not None
+
+    with pytest.raises((ValueError, InstantiationException), match="trained at 32 px"):
+        fit_diffusion(_compose("fit_diffusion", tmp_path, "diffusion=latent", *TINY_UNET, "data.size=64",
+                               f"diffusion.components.autoencoder_dir={ae}", "name=bad"))
+    fit_diffusion(_compose("fit_diffusion", tmp_path, "diffusion=latent", *TINY_UNET, "trainer.max_steps=2",
+                           f"diffusion.components.autoencoder_dir={ae}", "diffusion.align.label_fraction=0.5",
+                           "name=latent"))
+    model = tmp_path / "artifacts" / "diffusion" / "latent"
+    assert json.loads((model / "diffmask.json").read_text())["space"] == "latent"
+    assert (model / "vae" / "config.json").is_file()
+    sampler = DiffusionSampler.from_pretrained(model, scheduler="dpmpp")
+    assert sampler.latent_size == 8 and sampler.components.unet.config.in_channels == 4
+    prompt = "a chest x-ray of an adult patient, left lung, right lung and heart"
+    store = CrossAttentionStore(output_size=32)
+    store.set_tokens(sampler.token_positions([prompt]))
+    out = sampler([prompt], [0], num_inference_steps=2, guidance_scale=1.0, attention_sink=store)
+    assert out.images.shape == (1, 1, 32, 32)
+    maps = store.result()
+    assert maps.shape == (1, 3, 32, 32) and torch.isfinite(maps).all()
