@@ -185,6 +185,9 @@ class AutoencoderLitModule(pl.LightningModule):
         lr_scheduler: optional partial LR scheduler, stepped every optimizer step.
         resolution: image side (recorded in the export; the latent scaling factor is measured there).
         kl_weight, gradient_weight: loss weights.
+        crop: train on random ``crop`` x ``crop`` windows of each image (the autoencoder is fully
+            convolutional, so it still codes whole images; a 64 px window costs a quarter of a
+            128 px image); None = whole images.
     """
 
     def __init__(
@@ -195,6 +198,7 @@ class AutoencoderLitModule(pl.LightningModule):
         resolution: int = 128,
         kl_weight: float = 1.0e-4,
         gradient_weight: float = 1.0,
+        crop: int | None = None,
     ):
         super().__init__()
         if kl_weight < 0 or gradient_weight < 0:
@@ -210,6 +214,19 @@ class AutoencoderLitModule(pl.LightningModule):
         self.factor = factor
         self.kl_weight = kl_weight
         self.gradient_weight = gradient_weight
+        if crop is not None and (crop % factor or not factor <= crop <= resolution):
+            raise ValueError(
+                f"crop: expected null or a multiple of the factor {factor} in [{factor}, {resolution}], got {crop}"
+            )
+        self.crop = crop
+
+    def random_crop(self, image: torch.Tensor) -> torch.Tensor:
+        """A random ``crop`` x ``crop`` window of each image (all of it when ``crop`` is None)."""
+        if self.crop is None or self.crop == image.shape[-1]:
+            return image
+        b, size = image.shape[0], image.shape[-1]
+        offsets = torch.randint(0, size - self.crop + 1, (b, 2)).tolist()
+        return torch.stack([image[i, :, y : y + self.crop, x : x + self.crop] for i, (y, x) in enumerate(offsets)])
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.vae.parameters())
@@ -227,8 +244,10 @@ class AutoencoderLitModule(pl.LightningModule):
         x = image * 2.0 - 1.0
         return x.repeat(1, self.vae.config.in_channels // x.shape[1], 1, 1)
 
-    def losses(self, image: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
+    def losses(self, image: torch.Tensor, sample: bool = True, crop: bool = False) -> dict[str, torch.Tensor]:
         x = self._inputs(image)
+        if crop:
+            x = self.random_crop(x)
         posterior = self.vae.encode(x).latent_dist
         z = posterior.sample() if sample else posterior.mode()
         recon = self.vae.decode(z).sample
@@ -241,7 +260,7 @@ class AutoencoderLitModule(pl.LightningModule):
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.losses(batch["image"])
+        out = self.losses(batch["image"], crop=True)
         b = batch["image"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=b)
         for key in ("l1", "kl", "gradient"):

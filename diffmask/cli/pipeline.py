@@ -1,4 +1,4 @@
-"""diffmask-pipeline: diffusion fit (-> ControlNet fit) -> synthetic generation with masks -> segmentation
+"""diffmask-pipeline: (autoencoder fit ->) diffusion fit (-> ControlNet fit) -> synthetic generation with masks -> segmentation
 -> evaluation (-> optional fine-tuning of the segmentation model, e.g. synthetic pre-training then real data).
 
 Each stage runs as its own process (``python -m diffmask.cli.<stage>``), so DDP trainer configs,
@@ -22,7 +22,7 @@ from diffmask.cli.common import CONFIG_PATH
 
 log = logging.getLogger("diffmask.pipeline")
 
-STAGES = ("fit_diffusion", "fit_control", "generate", "evaluate_masks", "train", "finetune")
+STAGES = ("fit_autoencoder", "fit_diffusion", "fit_control", "generate", "evaluate_masks", "train", "finetune")
 # the CLI module each stage runs (finetune is a segmentation run that starts from train's weights)
 MODULES = {"finetune": "train"}
 
@@ -42,13 +42,17 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
         raise ValueError(f"stages: finetune starts from the train stage's model; put train before it, got {stages}")
     artifacts = Path(cfg.paths.artifact_dir)
     model_dir = artifacts / "diffusion" / cfg.name
+    autoencoder_dir = artifacts / "autoencoder" / cfg.name
     synth_dir = artifacts / "synthesis" / cfg.name
     control_dir = artifacts / "control" / cfg.name
     log_dir = Path(cfg.paths.log_dir)
     seg_dir = log_dir / "pipeline" / str(cfg.name) / (stamp or time.strftime("%Y-%m-%d_%H-%M-%S"))
     synthetic = [f"data.synthetic_dir={synth_dir}"] if "generate" in stages or synth_dir.exists() else []
     wiring = {
-        "fit_diffusion": [f"name={cfg.name}"],
+        "fit_autoencoder": [f"name={cfg.name}"],
+        # a latent diffusion model (diffusion=latent in its overrides) on the pipeline's autoencoder
+        "fit_diffusion": [f"name={cfg.name}",
+                          *([f"diffusion.components.autoencoder_dir={autoencoder_dir}"] if _latent(cfg) else [])],
         "fit_control": [f"name={cfg.name}", f"input_dir={model_dir}"],
         # controlled generation (synthesis=controlled in its overrides) reads the pipeline's ControlNet
         "generate": [f"name={cfg.name}", f"input_dir={model_dir}",
@@ -70,10 +74,20 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
     return commands
 
 
+def _chooses(cfg: DictConfig, stage: str, choice: str) -> bool:
+    """True when ``stage``'s overrides (or the common ones) hold ``choice``, e.g. ``synthesis=controlled``."""
+    overrides = [str(o) for o in [*cfg.common, *cfg.get(stage, [])]]
+    return any(o.replace(" ", "") == choice for o in overrides)
+
+
 def _controlled(cfg: DictConfig) -> bool:
     """True when the generate stage makes controlled (ControlNet) samples."""
-    overrides = [str(o) for o in [*cfg.common, *cfg.get("generate", [])]]
-    return any(o.replace(" ", "") == "synthesis=controlled" for o in overrides)
+    return _chooses(cfg, "generate", "synthesis=controlled")
+
+
+def _latent(cfg: DictConfig) -> bool:
+    """True when the diffusion fit is a latent model on the pipeline's autoencoder."""
+    return _chooses(cfg, "fit_diffusion", "diffusion=latent")
 
 
 def run(cfg: DictConfig) -> None:

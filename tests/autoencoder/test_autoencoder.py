@@ -17,7 +17,7 @@ from diffmask.data.dataset import SegmentationDataset
 from diffmask.diffusion import DiffusionSampler, build_scratch_components
 from diffmask.diffusion.components import DiffusionComponents
 
-TINY_AE = ["autoencoder.vae.block_out_channels=[16,32,32]", "autoencoder.vae.norm_num_groups=8"]
+TINY_AE = ["autoencoder.vae.block_out_channels=[16,32,32]", "autoencoder.vae.norm_num_groups=8", "autoencoder.crop=16"]
 TINY_DATA = ["data=phantom", "data.size=32", "data.batch_size=4", "data.num_workers=0", "data.real.num_train=4",
              "data.real.num_val=2", "data.real.num_test=3", "trainer.enable_progress_bar=false", "logger=csv",
              "trainer.limit_val_batches=1", "trainer.check_val_every_n_epoch=1"]
@@ -144,3 +144,15 @@ def test_autoencoder_stage_then_a_latent_diffusion_model_with_capture_at_the_ima
     assert out.images.shape == (1, 1, 32, 32)
     maps = store.result()
     assert maps.shape == (1, 3, 32, 32) and torch.isfinite(maps).all()
+
+
+def test_training_crops_are_windows_of_the_image():
+    module = _module(crop=16)
+    image = torch.arange(2 * 32 * 32, dtype=torch.float32).view(2, 1, 32, 32)
+    crops = module.random_crop(image)
+    assert crops.shape == (2, 1, 16, 16)
+    for i in range(2):  # each crop is a contiguous window of its own image
+        y, x = divmod(int(crops[i, 0, 0, 0]) - i * 1024, 32)
+        assert torch.equal(crops[i], image[i, :, y : y + 16, x : x + 16])
+    with pytest.raises(ValueError, match="crop: expected null or a multiple of the factor 4"):
+        _module(crop=18)
