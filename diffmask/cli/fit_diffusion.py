@@ -70,7 +70,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return metrics
     # the input normalisation the model learnt; evaluate-masks feeds real images the same way
-    model.export(work, extra={"labelled_ids": sorted(model.labelled_ids or []), "intensity": datamodule.intensity})
+    autoencoder_dir = cfg.diffusion.components.get("autoencoder_dir")
+    model.export(work, extra={"labelled_ids": sorted(model.labelled_ids or []), "intensity": datamodule.intensity,
+                              **({"autoencoder_dir": str(autoencoder_dir)} if autoencoder_dir else {})})
     if not cfg.keep_checkpoints:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
     info = {
@@ -83,7 +85,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "resolution": model.resolution,
     }
     data = {"real": datamodule.real.name}  # "phantom" when data=auto found no JSRT folder
-    stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={}, counts=info, extra={"data": data})
+    stage.commit(config=OmegaConf.to_container(cfg, resolve=True),
+                 inputs={"autoencoder": str(autoencoder_dir)} if autoencoder_dir else {}, counts=info, extra={"data": data})
     write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics,
                   extra={"model_dir": str(stage.path), "data": data, **info})
     log.info("diffusion model written to %s (%d steps, %s images/s)", stage.path, info["steps"],

@@ -133,7 +133,8 @@ def test_autoencoder_stage_then_a_latent_diffusion_model_with_capture_at_the_ima
                            f"diffusion.components.autoencoder_dir={ae}", "diffusion.align.label_fraction=0.5",
                            "name=latent"))
     model = tmp_path / "artifacts" / "diffusion" / "latent"
-    assert json.loads((model / "diffmask.json").read_text())["space"] == "latent"
+    meta = json.loads((model / "diffmask.json").read_text())
+    assert meta["space"] == "latent" and meta["autoencoder_dir"] == str(ae)
     assert (model / "vae" / "config.json").is_file()
     sampler = DiffusionSampler.from_pretrained(model, scheduler="dpmpp")
     assert sampler.latent_size == 8 and sampler.components.unet.config.in_channels == 4

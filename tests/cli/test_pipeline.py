@@ -112,3 +112,17 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     tuned = json.loads((metrics[0].parent.parent / "finetune" / "metrics.json").read_text())
     assert tuned["data"]["n_synthetic_train"] == 0 and "test/phantom/miou" in tuned["metrics"]
     assert f"segmentation.init_weights={metrics[0].parent}" in tuned["overrides"]
+
+
+def test_autoencoder_stage_feeds_the_latent_diffusion_fit(tmp_path):
+    cfg = compose_config("pipeline", ["experiment=pipeline_cpu128"], tmp_path, quiet_trainer=False)
+    cmds = dict(stage_commands(cfg, stamp="T"))
+    art = tmp_path / "artifacts"
+    assert list(cmds) == ["fit_autoencoder", "fit_diffusion", "generate", "evaluate_masks", "train", "finetune"]
+    assert cmds["fit_autoencoder"][1:3] == ["-m", "diffmask.cli.fit_autoencoder"]
+    assert "name=cpu128" in cmds["fit_autoencoder"] and "data.size=128" in cmds["fit_autoencoder"]
+    assert f"diffusion.components.autoencoder_dir={art}/autoencoder/cpu128" in cmds["fit_diffusion"]
+    assert "diffusion=latent" in cmds["fit_diffusion"]
+    # a pixel model gets no autoencoder
+    pixel = compose_config("pipeline", ["experiment=pipeline_cpu"], tmp_path, quiet_trainer=False)
+    assert not any("autoencoder_dir" in c for c in dict(stage_commands(pixel, stamp="T"))["fit_diffusion"])
