@@ -91,16 +91,26 @@ def bench_control(size: int = 64, batch: int = 8, steps: int = 10) -> None:
             print(f"generation/{name}@{size}px ({steps} steps, guidance {g:g}, batch {batch})\t{batch / sec:.2f}\timages/s")
 
 
-def _best(fn, repeat: int):
-    """(seconds of the fastest of ``repeat`` calls after a warm-up, the last result): the fastest call
-    is the one least disturbed by other load on the machine."""
-    out = fn()
-    times = []
-    for _ in range(repeat):
+def _interleaved(fns: dict, repeat: int, slow: float = 3.0) -> dict:
+    """{name: (seconds of its fastest call, its last result)}: one warm-up call each, then ``repeat``
+    rounds calling every function once in turn, so that load from other processes on the machine
+    falls on every variant alike; the fastest call is the one least disturbed. A function whose
+    warm-up took over ``slow`` times the first one's is not repeated (its warm-up is its figure)."""
+    out, times = {}, {}
+    for name, fn in fns.items():
         start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+        out[name] = fn()
+        times[name] = [time.perf_counter() - start]
+    first = next(iter(times.values()))[0]
+    again = [name for name in fns if times[name][0] <= slow * first]
+    for name in again:
+        times[name] = []
+    for _ in range(repeat):
+        for name in again:
+            start = time.perf_counter()
+            out[name] = fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: (min(times[name]), out[name]) for name in fns}
 
 
 def latent_generator(size: int = 128, seed: int = 0):
@@ -128,9 +138,12 @@ def latent_generator(size: int = 128, seed: int = 0):
 
 
 def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: float = 3.0, repeat: int = 2) -> None:
-    """CPU speed options of the latent generator, each against plain sampling of the same model in this run:
-    attention capture (as the generate stage makes it), channels_last, bf16 autocast, torch.compile of
-    the UNet, thread counts; then seconds per training step (UNet forward + backward + AdamW)."""
+    """CPU speed options of the latent generator, each against plain sampling of the same model in this
+    run: attention capture (as the generate stage makes it), channels_last (UNet and VAE), bf16 autocast,
+    torch.compile of the UNet, thread counts; then seconds per training step (UNet forward + backward +
+    AdamW on latents) plain, channels_last and bf16 autocast. Variants are timed in interleaved rounds
+    (:func:`_interleaved`). The compile time is that of this run: inductor's on-disk cache, warm after
+    a first run, shortens it."""
     import torch.nn.functional as F
 
     from diffmask.attention.store import CrossAttentionStore
@@ -145,64 +158,60 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
     seeds = list(range(batch))
     threads = torch.get_num_threads()
     tag = f"@{size}px latent ({steps} dpmpp steps, guidance {guidance:g}, batch {batch}, {threads} threads)"
+    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
 
-    def sampler_of(c):
+    def sampler_of(unet=None, vae=None):
+        c = copy.copy(comps)
+        c.unet, c.vae = unet if unet is not None else comps.unet, vae if vae is not None else comps.vae
         return DiffusionSampler(c, size, scheduler="dpmpp", prompt_builder=builder)
 
-    def with_unet(unet, vae=None):
-        c = copy.copy(comps)
-        c.unet, c.vae = unet, vae if vae is not None else comps.vae
-        return c
-
-    def sample(sampler, context=contextlib.nullcontext, maker=None):
+    def sample(sampler, context=contextlib.nullcontext, maker=None, num_threads=None):
         sink = None
         if maker is not None:  # the generate stage's capture: a CrossAttentionStore per batch, class maps at the end
             sink = maker.new_sink(prompts, sampler.token_positions(prompts), size)
-        with context():
-            out = sampler(prompts, seeds, num_inference_steps=steps, guidance_scale=guidance, attention_sink=sink)
-        if sink is not None:
-            sink.result()
-        return out.images
-
-    plain = sampler_of(comps)
-    ref, ref_images = _best(lambda: sample(plain), repeat)
-
-    def line(name: str, timed: tuple | None, note: str = "") -> None:
-        if timed is None:
-            print(f"generation/{name}{tag}\t-\tpairs/s\t{note}")
-            return
-        sec, images = timed
-        d = float((images - ref_images).abs().max())
-        print(f"generation/{name}{tag}\t{batch / sec:.2f}\tpairs/s\tx{ref / sec:.2f} vs plain"
-              f" (max abs image diff {d:.2g})")
-
-    line("plain", (ref, ref_images))
-    maker = AttentionMaskMaker(functools.partial(CrossAttentionStore))
-    line("attention capture", _best(lambda: sample(plain, maker=maker), repeat))
-
-    cl = sampler_of(with_unet(copy.deepcopy(comps.unet).to(memory_format=torch.channels_last),
-                              copy.deepcopy(comps.vae).to(memory_format=torch.channels_last)))
-    line("channels_last", _best(lambda: sample(cl), repeat))
-
-    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-    line("bf16 autocast", _best(lambda: sample(plain, bf16), repeat))
-
-    for n in sorted({1, 2, threads}):
-        torch.set_num_threads(n)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         try:
-            line(f"set_num_threads({n})", _best(lambda: sample(plain), repeat))
+            with context():
+                out = sampler(prompts, seeds, num_inference_steps=steps, guidance_scale=guidance, attention_sink=sink)
+            if sink is not None:
+                sink.result()
         finally:
             torch.set_num_threads(threads)
+        return out.images
 
+    plain = sampler_of()
+    cl = sampler_of(copy.deepcopy(comps.unet).to(memory_format=torch.channels_last),
+                    copy.deepcopy(comps.vae).to(memory_format=torch.channels_last))
+    maker = AttentionMaskMaker(functools.partial(CrossAttentionStore))
+    variants = {
+        "plain": lambda: sample(plain),
+        "attention capture": lambda: sample(plain, maker=maker),
+        "channels_last": lambda: sample(cl),
+        "bf16 autocast": lambda: sample(plain, bf16),
+    }
+    for n in sorted({1, 2} - {threads}):
+        variants[f"set_num_threads({n})"] = functools.partial(sample, plain, num_threads=n)
+    compile_note = None
     try:
-        compiled = sampler_of(with_unet(torch.compile(copy.deepcopy(comps.unet))))
+        compiled = sampler_of(torch.compile(copy.deepcopy(comps.unet)))
         start = time.perf_counter()
-        sample(compiled)
+        sample(compiled)  # compiles; its warm-up in _interleaved is then a steady call
         first = time.perf_counter() - start
-        print(f"generation/torch.compile(unet) first call (compiles){tag}\t{first:.1f}\ts\tx{ref / first:.2f} vs plain")
-        line("torch.compile(unet) steady", _best(lambda: sample(compiled), repeat))
+        variants["torch.compile(unet) steady"] = lambda: sample(compiled)
     except Exception as err:  # noqa: BLE001 - a compiler missing on this machine is a result, not a crash
-        line("torch.compile(unet)", None, note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        compile_note = f"failed: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    timed = _interleaved(variants, repeat)
+    ref, ref_images = timed["plain"]
+    for name, (sec, images) in timed.items():
+        d = float((images - ref_images).abs().max())
+        print(f"generation/{name}{tag}\t{batch / sec:.2f}\tpairs/s\tx{ref / sec:.2f} vs plain (max abs image diff {d:.2g})")
+        if name == "plain":
+            print(f"generation/set_num_threads({threads}){tag}\t{batch / sec:.2f}\tpairs/s\tx1.00 vs plain (= plain)")
+    if compile_note is None:
+        print(f"generation/torch.compile(unet) first call (compiling){tag}\t{first:.1f}\ts\tx{ref / first:.2f} vs plain")
+    else:
+        print(f"generation/torch.compile(unet){tag}\t-\tpairs/s\t{compile_note}")
 
     # training: one optimiser step of the denoising loss on latents (the VAE encode is not timed)
     states = encode_prompts(comps.tokenizer, comps.text_encoder, prompts, torch.device("cpu")).detach()
@@ -212,7 +221,7 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
     t = torch.randint(0, 1000, (batch,), generator=gen)
     noisy = comps.noise_scheduler.add_noise(clean, noise, t)
 
-    def train_step_time(channels_last: bool = False, context=contextlib.nullcontext) -> float:
+    def train_step(channels_last: bool = False, context=contextlib.nullcontext):
         unet = copy.deepcopy(comps.unet).train()
         x = noisy
         if channels_last:
@@ -223,18 +232,18 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
             opt.zero_grad()
             with context():
                 pred = unet(x, t, encoder_hidden_states=states).sample
-            F.mse_loss(pred.float(), noise).backward()
+            loss = F.mse_loss(pred.float(), noise)
+            loss.backward()
             opt.step()
+            return loss.detach()
 
-        return _best(step, 3)[0]
+        return step
 
     train_tag = f"@{size}px latent (batch {batch}, {threads} threads)"
-    train_ref = train_step_time()
-    for name, sec in (
-        ("plain", train_ref),
-        ("channels_last", train_step_time(channels_last=True)),
-        ("bf16 autocast", train_step_time(context=bf16)),
-    ):
+    timed = _interleaved({"plain": train_step(), "channels_last": train_step(channels_last=True),
+                          "bf16 autocast": train_step(context=bf16)}, 3)
+    train_ref = timed["plain"][0]
+    for name, (sec, _) in timed.items():
         print(f"diffusion/train step {name}{train_tag}\t{sec:.3f}\ts\tx{train_ref / sec:.2f} vs plain")
 
 
@@ -246,7 +255,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
                         help="run only these sections (default: all)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.get_num_interop_threads()} interop threads")
     if "data" in args.only:
