@@ -24,7 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir, atomic_write_bytes, atomic_write_json
 from diffmask.autoencoder.module import psnr, reconstruct, save_grid, ssim
-from diffmask.cli.common import CONFIG_PATH, resumable_fit, seed_run, skip_complete_stage, stage_task, write_metrics
+from diffmask.cli.common import (
+    CONFIG_PATH,
+    resumable_fit,
+    seed_run,
+    skip_complete_stage,
+    stage_task,
+    write_metrics,
+)
 from diffmask.data.manifest import ManifestRow, write_manifest
 
 log = logging.getLogger("diffmask.fit_autoencoder")

@@ -10,7 +10,14 @@ from hydra.errors import InstantiationException
 from omegaconf import open_dict
 
 from diffmask.attention import CrossAttentionStore
-from diffmask.autoencoder import AutoencoderLitModule, build_autoencoder, load_autoencoder, psnr, reconstruct, ssim
+from diffmask.autoencoder import (
+    AutoencoderLitModule,
+    build_autoencoder,
+    load_autoencoder,
+    psnr,
+    reconstruct,
+    ssim,
+)
 from diffmask.cli.common import CONFIG_PATH
 from diffmask.data import ManifestSource, PhantomSource
 from diffmask.data.dataset import SegmentationDataset
