@@ -164,3 +164,23 @@ def test_training_crops_are_windows_of_the_image():
         assert torch.equal(crops[i], image[i, :, y : y + 16, x : x + 16])
     with pytest.raises(ValueError, match="crop: expected null or a multiple of the factor 4"):
         _module(crop=18)
+
+
+def test_stable_diffusion_vae_fits_the_same_slot_and_f8_composes(tmp_path):
+    from diffmask.diffusion.tiny_models import save_tiny_stable_diffusion
+
+    # a Stable Diffusion folder's vae/ (RGB, 2x here) as diffusion.components.autoencoder_dir
+    tiny_sd_dir = save_tiny_stable_diffusion(tmp_path / "sd")
+    comps = build_scratch_components(resolution=32, block_out_channels=(16, 32), attention_heads=2,
+                                     cross_attention_dim=32, norm_num_groups=8, text_hidden_size=32, text_layers=1,
+                                     text_heads=2, text_intermediate_size=32, autoencoder_dir=tiny_sd_dir / "vae")
+    assert comps.latent and comps.unet.config.in_channels == 4 and comps.unet.config.sample_size == 16
+    sampler = DiffusionSampler(comps, 32)
+    assert sampler(["left lung, right lung and heart"], [0], num_inference_steps=1).images.shape == (1, 1, 32, 32)
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose("fit_autoencoder", overrides=["autoencoder=f8", "data.size=64"])
+    from hydra.utils import instantiate
+
+    vae = instantiate(cfg.autoencoder.vae)
+    assert len(vae.config.block_out_channels) == 4  # 8x: 64 px -> 8 x 8
+    assert vae.encode(torch.zeros(1, 1, 64, 64)).latent_dist.mean.shape == (1, 4, 8, 8)
