@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -217,3 +218,29 @@ def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.Lig
     if throughput.images_per_s is not None:
         metrics["train/images_per_s"] = throughput.images_per_s
     return trainer, metrics, fit_seconds
+
+
+def commit_fit_stage(cfg: DictConfig, stage, work: Path, trainer: pl.Trainer, metrics: dict[str, float],
+                     fit_seconds: float, datamodule, dir_key: str, counts: dict[str, Any],
+                     inputs: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                     extra_metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    """Finish a fitted generative stage whose export is in ``work``: drop its Lightning checkpoints
+    (unless ``keep_checkpoints``), commit ``stage.json`` and write the run dir's ``metrics.json``.
+
+    ``counts`` are added to the common ones (steps, fit seconds, images/s); ``dir_key`` names the
+    stage folder in ``metrics.json`` (e.g. ``model_dir``). Returns the counts written.
+    """
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    info = {
+        "steps": int(trainer.global_step),
+        "fit_seconds": round(fit_seconds, 1),
+        "images_per_s": metrics.get("train/images_per_s"),
+        **counts,
+    }
+    data = {"real": datamodule.real.name}  # "phantom" when data=auto found no JSRT folder
+    stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs=inputs or {}, counts=info,
+                 extra={"data": data, **(extra or {})})
+    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", {**metrics, **(extra_metrics or {})},
+                  extra={dir_key: str(stage.path), "data": data, **info})
+    return info

@@ -14,23 +14,22 @@ reconstructions and their masks become a set (``<stage>/reconstructions``) for
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffmask.artifacts import StageDir, atomic_write_bytes, atomic_write_json
 from diffmask.autoencoder.module import psnr, reconstruct, save_grid, ssim
 from diffmask.cli.common import (
     CONFIG_PATH,
+    commit_fit_stage,
     resumable_fit,
     seed_run,
     skip_complete_stage,
     stage_task,
-    write_metrics,
 )
 from diffmask.data.manifest import ManifestRow, write_manifest
 
@@ -110,24 +109,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # a set's stage.json: the datamodule reads the intensity its images were made with
         atomic_write_json(recon_dir / "stage.json", {"status": "complete", "intensity": datamodule.intensity,
                                                      "counts": {"n_samples": n_recon}})
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
     test = {f"test/{name}/{k}": v for name, r in results.items() for k, v in r.items() if k in ("psnr", "ssim")}
-    info = {
-        "steps": int(trainer.global_step),
-        "fit_seconds": round(fit_seconds, 1),
-        "images_per_s": metrics.get("train/images_per_s"),
+    counts = {
         "n_real_train": len(datamodule.real_train_ids),
         "resolution": model.resolution,
         "factor": model.factor,
         "scaling_factor": float(model.vae.config.scaling_factor),
         "n_reconstructions": n_recon,
     }
-    data = {"real": datamodule.real.name}
-    stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={}, counts=info,
-                 extra={"data": data, "test": results, "intensity": datamodule.intensity})
-    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", {**metrics, **test},
-                  extra={"autoencoder_dir": str(stage.path), "data": data, **info})
+    commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule, "autoencoder_dir", counts,
+                     extra={"test": results, "intensity": datamodule.intensity}, extra_metrics=test)
     for name, r in results.items():
         log.info("autoencoder %s: PSNR %.2f dB, SSIM %.4f on %d %s test images", stage.path, r["psnr"], r["ssim"],
                  r["n"], name)

@@ -11,7 +11,6 @@ base model and its fingerprint, the condition settings) and ``stage.json`` to
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from diffmask.artifacts import StageDir
 from diffmask.cli.common import (
     CONFIG_PATH,
+    commit_fit_stage,
     resumable_fit,
     seed_run,
     skip_complete_stage,
     stage_task,
-    write_metrics,
 )
 from diffmask.control.module import build_controlnet
 from diffmask.diffusion.components import load_components
@@ -66,27 +65,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     work = stage.begin(resume=True)
     trainer, metrics, fit_seconds = resumable_fit(cfg, model, datamodule, work)
-    images_per_s = metrics.get("train/images_per_s")
     if not trainer.is_global_zero:
         return metrics
     labelled = sorted(datamodule.real_train_ids)
     model.export(work, base_dir, extra={"labelled_ids": labelled, "intensity": datamodule.intensity,
                                         "class_names": class_names})
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    info = {
-        "steps": int(trainer.global_step),
-        "fit_seconds": round(fit_seconds, 1),
-        "images_per_s": images_per_s,
-        "n_labelled": len(labelled),
-        "condition": condition.type,
-        "resolution": model.resolution,
-    }
-    data = {"real": datamodule.real.name}
-    stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"diffusion": str(base_dir)}, counts=info,
-                 extra={"data": data})
-    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics,
-                  extra={"control_dir": str(stage.path), "data": data, **info})
+    counts = {"n_labelled": len(labelled), "condition": condition.type, "resolution": model.resolution}
+    info = commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule, "control_dir", counts,
+                            inputs={"diffusion": str(base_dir)})
     log.info("ControlNet (%s) written to %s (%d steps on %d labelled images)", condition.type, stage.path,
              info["steps"], len(labelled))
     return metrics

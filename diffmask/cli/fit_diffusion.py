@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import inspect
 import logging
-import shutil
-from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffmask.artifacts import StageDir
 from diffmask.cli.common import (
     CONFIG_PATH,
+    commit_fit_stage,
     resumable_fit,
     seed_run,
     skip_complete_stage,
     stage_task,
-    write_metrics,
 )
 from diffmask.prompts.builder import PromptBuilder
 from diffmask.prompts.tokenizer import prompt_vocabulary
@@ -65,7 +63,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     work = stage.begin(resume=True)
     trainer, metrics, fit_seconds = resumable_fit(cfg, model, datamodule, work)
-    images_per_s = metrics.get("train/images_per_s")
 
     if not trainer.is_global_zero:
         return metrics
@@ -73,24 +70,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     autoencoder_dir = cfg.diffusion.components.get("autoencoder_dir")
     model.export(work, extra={"labelled_ids": sorted(model.labelled_ids or []), "intensity": datamodule.intensity,
                               **({"autoencoder_dir": str(autoencoder_dir)} if autoencoder_dir else {})})
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    info = {
-        "steps": int(trainer.global_step),
-        "fit_seconds": round(fit_seconds, 1),
-        "images_per_s": images_per_s,
+    counts = {
         "n_real_train": len(datamodule.real_train_ids),
         "n_labelled": len(model.labelled_ids or []),
         "space": "latent" if components.latent else "pixel",
         "resolution": model.resolution,
     }
-    data = {"real": datamodule.real.name}  # "phantom" when data=auto found no JSRT folder
-    stage.commit(config=OmegaConf.to_container(cfg, resolve=True),
-                 inputs={"autoencoder": str(autoencoder_dir)} if autoencoder_dir else {}, counts=info, extra={"data": data})
-    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics,
-                  extra={"model_dir": str(stage.path), "data": data, **info})
+    info = commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule, "model_dir", counts,
+                            inputs={"autoencoder": str(autoencoder_dir)} if autoencoder_dir else None)
     log.info("diffusion model written to %s (%d steps, %s images/s)", stage.path, info["steps"],
-             "n/a" if images_per_s is None else f"{images_per_s:.1f}")
+             "n/a" if info["images_per_s"] is None else f"{info['images_per_s']:.1f}")
     return metrics
 
 
