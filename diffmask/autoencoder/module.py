@@ -31,6 +31,7 @@ __all__ = [
     "AUTOENCODER_FILE",
     "AutoencoderLitModule",
     "build_autoencoder",
+    "downsampling_factor",
     "load_autoencoder",
     "image_gradient_loss",
     "psnr",
@@ -108,7 +109,7 @@ def load_autoencoder(path: str | os.PathLike, resolution: int | None = None) -> 
             "or a Stable Diffusion folder's vae/)"
         )
     vae = AutoencoderKL.from_pretrained(root)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = downsampling_factor(vae)
     if resolution is not None:
         info_file = root / AUTOENCODER_FILE
         trained = json.loads(info_file.read_text()).get("resolution") if info_file.is_file() else None
@@ -120,6 +121,11 @@ def load_autoencoder(path: str | os.PathLike, resolution: int | None = None) -> 
         if resolution % factor:
             raise ValueError(f"data.size: {resolution} px is not divisible by the autoencoder's factor {factor}")
     return vae
+
+
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """Image side / latent side of an ``AutoencoderKL`` (one downsampling between levels)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 # ---- losses and image metrics --------------------------------------------------------------------
@@ -203,7 +209,7 @@ class AutoencoderLitModule(pl.LightningModule):
         super().__init__()
         if kl_weight < 0 or gradient_weight < 0:
             raise ValueError(f"kl_weight, gradient_weight: expected >= 0, got {kl_weight}, {gradient_weight}")
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = downsampling_factor(vae)
         if resolution % factor:
             raise ValueError(f"resolution: {resolution} px is not divisible by the autoencoder's factor {factor}")
         self.save_hyperparameters(ignore=["vae", "optimizer", "lr_scheduler"])

@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from diffmask.autoencoder.module import downsampling_factor, load_autoencoder
 from diffmask.prompts.tokenizer import build_prompt_tokenizer, prompt_vocabulary
 
 __all__ = [
@@ -83,7 +84,7 @@ class DiffusionComponents:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 1 if self.vae is None else downsampling_factor(self.vae)
 
     @property
     def image_channels(self) -> int:
@@ -168,11 +169,9 @@ def build_scratch_components(
     vae = None
     channels, sample_size = 1, resolution
     if autoencoder_dir is not None:
-        from diffmask.autoencoder import load_autoencoder  # noqa: PLC0415
-
         vae = load_autoencoder(autoencoder_dir, resolution)
         channels = int(vae.config.latent_channels)
-        sample_size = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        sample_size = resolution // downsampling_factor(vae)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
     unet = UNet2DConditionModel(
