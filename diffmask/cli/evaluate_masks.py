@@ -28,7 +28,7 @@ from diffmask.cli.common import (
     write_metrics,
 )
 from diffmask.diffusion.components import load_components
-from diffmask.prompts.builder import PromptBuilder
+from diffmask.prompts.anatomy import prompt_builder_from_dict
 
 log = logging.getLogger("diffmask.evaluate_masks")
 
@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.info("data.intensity=%s: the model at %s was trained on it", components.intensity, model_stage.path)
         cfg.data.intensity = components.intensity
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model, components=components, prompt_builder=PromptBuilder(**meta["prompt_builder"]))
+    model = hydra.utils.instantiate(cfg.model, components=components, prompt_builder=prompt_builder_from_dict(meta["prompt_builder"]))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer)
     trainer.test(model, datamodule=datamodule)
     metrics = dict(model.results)

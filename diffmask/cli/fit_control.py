@@ -28,7 +28,7 @@ from diffmask.cli.common import (
 )
 from diffmask.control.module import build_controlnet
 from diffmask.diffusion.components import load_components
-from diffmask.prompts.builder import PromptBuilder
+from diffmask.prompts.anatomy import prompt_builder_from_dict
 
 log = logging.getLogger("diffmask.fit_control")
 
@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     class_names = list(datamodule.class_names)
     if meta.get("class_names") and list(meta["class_names"]) != class_names:
         raise ValueError(f"data.class_names {class_names} differ from the diffusion model's {meta['class_names']}")
-    builder = PromptBuilder(**meta["prompt_builder"]) if "prompt_builder" in meta else None
+    builder = prompt_builder_from_dict(meta["prompt_builder"]) if "prompt_builder" in meta else None
 
     node = OmegaConf.to_container(cfg.control, resolve=True)
     embedding = node.pop("conditioning_embedding_out_channels", None)

@@ -25,6 +25,7 @@ from diffmask.cli.common import (
     skip_complete_stage,
     stage_task,
 )
+from diffmask.prompts.anatomy import MASK_FIELDS, AnatomyPathologyPrompts, FindingsSource
 from diffmask.prompts.builder import PromptBuilder
 from diffmask.prompts.tokenizer import prompt_vocabulary
 
@@ -34,6 +35,27 @@ log = logging.getLogger("diffmask.fit_diffusion")
 def _train_metas(datamodule) -> list[dict[str, str]]:
     """Metadata of the real training images (their words join the scratch tokenizer's vocabulary)."""
     return [datamodule.real.load(sid).meta for sid in datamodule.real_train_ids]
+
+
+def add_mask_findings(builder: AnatomyPathologyPrompts, datamodule, model) -> None:
+    """Put the mask-derived findings of the images the fit may use into their metadata.
+
+    ``prompts.mask_findings``: ``labelled`` = the alignment's labelled images (none when alignment
+    is off), ``all`` = every real training image, ``none`` = no image.
+    """
+    if builder.mask_findings == "all":
+        ids = list(datamodule.real_train_ids)
+    elif builder.mask_findings == "labelled":
+        ids = model.draw_labelled_ids(datamodule)
+    else:
+        ids = []
+    findings = {}
+    for sid in ids:
+        sample = datamodule.real.load(sid)
+        derived = builder.derive(sample.meta, sample.label)
+        findings[sid] = {k: v for k, v in derived.items() if k in MASK_FIELDS}
+    datamodule.real = FindingsSource(datamodule.real, findings)
+    log.info("prompts: mask findings (%s) of %d training images", builder.mask_findings, len(findings))
 
 
 @stage_task
@@ -50,8 +72,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "prompts=retrieval is for diffmask-generate"
         )
     prompt_builder = hydra.utils.instantiate(cfg.prompts, class_names=list(datamodule.class_names))
-    # the metadata values the model is fitted with; others (another hospital's) get neutral words
-    prompt_builder.learn_values(_train_metas(datamodule))
     components_target = hydra.utils.get_method(cfg.diffusion.components._target_)
     extra: dict[str, Any] = {}
     if "vocabulary" in inspect.signature(components_target).parameters:
@@ -60,6 +80,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     components = hydra.utils.instantiate(cfg.diffusion.components, **extra)
     model = hydra.utils.instantiate(cfg.diffusion, components=components, prompt_builder=prompt_builder)
+    if isinstance(prompt_builder, AnatomyPathologyPrompts):
+        prompt_builder.check_length(components.tokenizer)
+        add_mask_findings(prompt_builder, datamodule, model)
+    # the metadata values the model is fitted with; others (another hospital's) get neutral words
+    prompt_builder.learn_values(_train_metas(datamodule))
 
     work = stage.begin(resume=True)
     trainer, metrics, fit_seconds = resumable_fit(cfg, model, datamodule, work)

@@ -40,7 +40,7 @@ from diffmask.evaluation.fidelity import (
     served_intensity,
     set_intensity,
 )
-from diffmask.prompts.builder import PromptBuilder
+from diffmask.prompts.anatomy import prompt_builder_from_dict
 from diffmask.refine.mask_maker import AttentionMaskMaker
 from diffmask.refine.threshold import ThresholdRefiner
 from diffmask.synthesis import (
@@ -95,7 +95,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         real = hydra.utils.instantiate(cfg.data.real)
         metas = [real.load(sid).meta for sid in real.ids("train")]
         retriever = hydra.utils.instantiate(cfg.prompts) if cfg.get("prompts") else None  # prompts=retrieval
-        requests = draw_requests(cfg.num_samples, cfg.seed, sampler.prompt_builder, metas, retriever=retriever)
+        requests = draw_requests(cfg.num_samples, cfg.seed, sampler.prompt_builder, metas, retriever=retriever,
+                                 findings=OmegaConf.to_container(cfg.findings) if cfg.get("findings") else {})
     mask_maker, quality_filter, affinity = build_synthesis(cfg.synthesis)
     if controlled and cfg.synthesis.get("capture_attention"):
         # DiffMask's attention masks of the controlled images, scored against their condition masks
@@ -179,7 +180,7 @@ def controlled_generation(cfg: DictConfig, model_dir) -> tuple[DiffusionSampler,
     if source_kind not in CONTROL_SOURCES:
         raise ValueError(f"synthesis.source: expected one of {list(CONTROL_SOURCES)}, got {source_kind!r}")
     components, controlnet, meta = load_controlled(syn.control_dir, model_dir)
-    builder = PromptBuilder(**components.metadata["prompt_builder"]) if "prompt_builder" in components.metadata else None
+    builder = prompt_builder_from_dict(components.metadata["prompt_builder"]) if "prompt_builder" in components.metadata else None
     if builder is None and not meta.get("prompt"):
         raise ValueError(
             f"input_dir: {model_dir} has no prompt builder (diffmask.json) and the ControlNet in {syn.control_dir} "

@@ -1,4 +1,4 @@
-"""diffmask-pipeline: (autoencoder fit ->) diffusion fit (-> ControlNet fit) -> synthetic generation with masks -> segmentation
+"""diffmask-pipeline: (autoencoder fit -> codebook ->) diffusion fit (-> ControlNet fit) -> synthetic generation with masks -> segmentation
 -> evaluation (-> optional fine-tuning of the segmentation model, e.g. synthetic pre-training then real data).
 
 Each stage runs as its own process (``python -m diffmask.cli.<stage>``), so DDP trainer configs,
@@ -22,7 +22,7 @@ from diffmask.cli.common import CONFIG_PATH
 
 log = logging.getLogger("diffmask.pipeline")
 
-STAGES = ("fit_autoencoder", "fit_diffusion", "fit_control", "generate", "evaluate_masks", "train", "finetune")
+STAGES = ("fit_autoencoder", "fit_codebook", "fit_diffusion", "fit_control", "generate", "evaluate_masks", "train", "finetune")
 # the CLI module each stage runs (finetune is a segmentation run that starts from train's weights)
 MODULES = {"finetune": "train"}
 
@@ -43,6 +43,7 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
     artifacts = Path(cfg.paths.artifact_dir)
     model_dir = artifacts / "diffusion" / cfg.name
     autoencoder_dir = artifacts / "autoencoder" / cfg.name
+    codebook_dir = artifacts / "codebook" / cfg.name
     synth_dir = artifacts / "synthesis" / cfg.name
     control_dir = artifacts / "control" / cfg.name
     log_dir = Path(cfg.paths.log_dir)
@@ -51,8 +52,11 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
     wiring = {
         "fit_autoencoder": [f"name={cfg.name}"],
         # a latent diffusion model (diffusion=latent in its overrides) on the pipeline's autoencoder
+        # the visual codebook of the pipeline's autoencoder's patch features
+        "fit_codebook": [f"name={cfg.name}", f"codebook.autoencoder_dir={autoencoder_dir}"],
         "fit_diffusion": [f"name={cfg.name}",
-                          *([f"diffusion.components.autoencoder_dir={autoencoder_dir}"] if _latent(cfg) else [])],
+                          *([f"diffusion.components.autoencoder_dir={autoencoder_dir}"] if _latent(cfg) else []),
+                          *([f"diffusion.codebook_dir={codebook_dir}"] if _clued(cfg) else [])],
         "fit_control": [f"name={cfg.name}", f"input_dir={model_dir}"],
         # controlled generation (synthesis=controlled in its overrides) reads the pipeline's ControlNet
         "generate": [f"name={cfg.name}", f"input_dir={model_dir}",
@@ -88,6 +92,11 @@ def _controlled(cfg: DictConfig) -> bool:
 def _latent(cfg: DictConfig) -> bool:
     """True when the diffusion fit is a latent model on the pipeline's autoencoder."""
     return _chooses(cfg, "fit_diffusion", "diffusion=latent")
+
+
+def _clued(cfg: DictConfig) -> bool:
+    """True when the diffusion fit takes visual clues from the pipeline's codebook."""
+    return _chooses(cfg, "fit_diffusion", "diffusion.clues=codebook")
 
 
 def run(cfg: DictConfig) -> None:

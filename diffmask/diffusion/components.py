@@ -50,6 +50,8 @@ class DiffusionComponents:
         noise_scheduler: the DDPM training scheduler (its config also seeds samplers).
         vae: latent-space autoencoder (frozen), or None for pixel space.
         metadata: contents of ``diffmask.json`` when loaded from an exported model, else {}.
+        clues: visual clue conditioning (:class:`~diffmask.codebook.clues.VisualClues`) of a model
+            fitted with ``diffusion.clues=codebook``: its tokens follow the text tokens; else None.
     """
 
     def __init__(
@@ -60,8 +62,10 @@ class DiffusionComponents:
         noise_scheduler: DDPMScheduler,
         vae: AutoencoderKL | None = None,
         metadata: dict[str, Any] | None = None,
+        clues: Any | None = None,
     ):
         self.unet = unet
+        self.clues = clues
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.noise_scheduler = noise_scheduler
@@ -255,8 +259,13 @@ def load_components(
     vae = AutoencoderKL.from_pretrained(root / "vae", **kwargs) if (root / "vae").is_dir() else None
     meta_file = root / METADATA_FILE
     metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    clues = None
+    if metadata.get("clues"):
+        from diffmask.codebook.clues import VisualClues  # noqa: PLC0415 - the codebook needs the autoencoder module
+
+        clues = VisualClues.load(root / metadata["clues"], resolution=metadata.get("resolution"))
     log.info("diffusion: loaded %s model from %s", "latent" if vae is not None else "pixel", root)
     return DiffusionComponents(
         unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
-        vae=vae, metadata=metadata,
+        vae=vae, metadata=metadata, clues=clues,
     )

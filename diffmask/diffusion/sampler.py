@@ -13,7 +13,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from diffmask.attention import AttentionSink, capture_cross_attention
 from diffmask.diffusion.components import DiffusionComponents, check_resolution, load_components
-from diffmask.diffusion.module import encode_prompts
+from diffmask.diffusion.module import encode_conditioning
+from diffmask.prompts.anatomy import prompt_builder_from_dict
 from diffmask.prompts.builder import PromptBuilder, class_token_positions
 
 __all__ = ["DiffusionSampler", "GenerationOutput"]
@@ -107,7 +108,7 @@ class DiffusionSampler:
             if "resolution" not in meta:
                 raise ValueError(f"resolution: {path} has no diffmask.json resolution; pass resolution=")
             resolution = int(meta["resolution"])
-        builder = PromptBuilder(**meta["prompt_builder"]) if "prompt_builder" in meta else None
+        builder = prompt_builder_from_dict(meta["prompt_builder"]) if "prompt_builder" in meta else None
         return cls(comps, resolution, scheduler=scheduler, prompt_builder=builder, device=device)
 
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
@@ -185,9 +186,9 @@ class DiffusionSampler:
         positions = self.token_positions(prompts, strict=False)
         # 1. text states; guidance doubles the batch as [uncond, cond]
         guided = guidance_scale > 1.0
-        states = encode_prompts(comps.tokenizer, comps.text_encoder, prompts, device)
+        states = encode_conditioning(comps, prompts, device)
         if guided:
-            uncond = encode_prompts(comps.tokenizer, comps.text_encoder, [""] * len(prompts), device)
+            uncond = encode_conditioning(comps, [""] * len(prompts), device)
             states = torch.cat([uncond, states])
         states = states.to(comps.unet.dtype)
         if control is not None:

@@ -31,7 +31,7 @@ import torch
 from diffmask.attention.extract import extract_class_maps
 from diffmask.attention.store import CrossAttentionStore
 from diffmask.diffusion.components import DiffusionComponents
-from diffmask.diffusion.module import encode_prompts
+from diffmask.diffusion.module import encode_conditioning
 from diffmask.evaluation.metrics import SegmentationScores
 from diffmask.labels import validate_class_names
 from diffmask.prompts.builder import PromptBuilder, class_token_positions
@@ -65,6 +65,8 @@ class MaskQualityLitModule(pl.LightningModule):
         class_names: background first.
         seed: seed of the noise.
         set_names: names of the test dataloaders (default: the datamodule's ``test_set_names``).
+        use_metadata: prompts from each image's metadata; False = the neutral prompt for every
+            image (what an image folder without ``metadata.csv`` gets).
 
     Examples::
 
@@ -90,6 +92,7 @@ class MaskQualityLitModule(pl.LightningModule):
         class_names: Sequence[str] = ("background", "left_lung", "right_lung", "heart"),
         seed: int = 0,
         set_names: Sequence[str] | None = None,
+        use_metadata: bool = True,
     ):
         super().__init__()
         timesteps = [int(t) for t in timesteps]
@@ -123,6 +126,7 @@ class MaskQualityLitModule(pl.LightningModule):
         self.tokenizer = components.tokenizer
         self.scheduler = components.noise_scheduler
         self.prompt_builder = prompt_builder
+        self.use_metadata = bool(use_metadata)
         self.store_factory = store
         self.affinity_template = affinity
         self.timesteps = timesteps
@@ -174,9 +178,9 @@ class MaskQualityLitModule(pl.LightningModule):
     @torch.no_grad()
     def class_maps(self, image: torch.Tensor, metas: Sequence[Mapping[str, Any]], batch_seed: int) -> torch.Tensor:
         """(B, K, S, S) class maps in [0, 1] of real images, averaged over ``timesteps``."""
-        built = [self.prompt_builder.build(m) for m in metas]
+        built = [self.prompt_builder.build(m if self.use_metadata else {}) for m in metas]
         positions = [class_token_positions(self.tokenizer, b) for b in built]
-        states = encode_prompts(self.tokenizer, self.text_encoder, [b.text for b in built], self.device)
+        states = encode_conditioning(self.components, [b.text for b in built], self.device)
         latents = self.encode_images(image)
         total = None
         for t in self.timesteps:

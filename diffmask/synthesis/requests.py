@@ -45,6 +45,7 @@ def draw_requests(
     metas: Sequence[Mapping[str, object]] = (),
     id_prefix: str = "syn",
     retriever: PromptRetriever | None = None,
+    findings: Mapping[str, object] | None = None,
 ) -> list[GenerationRequest]:
     """``num_samples`` requests whose prompts come from randomly drawn real metadata.
 
@@ -59,16 +60,32 @@ def draw_requests(
         id_prefix: ids are ``<prefix><index:06d>``.
         retriever: draw the prompts by retrieval from the corpus that ``prompt_builder`` makes
             of ``metas`` (``prompts=retrieval``) instead of uniformly over ``metas``.
+        findings: an anatomy-pathology builder (``prompts=anatomy_pathology`` at fit) draws each
+            request's findings from its training images' findings (the joint real distribution);
+            these asked findings override the drawn ones, e.g. ``{"heart_size": "enlarged"}``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+    anatomy = hasattr(prompt_builder, "sample_findings")
+    if findings and not anatomy:
+        raise ValueError(
+            "findings: the model's prompts carry no findings (fitted with prompts=default); "
+            "asked findings need a model fitted with prompts=anatomy_pathology"
+        )
+    if anatomy:
+        prompt_builder.check_findings(findings or {})
     if retriever is not None:
+        if anatomy:
+            raise ValueError("prompts=retrieval: not for anatomy-pathology models (their prompts are drawn from findings)")
         return retrieve_requests(num_samples, seed, prompt_builder, metas, retriever, id_prefix)
     rng = random.Random(seed)
     metas = [dict(m) for m in metas]
     out = []
     for i in range(num_samples):
-        meta = metas[rng.randrange(len(metas))] if metas else {}
+        if anatomy:
+            meta = prompt_builder.sample_findings(rng, findings)
+        else:
+            meta = metas[rng.randrange(len(metas))] if metas else {}
         built = prompt_builder.build(meta, rng=rng)
         out.append(GenerationRequest(
             id=f"{id_prefix}{i:06d}", prompt=built.text, seed=rng.getrandbits(31),

@@ -184,3 +184,32 @@ def test_stable_diffusion_vae_fits_the_same_slot_and_f8_composes(tmp_path):
     vae = instantiate(cfg.autoencoder.vae)
     assert len(vae.config.block_out_channels) == 4  # 8x: 64 px -> 8 x 8
     assert vae.encode(torch.zeros(1, 1, 64, 64)).latent_dist.mean.shape == (1, 4, 8, 8)
+
+
+def test_latent_fit_encodes_each_training_image_once_and_draws_from_its_posterior(tmp_path):
+    from diffmask.diffusion import DiffusionLitModule
+    from diffmask.diffusion.module import encode_posterior
+    from diffmask.prompts.builder import PromptBuilder
+
+    _module().export(tmp_path / "ae", {"latent_mean": 0.0, "latent_std": 2.0})
+    comps = build_scratch_components(resolution=32, block_out_channels=(16, 32), attention_heads=2,
+                                     cross_attention_dim=32, norm_num_groups=8, text_hidden_size=32, text_layers=1,
+                                     text_heads=2, text_intermediate_size=32, autoencoder_dir=tmp_path / "ae")
+    vae, images = comps.vae, _phantoms(n=2)
+    module = DiffusionLitModule(comps, PromptBuilder(), torch.optim.Adam, resolution=32, latent_cache=4)
+    calls, encode = [], vae.encode
+    vae.encode = lambda x: calls.append(len(x)) or encode(x)
+    draws = torch.stack([module.encode_images(images) for _ in range(200)])
+    assert calls == [2] and len(module._posteriors) == 2  # encoded once, then drawn from the cache
+    vae.encode = encode
+    mean, std = encode_posterior(images, vae, 32)
+    vae.encode = lambda x: calls.append(len(x)) or encode(x)
+    scale = vae.config.scaling_factor
+    assert scale == 0.5
+    assert torch.allclose(draws.mean(0), mean * scale, atol=5 * float(std.max()) * scale / 200**0.5)
+    assert torch.allclose(draws.std(0), std * scale, rtol=0.3)
+    module.encode_images(images.flip(-1))  # two new images: encoded and kept (4 now, the limit)
+    module.encode_images(torch.rand(3, 1, 32, 32))  # encoded, not kept
+    assert calls == [2, 2, 3] and len(module._posteriors) == 4
+    with pytest.raises(ValueError, match="latent_cache: expected a number of images >= 0"):
+        DiffusionLitModule(comps, PromptBuilder(), torch.optim.Adam, resolution=32, latent_cache=-1)

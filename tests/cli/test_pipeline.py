@@ -126,3 +126,17 @@ def test_autoencoder_stage_feeds_the_latent_diffusion_fit(tmp_path):
     # a pixel model gets no autoencoder
     pixel = compose_config("pipeline", ["experiment=pipeline_cpu"], tmp_path, quiet_trainer=False)
     assert not any("autoencoder_dir" in c for c in dict(stage_commands(pixel, stamp="T"))["fit_diffusion"])
+
+
+def test_codebook_stage_feeds_the_clued_diffusion_fit(tmp_path):
+    cfg = compose_config("pipeline", ["experiment=anatomy_clues_cpu"], tmp_path, quiet_trainer=False)
+    cmds = dict(stage_commands(cfg, stamp="T"))
+    art = tmp_path / "artifacts"
+    assert list(cmds)[:3] == ["fit_autoencoder", "fit_codebook", "fit_diffusion"]
+    assert f"codebook.autoencoder_dir={art}/autoencoder/apc64" in cmds["fit_codebook"]
+    assert f"diffusion.codebook_dir={art}/codebook/apc64" in cmds["fit_diffusion"]
+    assert "prompts=anatomy_pathology" in cmds["fit_diffusion"] and "data.size=64" in cmds["fit_codebook"]
+    # the pixel generator gets no autoencoder; without clues no codebook
+    assert not any("autoencoder_dir" in c for c in cmds["fit_diffusion"])
+    plain = compose_config("pipeline", ["experiment=anatomy_cpu"], tmp_path, quiet_trainer=False)
+    assert not any("codebook_dir" in c for c in dict(stage_commands(plain, stamp="T"))["fit_diffusion"])

@@ -170,3 +170,52 @@ def test_report_shows_the_synthetic_sets_label_fidelity(tmp_path):
     # a sweep without synthetic data has no such column in report.md
     _fake_run(tmp_path / "real_only" / "r", 0.78)
     assert "label fidelity" not in write_report(tmp_path / "real_only")["markdown"].read_text()
+
+
+def test_fid_kid_and_ctr_error_formulas():
+    from diffmask.evaluation.synthesis_quality import (
+        ctr_error,
+        default_rules,
+        frechet_distance,
+        kernel_distance,
+    )
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 4))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + 2.0) == pytest.approx(16.0, rel=1e-6)  # |mean shift|^2 over 4 dims
+    same, _ = kernel_distance(a[:200], a[200:], subsets=20)
+    shifted, _ = kernel_distance(a[:200], a[200:] + 1.0, subsets=20)
+    assert abs(same) < 0.05 < shifted
+    rules = default_rules()
+    assert ctr_error(0.45, "normal", rules) == 0.0 and ctr_error(0.52, "borderline", rules) == 0.0
+    assert ctr_error(0.45, "enlarged", rules) == pytest.approx(0.10)
+    assert ctr_error(0.60, "normal", rules) == pytest.approx(0.10)
+    with pytest.raises(ValueError, match="heart_size: unknown word 'huge'"):
+        ctr_error(0.5, "huge", rules)
+
+
+def test_synthesis_quality_of_a_set_close_to_the_real_images_beats_noise(trained, tmp_path):
+    from diffmask.cli.evaluate_synthesis import main as evaluate_synthesis
+    from diffmask.data import read_manifest
+    from diffmask.evaluation.synthesis_quality import segmenter_features, synthesis_quality
+
+    run, true_masks = trained
+    phantoms = tmp_path / "phantoms"
+    shutil.copytree(true_masks, phantoms)
+    rows = read_manifest(phantoms / "manifest.jsonl")
+    write_manifest(phantoms, [ManifestRow(r.id, r.file_name, r.sem_seg_file_name, r.prompt, r.source, seed=r.seed,
+                                          meta={"heart_size": "normal"}) for r in rows])
+    noise = tmp_path / "noise"
+    shutil.copytree(true_masks, noise)
+    for i, f in enumerate(sorted((noise / "images").glob("*.png"))):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64), dtype=np.uint8)).save(f)
+    good, bad = synthesis_quality(phantoms, run, kid_subsets=10), synthesis_quality(noise, run, kid_subsets=10)
+    assert good["fid"] < bad["fid"] and good["kid"] < bad["kid"]
+    assert good["anatomy"]["n_asked"] + good["anatomy"]["n_unmeasurable"] == 12 and bad["anatomy"]["n_asked"] == 0
+    assert 0 <= good["anatomy"]["ctr_error_median"] < 0.2
+    evaluate_synthesis([str(phantoms), "--model", str(run)])
+    assert json.loads((phantoms / "synthesis_quality.json").read_text())["fid"] == pytest.approx(good["fid"])
+    # the features are the deepest convolution's, averaged over space
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Conv2d(3, 5, 3, stride=2, padding=1))
+    assert segmenter_features(net, torch.rand(3, 1, 8, 8)).shape == (3, 5)
