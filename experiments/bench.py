@@ -246,6 +246,23 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
     for name, (sec, _) in timed.items():
         print(f"diffusion/train step {name}{train_tag}\t{sec:.3f}\ts\tx{train_ref / sec:.2f} vs plain")
 
+    # the latent fit encodes its batch (+ the aligned items) every step unless the posteriors are cached
+    from diffmask.diffusion import DiffusionLitModule
+    from diffmask.prompts import PromptBuilder
+
+    images = torch.rand(batch + 4, 1, size, size, generator=gen)
+
+    def encode(cache: int):
+        module = DiffusionLitModule(comps, PromptBuilder(), torch.optim.AdamW, resolution=size, ema_decay=0,
+                                    latent_cache=cache)
+        return lambda: module.encode_images(images)
+
+    enc = _interleaved({"every step": encode(0), "cached": encode(4096)}, 3)
+    every, cached = enc["every step"][0], enc["cached"][0]
+    print(f"diffusion/latent fit step + encoding {batch + 4} images every step{train_tag}\t{train_ref + every:.3f}\ts")
+    print(f"diffusion/latent fit step + cached posteriors (latent_cache){train_tag}\t{train_ref + cached:.3f}\ts"
+          f"\tx{(train_ref + every) / (train_ref + cached):.2f} vs encoding every step")
+
 
 SECTIONS = ("data", "nets", "control", "speed")
 
