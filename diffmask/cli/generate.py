@@ -98,6 +98,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         requests = draw_requests(cfg.num_samples, cfg.seed, sampler.prompt_builder, metas, retriever=retriever,
                                  findings=OmegaConf.to_container(cfg.findings) if cfg.get("findings") else {})
     mask_maker, quality_filter, affinity = build_synthesis(cfg.synthesis)
+    if not controlled and cfg.prompt_list and mask_maker is not None:
+        for i, prompt in enumerate(cfg.prompt_list):  # attention masks read every class word
+            try:
+                sampler.prompt_builder.locate(str(prompt))
+            except ValueError as err:
+                raise ValueError(f"prompt_list[{i}]: {err}; attention masks need every class word "
+                                 "(or synthesis=none for images only)") from None
     if controlled and cfg.synthesis.get("capture_attention"):
         # DiffMask's attention masks of the controlled images, scored against their condition masks
         mask_maker = AttentionMaskMaker(functools.partial(CrossAttentionStore), ThresholdRefiner(), class_names)

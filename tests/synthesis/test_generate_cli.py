@@ -58,6 +58,10 @@ def test_generate_cli_with_given_prompts_and_bad_input(tmp_path, model_dir):
     assert [r.seed for r in rows] == [0, 1]
     with pytest.raises(FileNotFoundError, match="not a complete stage folder"):
         run(compose_generate(tmp_path, f"input_dir={tmp_path / 'missing'}", "name=s3"))
+    # a prompt without a class word cannot give attention masks
+    with pytest.raises(ValueError, match=r"prompt_list\[1\]: prompt 'a chest x-ray': class phrase 'left lung' not found"):
+        run(compose_generate(tmp_path, f"input_dir={model_dir}", "name=s4", "synthesis=attention_masks",
+                             "prompt_list=['heart, left lung and right lung','a chest x-ray']"))
 
 
 def test_generate_cli_attention_masks_with_affinity_second_pass(tmp_path, model_dir):
