@@ -138,5 +138,7 @@ def test_codebook_stage_feeds_the_clued_diffusion_fit(tmp_path):
     assert "prompts=anatomy_pathology" in cmds["fit_diffusion"] and "data.size=64" in cmds["fit_codebook"]
     # the pixel generator gets no autoencoder; without clues no codebook
     assert not any("autoencoder_dir" in c for c in cmds["fit_diffusion"])
+    for stage in ("fit_autoencoder", "fit_codebook", "fit_diffusion"):  # every stage's overrides compose
+        assert compose_config(stage, cmds[stage][3:], tmp_path, quiet_trainer=False).task_name == stage
     plain = compose_config("pipeline", ["experiment=anatomy_cpu"], tmp_path, quiet_trainer=False)
     assert not any("codebook_dir" in c for c in dict(stage_commands(plain, stamp="T"))["fit_diffusion"])
