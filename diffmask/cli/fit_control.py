@@ -51,6 +51,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"data.intensity={datamodule.intensity}, but the diffusion model in {base_dir} was fitted on "
             f"data.intensity={components.intensity} images; give both stages the same setting"
         )
+    if components.clues is not None:
+        raise ValueError(
+            f"input_dir: {base_dir} was fitted with diffusion.clues=codebook; a ControlNet on a model with visual "
+            "clue tokens is not supported (fit the base model with clues=none)"
+        )
     class_names = list(datamodule.class_names)
     if meta.get("class_names") and list(meta["class_names"]) != class_names:
         raise ValueError(f"data.class_names {class_names} differ from the diffusion model's {meta['class_names']}")

@@ -62,6 +62,8 @@ class VisualClues(nn.Module):
         codebook_dir: recorded on export.
     """
 
+    CACHE_LIMIT = 4096  # distinct images whose codes are kept
+
     def __init__(self, codebook: VisualCodebook, dim: int, num_tokens: int = 8, pmi: WordCodePMI | None = None,
                  codebook_dir: str | os.PathLike | None = None):
         super().__init__()
@@ -83,8 +85,11 @@ class VisualClues(nn.Module):
         missing = [i for i, k in enumerate(keys) if k not in self._codes]
         if missing:
             codes = self.codebook.assign(images[missing].detach().cpu().float()).flatten(1)
-            for j, i in enumerate(missing):
-                self._codes[keys[i]] = codes[j]
+            fresh = {keys[i]: codes[j] for j, i in enumerate(missing)}
+            for k, c in fresh.items():
+                if len(self._codes) < self.CACHE_LIMIT:  # augmented images would only miss
+                    self._codes[k] = c
+            return torch.stack([self._codes.get(k, fresh.get(k)) for k in keys])
         return torch.stack([self._codes[k] for k in keys])
 
     def fit_alignment(self, reports: Sequence[str], images: Sequence[torch.Tensor], batch_size: int = 32) -> WordCodePMI:

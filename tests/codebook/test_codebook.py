@@ -131,3 +131,8 @@ def test_codebook_stage_then_a_unet_with_clue_tokens_trains_and_its_capture_retu
     out = sampler([prompt], [0], num_inference_steps=2, guidance_scale=2.0, attention_sink=store)
     maps = store.result()
     assert out.images.shape == (1, 1, 32, 32) and maps.shape == (1, 3, 32, 32) and torch.isfinite(maps).all()
+    # a ControlNet on a clued model is refused up front
+    from diffmask.cli.fit_control import run as fit_control
+
+    with pytest.raises(ValueError, match="a ControlNet on a model with visual clue tokens is not supported"):
+        fit_control(_compose("fit_control", tmp_path, *TINY[:6], f"input_dir={model}", "name=ctl"))
