@@ -11,7 +11,6 @@ capture reads them as before. A prompt dropped for classifier-free guidance gets
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from torch import nn
 from diffmask.artifacts import atomic_write_json
 from diffmask.codebook.alignment import WordCodePMI
 from diffmask.codebook.codebook import VisualCodebook
+from diffmask.data.image_cache import ImageCache
 
 __all__ = ["CLUES_DIR", "ClueEncoder", "VisualClues"]
 
@@ -76,21 +76,12 @@ class VisualClues(nn.Module):
         self.num_tokens = int(num_tokens)
         self.pmi = pmi
         self.codebook_dir = None if codebook_dir is None else str(codebook_dir)
-        self._codes: dict[bytes, torch.Tensor] = {}
+        self._codes = ImageCache(self.CACHE_LIMIT)
 
     # ---- codes -----------------------------------------------------------------------------
     def image_codes(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) -> (B, G*G) patch codes (each distinct image assigned once, then cached)."""
-        keys = [hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=16).digest() for x in images]
-        missing = [i for i, k in enumerate(keys) if k not in self._codes]
-        if missing:
-            codes = self.codebook.assign(images[missing].detach().cpu().float()).flatten(1)
-            fresh = {keys[i]: codes[j] for j, i in enumerate(missing)}
-            for k, c in fresh.items():
-                if len(self._codes) < self.CACHE_LIMIT:  # augmented images would only miss
-                    self._codes[k] = c
-            return torch.stack([self._codes.get(k, fresh.get(k)) for k in keys])
-        return torch.stack([self._codes[k] for k in keys])
+        return torch.stack(self._codes.get(images, lambda x: self.codebook.assign(x.detach().cpu().float()).flatten(1)))
 
     def fit_alignment(self, reports: Sequence[str], images: Sequence[torch.Tensor], batch_size: int = 32) -> WordCodePMI:
         """Fit the word-code PMI from the training images' reports and their codes."""

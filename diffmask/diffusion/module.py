@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from diffmask.artifacts import atomic_write_json
 from diffmask.attention import AttentionRecorder, capture_cross_attention
 from diffmask.data.datamodule import select_fraction
 from diffmask.data.dataset import SegmentationDataset
+from diffmask.data.image_cache import ImageCache
 from diffmask.diffusion.alignment import (
     AttentionAlignment,
     LabelledBatches,
@@ -190,7 +190,7 @@ class DiffusionLitModule(pl.LightningModule):
         if latent_cache < 0:
             raise ValueError(f"latent_cache: expected a number of images >= 0 (0 = off), got {latent_cache}")
         self.latent_cache = latent_cache
-        self._posteriors: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._posteriors = ImageCache(latent_cache)
         self.clues = self._build_clues(clues, codebook_dir, clue_tokens)
         components.clues = self.clues
         if self.vae is not None:
@@ -293,17 +293,10 @@ class DiffusionLitModule(pl.LightningModule):
         """
         if self.vae is None or self.latent_cache == 0:
             return encode_images(image, self.vae, self.resolution)
-        keys = [hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=16).digest() for x in image]
-        missing = [i for i, k in enumerate(keys) if k not in self._posteriors]
-        fresh: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
-        if missing:
-            mean, std = encode_posterior(image[missing], self.vae, self.resolution)
-            for j, i in enumerate(missing):
-                fresh[keys[i]] = (mean[j], std[j])
-                if len(self._posteriors) < self.latent_cache:
-                    self._posteriors[keys[i]] = fresh[keys[i]]
-        mean = torch.stack([(self._posteriors.get(k) or fresh[k])[0] for k in keys])
-        std = torch.stack([(self._posteriors.get(k) or fresh[k])[1] for k in keys])
+        def posterior(images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return list(zip(*encode_posterior(images, self.vae, self.resolution), strict=True))
+
+        mean, std = (torch.stack(x) for x in zip(*self._posteriors.get(image, posterior), strict=True))
         latents = mean + std * torch.randn_like(mean)
         return (latents * self.vae.config.scaling_factor).float()
 
