@@ -136,13 +136,17 @@ class StageDir:
         """Settings of ``config`` that differ from the complete stage's recorded config.
 
         Keys are dotted paths (``num_samples: 32 -> 40``); keys starting with any prefix in
-        ``ignore`` (run-dir paths, logging, progress bars) are left out.
+        ``ignore`` (run-dir paths, logging, progress bars) are left out. A key one side lacks
+        and the other sets to null is no change: a setting added to the configs later, with a
+        null (off) default, does not make older stage folders "other settings".
         """
         recorded = _flatten(self.info().get("config", {}))
         current = _flatten(config)
         changed = []
         for key in sorted(set(recorded) | set(current)):
             if any(key == p or key.startswith(p + ".") for p in ignore):
+                continue
+            if recorded.get(key) is None and current.get(key) is None:
                 continue
             if recorded.get(key, "<unset>") != current.get(key, "<unset>"):
                 changed.append(f"{key}: {recorded.get(key, '<unset>')!r} -> {current.get(key, '<unset>')!r}")

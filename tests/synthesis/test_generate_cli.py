@@ -118,6 +118,10 @@ def test_generate_cli_extends_a_complete_stage_with_more_samples(tmp_path, model
     run(compose_generate(tmp_path, *common, "num_samples=2", "name=grow"))
     out = tmp_path / "artifacts" / "synthesis" / "grow"
     first = {r.id: (out / r.file_name).read_bytes() for r in read_manifest(out)}
+    # a set made before a setting existed (now with a null default) still grows
+    info = json.loads((out / "stage.json").read_text())
+    assert info["config"].pop("findings", "absent") is None
+    (out / "stage.json").write_text(json.dumps(info))
     # data settings that generation does not read (the segmentation mix) do not stop it
     grow = compose_generate(tmp_path, *common, "num_samples=4", "name=grow", "data.real_share=0.5")
     with patch("diffmask.cli.generate.generate_samples", side_effect=RuntimeError("killed")):
