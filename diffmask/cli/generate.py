@@ -54,6 +54,7 @@ from diffmask.synthesis.affinity_pass import refine_with_affinity
 from diffmask.synthesis.controlled import SOURCES as CONTROL_SOURCES
 from diffmask.synthesis.controlled import ConditionDataset, controlled_requests
 from diffmask.synthesis.quality import class_presence_record
+from diffmask.synthesis.variations import VariationDataset, variation_requests
 
 log = logging.getLogger("diffmask.generate")
 
@@ -64,6 +65,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_run(cfg)  # requests and the affinity pass draw from it
     stage = StageDir(cfg.output_dir)
     controlled = bool(cfg.get("synthesis") and cfg.synthesis.get("control_dir"))
+    if controlled and cfg.get("init_images"):
+        raise ValueError("init_images: not with a ControlNet (synthesis.control_dir): its conditions fix the layout")
     if not cfg.get("force") and not controlled and stage.is_complete() and _only_more_samples(stage, cfg):
         # requests are prefix-stable: the first num_samples of a larger run are the same samples
         log.info("%s: extending from %d to %d samples (the ones on disk are kept; the set stays readable until done)",
@@ -89,7 +92,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if sampler.prompt_builder is None and not controlled:
         raise ValueError(f"input_dir: {model_stage.path}/diffmask.json has no prompt_builder; export it with the fit stage")
     class_names = sampler.prompt_builder.class_names if sampler.prompt_builder else tuple(cfg.data.class_names)
-    if not controlled and cfg.prompt_list:
+    if not controlled and cfg.get("init_images"):
+        requests = variation_dataset(cfg, sampler)
+    elif not controlled and cfg.prompt_list:
         requests = requests_from_prompts(list(cfg.prompt_list), cfg.num_per_prompt, cfg.seed)
     elif not controlled:
         real = hydra.utils.instantiate(cfg.data.real)
@@ -126,6 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         save_class_maps=bool(cfg.synthesis.get("save_class_maps") or (controlled and mask_maker is not None)),
         quality_filter=quality_filter,
         control_scale=float(cfg.synthesis.get("control_scale", 1.0)) if controlled else 1.0,
+        strength=float(cfg.strength) if cfg.get("init_images") else 1.0,
     )
     if mask_maker is not None:
         mask_maker.close()
@@ -232,6 +238,24 @@ def controlled_generation(cfg: DictConfig, model_dir) -> tuple[DiffusionSampler,
     log.info("controlled generation: %d conditions (%s, %s) x %d variants, ControlNet %s (%s)", len(ids), source_kind,
              source.name, int(syn.get("augment_ratio", 1)), syn.control_dir, condition.type)
     return sampler, dataset
+
+
+def variation_dataset(cfg: DictConfig, sampler: DiffusionSampler) -> VariationDataset:
+    """``init_images=train``: variations of the real training images (SDEdit), with their own prompts."""
+    if str(cfg.init_images) != "train":
+        raise ValueError(f"init_images: expected null or train (the real training images), got {cfg.init_images!r}")
+    clashes = [k for k in ("prompt_list", "findings", "prompts") if cfg.get(k)]
+    if clashes:
+        raise ValueError(f"init_images: each variation takes its source image's prompt; {clashes[0]} cannot be set with it")
+    strength = float(cfg.strength)
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength: expected 0 < strength <= 1 (the share of the schedule run from the image), got {strength}")
+    real = hydra.utils.instantiate(cfg.data.real)
+    requests = variation_requests(cfg.num_samples, cfg.seed, sampler.prompt_builder, real, real.ids("train"))
+    log.info("variations of %d %s training images (strength %.2f: %d of %d steps)", len(real.ids("train")),
+             real.name, strength, min(round(strength * cfg.steps), cfg.steps), cfg.steps)
+    return VariationDataset(requests, real, sampler.resolution, intensity=sampler.components.intensity,
+                            resize=str(cfg.data.get("resize", "stretch")))
 
 
 def _only_more_samples(stage: StageDir, cfg: DictConfig) -> bool:

@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from diffmask.attention import AttentionSink, capture_cross_attention
 from diffmask.diffusion.components import DiffusionComponents, check_resolution, load_components
-from diffmask.diffusion.module import encode_conditioning
+from diffmask.diffusion.module import encode_conditioning, encode_posterior
 from diffmask.prompts.anatomy import prompt_builder_from_dict
 from diffmask.prompts.builder import PromptBuilder, class_token_positions
 
@@ -148,6 +148,8 @@ class DiffusionSampler:
         eta: float = 0.0,
         control: torch.Tensor | None = None,
         control_scale: float = 1.0,
+        init_images: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> GenerationOutput:
         """Generate one image per (prompt, seed).
 
@@ -163,6 +165,12 @@ class DiffusionSampler:
             eta: DDIM noise (0 = deterministic); ignored by DDPM.
             control: (B, C, S, S) condition images for the ControlNet (required with one).
             control_scale: multiplier of the ControlNet's residuals (1 = as fitted).
+            init_images: (B, 1, S, S) in [0, 1]: start from these images (SDEdit) instead of
+                pure noise: each is encoded (the VAE posterior's mean in latent space), noised to
+                the schedule's step at ``strength`` with the image's own seed, and denoised over
+                the remaining ``round(strength * num_inference_steps)`` steps.
+            strength: the share of the schedule that is run from ``init_images`` (0 < s <= 1;
+                1 = from noise at the first timestep, only the layout's trace is kept).
 
         Returns:
             :class:`GenerationOutput` with images (B, 1, S, S) in [0, 1] on the CPU.
@@ -194,14 +202,18 @@ class DiffusionSampler:
         if control is not None:
             control = control.to(device, comps.unet.dtype)
             control = torch.cat([control, control]) if guided else control
-        # 2. initial noise, one generator per image
-        x = self.initial_noise(seeds) * self.scheduler.init_noise_sigma
+        # 2. initial noise, one generator per image (or a real image noised part-way)
         generators = [torch.Generator().manual_seed(s + 1) for s in seeds]  # for stochastic steps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if init_images is None:
+            x = self.initial_noise(seeds) * self.scheduler.init_noise_sigma
+        else:
+            timesteps, x = self._noised_init(init_images, seeds, num_inference_steps, strength)
         with contextlib.ExitStack() as stack:
             if attention_sink is not None:
                 stack.enter_context(capture_cross_attention(comps.unet, attention_sink))
-            for i, t in enumerate(self.scheduler.timesteps):
+            for i, t in enumerate(timesteps):
                 if attention_sink is not None and hasattr(attention_sink, "begin_step"):
                     attention_sink.begin_step(i, int(t))
                 # 3. predict noise (or v), with guidance
@@ -229,3 +241,30 @@ class DiffusionSampler:
             x = x.mean(dim=1, keepdim=True)  # the VAE sees gray repeated to RGB; average back
         images = ((x.float().clamp(-1, 1) + 1) / 2).cpu()
         return GenerationOutput(images=images, prompts=prompts, seeds=seeds, token_positions=positions)
+
+    def _noised_init(self, init_images: torch.Tensor, seeds: Sequence[int], num_inference_steps: int,
+                     strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the timesteps left to run, the init images' clean inputs noised to the first of them)."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength: expected 0 < strength <= 1, got {strength}")
+        size = (len(seeds), 1, self.resolution, self.resolution)
+        if tuple(init_images.shape) != size:
+            raise ValueError(f"init_images: expected {size} images in [0, 1], got {tuple(init_images.shape)}")
+        run = min(round(strength * num_inference_steps), num_inference_steps)
+        if run < 1:
+            raise ValueError(f"strength: {strength} of {num_inference_steps} steps runs no step; raise either")
+        order = getattr(self.scheduler, "order", 1)
+        begin = (num_inference_steps - run) * order
+        timesteps = self.scheduler.timesteps[begin:]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(begin)
+        images = init_images.to(self.device, torch.float32)
+        vae = self.components.vae
+        if vae is None:
+            clean = images * 2.0 - 1.0
+        else:
+            mean, _ = encode_posterior(images, vae, self.resolution)
+            clean = mean * vae.config.scaling_factor
+        clean = clean.to(self.components.unet.dtype)
+        noise = self.initial_noise(seeds)
+        return timesteps, self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(seeds)))

@@ -32,6 +32,7 @@ def generate_samples(
     save_class_maps: bool = False,
     quality_filter: Any | None = None,
     control_scale: float = 1.0,
+    strength: float = 1.0,
 ) -> dict[str, Any]:
     """Generate every request not yet in ``output_dir``; write PNGs, shards and ``manifest.jsonl``.
 
@@ -40,7 +41,8 @@ def generate_samples(
             (e.g. a partially instantiated trainer config).
         sampler, requests, class_names: what to generate and with which model; ``requests`` may
             also be a dataset of items with condition images (controlled generation,
-            :class:`~diffmask.synthesis.controlled.ConditionDataset`, collated by its ``collate``).
+            :class:`~diffmask.synthesis.controlled.ConditionDataset`, collated by its ``collate``) or
+            of items with init images (:class:`~diffmask.synthesis.variations.VariationDataset`).
         output_dir: the work folder (a ``StageDir``'s ``.tmp``); resumable.
         batch_size: images per device per step.
         num_inference_steps, guidance_scale, eta: sampling settings.
@@ -48,6 +50,7 @@ def generate_samples(
         save_class_maps: also write each sample's class maps (``attn/<id>.npz``, ``attn_file``).
         quality_filter: optional ``reason(mask, scores)``; dropped samples are recorded, not written.
         control_scale: the ControlNet's residual multiplier (controlled generation).
+        strength: the share of the schedule run from ``init`` images (variations of real images).
 
     Returns:
         counts: ``written`` and ``dropped`` (this run, this rank), ``skipped`` (already on disk
@@ -60,7 +63,7 @@ def generate_samples(
     trainer: pl.Trainer = trainer_factory(callbacks=[writer])
     module = SynthesisLitModule(sampler, num_inference_steps, guidance_scale, eta=eta, mask_maker=mask_maker,
                                 save_class_maps=save_class_maps, quality_filter=quality_filter,
-                                control_scale=control_scale)
+                                control_scale=control_scale, strength=strength)
     dataset = requests if isinstance(requests, Dataset) else RequestDataset(requests)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,

@@ -67,6 +67,8 @@ class SynthesisLitModule(pl.LightningModule):
             (controlled generation, :mod:`diffmask.synthesis.controlled`). Their ``masks`` are the
             condition masks; a mask maker then only scores how far the image's own attention
             agrees with them (per-class IoU in ``scores``).
+        strength: for batches carrying ``init`` images (variations of real images,
+            :mod:`diffmask.synthesis.variations`): the share of the schedule run from them.
 
     Predictions are dicts with ``id, prompt, seed, meta`` (lists), ``images`` (B, S, S) uint8 and,
     with a mask maker, ``masks`` (B, S, S) uint8, ``scores`` (list of dicts), ``dropped`` (list of
@@ -85,6 +87,7 @@ class SynthesisLitModule(pl.LightningModule):
         save_class_maps: bool = False,
         quality_filter: Any | None = None,
         control_scale: float = 1.0,
+        strength: float = 1.0,
     ):
         super().__init__()
         if num_inference_steps < 1:
@@ -102,6 +105,7 @@ class SynthesisLitModule(pl.LightningModule):
         self.save_class_maps = bool(save_class_maps)
         self.quality_filter = quality_filter
         self.control_scale = float(control_scale)
+        self.strength = float(strength)
         self.skip_ids: set[str] = set()
 
     def predict_step(self, batch: dict[str, list], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
@@ -112,6 +116,7 @@ class SynthesisLitModule(pl.LightningModule):
         self.sampler.device = self.device
         # controlled generation: condition images in, and the masks they were made from out
         control = torch.stack(rows.pop("condition")) if "condition" in rows else None
+        init = torch.stack(rows.pop("init")) if "init" in rows else None
         cond_masks = np.stack([np.asarray(m, dtype=np.uint8) for m in rows.pop("mask")]) if "mask" in rows else None
         sink = positions = None
         if self.mask_maker is not None:
@@ -123,6 +128,7 @@ class SynthesisLitModule(pl.LightningModule):
             rows["prompt"], rows["seed"], num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale, attention_sink=sink, eta=self.eta,
             **({} if control is None else {"control": control, "control_scale": self.control_scale}),
+            **({} if init is None else {"init_images": init, "strength": self.strength}),
         )
         pred: dict[str, Any] = dict(rows)
         pred["images"] = (out.images[:, 0].numpy() * 255.0).round().astype(np.uint8)

@@ -152,6 +152,10 @@ def test_autoencoder_stage_then_a_latent_diffusion_model_with_capture_at_the_ima
     assert out.images.shape == (1, 1, 32, 32)
     maps = store.result()
     assert maps.shape == (1, 3, 32, 32) and torch.isfinite(maps).all()
+    # a variation of a real image (SDEdit) starts from the autoencoder's latent of it
+    init = torch.linspace(0, 1, 32)[None, None, :, None].expand(1, 1, 32, 32)
+    out = sampler([prompt], [0], num_inference_steps=4, guidance_scale=1.0, init_images=init, strength=0.5)
+    assert out.images.shape == (1, 1, 32, 32) and torch.isfinite(out.images).all()
 
 
 def test_training_crops_are_windows_of_the_image():

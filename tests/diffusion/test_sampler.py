@@ -111,3 +111,40 @@ def test_each_scheduler_samples_with_attention_capture(scheduler):
     assert torch.isfinite(a.images).all() and torch.equal(a.images, b.images)
     with pytest.raises(ValueError, match="scheduler: expected one of"):
         DiffusionSampler(tiny_scratch_components(32), 32, scheduler="euler")
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp"])
+def test_variations_start_from_the_init_image_and_run_the_last_share_of_the_steps(scheduler):
+    """SDEdit: strength s runs the last round(s * steps) steps from the noised image; at a low
+    strength the result stays near the image, and it is seeded per image like plain sampling."""
+    sampler = DiffusionSampler(tiny_scratch_components(32, seed=3), 32, scheduler=scheduler, prompt_builder=PromptBuilder())
+    yy = torch.linspace(0, 1, 32)
+    init = torch.stack([yy[None, :, None].expand(1, 32, 32), yy[None, None, :].expand(1, 32, 32)])  # two ramps
+    rec = AttentionRecorder()
+    rec.set_tokens(class_token_index(sampler.token_positions(PROMPTS))[0])
+    steps = []
+    rec.begin_step = lambda i, t: steps.append(int(t))
+    full = [int(t) for t in (sampler.scheduler.set_timesteps(10) or sampler.scheduler.timesteps)]
+    a = sampler(PROMPTS, [1, 2], num_inference_steps=10, guidance_scale=2.0, attention_sink=rec,
+                init_images=init, strength=0.3)
+    assert steps == full[-3:] and rec.maps
+    b = sampler(PROMPTS, [1, 2], num_inference_steps=10, guidance_scale=2.0, init_images=init, strength=0.3)
+    assert torch.allclose(a.images, b.images, atol=1e-5)  # capture on vs off: same image
+    def distance(strength):  # mean |image - init| (a random tiny UNet redraws what the noise hides)
+        kw = {} if strength is None else {"init_images": init, "strength": strength}
+        return float((sampler(PROMPTS, [1, 2], num_inference_steps=10, guidance_scale=2.0, **kw).images - init).abs().mean())
+
+    assert distance(0.1) < 0.08 and distance(0.1) < float((a.images - init).abs().mean()) < distance(None)
+    # each image from its own init and seed, whatever the batch
+    alone = sampler(PROMPTS[1:], [2], num_inference_steps=10, guidance_scale=2.0, init_images=init[1:], strength=0.3)
+    assert torch.allclose(alone.images[0], a.images[1], atol=1e-5)
+    # a plain call after a variation runs the whole schedule again
+    steps.clear()
+    sampler(PROMPTS, [1, 2], num_inference_steps=10, guidance_scale=2.0, attention_sink=rec)
+    assert steps == full
+    with pytest.raises(ValueError, match="strength"):
+        sampler(PROMPTS, [1, 2], num_inference_steps=10, init_images=init, strength=0.0)
+    with pytest.raises(ValueError, match="runs no step"):
+        sampler(PROMPTS, [1, 2], num_inference_steps=10, init_images=init, strength=0.04)
+    with pytest.raises(ValueError, match="init_images: expected"):
+        sampler(PROMPTS, [1, 2], num_inference_steps=10, init_images=init[:1], strength=0.5)

@@ -145,3 +145,24 @@ def test_generate_cli_extends_a_complete_stage_with_more_samples(tmp_path, model
     # anything else changed: not extended, not redone
     assert run(compose_generate(tmp_path, *common, "num_samples=6", "name=grow", "steps=3")) == {}
     assert len(read_manifest(out)) == 4
+
+
+def test_generate_cli_variations_of_the_real_training_images(tmp_path, model_dir):
+    """init_images=train: each sample is a real training image noised part-way and denoised with its
+    own prompt; its labels are attention masks, and the source is named but not paired (its mask is
+    never read)."""
+    common = [f"input_dir={model_dir}", "synthesis=attention_masks", "synthesis.refine=[threshold]", "steps=4"]
+    info = run(compose_generate(tmp_path, *common, "init_images=train", "strength=0.5", "num_samples=3", "name=var"))
+    out = tmp_path / "artifacts" / "synthesis" / "var"
+    rows = read_manifest(out)
+    assert info["rows"] == 3 and [r.id for r in rows] == ["syn000000", "syn000001", "syn000002"]
+    sources = [r.meta["source_id"] for r in rows]
+    assert len(set(sources)) == 3 and all(r.pair_id is None and r.sem_seg_file_name for r in rows)
+    from diffmask.data import PhantomSource
+
+    train_ids = set(PhantomSource(size=32).ids("train"))
+    assert set(sources) <= train_ids
+    for bad, match in (("init_images=val", "expected null or train"), ("strength=0", "strength"),
+                       ("prompt_list=[a chest x-ray of the left lung, right lung and heart]", "prompt_list")):
+        with pytest.raises(ValueError, match=match):
+            run(compose_generate(tmp_path, *common, "init_images=train", bad, "num_samples=2", "name=bad"))
