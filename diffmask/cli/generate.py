@@ -2,6 +2,7 @@
 
     diffmask-generate input_dir=artifacts/diffusion/px128 num_samples=1000 trainer=gpu
     diffmask-generate input_dir=artifacts/diffusion/px128 trainer=ddp trainer.devices=4
+    diffmask-generate input_dir=artifacts/diffusion/px128 init_images=train strength=0.5   # SDEdit variations
 
 Writes ``images/<id>.png`` + ``manifest.jsonl`` + ``stage.json`` to
 ``${paths.artifact_dir}/synthesis/<name>``; a rerun resumes where it stopped, and a rerun of a
@@ -9,7 +10,9 @@ complete stage with a larger ``num_samples`` (nothing else changed) adds the mis
 ``synthesis=attention_masks`` also ``masks/<id>.png`` (threshold/CRF), ``attn/<id>.npz`` (class
 maps) and, when ``affinity`` is in ``synthesis.refine``, a second pass that fits AffinityNet on
 the written images + masks and writes ``masks_affinity/`` (see
-:mod:`diffmask.synthesis.affinity_pass`).
+:mod:`diffmask.synthesis.affinity_pass`). ``init_images=train`` starts each sample from a real
+training image noised to ``strength`` of the schedule instead of pure noise
+(:mod:`diffmask.synthesis.variations`).
 """
 
 from __future__ import annotations
