@@ -22,7 +22,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffmask.cli.common import (
     CONFIG_PATH,
@@ -87,7 +87,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "real_fraction": datamodule.real_fraction,
                     "n_real_train": len(datamodule.real_train_ids),
                     "n_synthetic_train": len(datamodule.synthetic_ids),
-                    "synthetic_dir": cfg.data.get("synthetic_dir"),
+                    "synthetic_dir": OmegaConf.to_container(cfg.data.synthetic_dir)
+                    if OmegaConf.is_list(cfg.data.get("synthetic_dir")) else cfg.data.get("synthetic_dir"),
                     # paired (segmentation.merge.alpha): n_pairs, n_real_with_variants, n_real_self_paired, ...
                     **({"paired": datamodule.pair_info} if datamodule.paired else {}),
                 },

@@ -66,7 +66,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         size: image side (64, 128, 256, ...).
         batch_size: per-device batch size.
         real_fraction: share of the real train split used (0.1 of 173 = 17 ids; 0 = none).
-        synthetic_dir: optional synthetic dataset folder (``manifest.jsonl`` + images/ + masks/).
+        synthetic_dir: optional synthetic dataset folder (``manifest.jsonl`` + images/ + masks/),
+            or a list of them read as one set (ids ``<folder name>/<id>``; e.g. an EMIT-Diff set and
+            a DiffMask set).
         synthetic_min_score: drop synthetic samples whose lowest per-class score is below this.
         synthetic_ignore_margin: synthetic mask pixels within this many pixels (at ``size``) of
             another class are left out of the loss: the borders are where attention masks are
@@ -123,7 +125,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         size: int = 128,
         batch_size: int = 8,
         real_fraction: float = 1.0,
-        synthetic_dir: str | None = None,
+        synthetic_dir: str | Sequence[str] | None = None,
         synthetic_ratio: float = 0.0,
         synthetic_count: int | None = None,
         synthetic_min_score: float | None = None,
@@ -227,8 +229,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         self._check_test_sets()
         self.real_train_ids: list[str] = select_fraction(real.ids(train_split), real_fraction, seed)
         self.synthetic_ids: list[str] = self._select_synthetic()
-        if synthetic_dir:
-            self._check_synthetic_set(Path(synthetic_dir))
+        if self.synthetic is not None:
+            served = {self._check_synthetic_set(folder) for folder in self.synthetic.folders}
+            if len(served) > 1:
+                raise ValueError(
+                    f"data.synthetic_dir: {[str(f) for f in self.synthetic.folders]} come from generators fitted on "
+                    "different data.intensity settings (their stage.json); list sets made alike"
+                )
         self.pair_info: dict[str, int] | None = None  # set in paired mode, for metrics.json
         self._variants: list[list[int]] = []  # per real training id, indices into synthetic_ids
         if self.paired:
@@ -286,7 +293,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         if unmatched:
             log.info("data: %d selected synthetic samples are no variant of a selected real image: unused", unmatched)
 
-    def _check_synthetic_set(self, folder: Path) -> None:
+    def _check_synthetic_set(self, folder: Path) -> str:
         """Serve the synthetic images normalised as the real ones; when synthetic samples are used,
         refuse masks in which a class is mostly absent (``synthetic_min_class_presence``).
 
@@ -309,7 +316,7 @@ class SegmentationDataModule(pl.LightningDataModule):
                 "the same setting (pipeline: in its common list)"
             )
         if self.synthetic_min_class_presence is None or not self.synthetic_ids:
-            return
+            return self.synthetic_intensity
         presence = info.get("class_presence")
         if presence is None:  # a set made before stage.json recorded it, or by hand
             presence = self.synthetic.class_presence()
@@ -317,11 +324,12 @@ class SegmentationDataModule(pl.LightningDataModule):
         if sparse:
             shares = ", ".join(f"{name} in {share:.0%}" for name, share in sparse.items())
             raise ValueError(
-                f"synthetic_dir: {self.synthetic.root}: class(es) present in too few masks ({shares}; "
+                f"synthetic_dir: {folder}: class(es) present in too few masks ({shares}; "
                 f"data.synthetic_min_class_presence={self.synthetic_min_class_presence:g}); an undertrained "
                 "generator's attention masks are mostly background (see the set's stage.json warnings). "
                 "To train on it anyway: data.synthetic_min_class_presence=null"
             )
+        return self.synthetic_intensity
 
     def _check_test_sets(self) -> None:
         """Open every test image and mask now, so that a bad file fails before the fit, not after it

@@ -13,8 +13,10 @@ A source knows the ids of each split and loads one sample at its native size:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -257,27 +259,45 @@ class ManifestSource:
     """Any folder of image/mask PNGs described by a ``manifest.jsonl`` (see :mod:`diffmask.data.manifest`).
 
     Args:
-        root: the folder (or its manifest file).
+        root: the folder (or its manifest file); or a list of them, read as one set (e.g. an
+            EMIT-Diff set and a DiffMask set): ids are then ``<folder name>/<id>``, so sets made
+            with the same ids do not collide, and ``root`` is the first folder.
         class_names: label names, background first.
         default_split: the split of rows that have no ``split`` field (``train`` for synthetic
             data, ``test`` for an external test set).
-        name: a short name for logs and metric keys (default: the folder name).
+        name: a short name for logs and metric keys (default: the folder name(s), joined by +).
         min_score: drop rows whose lowest ``score_<class>`` is below this (quality filter).
     """
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        root: str | os.PathLike | Sequence[str | os.PathLike],
         class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES,
         default_split: str = "train",
         name: str | None = None,
         min_score: float | None = None,
     ):
-        path = Path(root)
-        self.root = path if path.is_dir() else path.parent
+        paths = [Path(p) for p in root] if isinstance(root, Sequence) and not isinstance(root, str) else [Path(root)]
+        if not paths:
+            raise ValueError("root: expected a manifest folder, or a non-empty list of them")
+        folders = [p if p.is_dir() else p.parent for p in paths]
+        if len(set(f.name for f in folders)) != len(folders):
+            raise ValueError(f"root: {[str(f) for f in folders]}: two folders share a name, which would be their ids' prefix")
+        self.folders = folders
+        self.root = folders[0]
         self.class_names = validate_class_names(class_names)
-        self.name = name or self.root.name
-        rows = read_manifest(path)
+        self.name = name or "+".join(f.name for f in folders)
+        if len(paths) == 1:
+            rows = read_manifest(paths[0])
+        else:  # one set: ids prefixed by their folder, files made absolute
+            rows = [
+                dataclasses.replace(
+                    r, id=f"{folder.name}/{r.id}", file_name=str(folder / r.file_name),
+                    sem_seg_file_name=str(folder / r.sem_seg_file_name) if r.sem_seg_file_name else None,
+                    attn_file=str(folder / r.attn_file) if r.attn_file else None,
+                )
+                for path, folder in zip(paths, folders, strict=True) for r in read_manifest(path)
+            ]
         if min_score is not None:
             rows = [r for r in rows if not r.scores or min(r.scores.values()) >= min_score]
         self._rows: dict[str, ManifestRow] = {r.id: r for r in rows}

@@ -122,9 +122,12 @@ def _read_run(path: Path) -> RunRecord:
     )
 
 
-def _label_fidelity(synthetic_dir: str) -> float | None:
+def _label_fidelity(synthetic_dir: str | list[str]) -> float | None:
     """``label_fidelity.miou`` of a synthetic set's ``stage.json``; None when the set, its record or
-    its value is missing or unreadable (a relative path is taken from the current folder)."""
+    its value is missing or unreadable, or for a list of sets (a relative path is taken from the
+    current folder)."""
+    if not isinstance(synthetic_dir, str):
+        return None
     path = Path(synthetic_dir)
     stage_file = (path.parent if path.suffix == ".jsonl" else path) / "stage.json"
     try:
