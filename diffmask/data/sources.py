@@ -292,9 +292,9 @@ class ManifestSource:
         else:  # one set: ids prefixed by their folder, files made absolute
             rows = [
                 dataclasses.replace(
-                    r, id=f"{folder.name}/{r.id}", file_name=str(folder / r.file_name),
-                    sem_seg_file_name=str(folder / r.sem_seg_file_name) if r.sem_seg_file_name else None,
-                    attn_file=str(folder / r.attn_file) if r.attn_file else None,
+                    r, id=f"{folder.name}/{r.id}", file_name=str(folder.absolute() / r.file_name),
+                    sem_seg_file_name=str(folder.absolute() / r.sem_seg_file_name) if r.sem_seg_file_name else None,
+                    attn_file=str(folder.absolute() / r.attn_file) if r.attn_file else None,
                 )
                 for path, folder in zip(paths, folders, strict=True) for r in read_manifest(path)
             ]

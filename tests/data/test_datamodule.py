@@ -51,22 +51,24 @@ def test_real_fraction_and_synthetic_ratio(real_dir, tmp_path):
         SegmentationDataModule(real, size=32, real_fraction=0.0)
 
 
-def test_a_list_of_synthetic_sets_is_read_as_one(tmp_path):
+def test_a_list_of_synthetic_sets_is_read_as_one(tmp_path, monkeypatch):
     """data.synthetic_dir=[a, b] (e.g. an EMIT-Diff set and a DiffMask set): the same ids in both
     do not collide, counts draw from the union, and sets made from other intensities are refused."""
     from omegaconf import OmegaConf
 
     a = write_synthetic_folder(tmp_path / "emit", n=5, made_with="equalize")
-    b = write_synthetic_folder(tmp_path / "dm", n=7, made_with="equalize")
+    write_synthetic_folder(tmp_path / "dm", n=7, made_with="equalize")
     real = PhantomSource(size=32, num_train=8, seed=3)
-    dirs = OmegaConf.create([str(a), str(b)])  # as Hydra passes a list override
+    monkeypatch.chdir(tmp_path)  # folders given relative to the working folder, as on a command line
+    dirs = OmegaConf.create(["emit", "dm"])  # as Hydra passes a list override
     dm = SegmentationDataModule(real, size=32, real_fraction=0.25, synthetic_dir=dirs, synthetic_count=12,
                                 intensity="equalize")
     assert len(dm.synthetic_ids) == 12 and len(set(dm.synthetic_ids)) == 12
     assert {i.split("/")[0] for i in dm.synthetic_ids} == {"emit", "dm"} and dm.synthetic.name == "emit+dm"
     assert dm.synthetic_intensity == "raw"  # made from equalized images: served as they are
-    item = dm._synthetic_dataset()[0]
-    assert item["image"].shape == (1, 32, 32) and item["source"] == "synthetic"
+    data = dm._synthetic_dataset()
+    items = [data[0], data[len(data) - 1]]  # one of each set
+    assert all(it["image"].shape == (1, 32, 32) and it["source"] == "synthetic" for it in items)
     with pytest.raises(ValueError, match="has only 12"):
         SegmentationDataModule(real, size=32, synthetic_dir=dirs, synthetic_count=13, intensity="equalize")
     raw = write_synthetic_folder(tmp_path / "raw", n=3, made_with="raw")
