@@ -87,8 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "real_fraction": datamodule.real_fraction,
                     "n_real_train": len(datamodule.real_train_ids),
                     "n_synthetic_train": len(datamodule.synthetic_ids),
-                    "synthetic_dir": OmegaConf.to_container(cfg.data.synthetic_dir)
-                    if OmegaConf.is_list(cfg.data.get("synthetic_dir")) else cfg.data.get("synthetic_dir"),
+                    "synthetic_dir": OmegaConf.to_container(cfg.data, resolve=True).get("synthetic_dir"),  # a folder or a list
                     # paired (segmentation.merge.alpha): n_pairs, n_real_with_variants, n_real_self_paired, ...
                     **({"paired": datamodule.pair_info} if datamodule.paired else {}),
                 },

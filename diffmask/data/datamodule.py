@@ -179,7 +179,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.intensity = check_intensity(intensity)
         self.resize = check_resize(resize)
         self.synthetic_min_class_presence = synthetic_min_class_presence
-        self.synthetic_intensity = self.intensity  # set by _check_synthetic_set from the set's stage.json
+        self.synthetic_intensity = self.intensity  # from the sets' stage.json (_check_synthetic_set)
         self.real_share = real_share
         self.synthetic_ignore_margin = int(synthetic_ignore_margin)
         self._draws = torch.Generator().manual_seed(seed + 2)
@@ -236,6 +236,7 @@ class SegmentationDataModule(pl.LightningDataModule):
                     f"data.synthetic_dir: {[str(f) for f in self.synthetic.folders]} come from generators fitted on "
                     "different data.intensity settings (their stage.json); list sets made alike"
                 )
+            self.synthetic_intensity = served.pop()
         self.pair_info: dict[str, int] | None = None  # set in paired mode, for metrics.json
         self._variants: list[list[int]] = []  # per real training id, indices into synthetic_ids
         if self.paired:
@@ -294,8 +295,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             log.info("data: %d selected synthetic samples are no variant of a selected real image: unused", unmatched)
 
     def _check_synthetic_set(self, folder: Path) -> str:
-        """Serve the synthetic images normalised as the real ones; when synthetic samples are used,
-        refuse masks in which a class is mostly absent (``synthetic_min_class_presence``).
+        """The normalisation that serves ``folder``'s images like the real ones; when synthetic
+        samples are used, refuse masks in which a class is mostly absent (``synthetic_min_class_presence``).
 
         A generator trained on ``data.intensity=X`` images makes X-normalised images (its set's
         ``stage.json`` records X): with X = this run's setting they are served as they are (CLAHE
@@ -306,9 +307,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         info = json.loads(stage_file.read_text()) if stage_file.is_file() else {}
         made_from = info.get("intensity", "raw")
         if made_from == self.intensity:
-            self.synthetic_intensity = "raw"
+            served = "raw"
         elif made_from == "raw":
-            self.synthetic_intensity = self.intensity
+            served = self.intensity
         else:
             raise ValueError(
                 f"data.intensity={self.intensity}, but the synthetic images in {stage_file.parent} come from a "
@@ -316,7 +317,7 @@ class SegmentationDataModule(pl.LightningDataModule):
                 "the same setting (pipeline: in its common list)"
             )
         if self.synthetic_min_class_presence is None or not self.synthetic_ids:
-            return self.synthetic_intensity
+            return served
         presence = info.get("class_presence")
         if presence is None:  # a set made before stage.json recorded it, or by hand
             presence = self.synthetic.class_presence()
@@ -329,7 +330,7 @@ class SegmentationDataModule(pl.LightningDataModule):
                 "generator's attention masks are mostly background (see the set's stage.json warnings). "
                 "To train on it anyway: data.synthetic_min_class_presence=null"
             )
-        return self.synthetic_intensity
+        return served
 
     def _check_test_sets(self) -> None:
         """Open every test image and mask now, so that a bad file fails before the fit, not after it
