@@ -86,6 +86,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "size": datamodule.size,
                     "real_fraction": datamodule.real_fraction,
                     "n_real_train": len(datamodule.real_train_ids),
+                    "real_train_ids": list(datamodule.real_train_ids),  # which labelled images: the same across seeds?
                     "n_synthetic_train": len(datamodule.synthetic_ids),
                     "synthetic_dir": OmegaConf.to_container(cfg.data, resolve=True).get("synthetic_dir"),  # a folder or a list
                     # paired (segmentation.merge.alpha): n_pairs, n_real_with_variants, n_real_self_paired, ...
@@ -94,6 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "test_sets": datamodule.test_set_info(),
                 "missing_test_sets": datamodule.missing_test_sets,
                 "backbone": cfg.segmentation.net._target_,
+                "init_weights": cfg.segmentation.get("init_weights"),  # resolved: e.g. <pretrain multirun>/seed<k>
                 "overrides": job_overrides(),
                 "seed": cfg.seed,
                 "best_checkpoint": best_path or None,

@@ -28,23 +28,82 @@ def test_stage_commands_wire_artifacts(tmp_path):
 
 
 def test_control_stage_feeds_controlled_generation(tmp_path):
-    cfg = compose_config("pipeline", ["name=x", "stages=[fit_diffusion,fit_control,generate,train]",
-                                      "generate=['synthesis=controlled']"], tmp_path, quiet_trainer=False)
+    cfg = compose_config("pipeline", ["name=x", "stages=[fit_diffusion,fit_control,generate_control,train]"],
+                         tmp_path, quiet_trainer=False)
     cfg.paths.log_dir = str(tmp_path / "logs")
     cmds = dict(stage_commands(cfg, stamp="T"))
     art = tmp_path / "artifacts"
     assert cmds["fit_control"][1:3] == ["-m", "diffmask.cli.fit_control"]
     assert f"input_dir={art}/diffusion/x" in cmds["fit_control"] and "name=x" in cmds["fit_control"]
-    assert f"synthesis.control_dir={art}/control/x" in cmds["generate"]
+    control = cmds["generate_control"]
+    assert control[1:3] == ["-m", "diffmask.cli.generate"] and "synthesis=controlled" in control
+    assert f"synthesis.control_dir={art}/control/x" in control and "name=x_control" in control
+    assert f"data.synthetic_dir={art}/synthesis/x_control" in cmds["train"]
     # the EMIT-Diff CPU recipe composes from pipeline_cpu and wires the same way
     emit = compose_config("pipeline", ["experiment=pipeline_emit_cpu"], tmp_path, quiet_trainer=False)
     emit_cmds = dict(stage_commands(emit, stamp="T"))
-    assert list(emit_cmds) == ["fit_diffusion", "fit_control", "generate", "train", "finetune"]
-    assert f"synthesis.control_dir={art}/control/emit64" in emit_cmds["generate"]
+    assert list(emit_cmds) == ["fit_diffusion", "fit_control", "generate_control", "train", "finetune"]
+    assert f"synthesis.control_dir={art}/control/emit64" in emit_cmds["generate_control"]
     assert "diffusion.align.label_fraction=0.1" in emit_cmds["fit_diffusion"]  # pipeline_cpu's generator
-    # attention-mask generation is not given a ControlNet
+    assert compose_config("generate", emit_cmds["generate_control"][3:], tmp_path).synthesis.augment_ratio == 20
+    # attention-mask generation is not given a ControlNet, and asking it for controlled samples names the stage
     plain = compose_config("pipeline", ["name=x", "stages=[fit_diffusion,generate]"], tmp_path, quiet_trainer=False)
     assert not any("control_dir" in c for c in dict(stage_commands(plain, stamp="T"))["generate"])
+    bad = compose_config("pipeline", ["stages=[generate]", "generate=['synthesis=controlled']"], tmp_path,
+                         quiet_trainer=False)
+    with pytest.raises(ValueError, match="generate_control stage"):
+        stage_commands(bad)
+
+
+def test_union_recipe_runs_seeds_against_a_baseline(tmp_path):
+    """pipeline_cpu128_union: both sets in one mix, 3 training seeds per segmentation stage, a paired comparison."""
+    cfg = compose_config("pipeline", ["experiment=pipeline_cpu128_union"], tmp_path, quiet_trainer=False)
+    cfg.paths.log_dir = str(tmp_path / "logs")
+    cmds = dict(stage_commands(cfg, stamp="T"))
+    art, runs = tmp_path / "artifacts", tmp_path / "logs" / "pipeline" / "cpu128u" / "T"
+    assert list(cmds) == ["fit_autoencoder", "fit_diffusion", "fit_control", "generate", "generate_control",
+                          "evaluate_masks", "baseline", "train", "finetune", "compare"]
+    both = f"data.synthetic_dir=[{art}/synthesis/cpu128u,{art}/synthesis/cpu128u_control]"
+    assert both in cmds["train"] and "data.synthetic_count=1032" in cmds["train"]
+    for stage in ("baseline", "train", "finetune"):
+        cmd = cmds[stage]
+        assert cmd[1:4] == ["-m", "diffmask.cli.train", "--multirun"]
+        assert "seed=0,1,2" in cmd and "data.seed=0" in cmd  # seeds vary; the labelled subset stays
+        assert f"hydra.sweep.dir={runs}/{stage}" in cmd and "hydra.sweep.subdir=seed${seed}" in cmd
+    assert not any("synthetic_dir" in o or "init_weights" in o for o in cmds["baseline"])
+    assert f"segmentation.init_weights={runs}/train/seed${{seed}}" in cmds["finetune"]
+    # the baseline is the fine-tuning run from scratch: the same settings
+    def settings(cmd):
+        return [o for o in cmd[cmd.index("data=auto"):] if not o.startswith("hydra.sweep.dir=")]
+
+    assert settings(cmds["baseline"]) == settings(cmds["finetune"])
+    assert cmds["compare"][1:3] == ["-m", "diffmask.cli.compare"]
+    assert cmds["compare"][3:] == ["--a", f"{runs}/finetune", "--b", f"{runs}/baseline", "--name-a", "finetune",
+                                   "--name-b", "baseline", "--out", f"{runs}/compare.md"]
+    for stage in ("fit_control", "generate", "generate_control", "train"):  # every stage's overrides compose
+        module = cmds[stage][2].rsplit(".", 1)[-1]
+        overrides = [o for o in cmds[stage][3:] if o != "--multirun" and not o.startswith(("seed=", "hydra.sweep"))]
+        assert compose_config(module, overrides, tmp_path, quiet_trainer=False).task_name == module
+    # the generator is pipeline_cpu128's, so one fitted for it is reused (complete stages are skipped)
+    single_cfg = compose_config("pipeline", ["experiment=pipeline_cpu128", "name=cpu128u"], tmp_path, quiet_trainer=False)
+    single_cfg.paths.log_dir = cfg.paths.log_dir
+    single = dict(stage_commands(single_cfg, stamp="T"))
+    assert cmds["fit_diffusion"] == single["fit_diffusion"] and cmds["fit_autoencoder"] == single["fit_autoencoder"]
+    # the data seed follows common's data.seed (else seed)
+    for common, expected in ((["seed=4"], "data.seed=4"), (["seed=4", "data.seed=2"], "data.seed=2")):
+        c = compose_config("pipeline", ["stages=[train]", "seeds=[1]", f"common={common}"], tmp_path, quiet_trainer=False)
+        assert expected in dict(stage_commands(c, stamp="T"))["train"]
+
+
+def test_pipeline_order_and_seed_errors(tmp_path):
+    for stages in ("[train,compare]", "[baseline,compare]", "[compare,baseline,train]"):
+        cfg = compose_config("pipeline", [f"stages={stages}"], tmp_path, quiet_trainer=False)
+        with pytest.raises(ValueError, match="put baseline and train"):
+            stage_commands(cfg)
+    for seeds in ("[]", "3", "[0,x]"):
+        cfg = compose_config("pipeline", ["stages=[train]", f"seeds={seeds}"], tmp_path, quiet_trainer=False)
+        with pytest.raises(ValueError, match="seeds: expected null or a non-empty list"):
+            stage_commands(cfg)
 
 
 def test_finetune_stage_starts_from_the_train_stage(tmp_path):
@@ -70,14 +129,17 @@ def test_unknown_stage_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_pipeline_end_to_end(tmp_path):
-    """fit (few steps) -> generate with attention masks -> segmentation on real + synthetic."""
+    """fit (few steps) -> generate with attention masks -> baseline, segmentation on real + synthetic and
+    fine-tuning, two seeds each -> the paired comparison."""
     def hydra_list(key, items):  # list overrides: quote items holding '=' (Hydra grammar)
         return f"{key}=[" + ",".join(f"'{i}'" for i in items) + "]"
 
+    tiny_seg = ["segmentation.net.channels=[8,16]", "segmentation.net.strides=[2]", "trainer.max_epochs=1",
+                "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
     cmd = [
         sys.executable, "-m", "diffmask.cli.pipeline", "experiment=pipeline_demo", "name=t",
         f"paths.artifact_dir={tmp_path}/artifacts", f"paths.log_dir={tmp_path}/logs",
-        "stages=[fit_diffusion,generate,train,finetune]",
+        "stages=[fit_diffusion,generate,baseline,train,finetune,compare]", "seeds=[0,1]",
         hydra_list("common", ["data=phantom", "data.size=32", "data.num_workers=0", "trainer=cpu",
                               "trainer.enable_progress_bar=false"]),
         hydra_list("fit_diffusion", [
@@ -90,12 +152,8 @@ def test_tiny_pipeline_end_to_end(tmp_path):
                                 "synthesis.refine=[threshold]"]),
         # a 6-step generator's attention masks miss classes: train on them anyway (the wiring is what is tested)
         hydra_list("train", ["data.real_fraction=0.1", "data.synthetic_ratio=1", "data.synthetic_min_class_presence=null",
-                             "segmentation.net.channels=[8,16]",
-                             "segmentation.net.strides=[2]", "trainer.max_epochs=1", "trainer.limit_val_batches=1",
-                             "trainer.limit_test_batches=1"]),
-        hydra_list("finetune", ["data.real_fraction=0.1", "data.synthetic_count=0", "segmentation.net.channels=[8,16]",
-                                "segmentation.net.strides=[2]", "trainer.max_epochs=1", "trainer.limit_val_batches=1",
-                                "trainer.limit_test_batches=1"]),
+                             *tiny_seg]),
+        hydra_list("finetune", ["data.real_fraction=0.1", "data.synthetic_count=0", *tiny_seg]),
     ]
     res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -104,14 +162,20 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert made["status"] == "complete" and set(made["class_presence"]) == {"left_lung", "right_lung", "heart"}
     rows = [json.loads(line) for line in (synth / "manifest.jsonl").read_text().splitlines()]
     assert rows and all(r["sem_seg_file_name"] and (synth / r["sem_seg_file_name"]).is_file() for r in rows)
-    metrics = list((tmp_path / "logs").glob("pipeline/t/*/train/metrics.json"))
-    assert len(metrics) == 1
-    out = json.loads(metrics[0].read_text())
-    assert out["data"]["n_synthetic_train"] == out["data"]["n_real_train"] == 5
-    assert "test/phantom/miou" in out["metrics"]
-    tuned = json.loads((metrics[0].parent.parent / "finetune" / "metrics.json").read_text())
-    assert tuned["data"]["n_synthetic_train"] == 0 and "test/phantom/miou" in tuned["metrics"]
-    assert f"segmentation.init_weights={metrics[0].parent}" in tuned["overrides"]
+    (invocation,) = (tmp_path / "logs" / "pipeline" / "t").iterdir()
+    for seed in (0, 1):
+        out = json.loads((invocation / "train" / f"seed{seed}" / "metrics.json").read_text())
+        assert out["data"]["n_synthetic_train"] == out["data"]["n_real_train"] == 5
+        assert "test/phantom/miou" in out["metrics"] and f"seed={seed}" in out["overrides"]
+        tuned = json.loads((invocation / "finetune" / f"seed{seed}" / "metrics.json").read_text())
+        assert tuned["data"]["n_synthetic_train"] == 0 and "test/phantom/miou" in tuned["metrics"]
+        assert tuned["init_weights"] == f"{invocation}/train/seed{seed}"  # seed k fine-tunes train's seed k
+        base = json.loads((invocation / "baseline" / f"seed{seed}" / "metrics.json").read_text())
+        assert base["data"]["n_synthetic_train"] == 0 and base["data"]["real_train_ids"] == tuned["data"]["real_train_ids"] == out["data"]["real_train_ids"]
+        assert base["init_weights"] is None
+    compared = json.loads((invocation / "compare.json").read_text())
+    (row,) = [r for r in compared["results"] if r["test_set"] == "phantom"]
+    assert row["n_runs_a"] == row["n_runs_b"] == 2 and (invocation / "compare.md").is_file()
 
 
 def test_autoencoder_stage_feeds_the_latent_diffusion_fit(tmp_path):
