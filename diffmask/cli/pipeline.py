@@ -38,7 +38,9 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
     The segmentation stages of one invocation write to ``<log_dir>/pipeline/<name>/<stamp>/``
     (``baseline/``, ``train/``, ``finetune/``; with ``seeds``, one ``seed<k>/`` run below each), so
     ``finetune`` finds the model ``train`` just made, ``compare`` the runs of both sides, and
-    ``diffmask-report <log_dir>/pipeline/<name>`` tables every invocation.
+    ``diffmask-report <log_dir>/pipeline/<name>`` tables every invocation. ``stamp`` (the argument,
+    else ``cfg.stamp``, else the time now) names that folder: given an interrupted invocation's, the
+    runs that finished (their ``metrics.json`` written) are not run again.
 
     Raises:
         ValueError: an unknown stage, stages in an order that cannot be wired, or a ``seeds`` list
@@ -58,7 +60,7 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
     synth_dirs = {"generate": artifacts / "synthesis" / cfg.name,
                   "generate_control": artifacts / "synthesis" / f"{cfg.name}_control"}
     log_dir = Path(cfg.paths.log_dir)
-    seg_dir = log_dir / "pipeline" / str(cfg.name) / (stamp or time.strftime("%Y-%m-%d_%H-%M-%S"))
+    seg_dir = log_dir / "pipeline" / str(cfg.name) / str(stamp or cfg.get("stamp") or time.strftime("%Y-%m-%d_%H-%M-%S"))
     # the sets the segmentation stages read: made by this invocation or by an earlier one
     sets = [str(d) for s, d in synth_dirs.items() if s in stages or d.exists()]
     synthetic = [] if not sets else [f"data.synthetic_dir={sets[0]}" if len(sets) == 1 else f"data.synthetic_dir=[{','.join(sets)}]"]
@@ -98,11 +100,17 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
             *[str(o) for o in cfg.get(stage, [])],
         ]
         flags = []
-        if stage in SEGMENTATION and seeds:
-            # one run per training seed (last, so that it wins); the labelled subset stays the one the
-            # generator was fitted with
-            flags = ["--multirun"]
-            overrides += [f"seed={','.join(map(str, seeds))}", f"data.seed={_data_seed(cfg)}"]
+        if stage in SEGMENTATION:
+            # an invocation resumed (stamp=<its folder>) runs only what it has not finished
+            todo = [s for s in seeds if not _finished(seg_dir / stage / f"seed{s}")] if seeds else []
+            if _finished(seg_dir / stage) or (seeds and not todo):
+                log.info("stage %s: %s holds finished runs; skipping", stage, seg_dir / stage)
+                continue
+            if seeds:
+                # one run per training seed (last, so that it wins); the labelled subset stays the one the
+                # generator was fitted with
+                flags = ["--multirun"]
+                overrides += [f"seed={','.join(map(str, todo))}", f"data.seed={_data_seed(cfg)}"]
         commands.append((stage, [sys.executable, "-m", f"diffmask.cli.{MODULES.get(stage, stage)}", *flags, *overrides]))
     return commands
 
@@ -125,6 +133,11 @@ def _check_order(stages: list[str], cfg: DictConfig) -> None:
             "writes <name>_control beside generate's attention-mask set); use stages=[..., fit_control, "
             "generate_control, ...] and give its settings as generate_control=[...]"
         )
+
+
+def _finished(run_dir: Path) -> bool:
+    """True when a segmentation run has written its metrics.json (written last, atomically)."""
+    return (run_dir / "metrics.json").is_file()
 
 
 def _run_dirs(folder: Path, seeds: list[int]) -> list[str]:

@@ -76,6 +76,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir) / "metrics.json"
+        if cfg.get("test", True):  # before metrics.json, which marks the run complete (diffmask-pipeline resumes on it)
+            write_per_image(Path(cfg.paths.output_dir) / PER_IMAGE_FILE, model.per_image, datamodule.class_names)
         score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
         write_metrics(
             out,
@@ -104,8 +106,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "epochs": trainer.current_epoch,
             },
         )
-        if cfg.get("test", True):
-            write_per_image(Path(cfg.paths.output_dir) / PER_IMAGE_FILE, model.per_image, datamodule.class_names)
         log.info("metrics written to %s", out)
         for key in sorted(k for k in metrics if k.startswith("test/")):
             log.info("%s = %.4f", key, float(metrics[key]))

@@ -95,6 +95,27 @@ def test_union_recipe_runs_seeds_against_a_baseline(tmp_path):
         assert expected in dict(stage_commands(c, stamp="T"))["train"]
 
 
+def test_resumed_invocation_runs_only_unfinished_segmentation_runs(tmp_path):
+    cfg = compose_config("pipeline", ["name=x", "stages=[baseline,train,finetune,compare]", "seeds=[0,1,2]",
+                                      "stamp=S"], tmp_path, quiet_trainer=False)
+    cfg.paths.log_dir = str(tmp_path / "logs")
+    runs = tmp_path / "logs" / "pipeline" / "x" / "S"
+    for stage, seed in (("baseline", 0), ("baseline", 1), ("baseline", 2), ("train", 1)):
+        (runs / stage / f"seed{seed}").mkdir(parents=True)
+        (runs / stage / f"seed{seed}" / "metrics.json").write_text("{}")
+    (runs / "train" / "seed2").mkdir()  # started, never finished: run again
+    cmds = dict(stage_commands(cfg))
+    assert list(cmds) == ["train", "finetune", "compare"]
+    assert "seed=0,2" in cmds["train"] and "seed=0,1,2" in cmds["finetune"]
+    assert cmds["compare"][4] == f"{runs}/finetune"
+    single = compose_config("pipeline", ["name=x", "stages=[train,finetune]", "stamp=S1"], tmp_path,
+                            quiet_trainer=False)
+    single.paths.log_dir = cfg.paths.log_dir
+    (runs.parent / "S1" / "train").mkdir(parents=True)
+    (runs.parent / "S1" / "train" / "metrics.json").write_text("{}")
+    assert list(dict(stage_commands(single))) == ["finetune"]
+
+
 def test_pipeline_order_and_seed_errors(tmp_path):
     for stages in ("[train,compare]", "[baseline,compare]", "[compare,baseline,train]"):
         cfg = compose_config("pipeline", [f"stages={stages}"], tmp_path, quiet_trainer=False)
