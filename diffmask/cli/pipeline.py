@@ -52,6 +52,8 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
     stages = list(cfg.stages)
     _check_order(stages, cfg)
     seeds = _seeds(cfg)
+    if cfg.get("launcher") and not seeds:
+        raise ValueError(f"launcher={cfg.launcher} runs the seeds of the segmentation stages; set seeds, e.g. seeds=[0,1,2]")
     artifacts = Path(cfg.paths.artifact_dir)
     model_dir = artifacts / "diffusion" / cfg.name
     autoencoder_dir = artifacts / "autoencoder" / cfg.name
@@ -110,7 +112,8 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
                 # one run per training seed (last, so that it wins); the labelled subset stays the one the
                 # generator was fitted with
                 flags = ["--multirun"]
-                overrides += [f"seed={','.join(map(str, todo))}", f"data.seed={_data_seed(cfg)}"]
+                overrides += [f"seed={','.join(map(str, todo))}", f"data.seed={_data_seed(cfg)}",
+                              *([f"hydra/launcher={cfg.launcher}"] if cfg.get("launcher") else [])]
         commands.append((stage, [sys.executable, "-m", f"diffmask.cli.{MODULES.get(stage, stage)}", *flags, *overrides]))
     return commands
 

@@ -121,6 +121,12 @@ def test_pipeline_order_and_seed_errors(tmp_path):
         cfg = compose_config("pipeline", [f"stages={stages}"], tmp_path, quiet_trainer=False)
         with pytest.raises(ValueError, match="put baseline and train"):
             stage_commands(cfg)
+    launched = compose_config("pipeline", ["stages=[train]", "seeds=[0,1]", "launcher=joblib"], tmp_path,
+                              quiet_trainer=False)
+    assert "hydra/launcher=joblib" in dict(stage_commands(launched, stamp="T"))["train"]
+    unseeded = compose_config("pipeline", ["stages=[train]", "launcher=joblib"], tmp_path, quiet_trainer=False)
+    with pytest.raises(ValueError, match="launcher=joblib runs the seeds"):
+        stage_commands(unseeded)
     for seeds in ("[]", "3", "[0,x]"):
         cfg = compose_config("pipeline", ["stages=[train]", f"seeds={seeds}"], tmp_path, quiet_trainer=False)
         with pytest.raises(ValueError, match="seeds: expected null or a non-empty list"):
