@@ -43,8 +43,9 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
     runs that finished (their ``metrics.json`` written) are not run again.
 
     Raises:
-        ValueError: an unknown stage, stages in an order that cannot be wired, or a ``seeds`` list
-            that is empty or not of integers.
+        ValueError: an unknown stage, stages in an order that cannot be wired, ``generate`` asked
+            for controlled samples, a ``seeds`` list that is empty or not of integers, or a
+            ``launcher`` without seeds.
     """
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
