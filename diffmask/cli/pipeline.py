@@ -162,17 +162,23 @@ def _seeds(cfg: DictConfig) -> list[int]:
 
 def _data_seed(cfg: DictConfig) -> str:
     """The data seed of the common overrides (``data.seed=``, else ``seed=``, else 0): the labelled subset."""
-    values = {}
-    for o in cfg.common:
-        key, _, value = str(o).partition("=")
-        values[key.strip()] = value.strip()
+    values = _override_values(cfg)
     return values.get("data.seed", values.get("seed", "0"))
 
 
+def _override_values(cfg: DictConfig, stage: str | None = None) -> dict[str, str]:
+    """``key -> value`` of the common overrides (and ``stage``'s after them); the last of a key wins, as in Hydra."""
+    values = {}
+    for o in [*cfg.common, *(cfg.get(stage, []) if stage else [])]:
+        key, _, value = str(o).partition("=")
+        values[key.strip()] = value.strip()
+    return values
+
+
 def _chooses(cfg: DictConfig, stage: str, choice: str) -> bool:
-    """True when ``stage``'s overrides (or the common ones) hold ``choice``, e.g. ``synthesis=controlled``."""
-    overrides = [str(o) for o in [*cfg.common, *cfg.get(stage, [])]]
-    return any(o.replace(" ", "") == choice for o in overrides)
+    """True when ``stage``'s overrides (or the common ones) end up with ``choice``, e.g. ``synthesis=controlled``."""
+    key, _, value = choice.partition("=")
+    return _override_values(cfg, stage).get(key) == value
 
 
 def _latent(cfg: DictConfig) -> bool:
