@@ -112,6 +112,14 @@ class SegmentationDataModule(pl.LightningDataModule):
             augmentations are drawn independently. Needs ``synthetic_dir`` and real images, and
             excludes ``real_share``. :attr:`pair_info` counts the pairs (``metrics.json``).
             ``diffmask-train`` sets it from ``segmentation.merge.alpha``; it is no config key.
+        channels: 1 (grey) or 3 (colour, RGB) for every image served, real, synthetic and test;
+            an image of the other kind is an error naming it, never a silent conversion.
+        optional_classes: foreground classes that may be absent from an image (lesions); the
+            others (anatomy) are expected in every image. The synthetic class-presence check
+            (``synthetic_min_class_presence``) applies to the expected classes only.
+        prompt: how prompts describe this dataset (modality noun, class words, metadata fields;
+            see ``conf/data/jsrt.yaml``). The datamodule keeps it as :attr:`prompt`; the
+            diffusion stages read it by interpolation (``${data.prompt...}``).
 
     Raises:
         ValueError: a setting out of range, an empty training set, or in paired mode no real
@@ -144,8 +152,15 @@ class SegmentationDataModule(pl.LightningDataModule):
         val_split: str = "val",
         test_split: str = "test",
         paired: bool = False,
+        channels: int = 1,
+        optional_classes: Sequence[str] = (),
+        prompt: Mapping | None = None,
     ):
         super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 (grey) or 3 (colour), got {channels}")
+        self.channels = int(channels)
+        self.prompt = dict(prompt or {})
         self.paired = bool(paired)
         if self.paired:
             why = "paired data (for segmentation.merge.alpha, random merging masks)"
@@ -184,6 +199,15 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.synthetic_ignore_margin = int(synthetic_ignore_margin)
         self._draws = torch.Generator().manual_seed(seed + 2)
         self.class_names = validate_class_names(class_names)
+        unknown = [c for c in optional_classes if c not in self.class_names[1:]]
+        if unknown:
+            raise ValueError(f"optional_classes: {unknown} are not foreground classes of {list(self.class_names)}")
+        self.optional_classes = tuple(optional_classes)
+        if getattr(real, "channels", self.channels) != self.channels:
+            raise ValueError(
+                f"channels={self.channels} but the {real.name} source reads {real.channels}-channel images; "
+                "give the source channels: ${data.channels}"
+            )
         if tuple(real.class_names) != self.class_names:
             raise ValueError(
                 f"class_names {list(self.class_names)} differ from the {real.name} source's {list(real.class_names)}"
@@ -195,7 +219,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.synthetic = (
             None
             if not synthetic_dir
-            else ManifestSource(synthetic_dir, self.class_names, "train", min_score=synthetic_min_score)
+            else ManifestSource(
+                synthetic_dir, self.class_names, "train", min_score=synthetic_min_score, channels=self.channels
+            )
         )
         self.synthetic_ratio = synthetic_ratio
         self.synthetic_count = synthetic_count
@@ -217,11 +243,11 @@ class SegmentationDataModule(pl.LightningDataModule):
                 self.missing_test_sets[name] = f"{path}: folder not found"
                 log.warning("external test set %r not found at %s: not scored (paths.external_sets)", name, path)
                 continue
-            self.extra_test_sets[name] = open_test_set(path, self.class_names, name=name)
+            self.extra_test_sets[name] = open_test_set(path, self.class_names, name=name, channels=self.channels)
         for name, path in (test_sets or {}).items():
             if name in self.extra_test_sets or name in self.missing_test_sets or name == real.name:
                 raise ValueError(f"test_sets: the name {name!r} is taken (real data or paths.external_sets); rename it")
-            self.extra_test_sets[name] = open_test_set(path, self.class_names, name=name)
+            self.extra_test_sets[name] = open_test_set(path, self.class_names, name=name, channels=self.channels)
         self.test_set_classes: dict[str, list[str]] = {}  # filled by _check_test_sets
         self.num_workers = num_workers
         self.seed = seed
@@ -321,13 +347,17 @@ class SegmentationDataModule(pl.LightningDataModule):
         presence = info.get("class_presence")
         if presence is None:  # a set made before stage.json recorded it, or by hand
             presence = self.synthetic.class_presence()
-        sparse = {name: share for name, share in presence.items() if share < self.synthetic_min_class_presence}
+        sparse = {
+            name: share for name, share in presence.items()
+            if share < self.synthetic_min_class_presence and name not in self.optional_classes
+        }
         if sparse:
             shares = ", ".join(f"{name} in {share:.0%}" for name, share in sparse.items())
             raise ValueError(
                 f"synthetic_dir: {folder}: class(es) present in too few masks ({shares}; "
                 f"data.synthetic_min_class_presence={self.synthetic_min_class_presence:g}); an undertrained "
                 "generator's attention masks are mostly background (see the set's stage.json warnings). "
+                "A class that may be absent from an image (a lesion) belongs in data.optional_classes. "
                 "To train on it anyway: data.synthetic_min_class_presence=null"
             )
         return served
@@ -400,22 +430,21 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         if self.paired:
-            real = SegmentationDataset(
-                self.real, self.real_train_ids, self.size, self.augment, intensity=self.intensity, resize=self.resize
-            )
+            real = self._real_dataset(self.real, self.real_train_ids, self.augment)
             # the pair's augmentation is drawn independently of its real image's; an offset beyond any
             # worker id (workers are seeded base_seed + worker_id) keeps workers from sharing streams too
             return PairedDataset(real, self._synthetic_dataset(seed_offset=1_000_003), self._variants)
         parts = []
         if self.real_train_ids:
-            parts.append(
-                SegmentationDataset(
-                    self.real, self.real_train_ids, self.size, self.augment, intensity=self.intensity, resize=self.resize
-                )
-            )
+            parts.append(self._real_dataset(self.real, self.real_train_ids, self.augment))
         if self.synthetic_ids:
             parts.append(self._synthetic_dataset())
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def _real_dataset(self, source: SampleSource, ids: list[str], transform: Callable | None = None) -> SegmentationDataset:
+        return SegmentationDataset(
+            source, ids, self.size, transform, intensity=self.intensity, resize=self.resize, channels=self.channels
+        )
 
     def _synthetic_dataset(self, seed_offset: int = 0) -> SegmentationDataset:
         return SegmentationDataset(
@@ -427,6 +456,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             intensity=self.synthetic_intensity,
             resize=self.resize,
             seed_offset=seed_offset,
+            channels=self.channels,
         )
 
     def _loader(self, dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
@@ -457,19 +487,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         return self._loader(self.train_dataset(), shuffle=True, sampler=self.train_sampler())
 
     def val_dataloader(self) -> DataLoader:
-        ds = SegmentationDataset(
-            self.real, self.real.ids(self.splits["val"]), self.size, intensity=self.intensity, resize=self.resize
-        )
-        return self._loader(ds, shuffle=False)
+        return self._loader(self._real_dataset(self.real, self.real.ids(self.splits["val"])), shuffle=False)
 
     def test_dataloader(self) -> list[DataLoader]:
         sources = {self.real.name: self.real, **self.extra_test_sets}
         return [
-            self._loader(
-                SegmentationDataset(
-                    src, src.ids(self.splits["test"]), self.size, intensity=self.intensity, resize=self.resize
-                ),
-                shuffle=False,
-            )
+            self._loader(self._real_dataset(src, src.ids(self.splits["test"])), shuffle=False)
             for src in sources.values()
         ]

@@ -44,13 +44,17 @@ def check_resize(mode: str) -> str:
 
 
 def normalize_intensity(image: np.ndarray, mode: str = "raw") -> np.ndarray:
-    """Per-image intensity normalisation of a uint8 (H, W) image; returns uint8.
+    """Per-image intensity normalisation of a uint8 (H, W) grey or (H, W, 3) colour image; returns uint8.
+
+    A colour image is normalised channel by channel (``percentile`` over all channels at once,
+    so that the colour balance is kept).
 
     * ``raw``: unchanged.
     * ``percentile``: the 1st..99th percentile stretched linearly to 0..255 (undoes a linear
       change of exposure or window).
     * ``equalize``: histogram equalisation, with the histogram of the central half of the image
-      (each side's middle 50 %, where the lungs and heart are in any chest X-ray) mapping every
+      (each side's middle 50 %, where the lungs and heart are in any chest X-ray; chosen for chest
+      films: for other modalities prefer ``raw``, ``percentile`` or ``clahe``) mapping every
       pixel. Any strictly increasing change of the grey levels (gamma, window, exposure) gives
       the same output up to quantisation, which takes away much of the appearance gap between
       hospitals. The central histogram keeps a dark border or a wider field of view from
@@ -62,6 +66,8 @@ def normalize_intensity(image: np.ndarray, mode: str = "raw") -> np.ndarray:
     """
     if check_intensity(mode) == "raw":
         return image
+    if image.ndim == 3 and mode != "percentile":
+        return np.stack([normalize_intensity(image[..., c], mode) for c in range(image.shape[-1])], -1)
     if mode == "percentile":
         lo, hi = np.percentile(image, [1.0, 99.0])
         if hi <= lo:
@@ -85,11 +91,12 @@ def normalize_intensity(image: np.ndarray, mode: str = "raw") -> np.ndarray:
 
 
 def letterbox(array: np.ndarray, fill: int = 0) -> np.ndarray:
-    """``array`` (H, W) padded evenly on its short side with ``fill`` to a square."""
-    h, w = array.shape
+    """``array`` (H, W) or (H, W, C) padded evenly on its short side with ``fill`` to a square."""
+    h, w = array.shape[:2]
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
-    return np.pad(array, ((top, side - h - top), (left, side - w - left)), constant_values=fill)
+    pad = ((top, side - h - top), (left, side - w - left)) + ((0, 0),) * (array.ndim - 2)
+    return np.pad(array, pad, constant_values=fill)
 
 
 def resize_sample(sample: Sample, size: int, mode: str = "stretch") -> tuple[np.ndarray, np.ndarray | None]:
@@ -102,7 +109,7 @@ def resize_sample(sample: Sample, size: int, mode: str = "stretch") -> tuple[np.
     if check_resize(mode) == "letterbox" and image.shape[0] != image.shape[1]:
         image = letterbox(image)
         label = None if label is None else letterbox(label)
-    if image.shape != (size, size):
+    if image.shape[:2] != (size, size):
         resample = Image.BOX if image.shape[0] > size else Image.BILINEAR
         image = np.asarray(Image.fromarray(image).resize((size, size), resample))
     if label is not None and label.shape != (size, size):
@@ -119,7 +126,7 @@ def _plain(x) -> torch.Tensor:
 class SegmentationDataset(Dataset):
     """Items are dicts:
 
-    * ``image``: float32 (1, S, S) in [0, 1]
+    * ``image``: float32 (C, S, S) in [0, 1]; C = ``channels`` (1 grey, 3 RGB)
     * ``label``: int64 (1, S, S) class indices (all ``ignore_index`` if the sample is unlabelled)
     * ``id``, ``prompt``, ``source``: strings; ``meta``: dict of strings
 
@@ -137,6 +144,7 @@ class SegmentationDataset(Dataset):
         seed_offset: added to torch's seed when seeding ``transform``, so that two datasets
             fetched in step (a real image and its synthetic pair) with equal transforms do not
             draw the same augmentation.
+        channels: 1 (grey) or 3 (colour); a sample of the other kind is an error naming it.
     """
 
     def __init__(
@@ -150,7 +158,11 @@ class SegmentationDataset(Dataset):
         intensity: str = "raw",
         resize: str = "stretch",
         seed_offset: int = 0,
+        channels: int = 1,
     ):
+        if channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 (grey) or 3 (colour), got {channels}")
+        self.channels = int(channels)
         if size not in (32, 48, 64, 96, 128, 192, 256, 384, 512) and size % 16:
             raise ValueError(f"size: expected a multiple of 16 (e.g. 64, 128, 256), got {size}")
         self.source = source
@@ -186,7 +198,13 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.source.load(self.ids[index])
-        h, w = sample.image.shape
+        got = 1 if sample.image.ndim == 2 else sample.image.shape[-1]
+        if got != self.channels:
+            raise ValueError(
+                f"{self.source.name}: sample {sample.id} has {got} channel(s), expected {self.channels} "
+                f"(data.channels): grey and colour data are never converted silently"
+            )
+        h, w = sample.image.shape[:2]
         if h != w and not self._told_non_square:
             self._told_non_square = True
             log.info(
@@ -195,7 +213,8 @@ class SegmentationDataset(Dataset):
                 self.size, self.size, self.resize,
             )
         image, label = resize_sample(sample, self.size, self.resize)
-        img_t = torch.from_numpy(image.astype(np.float32) / 255.0)[None]
+        img_t = torch.from_numpy(image.astype(np.float32) / 255.0)
+        img_t = img_t[None] if img_t.ndim == 2 else img_t.permute(2, 0, 1).contiguous()
         if label is None:
             lab_t = torch.full((1, self.size, self.size), self.ignore_index, dtype=torch.int64)
         else:
@@ -210,8 +229,10 @@ class SegmentationDataset(Dataset):
         if self.intensity != "raw":
             # normalised after augmenting: the augmentation plays another site's acquisition, the
             # normalisation is part of the model's input, at training and test time alike
-            acquired = np.round(item["image"][0].clamp(0, 1).numpy() * 255).astype(np.uint8)
-            item["image"] = torch.from_numpy(normalize_intensity(acquired, self.intensity).astype(np.float32) / 255.0)[None]
+            acquired = np.round(item["image"].clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            normalised = normalize_intensity(acquired[..., 0] if self.channels == 1 else acquired, self.intensity)
+            image_t = torch.from_numpy(normalised.astype(np.float32) / 255.0)
+            item["image"] = image_t[None] if image_t.ndim == 2 else image_t.permute(2, 0, 1).contiguous()
         item.update(
             id=sample.id,
             prompt=sample.prompt,

@@ -7,7 +7,8 @@ A source knows the ids of each split and loads one sample at its native size:
 * :class:`ManifestSource` — any folder with a ``manifest.jsonl`` (synthetic data, external test sets);
 * :class:`PhantomSource` — procedurally drawn chest-like images (no files needed).
 
-``load(id)`` returns a :class:`Sample` with ``image`` (H, W) uint8 and ``label`` (H, W) uint8 or None.
+``load(id)`` returns a :class:`Sample` with ``image`` (H, W) uint8 (grey) or (H, W, 3) uint8
+(colour, ``channels=3``) and ``label`` (H, W) uint8 or None.
 """
 
 from __future__ import annotations
@@ -51,11 +52,12 @@ class Sample:
 
     Attributes:
         id: unique id within its source.
-        image: (H, W) uint8 grayscale.
+        image: (H, W) uint8 grey, or (H, W, 3) uint8 RGB for a colour source (``channels=3``).
         label: (H, W) uint8 label map with values in 0..num_classes-1, or None if unlabelled.
         prompt: caption / generation prompt ("" when the source has none).
         source: "real" or "synthetic".
-        meta: metadata strings (sex, age, finding, diagnosis, ...), missing values as "".
+        meta: metadata strings (every ``metadata.csv`` column but ``id`` and ``split``: sex, age,
+            pathology, ...), missing values as "".
     """
 
     id: str
@@ -76,14 +78,25 @@ class SampleSource(Protocol):
     def load(self, sample_id: str) -> Sample: ...
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a grayscale image as (H, W) uint8; a clear error naming the file if unreadable.
+def read_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
+    """Read an image as (H, W) uint8 (``channels=1``) or (H, W, 3) uint8 RGB (``channels=3``).
 
-    8-bit images (grayscale, palette, RGB) are read as they are. 16-bit, 32-bit and float
-    images (common for X-rays from other hospitals) are scaled linearly from their own
-    min..max to 0..255: converting them directly would clip every value above 255 to white.
+    8-bit images are read as they are. 16-bit, 32-bit and float images (common for X-rays from
+    other hospitals) are scaled linearly from their own min..max to 0..255: converting them
+    directly would clip every value above 255 to white. Nothing is converted silently:
+
+    * ``channels=1``: an RGB(A) image is accepted only when its three channels are equal (a grey
+      image saved as RGB, as many ultrasound exports are); a colour one is an error.
+    * ``channels=3``: a grey image is an error (a grey file in a colour dataset); palette images
+      are expanded to RGB, an alpha channel is dropped.
+
+    Raises:
+        FileNotFoundError: the file is not there.
+        ValueError: naming the file, when it is unreadable or its channels do not match.
     """
     path = Path(path)
+    if channels not in (1, 3):
+        raise ValueError(f"channels: expected 1 (grey) or 3 (colour), got {channels}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
     try:
@@ -93,11 +106,32 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 if arr.ndim != 2:
                     raise ValueError(f"expected one channel, got shape {arr.shape}")
                 arr = _rescale_to_uint8(arr, path)
-            else:
+                grey = True
+            elif im.mode in ("L", "1", "LA") or (im.mode == "P" and _palette_is_grey(im)):
                 arr = np.asarray(im.convert("L"), dtype=np.uint8)
+                grey = True
+            else:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                grey = bool((arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all())
+                if grey and channels == 1:
+                    arr = arr[..., 0].copy()
     except Exception as e:  # PIL raises several types for corrupt files
         raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
+    if channels == 1 and not grey:
+        raise ValueError(
+            f"{path}: a colour image in a grey dataset (data.channels=1); set data.channels=3 for colour data"
+        )
+    if channels == 3 and arr.ndim == 2:
+        raise ValueError(
+            f"{path}: a grey image in a colour dataset (data.channels=3); a dataset is all grey or all colour "
+            "(data.channels=1 for grey data)"
+        )
     return arr
+
+
+def _palette_is_grey(im: Image.Image) -> bool:
+    palette = np.asarray(im.convert("RGB"))
+    return bool((palette[..., 0] == palette[..., 1]).all() and (palette[..., 1] == palette[..., 2]).all())
 
 
 def _rescale_to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -135,7 +169,7 @@ def read_label(path: str | os.PathLike, num_classes: int, image_shape: tuple[int
             f"{path}: mask has labels {bad.tolist()[:10]} outside 0..{num_classes - 1} "
             f"(expected {num_classes} classes)"
         )
-    if image_shape is not None and arr.shape != tuple(image_shape):
+    if image_shape is not None and arr.shape != tuple(image_shape)[:2]:
         raise ValueError(f"{path}: mask size {arr.shape} does not match its image size {tuple(image_shape)}")
     return arr.astype(np.uint8)
 
@@ -155,10 +189,11 @@ def _find_file(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | Non
 class FolderSource:
     """A folder of ``images/<id>.<png|jpg|...>`` with label maps ``masks/<id>.<png|...>``.
 
-    ``metadata.csv`` (column ``id``; optional ``split``, ``sex, age, finding, diagnosis,
-    reading``) is optional: without it, or without a split, an image is in ``default_split``. This is
-    how a second real test set (another hospital, another layout than the manifest) plugs in
-    by path; labels ``0..k`` with ``k`` below the number of classes (e.g. lungs only) are fine.
+    ``metadata.csv`` (column ``id``; optional ``split``; every other column is the image's
+    metadata, e.g. ``sex, age, finding`` or ``pathology``, which prompts may use) is optional:
+    without it, or without a split, an image is in ``default_split``. This is how a dataset of
+    any modality, and a second real test set (another hospital), plugs in by path; labels
+    ``0..k`` with ``k`` below the number of classes (e.g. lungs only) are fine.
 
     Args:
         root: folder path.
@@ -166,6 +201,10 @@ class FolderSource:
         name: a short name for logs and metric keys (default: the folder name).
         default_split: the split of every image when there is no ``metadata.csv``.
         require_metadata: refuse a folder without ``metadata.csv``.
+        channels: 1 (grey) or 3 (colour, RGB); an image of the other kind is an error
+            (:func:`read_image`).
+        meta_columns: the ``metadata.csv`` columns kept as :attr:`Sample.meta` (missing ones
+            as ""); None = every column but ``id`` and ``split``.
 
     Raises:
         FileNotFoundError: naming the folder or file that is missing.
@@ -173,16 +212,21 @@ class FolderSource:
     """
 
     REQUIRED_COLUMNS: tuple[str, ...] = ("id",)  # rows without a split are ``default_split``
-    META_COLUMNS = ("sex", "age", "finding", "diagnosis", "reading")
 
     def __init__(
         self,
         root: str | os.PathLike,
-        class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES,
+        class_names: list[str] | tuple[str, ...],
         name: str | None = None,
         default_split: str = "test",
         require_metadata: bool = False,
+        channels: int = 1,
+        meta_columns: Sequence[str] | None = None,
     ):
+        if channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 (grey) or 3 (colour), got {channels}")
+        self.channels = int(channels)
+        self.meta_columns = None if meta_columns is None else tuple(str(c) for c in meta_columns)
         self.root = Path(root)
         self.name = name or self.root.name
         self.class_names = validate_class_names(class_names)
@@ -226,9 +270,10 @@ class FolderSource:
         mask_file = _find_file(self.root / "masks", sample_id, MASK_SUFFIXES)
         if mask_file is None:
             raise FileNotFoundError(f"{self.root / 'masks' / sample_id}.png: mask file not found")
-        image = read_image(image_file)
+        image = read_image(image_file, self.channels)
         label = read_label(mask_file, len(self.class_names), image.shape)
-        meta = {k: (row.get(k) or "") for k in self.META_COLUMNS}
+        columns = self.meta_columns or [k for k in row if k not in ("id", "split") and k is not None]
+        meta = {k: (row.get(k) or "") for k in columns}
         return Sample(id=sample_id, image=image, label=label, prompt="", source="real", meta=meta)
 
 
@@ -246,13 +291,14 @@ class JSRTSource(FolderSource):
     """
 
     REQUIRED_COLUMNS = ("id", "split")
+    META_COLUMNS = ("sex", "age", "finding", "diagnosis", "reading")
 
     def __init__(self, root: str | os.PathLike, class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES):
         if not Path(root).is_dir():
             raise FileNotFoundError(
                 f"{root}: JSRT folder not found (set paths.jsrt_dir or the DIFFMASK_JSRT_DIR variable)"
             )
-        super().__init__(root, class_names, name="jsrt", require_metadata=True)
+        super().__init__(root, class_names, name="jsrt", require_metadata=True, meta_columns=self.META_COLUMNS)
 
 
 class ManifestSource:
@@ -267,16 +313,21 @@ class ManifestSource:
             data, ``test`` for an external test set).
         name: a short name for logs and metric keys (default: the folder name(s), joined by +).
         min_score: drop rows whose lowest ``score_<class>`` is below this (quality filter).
+        channels: 1 (grey) or 3 (colour); an image of the other kind is an error.
     """
 
     def __init__(
         self,
         root: str | os.PathLike | Sequence[str | os.PathLike],
-        class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES,
+        class_names: list[str] | tuple[str, ...],
         default_split: str = "train",
         name: str | None = None,
         min_score: float | None = None,
+        channels: int = 1,
     ):
+        if channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 (grey) or 3 (colour), got {channels}")
+        self.channels = int(channels)
         paths = [Path(p) for p in root] if isinstance(root, Sequence) and not isinstance(root, str) else [Path(root)]
         if not paths:
             raise ValueError("root: expected a manifest folder, or a non-empty list of them")
@@ -338,7 +389,7 @@ class ManifestSource:
 
     def load(self, sample_id: str) -> Sample:
         row = self._rows[sample_id]
-        image = read_image(self._resolve(row.file_name))
+        image = read_image(self._resolve(row.file_name), self.channels)
         label = None
         if row.sem_seg_file_name:
             label = read_label(self._resolve(row.sem_seg_file_name), len(self.class_names), image.shape)
@@ -438,17 +489,17 @@ def draw_phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
 
 
 def open_test_set(
-    path: str | os.PathLike, class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES, name: str | None = None
+    path: str | os.PathLike, class_names: list[str] | tuple[str, ...], name: str | None = None, channels: int = 1
 ) -> SampleSource:
     """An external test set by path: a manifest folder (or file), or an ``images/`` + ``masks/`` folder.
 
-    Rows / images without a split count as ``test``.
+    Rows / images without a split count as ``test``; ``channels`` as the training data's.
     """
     path = Path(path)
     if path.is_file() or (path / "manifest.jsonl").is_file():
-        return ManifestSource(path, class_names, default_split="test", name=name)
+        return ManifestSource(path, class_names, default_split="test", name=name, channels=channels)
     if (path / "images").is_dir():
-        return FolderSource(path, class_names, name=name, default_split="test")
+        return FolderSource(path, class_names, name=name, default_split="test", channels=channels)
     raise FileNotFoundError(
         f"{path}: not a test set (expected a manifest.jsonl, or images/ and masks/ folders with "
         "optional metadata.csv)"

@@ -1,6 +1,8 @@
 """MONAI augmentation for 2-D image/label dicts (``image`` (1,H,W) float, ``label`` (1,H,W)).
 
-No horizontal flip: SCR labels are patient-sided, so a flip would swap left and right lungs.
+Horizontal flips are off by default: SCR labels are patient-sided, so a flip must swap the left
+and right lung labels (``flip_swap=[[1, 2]]``); a dataset whose classes have no side (a lesion)
+turns them on with ``hflip_prob`` alone.
 The augmentation acts on the image as acquired, before the per-image intensity normalisation
 (``data.intensity``), as another hospital's acquisition would.
 """
@@ -24,7 +26,39 @@ from monai.transforms import (
     RandScaleIntensityd,
 )
 
-__all__ = ["RandBurnInd", "build_augmentation"]
+__all__ = ["RandBurnInd", "SwapLabelsOnFlipd", "build_augmentation"]
+
+
+class SwapLabelsOnFlipd(RandomizableTransform, MapTransform):
+    """A horizontal flip that swaps sided labels: with probability ``prob`` the image and label are
+    mirrored left-right and each label pair in ``swap`` is exchanged (SCR: left lung 1 <-> right
+    lung 2, since a mirrored left lung lies where a right lung would).
+
+    Args:
+        prob: probability of the flip.
+        swap: pairs of label values exchanged by the flip; ``[]`` for a plain flip.
+    """
+
+    def __init__(self, prob: float = 0.5, swap: list[list[int]] | tuple = ()):
+        MapTransform.__init__(self, ("image", "label"))
+        RandomizableTransform.__init__(self, prob)
+        pairs = [tuple(int(v) for v in p) for p in swap]
+        if any(len(p) != 2 or p[0] == p[1] for p in pairs) or len({v for p in pairs for v in p}) != 2 * len(pairs):
+            raise ValueError(f"flip_swap: expected disjoint pairs of two label values, got {list(swap)}")
+        self.pairs = pairs
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        d["image"] = d["image"].flip(-1) if isinstance(d["image"], torch.Tensor) else np.flip(d["image"], -1).copy()
+        label = d["label"].flip(-1) if isinstance(d["label"], torch.Tensor) else np.flip(d["label"], -1).copy()
+        out = label.clone() if isinstance(label, torch.Tensor) else label.copy()
+        for a, b in self.pairs:
+            out[label == a], out[label == b] = b, a
+        d["label"] = out
+        return d
 
 
 class RandBurnInd(RandomizableTransform, MapTransform):
@@ -91,6 +125,8 @@ def build_augmentation(
     histogram_shift: int | None = None,
     bias_field: float | None = None,
     burn_in_prob: float = 0.0,
+    hflip_prob: float = 0.0,
+    flip_swap: list[list[int]] | None = None,
 ) -> Compose:
     """Build the augmentation used on training data (real or synthetic).
 
@@ -110,6 +146,10 @@ def build_augmentation(
         bias_field: largest coefficient of a smooth multiplicative bias field (``RandBiasFieldd``),
             or None to disable: uneven exposure across the film.
         burn_in_prob: probability of burnt-in markers and black borders (:class:`RandBurnInd`).
+        hflip_prob: probability of a horizontal flip (0: never; chest X-rays with patient-sided
+            labels flip only with ``flip_swap``).
+        flip_swap: label-value pairs a flip exchanges (:class:`SwapLabelsOnFlipd`), e.g.
+            ``[[1, 2]]`` for SCR's left and right lungs; None or ``[]`` = a plain flip.
 
     Returns:
         A MONAI ``Compose`` acting on dicts with keys ``image`` and ``label``.
@@ -117,7 +157,11 @@ def build_augmentation(
     if not 0 <= prob <= 1 or not 0 <= affine_prob <= 1:
         raise ValueError(f"prob/affine_prob: expected probabilities in [0, 1], got {prob}, {affine_prob}")
     shift = translate * size if size else 0.0
+    if not 0 <= hflip_prob <= 1:
+        raise ValueError(f"hflip_prob: expected a probability in [0, 1], got {hflip_prob}")
     transforms = []
+    if hflip_prob:
+        transforms.append(SwapLabelsOnFlipd(hflip_prob, flip_swap or []))
     if rotate_deg or scale or shift:
         transforms.append(
             RandAffined(

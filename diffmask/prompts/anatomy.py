@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffmask.labels import DEFAULT_CLASS_NAMES
-from diffmask.prompts.builder import BuiltPrompt, PromptBuilder
+from diffmask.prompts.builder import BuiltPrompt, PromptBuilder, legacy_builder_spec
 
 log = logging.getLogger(__name__)
 
@@ -480,4 +480,4 @@ def prompt_builder_from_dict(spec: Mapping[str, object]) -> PromptBuilder:
 
         rank = spec.pop("rank", False)
         return AnatomyPathologyPrompts(**spec, embedder=MiniLMEmbedder() if rank else None)
-    return PromptBuilder(**spec)
+    return PromptBuilder(**legacy_builder_spec(spec))

@@ -16,12 +16,18 @@ from dataclasses import dataclass
 
 from diffmask.labels import DEFAULT_CLASS_NAMES, class_word, validate_class_names
 
-__all__ = ["BuiltPrompt", "PromptBuilder", "class_token_positions", "locate_class_words"]
+__all__ = ["BuiltPrompt", "PromptBuilder", "class_token_positions", "locate_class_words", "legacy_builder_spec"]
 
-META_FIELDS = ("sex", "age", "finding", "diagnosis")
-DEFAULT_TEMPLATES = ("a chest x-ray of a {age} {sex}, {finding}, showing the {classes}",)
-DEFAULT_NEUTRAL = {"sex": "patient", "age": "adult", "finding": "unspecified finding", "diagnosis": "unknown diagnosis"}
-DEFAULT_SEX_WORDS = {"m": "male", "male": "male", "f": "female", "female": "female"}
+# the chest X-ray prompt (the defaults of conf/data/base/chest.yaml); any dataset gives its own
+DEFAULT_TEMPLATES = ("{modality} of a {age} {sex}, {finding}, showing the {classes}",)
+DEFAULT_MODALITY = "a chest x-ray"
+DEFAULT_FIELDS: dict[str, dict] = {
+    "sex": {"neutral": "patient", "words": {"m": "male", "male": "male", "f": "female", "female": "female"}},
+    "age": {"neutral": "adult", "format": "{value} year old", "numeric": True},
+    "finding": {"neutral": "unspecified finding"},
+    "diagnosis": {"neutral": "unknown diagnosis"},
+}
+FIELD_KEYS = ("neutral", "words", "format", "numeric")
 
 
 @dataclass(frozen=True)
@@ -41,17 +47,22 @@ class BuiltPrompt:
 class PromptBuilder:
     """Builds one prompt per sample from templates, its metadata and the class words.
 
-    Template fields: ``{sex}``, ``{age}``, ``{finding}``, ``{diagnosis}`` (from ``Sample.meta``;
-    missing or empty values become the field's neutral word) and ``{classes}`` (required: the
-    class phrases joined as "left lung, right lung and heart").
+    Template fields: ``{modality}`` (the dataset's noun: "a chest x-ray", "a breast ultrasound
+    image"), ``{classes}`` (required: the class phrases joined as "left lung, right lung and
+    heart"), and one field per metadata column named in ``fields`` (from ``Sample.meta``; a
+    missing, empty or unknown value becomes the field's neutral word).
 
     Args:
         templates: one or more templates; :meth:`build` picks one (the first unless an index
             or an RNG is given).
         class_names: label names, background first (background is never put in a prompt).
-        neutral: word per metadata field used when the value is missing/empty.
-        sex_words: maps raw sex values (lower-cased) to words; unknown values are neutral.
-        age_format: how a known age is written (``{age}`` is the number).
+        modality: what ``{modality}`` says.
+        class_words: class name -> its phrase in prompts (default: the name, ``_`` as a space).
+        fields: per metadata field, how its value becomes words: ``neutral`` (the word for a
+            missing value; required), ``words`` (lower-cased raw value -> word; a value not
+            listed is neutral; without it the value is used as it is, lower-cased),
+            ``format`` (e.g. ``"{value} year old"``), ``numeric`` (only whole numbers are used).
+            Default: the chest X-ray fields sex, age, finding, diagnosis.
         class_joiner, class_last_joiner: separators between class phrases.
         known_values: per metadata field, the words the model was trained with
             (:meth:`learn_values`; recorded in ``diffmask.json``). A value outside them (an
@@ -65,15 +76,18 @@ class PromptBuilder:
         p = builder.build({"sex": "M", "age": "53", "finding": "lung nodule"})
         p.text  # 'a chest x-ray of a 53 year old male, lung nodule, showing the left lung, right lung and heart'
         p.text[slice(*p.class_spans[0])]  # 'left lung'
+        us = PromptBuilder(["{modality}, {pathology}, showing the {classes}"], ["background", "lesion"],
+                           modality="a breast ultrasound image", fields={"pathology": {"neutral": "breast tissue"}})
+        us.build({"pathology": "benign"}).text  # 'a breast ultrasound image, benign, showing the lesion'
     """
 
     def __init__(
         self,
         templates: Sequence[str] = DEFAULT_TEMPLATES,
         class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
-        neutral: Mapping[str, str] | None = None,
-        sex_words: Mapping[str, str] | None = None,
-        age_format: str = "{age} year old",
+        modality: str = DEFAULT_MODALITY,
+        class_words: Mapping[str, str] | None = None,
+        fields: Mapping[str, Mapping] | None = None,
         class_joiner: str = ", ",
         class_last_joiner: str = " and ",
         known_values: Mapping[str, Sequence[str]] | None = None,
@@ -83,41 +97,74 @@ class PromptBuilder:
         templates = [str(t) for t in templates]
         if not templates:
             raise ValueError("templates: expected at least one template")
-        allowed = {*META_FIELDS, "classes"}
+        self.fields = self._check_fields(DEFAULT_FIELDS if fields is None else fields)
+        allowed = {*self.fields, "classes", "modality"}
         for t in templates:
-            fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
-            unknown = sorted(set(fields) - allowed)
+            used = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+            unknown = sorted(set(used) - allowed)
             if unknown:
-                raise ValueError(f"templates: {t!r} uses unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-            if fields.count("classes") != 1:
+                raise ValueError(
+                    f"templates: {t!r} uses unknown field(s) {unknown}; allowed: {sorted(allowed)} "
+                    "(a metadata column becomes a field when data.prompt.fields names it)"
+                )
+            if used.count("classes") != 1:
                 raise ValueError(f"templates: {t!r} must contain the field {{classes}} exactly once")
-        if "{age}" not in age_format:
-            raise ValueError(f"age_format: must contain {{age}}, got {age_format!r}")
         self.templates = tuple(templates)
+        self.modality = str(modality)
         self.class_names = validate_class_names(class_names)
-        self.class_words = tuple(class_word(n) for n in self.class_names[1:])
-        self.neutral = {**DEFAULT_NEUTRAL, **dict(neutral or {})}
-        self.sex_words = {str(k).lower(): str(v) for k, v in (sex_words or DEFAULT_SEX_WORDS).items()}
-        self.age_format = age_format
+        words = dict(class_words or {})
+        unknown = sorted(set(words) - set(self.class_names[1:]))
+        if unknown:
+            raise ValueError(f"class_words: {unknown} are not foreground classes of {list(self.class_names)}")
+        self.class_words = tuple(str(words.get(n) or class_word(n)) for n in self.class_names[1:])
+        self.neutral = {k: spec["neutral"] for k, spec in self.fields.items()}
         self.class_joiner = class_joiner
         self.class_last_joiner = class_last_joiner
         self.known_values = None if known_values is None else {
             str(k): sorted({str(v) for v in vs}) for k, vs in known_values.items()
         }
         if self.known_values is not None:
-            unknown = sorted(set(self.known_values) - set(META_FIELDS))
+            unknown = sorted(set(self.known_values) - set(self.fields))
             if unknown:
-                raise ValueError(f"known_values: unknown field(s) {unknown}; expected some of {list(META_FIELDS)}")
+                raise ValueError(f"known_values: unknown field(s) {unknown}; expected some of {list(self.fields)}")
+
+    @staticmethod
+    def _check_fields(fields: Mapping[str, Mapping]) -> dict[str, dict]:
+        out = {}
+        for name, spec in dict(fields).items():
+            spec = dict(spec or {})
+            unknown = sorted(set(spec) - set(FIELD_KEYS))
+            if unknown or "neutral" not in spec:
+                raise ValueError(
+                    f"fields.{name}: expected keys {list(FIELD_KEYS)} with 'neutral' required, got {sorted(spec)}"
+                )
+            if name in ("classes", "modality"):
+                raise ValueError(f"fields.{name}: the name is taken by the template field {{{name}}}")
+            if "format" in spec and "{value}" not in str(spec["format"]):
+                raise ValueError(f"fields.{name}.format: must contain {{value}}, got {spec['format']!r}")
+            words = spec.get("words")
+            out[str(name)] = {
+                "neutral": str(spec["neutral"]),
+                **({"words": {str(k).lower(): str(v) for k, v in words.items()}} if words else {}),
+                **({"format": str(spec["format"])} if spec.get("format") else {}),
+                **({"numeric": True} if spec.get("numeric") else {}),
+            }
+        return out
 
     def _raw_values(self, meta: Mapping[str, object] | None) -> dict[str, str]:
         meta = {str(k): ("" if v is None else str(v).strip()) for k, v in (meta or {}).items()}
         values = {}
-        sex = meta.get("sex", "").lower()
-        values["sex"] = self.sex_words.get(sex, self.neutral["sex"])
-        age = meta.get("age", "")
-        values["age"] = self.age_format.format(age=age) if age.isdigit() else self.neutral["age"]
-        for key in ("finding", "diagnosis"):
-            values[key] = " ".join(meta.get(key, "").lower().split()) or self.neutral[key]
+        for key, spec in self.fields.items():
+            raw = " ".join(meta.get(key, "").lower().split())
+            if "words" in spec:
+                value = spec["words"].get(raw, "")
+            elif spec.get("numeric"):
+                value = raw if raw.isdigit() else ""
+            else:
+                value = raw
+            if value and "format" in spec:
+                value = spec["format"].format(value=value)
+            values[key] = value or spec["neutral"]
         return values
 
     def field_values(self, meta: Mapping[str, object] | None) -> dict[str, str]:
@@ -130,7 +177,7 @@ class PromptBuilder:
 
     def learn_values(self, metas: Sequence[Mapping[str, object]]) -> None:
         """Record the values of the fitting set's metadata as :attr:`known_values` (at fit time)."""
-        seen: dict[str, set[str]] = {k: set() for k in META_FIELDS}
+        seen: dict[str, set[str]] = {k: set() for k in self.fields}
         for meta in metas:
             for key, value in self._raw_values(meta).items():
                 if value != self.neutral[key]:
@@ -163,6 +210,9 @@ class PromptBuilder:
             text += literal
             if name is None:
                 continue
+            if name == "modality":
+                text += format(self.modality, spec or "")
+                continue
             if name != "classes":
                 text += format(values[name], spec or "")
                 continue
@@ -182,19 +232,34 @@ class PromptBuilder:
         return {
             "templates": list(self.templates),
             "class_names": list(self.class_names),
-            "neutral": dict(self.neutral),
-            "sex_words": dict(self.sex_words),
-            "age_format": self.age_format,
+            "modality": self.modality,
+            "class_words": dict(zip(self.class_names[1:], self.class_words, strict=True)),
+            "fields": {k: dict(v) for k, v in self.fields.items()},
             "class_joiner": self.class_joiner,
             "class_last_joiner": self.class_last_joiner,
             "known_values": self.known_values,
         }
 
     def words(self) -> list[str]:
-        """Every word the templates, neutral words, sex words and class words can produce."""
+        """Every word the templates, modality, field words and class words can produce."""
         parts = [re.sub(r"\{[^}]*\}", " ", t) for t in self.templates]
-        parts += [*self.neutral.values(), *self.sex_words.values(), self.age_format, *self.class_words]
+        parts += [self.modality, *self.class_words]
+        for spec in self.fields.values():
+            parts += [spec["neutral"], *spec.get("words", {}).values(), spec.get("format", "")]
         return sorted({w for p in parts for w in re.findall(r"[a-z]+", p.lower())})
+
+
+def legacy_builder_spec(spec: Mapping[str, object]) -> dict:
+    """A ``to_dict`` recorded before prompts were described by the dataset config (``neutral``,
+    ``sex_words``, ``age_format``) as today's arguments; today's specs are returned unchanged."""
+    spec = dict(spec)
+    if "fields" in spec or not {"neutral", "sex_words", "age_format"} & set(spec):
+        return spec
+    neutral = {**{k: v["neutral"] for k, v in DEFAULT_FIELDS.items()}, **dict(spec.pop("neutral", None) or {})}
+    fields = {k: {"neutral": v} for k, v in neutral.items()}
+    fields["sex"]["words"] = dict(spec.pop("sex_words", None) or DEFAULT_FIELDS["sex"]["words"])
+    fields["age"].update(format=str(spec.pop("age_format", "{age} year old")).replace("{age}", "{value}"), numeric=True)
+    return {**spec, "fields": fields}
 
 
 def locate_class_words(text: str, class_words: Sequence[str]) -> tuple[tuple[int, int], ...]:

@@ -23,6 +23,7 @@ from diffmask.data import ManifestSource, PhantomSource
 from diffmask.data.dataset import SegmentationDataset
 from diffmask.diffusion import DiffusionSampler, build_scratch_components
 from diffmask.diffusion.components import DiffusionComponents
+from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
 
 TINY_AE = ["autoencoder.vae.block_out_channels=[16,32,32]", "autoencoder.vae.norm_num_groups=8", "autoencoder.crop=16"]
 TINY_DATA = ["data=phantom", "data.size=32", "data.batch_size=4", "data.num_workers=0", "data.real.num_train=4",
@@ -130,7 +131,7 @@ def test_autoencoder_stage_then_a_latent_diffusion_model_with_capture_at_the_ima
     assert (ae / "grid.png").is_file() and (ae / "test_metrics.json").is_file()
     assert AutoencoderKL.from_pretrained(ae).config.scaling_factor == pytest.approx(info["counts"]["scaling_factor"])
     # the reconstructions: a set a segmenter trains on, one per real training image, with its mask
-    recon = ManifestSource(ae / "reconstructions")
+    recon = ManifestSource(ae / "reconstructions", CHEST)
     assert len(recon.ids("train")) == 4 and recon.load(recon.ids("train")[0]).label is not None
 
     with pytest.raises((ValueError, InstantiationException), match="trained at 32 px"):

@@ -14,6 +14,7 @@ from diffmask.cli.train import run as train
 from diffmask.data import ManifestRow, PhantomSource, SegmentationDataModule, auto_source, write_manifest
 from diffmask.data.dataset import SegmentationDataset, resize_sample
 from diffmask.data.sources import FolderSource, Sample
+from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
 from diffmask.seeds import check_seed
 from diffmask.synthesis.quality import class_presence_record
 from tests.conftest import compose_config, write_synthetic_folder
@@ -168,6 +169,6 @@ def test_non_square_images_are_stretched_or_letterboxed_and_logged(tmp_path, cap
     Image.fromarray(image).save(root / "images" / "wide.png")
     Image.fromarray(label).save(root / "masks" / "wide.png")
     with caplog.at_level(logging.INFO, logger="diffmask.data.dataset"):
-        item = SegmentationDataset(FolderSource(root), ["wide"], 32, resize="letterbox")[0]
+        item = SegmentationDataset(FolderSource(root, CHEST), ["wide"], 32, resize="letterbox")[0]
     assert item["image"].shape == (1, 32, 32)
     assert "non-square images (e.g. wide, 20x40) are padded to a square and resized to 32x32" in caplog.text

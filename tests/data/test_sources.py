@@ -17,6 +17,7 @@ from diffmask.data import (
     read_manifest,
     write_manifest,
 )
+from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
 from tests.conftest import PHANTOM_SPLITS, write_phantom_folder
 
 
@@ -116,9 +117,9 @@ def test_manifest_roundtrip_and_errors(tmp_path):
     write_manifest(tmp_path, [row])
     back = read_manifest(tmp_path)[0]
     assert back == row
-    s = ManifestSource(tmp_path).load("a")
+    s = ManifestSource(tmp_path, CHEST).load("a")
     assert s.label.max() == 3 and s.source == "synthetic" and s.prompt == "x"
-    assert ManifestSource(tmp_path, min_score=0.95).rows() == []
+    assert ManifestSource(tmp_path, CHEST, min_score=0.95).rows() == []
 
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "b", "source": "synthetic"}) + "\n")
     with pytest.raises(ValueError, match=r"manifest.jsonl, row 1: missing required field 'file_name'"):
@@ -171,7 +172,7 @@ def test_folder_test_set_without_metadata(real_dir, tmp_path):
         label = np.asarray(Image.open(real_dir / "masks" / f"{i}.png"))
         Image.fromarray(np.where(label == 3, 0, label).astype(np.uint8)).save(ext / "masks" / f"case_{i}.png")
         Image.open(real_dir / "images" / f"{i}.png").convert("L").save(ext / "images" / f"case_{i}.jpg", quality=95)
-    src = open_test_set(ext, name="hospital_b")
+    src = open_test_set(ext, CHEST, name="hospital_b")
     assert isinstance(src, FolderSource) and src.name == "hospital_b"
     assert src.ids("test") == [f"case_{a}", f"case_{b}"]
     s = src.load(f"case_{a}")
@@ -179,11 +180,11 @@ def test_folder_test_set_without_metadata(real_dir, tmp_path):
 
     # a metadata.csv without splits: every listed image is a test image
     (ext / "metadata.csv").write_text(f"id,sex\ncase_{a},F\ncase_{b},M\n")
-    src = open_test_set(ext)
+    src = open_test_set(ext, CHEST)
     assert src.ids("test") == [f"case_{a}", f"case_{b}"] and src.load(f"case_{b}").meta["sex"] == "M"
 
     (ext / "masks" / f"case_{b}.png").unlink()
     with pytest.raises(FileNotFoundError, match=rf"masks/case_{b}\.png: mask file not found"):
         src.load(f"case_{b}")
     with pytest.raises(FileNotFoundError, match="expected a manifest.jsonl, or images/ and masks/"):
-        open_test_set(tmp_path / "nowhere")
+        open_test_set(tmp_path / "nowhere", CHEST)

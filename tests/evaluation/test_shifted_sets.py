@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from diffmask.data import JSRTSource, open_test_set
+from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,12 +23,12 @@ def test_shifted_sets_keep_the_labels_aligned(real_dir, tmp_path):
     real = JSRTSource(real_dir)
     sid = real.ids("test")[0]
     orig = real.load(sid)
-    win = open_test_set(tmp_path / "window", name="window")
+    win = open_test_set(tmp_path / "window", CHEST, name="window")
     assert win.ids("test") == real.ids("test")
     w = win.load(sid)
     assert np.array_equal(w.label, orig.label) and w.meta == orig.meta  # metadata carried for prompts
     assert w.image.min() >= 0.15 * 255 - 1 and w.image.max() <= 0.85 * 255 + 1
-    f = open_test_set(tmp_path / "fov").load(sid)
+    f = open_test_set(tmp_path / "fov", CHEST).load(sid)
     # 80 % of the image on a border: each class keeps ~64 % of its area, and its centre
     for c in (1, 2, 3):
         ratio = (f.label == c).sum() / (orig.label == c).sum()

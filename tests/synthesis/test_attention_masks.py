@@ -13,6 +13,7 @@ from PIL import Image
 from diffmask.attention import CrossAttentionStore
 from diffmask.data import ManifestSource, read_manifest
 from diffmask.labels import DEFAULT_CLASS_NAMES
+from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
 from diffmask.prompts import PromptBuilder
 from diffmask.refine import DenseCRFRefiner, RefinementChain, ThresholdRefiner
 from diffmask.refine.mask_maker import AttentionMaskMaker
@@ -73,7 +74,7 @@ def test_capture_then_masks_scores_class_maps_and_manifest(tmp_path, sampler, tr
         assert maps.shape == (3, 32, 32) and np.isfinite(maps).all() and 0 <= maps.min() and maps.max() <= 1
     raw = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
     assert {"score_left_lung", "score_right_lung", "score_heart", "sem_seg_file_name", "attn_file"} <= set(raw)
-    assert ManifestSource(out).load(rows[0].id).label.shape == (32, 32)
+    assert ManifestSource(out, CHEST).load(rows[0].id).label.shape == (32, 32)
 
 
 def test_crash_mid_run_resumes_without_duplicates_or_partial_files(tmp_path, sampler, trainer_factory):

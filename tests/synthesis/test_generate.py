@@ -6,6 +6,7 @@ from PIL import Image
 
 from diffmask.data import ManifestSource, PhantomSource, read_manifest
 from diffmask.labels import DEFAULT_CLASS_NAMES
+from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
 from diffmask.prompts import PromptBuilder
 from diffmask.synthesis import (
     MaskMaker,
@@ -59,7 +60,7 @@ def test_generate_writes_pngs_and_a_manifest_then_resumes(tmp_path, sampler, tra
     assert counts["skipped"] == 2 and counts["written"] == 3 and counts["rows"] == 5
     assert [r.id for r in read_manifest(out)] == [r.id for r in requests]
     assert np.array_equal(np.asarray(Image.open(out / row.file_name)), first)
-    src = ManifestSource(out)
+    src = ManifestSource(out, CHEST)
     assert len(src.ids("train")) == 5 and src.load(requests[4].id).label is None
 
 
@@ -83,7 +84,7 @@ def test_mask_maker_hook_writes_masks_and_scores(tmp_path, sampler, trainer_fact
     raw = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
     assert raw["sem_seg_file_name"] == f"masks/{requests[0].id}.png"
     assert set(k for k in raw if k.startswith("score_")) == {"score_left_lung", "score_heart"}
-    sample = ManifestSource(out).load(requests[0].id)
+    sample = ManifestSource(out, CHEST).load(requests[0].id)
     assert sample.label is not None and set(np.unique(sample.label)) <= {0, 1}
     # the trivial maker thresholds the float image at 0.5; the PNG holds round(255 x)
     assert np.mean(sample.label != (sample.image >= 128)) < 0.01

@@ -9,6 +9,7 @@ from diffmask.artifacts import StageDir
 from diffmask.cli.common import CONFIG_PATH
 from diffmask.cli.generate import run
 from diffmask.data import ManifestSource, read_manifest
+from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
 
 
 def compose_generate(tmp_path, *overrides):
@@ -33,7 +34,7 @@ def test_generate_cli_writes_a_complete_synthetic_stage(tmp_path, model_dir, cap
     assert stage["intensity"] == "raw"  # the model's input normalisation (older exports: raw)
     rows = read_manifest(out)
     assert [r.source for r in rows] == ["synthetic"] * 3 and all("left lung" in r.prompt for r in rows)
-    assert len(ManifestSource(out).ids("train")) == 3
+    assert len(ManifestSource(out, CHEST).ids("train")) == 3
     assert run(cfg) == {}  # complete: skipped
     # a complete stage is not redone with other settings, but the run says so
     changed = compose_generate(tmp_path, f"input_dir={model_dir}", "num_samples=3", "name=s1", "synthesis=none",
@@ -83,7 +84,7 @@ def test_generate_cli_attention_masks_with_affinity_second_pass(tmp_path, model_
         assert r.sem_seg_file_name == f"masks_affinity/{r.id}.png" and r.attn_file == f"attn/{r.id}.npz"
         assert (out / f"masks/{r.id}.png").is_file() and set(r.scores) == {"left_lung", "right_lung", "heart"}
     assert (out / "affinity.pt").is_file()
-    assert ManifestSource(out).load(rows[0].id).label.shape == (32, 32)
+    assert ManifestSource(out, CHEST).load(rows[0].id).label.shape == (32, 32)
 
 
 def test_generate_cli_rejects_inconsistent_synthesis_settings(tmp_path, model_dir):
@@ -109,7 +110,7 @@ def test_generate_cli_raw_attention_masks(tmp_path, model_dir):
     out = tmp_path / "artifacts" / "synthesis" / "r1"
     rows = read_manifest(out)
     assert all((out / r.sem_seg_file_name).is_file() for r in rows)
-    assert ManifestSource(out).load(rows[0].id).label.max() <= 3
+    assert ManifestSource(out, CHEST).load(rows[0].id).label.max() <= 3
 
 
 def test_generate_cli_extends_a_complete_stage_with_more_samples(tmp_path, model_dir):

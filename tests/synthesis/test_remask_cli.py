@@ -14,6 +14,7 @@ from diffmask.cli import remask
 from diffmask.cli.common import CONFIG_PATH
 from diffmask.cli.generate import run as generate
 from diffmask.data import ManifestSource, read_manifest
+from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
 from tests.synthesis.test_generate_cli import compose_generate
 
 
@@ -57,7 +58,7 @@ def test_remask_with_the_same_chain_reproduces_the_masks_and_links_the_images(tm
         assert set(made["class_presence"]) == {"left_lung", "right_lung", "heart"}
         assert all(0.0 <= v <= 1.0 for v in made["class_presence"].values())
         assert len(made["warnings"]) == sum(v < 0.5 for v in made["class_presence"].values())
-    assert ManifestSource(out).load(rows[0].id).label.shape == (32, 32)
+    assert ManifestSource(out, CHEST).load(rows[0].id).label.shape == (32, 32)
 
 
 def test_remask_other_chains_resume_and_filter(tmp_path, source):
