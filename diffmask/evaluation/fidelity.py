@@ -13,10 +13,13 @@ images (or are shifted) scores far below it.
 (:func:`record_label_fidelity`), where ``diffmask-report`` shows it beside the runs trained on
 the set.
 
-Conventions: a class is scored on an image when it is in the mask or in the prediction (a class
-the mask lacks but the image shows is a fidelity failure: IoU 0); background is not scored;
-``miou`` is the mean over the foreground classes scored on at least one image, like
-:class:`~diffmask.evaluation.metrics.SegmentationScores`.
+Conventions: the scoring rule of :mod:`diffmask.evaluation.metrics`, as the test metric. Per
+image and class: the usual IoU where the mask holds the class; where it lacks it, 1 when the
+prediction lacks it too and 0 when the model finds it in the image (the image shows what the
+mask lacks: a fidelity failure). A class that no mask of the set holds is not scored; background
+is not scored; ``miou`` is the mean over the scored foreground classes of their mean over images
+(:class:`~diffmask.evaluation.metrics.SegmentationScores`), ``agg_miou`` the same for the
+dataset-level aggregate IoU.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffmask.artifacts import StageDir, atomic_write_json
 from diffmask.data.dataset import SegmentationDataset, check_intensity
 from diffmask.data.sources import ManifestSource
+from diffmask.evaluation.metrics import SegmentationScores, compute_iou
 from diffmask.labels import IGNORE_INDEX, validate_class_names
 from diffmask.segmentation.module import resolve_checkpoint
 
@@ -151,26 +155,19 @@ def load_segmentation_model(model: str | Path, device: str | torch.device = "cpu
 
 def per_image_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                   ignore_index: int | None = IGNORE_INDEX) -> torch.Tensor:
-    """Per-image, per-class IoU scored where the class is in the target or the prediction.
+    """Per-image, per-class IoU of :func:`~diffmask.evaluation.metrics.compute_iou` (the test rule).
 
     Args:
         pred: (B, H, W) predicted class indices.
         target: same shape; ``ignore_index`` pixels are skipped.
         num_classes: number of classes including background.
+        ignore_index: label value of unlabelled pixels (None: every pixel counts).
 
     Returns:
-        (B, num_classes) IoU; NaN where the class is in neither (0 where it is in only one).
+        (B, num_classes) IoU: as usual where the class is in the target; where it is not, 0 when
+        it is in the prediction and 1 when it is in neither.
     """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
-    b = pred.shape[0]
-    pred, target = pred.reshape(b, 1, -1).long(), target.reshape(b, 1, -1).long()
-    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
-    classes = torch.arange(num_classes, device=pred.device)[None, :, None]
-    p, t = (pred == classes) & valid, (target == classes) & valid
-    union = (p | t).sum(-1).float()
-    iou = (p & t).sum(-1).float() / union.clamp_min(1)
-    return torch.where(union > 0, iou, torch.full_like(iou, float("nan")))
+    return compute_iou(pred, target, num_classes, ignore_index)
 
 
 def label_fidelity(
@@ -199,9 +196,11 @@ def label_fidelity(
 
     Returns:
         ``{"model", "checkpoint", "n_images", "size", "intensity", "iou": {class: mean IoU},
-        "miou", "per_image_miou_mean"}``: ``iou`` holds every foreground class scored on at
-        least one image; ``miou`` is their mean; ``per_image_miou_mean`` the mean over images of
-        each image's mean IoU (NaN: nothing scored).
+        "miou", "dice": {class: mean Dice}, "mdice", "agg_iou": {class: aggregate IoU},
+        "agg_miou", "per_image_miou_mean"}``: ``iou`` holds every foreground class that at
+        least one mask of the set holds (the rule of the module docstring); ``miou`` is their
+        mean; ``per_image_miou_mean`` the mean over images of each image's mean IoU over those
+        classes (NaN: nothing scored).
 
     Raises:
         FileNotFoundError: the model has no checkpoint or config, or the set no manifest.
@@ -239,30 +238,32 @@ def label_fidelity(
         )
     served = served_intensity(set_intensity(folder), intensity, source.root)
     dataset = SegmentationDataset(source, chosen, size, intensity=served, resize=str(cfg.data.get("resize", "stretch")))
+    totals = SegmentationScores(names, module.ignore_index).to(device)
     scores = []
     with torch.inference_mode():
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             image = torch.stack([it["image"] for it in items]).to(device)
             target = torch.stack([it["label"][0] for it in items]).to(device)
-            logits = module(image)
-            scores.append(per_image_iou(module.labels(logits), target, len(names), module.ignore_index).cpu())
-    iou = torch.cat(scores).double()[:, 1:]  # foreground classes
-    scored = ~torch.isnan(iou)
-    per_class = {
-        name: float(torch.where(scored[:, c], iou[:, c], 0).sum() / scored[:, c].sum())
-        for c, name in enumerate(names[1:]) if scored[:, c].any()
-    }
-    image_means = [float(row[ok].mean()) for row, ok in zip(iou, scored, strict=True) if ok.any()]
+            pred = module.labels(module(image))
+            totals.update(pred, target)
+            scores.append(per_image_iou(pred, target, len(names), module.ignore_index).cpu())
+    values = {k: float(v) for k, v in totals.compute().items()}
+    kept = [c for c, name in enumerate(names) if c > 0 and f"iou_{name}" in values]  # classes the set labels
+    image_means = torch.cat(scores).double()[:, kept].mean(1) if kept else torch.empty(0)
     result = {
         "model": str(model),
         "checkpoint": str(checkpoint),
         "n_images": len(chosen),
         "size": size,
         "intensity": intensity,
-        "iou": per_class,
-        "miou": sum(per_class.values()) / len(per_class) if per_class else math.nan,
-        "per_image_miou_mean": sum(image_means) / len(image_means) if image_means else math.nan,
+        "iou": {names[c]: values[f"iou_{names[c]}"] for c in kept},
+        "miou": values["miou"],
+        "dice": {names[c]: values[f"dice_{names[c]}"] for c in kept},
+        "mdice": values["mdice"],
+        "agg_iou": {names[c]: values[f"agg_iou_{names[c]}"] for c in kept},
+        "agg_miou": values["agg_miou"],
+        "per_image_miou_mean": float(image_means.mean()) if len(image_means) else math.nan,
     }
     log.info("label fidelity of %s (model %s): mIoU %.4f on %d images", folder, model, result["miou"], len(chosen))
     return result

@@ -4,7 +4,9 @@ For each real test image: build its prompt from its metadata (the model's
 :class:`~diffmask.prompts.PromptBuilder`), noise it to timestep ``t``, run the UNet once with
 the prompt while a :class:`~diffmask.attention.CrossAttentionStore` records the class maps
 (several ``t`` are averaged), then score the masks of each refinement step against the real
-mask with :func:`~diffmask.evaluation.compute_iou`:
+mask with :class:`~diffmask.evaluation.metrics.SegmentationScores` (the test metric's rule: an
+image whose mask lacks a class scores 1 on it when the step's mask lacks it too, 0 when it paints
+it; a class no real mask of the set holds is not scored):
 
 * ``raw``: argmax of the class maps, background where the max is below ``raw_threshold``;
 * each refiner in order, cumulatively (``threshold``, then ``densecrf`` on top, ...);
@@ -12,9 +14,11 @@ mask with :func:`~diffmask.evaluation.compute_iou`:
   the test images' *own* seeds (the last refiner's masks with an ignore band; no real labels),
   then random-walk refinement of each image's class maps.
 
-Metrics (flat keys, ``<set>`` = test-set name): ``masks/<set>/<step>/iou_<class>``,
-``masks/<set>/<step>/miou`` and ``masks/<set>/<step>/seconds_per_image``. Under DDP the IoU
-accumulators are synced; AffinityNet is fitted per rank on that rank's share of the images.
+Metrics (flat keys, ``<set>`` = test-set name): ``masks/<set>/<step>/iou_<class>`` and
+``masks/<set>/<step>/miou`` (per-image means), ``masks/<set>/<step>/agg_iou_<class>`` and
+``masks/<set>/<step>/agg_miou`` (dataset-level aggregates: summed intersections over summed
+unions), and ``masks/<set>/<step>/seconds_per_image``. Under DDP the IoU accumulators are synced;
+AffinityNet is fitted per rank on that rank's share of the images.
 """
 
 from __future__ import annotations
@@ -256,7 +260,7 @@ class MaskQualityLitModule(pl.LightningModule):
         for (set_name, step), metric in self._scores.items():
             prefix = f"masks/{set_name}/{step}"
             for key, value in metric.compute().items():
-                if key.startswith("iou_") or key == "miou":
+                if key.startswith(("iou_", "agg_iou_")) or key in ("miou", "agg_miou"):
                     results[f"{prefix}/{key}"] = float(value)
             n = self._counts[(set_name, step)]
             results[f"{prefix}/seconds_per_image"] = self._seconds[(set_name, step)] / n if n else float("nan")

@@ -1,13 +1,20 @@
 """Paired comparison of two training recipes on the same test images: a bootstrap interval.
 
-Each segmentation run writes ``per_image.csv`` (one row per test image and test set: ``set, id,
-iou_<class>``; empty where the class is absent from the image's ground truth). Two recipes (each
-one run or several seeds) are compared per test set on the images they share:
+Each segmentation run writes ``per_image.csv``: one row per test image and test set, ``set, id,
+iou_<class>..., dice_<class>...`` with the per-image scores of :mod:`diffmask.evaluation.metrics`
+(where the image's ground truth lacks a class: 1 when the prediction lacks it too, 0 when it
+paints it). A cell is empty only for a class that the row's test set never labels. Files written
+before that rule have no ``dice_`` columns and an empty cell wherever the image lacked the class;
+they are still read, and such cells are left out as they were.
 
-1. per recipe, each image's per-class IoU is averaged over its runs (seeds);
-2. the set's mIoU is the mean over classes of the mean over images, as the test metric is;
+Two recipes (each one run or several seeds) are compared per test set on the images they share:
+
+1. per recipe, each image's per-class score (IoU, or Dice with ``metric="dice"``) is averaged
+   over its runs (seeds);
+2. the set's mean score is the mean over classes of the mean over images, as the test metric
+   (``miou`` / ``mdice``) is; a class is counted on an image where both recipes score it;
 3. the images are resampled with replacement ``n_boot`` times, the same draw for both recipes
-   (paired), and the 2.5 / 97.5 percentiles of the mIoU difference give a 95 % interval.
+   (paired), and the 2.5 / 97.5 percentiles of the difference give a 95 % interval.
 
 The interval covers the choice of test images, not the seeds (averaged in step 1): with three
 seeds, report the seeds' standard deviation beside it (``diffmask-report``). A difference is
@@ -30,6 +37,7 @@ import numpy as np
 from diffmask.artifacts import atomic_write_text
 
 __all__ = [
+    "METRICS",
     "PER_IMAGE_FILE",
     "PairedComparison",
     "compare_recipes",
@@ -41,9 +49,22 @@ __all__ = [
 PER_IMAGE_FILE = "per_image.csv"
 
 
+METRICS = ("iou", "dice")
+
+
 def write_per_image(path: str | os.PathLike, rows: list[dict], class_names: Sequence[str]) -> Path:
-    """Atomically write per-image rows ``{set, id, iou_<class>}`` (NaN written as an empty cell)."""
-    fields = ["set", "id", *(f"iou_{c}" for c in class_names[1:])]
+    """Atomically write per-image rows ``{set, id, iou_<class>, dice_<class>}`` as CSV.
+
+    Args:
+        path: the file to write.
+        rows: one dict per image (e.g. :attr:`SegmentationLitModule.per_image`); a NaN or a
+            missing score is written as an empty cell, other keys are left out.
+        class_names: class names, background (no column) first.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    fields = ["set", "id", *(f"{m}_{c}" for m in METRICS for c in class_names[1:])]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -52,17 +73,41 @@ def write_per_image(path: str | os.PathLike, rows: list[dict], class_names: Sequ
     return atomic_write_text(path, buf.getvalue())
 
 
-def read_per_image(path: str | os.PathLike) -> dict[str, dict[str, dict[str, float]]]:
-    """``{set: {id: {class: iou}}}`` from a ``per_image.csv`` (absent classes left out)."""
+def read_per_image(path: str | os.PathLike, metric: str = "iou") -> dict[str, dict[str, dict[str, float]]]:
+    """One score of a ``per_image.csv``, per set, image and class.
+
+    Args:
+        path: the file (written by :func:`write_per_image`, or before it wrote Dice).
+        metric: ``iou`` or ``dice`` (the ``<metric>_<class>`` columns).
+
+    Returns:
+        ``{set: {id: {class: score}}}``; empty cells (a class not scored there) are left out.
+
+    Raises:
+        ValueError: naming ``metric`` when it is unknown or the file has no such column (a file
+            from before Dice was written asked for ``dice``), or naming the file and line of a
+            cell that is not a number.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
     path = Path(path)
+    prefix = f"{metric}_"
     out: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"set", "id"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: expected columns set, id, iou_<class>...; found {reader.fieldnames}")
+        if not any(k.startswith(prefix) for k in reader.fieldnames):
+            raise ValueError(
+                f"metric: {path} has no {prefix}<class> columns (found {reader.fieldnames}); files written "
+                "before per-image Dice hold IoU only"
+            )
         for line, row in enumerate(reader, 2):
             try:
-                scores = {k[4:]: float(v) for k, v in row.items() if k.startswith("iou_") and v not in ("", None)}
+                scores = {
+                    k[len(prefix):]: float(v) for k, v in row.items()
+                    if k and k.startswith(prefix) and v not in ("", None)
+                }
             except ValueError as e:
                 raise ValueError(f"{path}:{line}: {e}") from e
             out[row["set"]][row["id"]] = scores
@@ -85,11 +130,11 @@ def _find_runs(folders: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _seed_mean(files: list[Path], test_set: str) -> dict[str, dict[str, float]]:
-    """Each image's per-class IoU averaged over the runs that scored it."""
+def _seed_mean(files: list[Path], test_set: str, metric: str = "iou") -> dict[str, dict[str, float]]:
+    """Each image's per-class score averaged over the runs that scored it."""
     sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for f in files:
-        for sid, scores in read_per_image(f).get(test_set, {}).items():
+        for sid, scores in read_per_image(f, metric).get(test_set, {}).items():
             for cls, v in scores.items():
                 sums[sid][cls].append(v)
     return {sid: {c: float(np.mean(v)) for c, v in per.items()} for sid, per in sums.items()}
@@ -106,13 +151,14 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: in
     """Bootstrap of ``mIoU(a) - mIoU(b)`` over images, both resampled with the same draws.
 
     Args:
-        a, b: (N, C) per-image, per-class IoU of two recipes on the same N images; NaN where the
-            class is absent from the image (the same places in both).
+        a, b: (N, C) per-image, per-class scores (IoU or Dice) of two recipes on the same N
+            images; NaN where a class is not scored on an image (counted where neither is NaN).
         n_boot: bootstrap draws.
         seed: seed of the draws.
 
     Returns:
-        ``miou_a``, ``miou_b``, ``diff``, ``ci_low``, ``ci_high`` (95 %), ``p`` (two-sided: twice
+        ``miou_a``, ``miou_b`` (the mean scores: mIoU, or mDice for Dice inputs), ``diff``,
+        ``ci_low``, ``ci_high`` (95 %), ``p`` (two-sided: twice
         the smaller share of draws on either side of 0).
     """
     if a.shape != b.shape or a.ndim != 2:
@@ -155,20 +201,33 @@ def compare_recipes(
     test_sets: Sequence[str] | None = None,
     n_boot: int = 10000,
     seed: int = 0,
+    metric: str = "iou",
 ) -> list[PairedComparison]:
     """Compare recipe A (its runs: folders searched for ``per_image.csv``, or the files) with B.
 
     Only images scored by both recipes count; a test set one recipe lacks is left out.
+
+    Args:
+        runs_a, runs_b: each recipe's run folders or ``per_image.csv`` files.
+        test_sets: compare only these sets (default: every set both recipes scored).
+        n_boot: bootstrap draws.
+        seed: seed of the draws.
+        metric: ``iou`` (``miou_a``/``miou_b`` are mIoU) or ``dice`` (they are mDice).
+
+    Returns:
+        One :class:`PairedComparison` per test set.
     """
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
     files_a, files_b = _find_runs(runs_a), _find_runs(runs_b)
-    sets_a = {s for f in files_a for s in read_per_image(f)}
-    sets_b = {s for f in files_b for s in read_per_image(f)}
+    sets_a = {s for f in files_a for s in read_per_image(f, metric)}
+    sets_b = {s for f in files_b for s in read_per_image(f, metric)}
     names = [s for s in (test_sets or sorted(sets_a & sets_b)) if s in sets_a and s in sets_b]
     if not names:
         raise ValueError(f"no test set scored by both recipes (A: {sorted(sets_a)}, B: {sorted(sets_b)})")
     out = []
     for name in names:
-        a, b = _seed_mean(files_a, name), _seed_mean(files_b, name)
+        a, b = _seed_mean(files_a, name, metric), _seed_mean(files_b, name, metric)
         ids = sorted(set(a) & set(b))
         classes = sorted({c for sid in ids for c in (*a[sid], *b[sid])})
         arr_a = np.array([[a[sid].get(c, np.nan) for c in classes] for sid in ids])

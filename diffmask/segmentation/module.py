@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from diffmask.evaluation.metrics import SegmentationScores, compute_iou
+from diffmask.evaluation.metrics import SegmentationScores, class_counts, dice_from_counts, iou_from_counts
 from diffmask.labels import keep_largest_components, validate_class_names
 from diffmask.segmentation.merge import MergeSettings, merge_pair, patch_merge_mask
 
@@ -159,9 +159,18 @@ def load_net_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
 class SegmentationLitModule(pl.LightningModule):
     """Trains a segmentation network on batches ``{"image": (B,1,H,W), "label": (B,1,H,W)}``.
 
-    Logged keys: ``train/loss``, ``val/loss``, ``val/miou``, ``val/iou_<class>``, and per test set
+    Logged keys: ``train/loss``, ``val/loss``, ``val/miou``, ``val/iou_<class>`` (and the other
+    :class:`~diffmask.evaluation.metrics.SegmentationScores` keys), and per test set
     ``test/<set>/iou_<class>``, ``test/<set>/dice_<class>``, ``test/<set>/miou``, ``test/<set>/mdice``
-    (set names come from the datamodule's ``test_set_names``).
+    (per-image means) and ``test/<set>/agg_iou_<class>``, ``test/<set>/agg_dice_<class>``,
+    ``test/<set>/agg_miou``, ``test/<set>/agg_mdice`` (dataset-level aggregates); set names come
+    from the datamodule's ``test_set_names``. Scores follow :mod:`diffmask.evaluation.metrics`: an
+    image whose ground truth lacks a class scores 1 on it when the prediction lacks it too, 0
+    otherwise; a class that no image of a set labels is not scored on that set.
+
+    After ``trainer.test``, :attr:`per_image` holds one row per test image and set,
+    ``{set, id, iou_<class>, dice_<class>}`` for the foreground classes, with the same per-image
+    scores; NaN only for a class that the image's set never labels.
 
     Args:
         net: backbone mapping (B, C_in, H, W) to logits (B, num_classes, H, W).
@@ -224,7 +233,8 @@ class SegmentationLitModule(pl.LightningModule):
         self.val_scores = SegmentationScores(self.class_names, ignore_index)
         self.test_scores = torch.nn.ModuleList()
         self.test_set_names: list[str] = []
-        self.per_image: list[dict] = []  # after a test: {set, id, iou_<class>} per test image (NaN: class absent)
+        # after a test: {set, id, iou_<class>, dice_<class>} per test image (NaN: class the set never labels)
+        self.per_image: list[dict] = []
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image)
@@ -301,17 +311,21 @@ class SegmentationLitModule(pl.LightningModule):
         logits = self(batch["image"])
         pred, target = self.labels(logits), batch["label"][:, 0]
         self.test_scores[dataloader_idx].update(pred, target)
-        # per-image IoU for paired comparisons of two models on the same images (diffmask-compare)
-        iou = compute_iou(pred, target, len(self.class_names), self.ignore_index).cpu()
-        for sid, row in zip(batch["id"], iou.tolist(), strict=True):
+        # per-image IoU and Dice for paired comparisons of two models on the same images (diffmask-compare)
+        counts = class_counts(pred, target, len(self.class_names), self.ignore_index)
+        iou, dice = iou_from_counts(counts).cpu().tolist(), dice_from_counts(counts).cpu().tolist()
+        for sid, iou_row, dice_row in zip(batch["id"], iou, dice, strict=True):
             self.per_image.append({
                 "set": self.test_set_names[dataloader_idx], "id": str(sid),
-                **{f"iou_{name}": row[c] for c, name in enumerate(self.class_names) if c > 0},
+                **{f"iou_{name}": iou_row[c] for c, name in enumerate(self.class_names) if c > 0},
+                **{f"dice_{name}": dice_row[c] for c, name in enumerate(self.class_names) if c > 0},
             })
 
     def on_test_epoch_end(self) -> None:
+        unlabelled: dict[str, list[str]] = {}  # per set: the classes no image of it labels (synced over ranks)
         for name, scores in zip(self.test_set_names, self.test_scores, strict=True):
             values = scores.compute()
+            unlabelled[name] = [c for c in self.class_names[1:] if f"iou_{c}" not in values]
             # add_dataloader_idx=False keeps flat keys like test/jsrt/miou
             self.log_dict({f"test/{name}/{k}": v for k, v in values.items()}, add_dataloader_idx=False)
             scores.reset()
@@ -321,6 +335,10 @@ class SegmentationLitModule(pl.LightningModule):
             # the distributed sampler pads with repeats: one row per (set, id)
             unique = {(r["set"], r["id"]): r for rows in gathered for r in rows}
             self.per_image = list(unique.values())
+        # the set-level rule: a class the set never labels is not scored on any of its images
+        for row in self.per_image:
+            for c in unlabelled.get(row["set"], ()):
+                row[f"iou_{c}"] = row[f"dice_{c}"] = float("nan")
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self.labels(self(batch["image"])).to(torch.uint8)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import numpy as np
@@ -14,6 +13,7 @@ from PIL import Image
 
 from diffmask.cli.fidelity import main
 from diffmask.data import ManifestRow, write_manifest
+from diffmask.evaluation import compute_iou
 from diffmask.evaluation.fidelity import (
     label_fidelity,
     per_image_iou,
@@ -130,7 +130,9 @@ def test_intensity_rule_and_iou_where_a_class_is_in_either():
     pred[0, 0, 0] = 0
     pred[0, 3, 3] = 2  # class 2 predicted but not in the mask: the image shows what the mask lacks
     iou = per_image_iou(pred, target, 4)[0]
-    assert iou[1].item() == pytest.approx(0.75) and iou[2].item() == 0.0 and math.isnan(iou[3].item())
+    # class 3 in neither: 1, the test metric's rule (formerly NaN, not scored)
+    assert iou[1].item() == pytest.approx(0.75) and iou[2].item() == 0.0 and iou[3].item() == 1.0
+    assert torch.equal(per_image_iou(pred, target, 4), compute_iou(pred, target, 4))  # one rule, not a copy
 
 
 def _fake_run(folder, miou, synthetic_dir=None, n_synthetic=0, seed=0):

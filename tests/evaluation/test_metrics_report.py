@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from diffmask.evaluation import SegmentationScores, compute_dice, compute_iou
 from diffmask.evaluation.report import collect_runs, summarise, write_report
 
 
-def test_iou_known_values_and_absent_class_is_nan():
+def test_iou_known_values_and_absent_class_scores_one_or_zero():
     target = torch.zeros(1, 4, 4, dtype=torch.long)
     target[0, :2, :2] = 1  # 4 px of class 1, no class 2 or 3
     pred = torch.zeros_like(target)
@@ -21,8 +20,12 @@ def test_iou_known_values_and_absent_class_is_nan():
     pred[0, 3, 3] = 3  # class 3 predicted but absent from ground truth
     iou = compute_iou(pred, target, 4)
     assert iou[0, 1].item() == pytest.approx(0.5)
-    assert math.isnan(iou[0, 2].item()) and math.isnan(iou[0, 3].item())
-    assert compute_dice(pred, target, 4)[0, 1].item() == pytest.approx(2 * 2 / 6)
+    # absent from the ground truth: 1 when not predicted either, 0 when predicted (formerly NaN for both)
+    assert iou[0, 2].item() == 1.0 and iou[0, 3].item() == 0.0
+    dice = compute_dice(pred, target, 4)
+    assert dice[0, 1].item() == pytest.approx(2 * 2 / 6)
+    assert dice[0, 2].item() == 1.0 and dice[0, 3].item() == 0.0
+    assert not torch.isnan(iou).any() and not torch.isnan(dice).any()
 
 
 def test_scores_skip_classes_missing_from_the_test_set():

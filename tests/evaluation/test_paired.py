@@ -37,7 +37,7 @@ def test_bootstrap_finds_a_real_difference_and_not_a_spurious_one():
 
 
 def test_the_compared_miou_is_the_test_metric():
-    """mean over classes of the mean over images, with absent classes skipped, as SegmentationScores."""
+    """mean over classes of the mean over images (a heart-less image scores 1 or 0 on the heart), as SegmentationScores."""
     gen = torch.Generator().manual_seed(0)
     target = torch.randint(0, 4, (6, 16, 16), generator=gen)
     target[:2][target[:2] == 3] = 0  # two images without a heart
@@ -56,12 +56,14 @@ def test_a_training_run_writes_per_image_scores_that_agree_with_its_metrics(tmp_
             "segmentation.net.strides=[2,2]", "segmentation.net.num_res_units=1", "trainer.max_epochs=1",
             "trainer.limit_val_batches=1"]
     train(compose_config("train", tiny, tmp_path))
-    rows = read_per_image(tmp_path / "per_image.csv")
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
-    assert sorted(rows) == ["phantom"] and len(rows["phantom"]) == 6
-    for cls in CLASSES[1:]:
-        mean = np.mean([r[cls] for r in rows["phantom"].values() if cls in r])
-        assert mean == pytest.approx(metrics[f"test/phantom/iou_{cls}"], abs=1e-5)
+    for metric in ("iou", "dice"):  # per-image means; the aggregates are logged beside them
+        rows = read_per_image(tmp_path / "per_image.csv", metric)
+        assert sorted(rows) == ["phantom"] and len(rows["phantom"]) == 6
+        for cls in CLASSES[1:]:
+            mean = np.mean([r[cls] for r in rows["phantom"].values() if cls in r])
+            assert mean == pytest.approx(metrics[f"test/phantom/{metric}_{cls}"], abs=1e-5)
+            assert 0 <= metrics[f"test/phantom/agg_{metric}_{cls}"] <= 1
 
 
 def test_compare_cli_over_seeds(tmp_path, capsys):
