@@ -3,6 +3,7 @@
 from diffmask.data.datamodule import SegmentationDataModule, collate_samples, select_fraction
 from diffmask.data.dataset import SegmentationDataset
 from diffmask.data.manifest import ManifestRow, read_manifest, write_manifest
+from diffmask.data.shapes import ShapesSource
 from diffmask.data.sources import (
     FolderSource,
     JSRTSource,
@@ -26,6 +27,7 @@ __all__ = [
     "JSRTSource",
     "ManifestSource",
     "PhantomSource",
+    "ShapesSource",
     "Sample",
     "SampleSource",
     "auto_source",

@@ -123,7 +123,8 @@ def net_config(name: str, size: int) -> dict:
     assert isinstance(cfg["optimizer"]["lr"], float)  # `1e-3` must not load as a string
     assert cfg["class_names"] == "${data.class_names}"
     net = cfg["net"]
-    assert net["in_channels"] == 1
+    assert net["in_channels"] == "${data.channels}"  # grey or colour, from the dataset config
+    net["in_channels"] = 1
     assert net["out_channels"] == "${len:${data.class_names}}"
     net["out_channels"] = NUM_CLASSES
     if "img_size" in net:
