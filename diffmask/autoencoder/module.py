@@ -26,10 +26,17 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from diffmask.artifacts import atomic_write_bytes, atomic_write_json
+from diffmask.autoencoder.channels import (
+    channel_word,
+    check_autoencoder_channels,
+    from_autoencoder_channels,
+    to_autoencoder_channels,
+)
 
 __all__ = [
     "AUTOENCODER_FILE",
     "AutoencoderLitModule",
+    "autoencoder_channels",
     "build_autoencoder",
     "downsampling_factor",
     "load_autoencoder",
@@ -52,8 +59,9 @@ def build_autoencoder(
     norm_num_groups: int = 8,
     in_channels: int = 1,
     mid_block_attention: bool = False,
+    out_channels: int | None = None,
 ) -> AutoencoderKL:
-    """A randomly initialised ``AutoencoderKL`` that downsamples ``factor`` times (gray in, gray out).
+    """A randomly initialised ``AutoencoderKL`` that downsamples ``factor`` times (grey or colour in, the same out).
 
     Args:
         factor: image side / latent side, a power of two (4: 128 px -> 32 x 32; 8 as SD).
@@ -61,10 +69,19 @@ def build_autoencoder(
         block_out_channels: channels per level; ``log2(factor) + 1`` levels.
         layers_per_block: ResNet layers per level.
         norm_num_groups: GroupNorm groups (must divide every entry of ``block_out_channels``).
-        in_channels: image channels (1: gray X-rays).
+        in_channels: image channels (``data.channels``: 1 grey X-rays, 3 colour).
         mid_block_attention: self-attention in the middle block (SD has it; on CPU at a 32 x 32
             grid it costs more than it gives).
+        out_channels: channels of the reconstruction; None = ``in_channels`` (anything else is an
+            error: the autoencoder reconstructs its input).
     """
+    if in_channels not in (1, 3):
+        raise ValueError(f"autoencoder.vae.in_channels: expected 1 (grey) or 3 (colour), got {in_channels}")
+    if out_channels is not None and int(out_channels) != int(in_channels):
+        raise ValueError(
+            f"autoencoder.vae.out_channels: {out_channels} differs from in_channels {in_channels}; the autoencoder "
+            "reconstructs its input (both are data.channels)"
+        )
     levels = int(round(math.log2(factor))) + 1 if factor >= 1 else 0
     if factor < 2 or 2 ** (levels - 1) != factor:
         raise ValueError(f"autoencoder.factor: expected a power of two >= 2 (4 or 8), got {factor}")
@@ -89,7 +106,21 @@ def build_autoencoder(
     )
 
 
-def load_autoencoder(path: str | os.PathLike, resolution: int | None = None) -> AutoencoderKL:
+def autoencoder_channels(path: str | os.PathLike, vae: AutoencoderKL | None = None) -> int | None:
+    """The image channels the project's autoencoder in ``path`` was fitted on (its ``autoencoder.json``;
+    before they were recorded: its ``in_channels``); None for a foreign VAE (Stable Diffusion's ``vae/``)."""
+    info_file = Path(path) / AUTOENCODER_FILE
+    if not info_file.is_file():
+        return None
+    info = json.loads(info_file.read_text())
+    if "channels" in info:
+        return int(info["channels"])
+    if vae is None:
+        return int(AutoencoderKL.load_config(path)["in_channels"])
+    return int(vae.config.in_channels)
+
+
+def load_autoencoder(path: str | os.PathLike, resolution: int | None = None, channels: int | None = None) -> AutoencoderKL:
     """Load an autoencoder folder (this stage's export, or a Stable Diffusion folder's ``vae/``).
 
     Args:
@@ -97,10 +128,15 @@ def load_autoencoder(path: str | os.PathLike, resolution: int | None = None) -> 
         resolution: the image side it will be used at; checked against the side this project's
             autoencoder was trained at (its ``autoencoder.json``), since the latent scaling
             factor was measured there. SD's VAE has no such record and is not checked.
+        channels: the data's image channels (``data.channels``); None = not checked. The
+            project's autoencoder must have been fitted on images of these channels; a foreign
+            VAE takes its own channels, or grey images (repeated to its channels).
 
     Raises:
         FileNotFoundError: no folder, or no ``config.json`` in it.
-        ValueError: ``resolution`` differs from the trained side, or is not divisible by the factor.
+        ValueError: ``resolution`` differs from the trained side, or is not divisible by the
+            factor; ``channels`` differ from the channels the autoencoder was fitted on (both
+            values and the folder named).
     """
     root = Path(path)
     if not (root / "config.json").is_file():
@@ -110,6 +146,15 @@ def load_autoencoder(path: str | os.PathLike, resolution: int | None = None) -> 
         )
     vae = AutoencoderKL.from_pretrained(root)
     factor = downsampling_factor(vae)
+    if channels is not None:
+        fitted = autoencoder_channels(root, vae)
+        if fitted is not None and fitted != int(channels):
+            raise ValueError(
+                f"autoencoder_dir: {root} was fitted on {fitted}-channel ({channel_word(fitted)}) images, but "
+                f"data.channels={channels} ({channel_word(channels)}); grey and colour are never converted "
+                "silently: fit an autoencoder on this data (diffmask-fit-autoencoder with the same data)"
+            )
+        check_autoencoder_channels(int(vae.config.in_channels), int(channels), where=f"autoencoder_dir {root}")
     if resolution is not None:
         info_file = root / AUTOENCODER_FILE
         trained = json.loads(info_file.read_text()).get("resolution") if info_file.is_file() else None
@@ -165,11 +210,14 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: floa
 
 
 def save_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor]) -> Path:
-    """Write rows of (N, 1, H, W) images in [0, 1] as one 8-bit PNG (e.g. originals over reconstructions)."""
+    """Write rows of (N, C, H, W) images in [0, 1] as one 8-bit PNG (e.g. originals over reconstructions):
+    grey for C = 1, RGB for C = 3."""
     from PIL import Image  # noqa: PLC0415
 
-    lines = [torch.cat(list(r[:, 0].clamp(0, 1)), dim=1) for r in rows]
-    grid = (torch.cat(lines, dim=0).numpy() * 255).round().astype(np.uint8)
+    lines = [torch.cat(list(r.detach().float().cpu().clamp(0, 1)), dim=-1) for r in rows]  # (C, H, N*W) each
+    grid = torch.cat(lines, dim=-2)
+    grid = grid[0] if grid.shape[0] == 1 else grid.permute(1, 2, 0)
+    grid = (grid.numpy() * 255).round().astype(np.uint8)
     import io  # noqa: PLC0415
 
     buf = io.BytesIO()
@@ -181,7 +229,8 @@ def save_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor]) -> Path:
 class AutoencoderLitModule(pl.LightningModule):
     """Trains an ``AutoencoderKL`` to reconstruct the real X-rays (batches of the segmentation datamodule).
 
-    Images (B, 1, S, S) in [0, 1] are scaled to [-1, 1] (as the diffusion stage feeds them); the
+    Images (B, C, S, S) in [0, 1] (C = ``data.channels``: 1 grey, 3 colour) are scaled to [-1, 1]
+    (as the diffusion stage feeds them; grey repeated to a 3-channel VAE's channels); the
     loss is ``L1 + kl_weight * KL + gradient_weight * L1(image gradients)``, the KL being the
     posterior's mean per latent element.
 
@@ -247,8 +296,7 @@ class AutoencoderLitModule(pl.LightningModule):
                 f"image: expected {self.resolution}x{self.resolution} px (autoencoder resolution), got "
                 f"{tuple(image.shape[-2:])}; set data.size={self.resolution}"
             )
-        x = image * 2.0 - 1.0
-        return x.repeat(1, self.vae.config.in_channels // x.shape[1], 1, 1)
+        return to_autoencoder_channels(image * 2.0 - 1.0, int(self.vae.config.in_channels))
 
     def losses(self, image: torch.Tensor, sample: bool = True, crop: bool = False) -> dict[str, torch.Tensor]:
         x = self._inputs(image)
@@ -284,7 +332,7 @@ class AutoencoderLitModule(pl.LightningModule):
 
     @torch.no_grad()
     def reconstruct(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) in [0, 1] -> its reconstruction through the posterior mean, in [0, 1]."""
+        """(B, C, S, S) in [0, 1] -> its reconstruction through the posterior mean, in [0, 1]."""
         return reconstruct(self.vae, image)
 
     # ---- export --------------------------------------------------------------------------
@@ -314,6 +362,8 @@ class AutoencoderLitModule(pl.LightningModule):
             "resolution": self.resolution,
             "factor": self.factor,
             "latent_channels": int(self.vae.config.latent_channels),
+            # the image channels it was fitted on: a diffusion model on other data is refused
+            "channels": int(self.vae.config.in_channels),
             "scaling_factor": float(self.vae.config.scaling_factor),
             **stats,
             "global_step": int(self.global_step),
@@ -325,7 +375,7 @@ class AutoencoderLitModule(pl.LightningModule):
 
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL, image: torch.Tensor) -> torch.Tensor:
-    """(B, 1, S, S) in [0, 1] -> the autoencoder's reconstruction (posterior mean), gray, in [0, 1]."""
-    x = (image * 2.0 - 1.0).repeat(1, vae.config.in_channels // image.shape[1], 1, 1).to(vae.dtype)
-    recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().mean(dim=1, keepdim=True)
+    """(B, C, S, S) in [0, 1] -> the autoencoder's reconstruction (posterior mean), C channels, in [0, 1]."""
+    x = to_autoencoder_channels(image * 2.0 - 1.0, int(vae.config.in_channels)).to(vae.dtype)
+    recon = from_autoencoder_channels(vae.decode(vae.encode(x).latent_dist.mode()).sample.float(), image.shape[1])
     return ((recon.clamp(-1, 1) + 1) / 2).to(image.dtype)

@@ -9,6 +9,8 @@ set), ``grid.png`` and ``stage.json`` to ``${paths.artifact_dir}/autoencoder/<na
 ``metrics.json`` into the run dir. Resumable. With ``reconstructions=true`` the training images'
 reconstructions and their masks become a set (``<stage>/reconstructions``) for
 ``diffmask-train data.synthetic_dir=...`` (what the round trip costs a segmenter).
+Colour data (``data.channels=3``) gives a colour autoencoder (RGB in and out; ``grid.png`` and the
+reconstructions are RGB PNGs); ``autoencoder.json`` and ``stage.json`` record the channels.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from diffmask.cli.common import (
     stage_task,
 )
 from diffmask.data.manifest import ManifestRow, write_manifest
+from diffmask.refine.images import to_uint8_images
 
 log = logging.getLogger("diffmask.fit_autoencoder")
 
@@ -65,15 +68,16 @@ def write_reconstructions(vae, datamodule, folder: Path, batch_size: int = 16) -
     from diffmask.synthesis.writer import _png_bytes  # noqa: PLC0415
 
     ids = list(datamodule.real_train_ids)
-    dataset = SegmentationDataset(datamodule.real, ids, datamodule.size, intensity=datamodule.intensity)
+    dataset = SegmentationDataset(datamodule.real, ids, datamodule.size, intensity=datamodule.intensity,
+                                  channels=datamodule.channels)
     rows = []
     for start in range(0, len(ids), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(ids)))]
         images = torch.stack([it["image"] for it in items])
-        recon = reconstruct(vae, images)
+        recon = to_uint8_images(reconstruct(vae, images))  # (B, S, S) grey or (B, S, S, 3) RGB
         for item, r in zip(items, recon, strict=True):
             sid = str(item["id"])
-            atomic_write_bytes(folder / "images" / f"{sid}.png", _png_bytes((r[0].numpy() * 255).round()))
+            atomic_write_bytes(folder / "images" / f"{sid}.png", _png_bytes(r))
             atomic_write_bytes(folder / "masks" / f"{sid}.png", _png_bytes(item["label"][0].numpy()))
             rows.append(ManifestRow(id=sid, file_name=f"images/{sid}.png", sem_seg_file_name=f"masks/{sid}.png",
                                     source="synthetic", meta=dict(item["meta"]), pair_id=sid))
@@ -90,6 +94,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_run(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.autoencoder)
+    if int(model.vae.config.in_channels) != datamodule.channels:
+        raise ValueError(
+            f"autoencoder.vae.in_channels={model.vae.config.in_channels}, but data.channels={datamodule.channels}; "
+            "the autoencoder reads the data's images as they are (set both from data.channels)"
+        )
 
     work = stage.begin(resume=True)
     trainer, metrics, fit_seconds = resumable_fit(cfg, model, datamodule, work)
@@ -108,6 +117,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         n_recon = write_reconstructions(model.vae, datamodule, recon_dir)
         # a set's stage.json: the datamodule reads the intensity its images were made with
         atomic_write_json(recon_dir / "stage.json", {"status": "complete", "intensity": datamodule.intensity,
+                                                     "channels": datamodule.channels,
                                                      "counts": {"n_samples": n_recon}})
     test = {f"test/{name}/{k}": v for name, r in results.items() for k, v in r.items() if k in ("psnr", "ssim")}
     counts = {
@@ -116,9 +126,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "factor": model.factor,
         "scaling_factor": float(model.vae.config.scaling_factor),
         "n_reconstructions": n_recon,
+        "channels": datamodule.channels,
     }
     commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule, "autoencoder_dir", counts,
-                     extra={"test": results, "intensity": datamodule.intensity}, extra_metrics=test)
+                     extra={"test": results, "intensity": datamodule.intensity, "channels": datamodule.channels},
+                     extra_metrics=test)
     for name, r in results.items():
         log.info("autoencoder %s: PSNR %.2f dB, SSIM %.4f on %d %s test images", stage.path, r["psnr"], r["ssim"],
                  r["n"], name)

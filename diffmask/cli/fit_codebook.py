@@ -30,8 +30,8 @@ from diffmask.data.dataset import SegmentationDataset
 log = logging.getLogger("diffmask.fit_codebook")
 
 
-def _images(source, ids: list[str], size: int, intensity: str) -> torch.Tensor:
-    dataset = SegmentationDataset(source, ids, size, intensity=intensity)
+def _images(source, ids: list[str], size: int, intensity: str, channels: int = 1) -> torch.Tensor:
+    dataset = SegmentationDataset(source, ids, size, intensity=intensity, channels=channels)
     return torch.stack([dataset[i]["image"] for i in range(len(ids))])
 
 
@@ -50,9 +50,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.codebook.autoencoder_dir:
         raise ValueError("codebook.autoencoder_dir: expected a diffmask-fit-autoencoder stage folder (the patch encoder)")
     ae_dir = str(cfg.codebook.autoencoder_dir)
-    vae = load_autoencoder(ae_dir, resolution=datamodule.size)
+    vae = load_autoencoder(ae_dir, resolution=datamodule.size, channels=datamodule.channels)
     ids = list(datamodule.real_train_ids)
-    images = _images(datamodule.real, ids, datamodule.size, datamodule.intensity)
+    images = _images(datamodule.real, ids, datamodule.size, datamodule.intensity, datamodule.channels)
     work = stage.begin()
     start = time.time()
     book = VisualCodebook.fit(vae, images, int(cfg.codebook.size), int(cfg.codebook.patch),
@@ -63,16 +63,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for name, source in {datamodule.real.name: datamodule.real, **datamodule.extra_test_sets}.items():
         test_ids = source.ids(datamodule.splits["test"]) if source is datamodule.real else source.ids("test")
         usage[f"test/{name}"] = codebook_usage(_assign(book, _images(source, test_ids, datamodule.size,
-                                                                      datamodule.intensity)).numpy(), book.size)
+                                                                      datamodule.intensity, datamodule.channels)
+                                                       ).numpy(), book.size)
     summary = {k: {"n_dead": u["n_dead"], "perplexity": round(u["perplexity"], 2)} for k, u in usage.items()}
-    book.save(work, extra={"intensity": datamodule.intensity, "real": datamodule.real.name, "usage": summary,
+    book.save(work, extra={"intensity": datamodule.intensity, "channels": datamodule.channels,
+                           "real": datamodule.real.name, "usage": summary,
                            "dead_codes": usage["train"]["dead_codes"], "counts": usage["train"]["counts"]})
     atomic_write_json(work / "codes.json", {sid: c.tolist() for sid, c in zip(ids, codes, strict=True)})
     counts = {"size": book.size, "patch": book.patch, "grid": book.grid, "n_images": len(ids),
               "n_dead": usage["train"]["n_dead"], "perplexity": round(usage["train"]["perplexity"], 2),
               "fit_seconds": round(fit_seconds, 1)}
     stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"autoencoder_dir": ae_dir}, counts=counts,
-                 extra={"usage": summary, "intensity": datamodule.intensity})
+                 extra={"usage": summary, "intensity": datamodule.intensity, "channels": datamodule.channels})
     metrics = {f"codebook/{k}/{m}": v for k, u in summary.items() for m, v in u.items()}
     write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, extra={"codebook_dir": str(stage.path), **counts})
     for k, u in summary.items():

@@ -100,6 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "n_labelled": len(model.labelled_ids or []),
         "space": "latent" if components.latent else "pixel",
         "resolution": model.resolution,
+        "channels": components.channels,
     }
     info = commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule, "model_dir", counts,
                             inputs={"autoencoder": str(autoencoder_dir)} if autoencoder_dir else None)

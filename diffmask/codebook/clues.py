@@ -80,7 +80,7 @@ class VisualClues(nn.Module):
 
     # ---- codes -----------------------------------------------------------------------------
     def image_codes(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) -> (B, G*G) patch codes (each distinct image assigned once, then cached)."""
+        """(B, C, S, S) -> (B, G*G) patch codes (each distinct image assigned once, then cached)."""
         return torch.stack(self._codes.get(images, lambda x: self.codebook.assign(x.detach().cpu().float()).flatten(1)))
 
     def fit_alignment(self, reports: Sequence[str], images: Sequence[torch.Tensor], batch_size: int = 32) -> WordCodePMI:
@@ -138,10 +138,11 @@ class VisualClues(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, resolution: int | None = None) -> VisualClues:
+    def load(cls, path: str | os.PathLike, resolution: int | None = None, channels: int | None = None) -> VisualClues:
+        """Saved clues; ``channels`` (the model's image channels) are checked against the codebook's autoencoder."""
         path = Path(path)
         info = json.loads((path / "clues.json").read_text())
-        codebook = VisualCodebook.load(info["codebook_dir"], resolution=resolution)
+        codebook = VisualCodebook.load(info["codebook_dir"], resolution=resolution, channels=channels)
         pmi = WordCodePMI.load(path) if (path / "pmi.json").is_file() else None
         clues = cls(codebook, int(info["dim"]), int(info["num_tokens"]), pmi, info["codebook_dir"])
         clues.encoder.load_state_dict(torch.load(path / "clue_encoder.pt", map_location="cpu", weights_only=True))

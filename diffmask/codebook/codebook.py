@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from diffmask.artifacts import atomic_write_bytes, atomic_write_json
-from diffmask.autoencoder import downsampling_factor, load_autoencoder
+from diffmask.autoencoder import downsampling_factor, load_autoencoder, to_autoencoder_channels
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,14 @@ class VisualCodebook:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) in [0, 1] -> (B, G*G, D) raw patch features (row-major cells)."""
+        """(B, C, S, S) in [0, 1] -> (B, G*G, D) raw patch features (row-major cells); C = the data's
+        channels (grey repeated to a 3-channel autoencoder's, :mod:`diffmask.autoencoder.channels`)."""
         if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
             raise ValueError(
                 f"image: the codebook is for {self.resolution} px images, got {tuple(images.shape[-2:])}; "
                 "build the codebook at the diffusion model's data.size"
             )
-        x = (images * 2 - 1).repeat(1, self.vae.config.in_channels // images.shape[1], 1, 1)
+        x = to_autoencoder_channels(images * 2 - 1, int(self.vae.config.in_channels))
         z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float()  # (B, C, S/f, S/f)
         cell = self.patch // self.factor
         b, c = z.shape[:2]
@@ -131,7 +132,7 @@ class VisualCodebook:
 
     @torch.no_grad()
     def assign(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) -> (B, G, G) index of each patch's nearest code."""
+        """(B, C, S, S) -> (B, G, G) index of each patch's nearest code."""
         f = self.standardise(self.features(images))
         b = f.shape[0]
         codes = _sq_dist(f.reshape(-1, f.shape[-1]), self.centroids).argmin(1)
@@ -140,7 +141,7 @@ class VisualCodebook:
     @classmethod
     def fit(cls, vae, images: torch.Tensor, size: int, patch: int, iters: int = 50, seed: int = 0,
             autoencoder_dir: str | os.PathLike | None = None, batch_size: int = 32) -> VisualCodebook:
-        """K-means codebook of the patches of ``images`` (N, 1, S, S)."""
+        """K-means codebook of the patches of ``images`` (N, C, S, S)."""
         resolution = int(images.shape[-1])
         book = cls(vae, torch.zeros(1, 1), torch.zeros(1), torch.ones(1), patch, resolution, autoencoder_dir)
         feats = torch.cat([book.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
@@ -162,12 +163,13 @@ class VisualCodebook:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, resolution: int | None = None) -> VisualCodebook:
+    def load(cls, path: str | os.PathLike, resolution: int | None = None, channels: int | None = None) -> VisualCodebook:
         """A saved codebook (its autoencoder from the recorded ``autoencoder_dir``).
 
         Raises:
             FileNotFoundError: no codebook in ``path``.
-            ValueError: the codebook was built at another size than ``resolution``.
+            ValueError: the codebook was built at another size than ``resolution``, or its
+                autoencoder was fitted on images of other channels than ``channels``.
         """
         path = Path(path)
         if not (path / CODEBOOK_FILE).is_file():
@@ -178,8 +180,13 @@ class VisualCodebook:
                 f"codebook_dir: {path} was built at {info['resolution']} px, the diffusion model is at {resolution} px; "
                 "build the codebook at the model's data.size"
             )
+        if channels is not None and int(info.get("channels", channels)) != int(channels):
+            raise ValueError(
+                f"codebook_dir: {path} was built on {info['channels']}-channel images, the diffusion model's data "
+                f"has {channels} (data.channels); build the codebook on the same data"
+            )
         state = torch.load(path / CENTROIDS_FILE, map_location="cpu", weights_only=True)
-        vae = load_autoencoder(info["autoencoder_dir"], resolution=int(info["resolution"]))
+        vae = load_autoencoder(info["autoencoder_dir"], resolution=int(info["resolution"]), channels=channels)
         return cls(vae, state["centroids"], state["mean"], state["std"], int(info["patch"]), int(info["resolution"]),
                    info["autoencoder_dir"])
 

@@ -6,6 +6,13 @@
 * :func:`load_components` — a folder in diffusers format: a Stable Diffusion checkpoint
   (``diffusion=pretrained``, latent space with its ``AutoencoderKL``) or a model this project
   exported (pixel or latent). Both go through the same code.
+
+Image channels: a model generates images of ``data.channels`` (1 grey, 3 colour). In pixel space
+the UNet's in/out channels are those; in latent space the autoencoder must have been fitted on
+such images (a Stable Diffusion VAE, 3 channels, also takes grey images, repeated to its channels
+and averaged back: :mod:`diffmask.autoencoder.channels`). The export records ``channels`` in
+``diffmask.json``; loading a model for data of other channels is a ValueError naming both and the
+folder (grey and colour are never converted silently).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from diffmask.autoencoder.channels import channel_word, check_autoencoder_channels
 from diffmask.autoencoder.module import downsampling_factor, load_autoencoder
 from diffmask.prompts.tokenizer import build_prompt_tokenizer, prompt_vocabulary
 
@@ -29,6 +37,7 @@ __all__ = [
     "build_scratch_components",
     "load_components",
     "check_resolution",
+    "check_model_channels",
     "METADATA_FILE",
 ]
 
@@ -44,7 +53,7 @@ class DiffusionComponents:
     a config node.
 
     Attributes:
-        unet: noise predictor; ``in_channels`` 1 (pixel) or the VAE's latent channels.
+        unet: noise predictor; ``in_channels`` the image channels (pixel) or the VAE's latent channels.
         text_encoder: CLIP text model giving (B, T, cross_attention_dim) states.
         tokenizer: CLIP tokenizer (fast, with offsets).
         noise_scheduler: the DDPM training scheduler (its config also seeds samplers).
@@ -52,6 +61,14 @@ class DiffusionComponents:
         metadata: contents of ``diffmask.json`` when loaded from an exported model, else {}.
         clues: visual clue conditioning (:class:`~diffmask.codebook.clues.VisualClues`) of a model
             fitted with ``diffusion.clues=codebook``: its tokens follow the text tokens; else None.
+        channels: the image channels the model generates (``data.channels``: 1 grey, 3 colour).
+            None = the recorded ``channels`` of an exported model (1 for one exported before they
+            were recorded), else the pixel UNet's channels, else 1 (grey through a VAE, as before).
+
+    Raises:
+        ValueError: the UNet does not take the VAE's latents; a pixel UNet's channels differ from
+            ``channels``; a VAE cannot take images of ``channels``; ``channels`` differ from the
+            exported model's recorded channels.
     """
 
     def __init__(
@@ -63,6 +80,7 @@ class DiffusionComponents:
         vae: AutoencoderKL | None = None,
         metadata: dict[str, Any] | None = None,
         clues: Any | None = None,
+        channels: int | None = None,
     ):
         self.unet = unet
         self.clues = clues
@@ -76,6 +94,25 @@ class DiffusionComponents:
                 f"autoencoder: its latents have {vae.config.latent_channels} channels, the UNet takes "
                 f"{unet.config.in_channels}; the UNet was built for another autoencoder (or for pixels)"
             )
+        recorded = model_channels(self.metadata)
+        if channels is None:
+            channels = recorded if recorded is not None else (int(unet.config.in_channels) if vae is None else 1)
+        channels = int(channels)
+        if channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 (grey) or 3 (colour), got {channels}")
+        if recorded is not None and recorded != channels:
+            raise ValueError(
+                f"channels: the model was fitted on {recorded}-channel ({channel_word(recorded)}) images, "
+                f"{channels} ({channel_word(channels)}) asked for"
+            )
+        if vae is None and int(unet.config.in_channels) != channels:
+            raise ValueError(
+                f"channels: a pixel-space UNet with {unet.config.in_channels} input channels cannot generate "
+                f"{channels}-channel ({channel_word(channels)}) images"
+            )
+        if vae is not None:
+            check_autoencoder_channels(int(vae.config.in_channels), channels)
+        self.channels = channels
 
     @property
     def latent(self) -> bool:
@@ -92,7 +129,28 @@ class DiffusionComponents:
 
     @property
     def image_channels(self) -> int:
-        return int(self.unet.config.in_channels) if self.vae is None else int(self.vae.config.in_channels)
+        """The channels of the images the model generates (= :attr:`channels`)."""
+        return self.channels
+
+
+def model_channels(metadata: dict[str, Any] | None) -> int | None:
+    """The image channels recorded in an exported model's ``diffmask.json``: its ``channels``, 1 for
+    a model exported before they were recorded (all were grey); None without a ``diffmask.json``."""
+    if not metadata:
+        return None
+    return int(metadata.get("channels", 1))
+
+
+def check_model_channels(model_dir: str | os.PathLike, recorded: int | None, channels: int) -> None:
+    """A ValueError naming both values and the folder when the model in ``model_dir`` was fitted on
+    images of other channels than ``channels`` (``data.channels``); None (no record) passes."""
+    if recorded is not None and int(recorded) != int(channels):
+        raise ValueError(
+            f"data.channels={channels} ({channel_word(channels)}), but the diffusion model in {model_dir} was "
+            f"fitted on {recorded}-channel ({channel_word(recorded)}) images (diffmask.json channels={recorded}); "
+            f"grey and colour are never converted silently: use data with channels={recorded}, or fit a model "
+            "on this data"
+        )
 
 
 def check_resolution(components: DiffusionComponents, resolution: int, field: str = "resolution") -> int:
@@ -127,6 +185,7 @@ def build_scratch_components(
     beta_schedule: str = "squaredcos_cap_v2",
     prediction_type: str = "epsilon",
     autoencoder_dir: str | os.PathLike | None = None,
+    channels: int = 1,
 ) -> DiffusionComponents:
     """A text-conditioned diffusion model with random weights (no download), in pixel space or,
     with ``autoencoder_dir``, on a trained autoencoder's latent grid (``diffusion=latent``).
@@ -151,6 +210,9 @@ def build_scratch_components(
         autoencoder_dir: a ``diffmask-fit-autoencoder`` stage folder (or a Stable Diffusion
             folder's ``vae/``): the UNet then works on its latents (``resolution`` / factor per
             side, its latent channels) and the autoencoder is kept frozen beside it.
+        channels: image channels (``data.channels``: 1 grey, 3 colour): the pixel UNet's in/out
+            channels; in latent space the autoencoder must have been fitted on such images (a
+            Stable Diffusion VAE also takes grey ones).
     """
     levels = len(block_out_channels)
     if levels < 2:
@@ -170,18 +232,20 @@ def build_scratch_components(
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
     tokenizer = build_prompt_tokenizer(prompt_vocabulary(vocabulary), model_max_length=max_prompt_tokens)
+    if channels not in (1, 3):
+        raise ValueError(f"channels: expected 1 (grey) or 3 (colour), got {channels}")
     vae = None
-    channels, sample_size = 1, resolution
+    unet_channels, sample_size = int(channels), resolution
     if autoencoder_dir is not None:
-        vae = load_autoencoder(autoencoder_dir, resolution)
-        channels = int(vae.config.latent_channels)
+        vae = load_autoencoder(autoencoder_dir, resolution, channels=channels)
+        unet_channels = int(vae.config.latent_channels)
         sample_size = resolution // downsampling_factor(vae)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
     unet = UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=channels,
-        out_channels=channels,
+        in_channels=unet_channels,
+        out_channels=unet_channels,
         down_block_types=down,
         up_block_types=up,
         block_out_channels=tuple(block_out_channels),
@@ -212,7 +276,7 @@ def build_scratch_components(
         num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type
     )
     comps = DiffusionComponents(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler,
-                                vae=vae)
+                                vae=vae, channels=channels)
     check_resolution(comps, resolution)
     return comps
 
@@ -221,6 +285,7 @@ def load_components(
     model_path: str | os.PathLike,
     prediction_type: str | None = None,
     torch_dtype: torch.dtype | None = None,
+    channels: int | None = None,
 ) -> DiffusionComponents:
     """Load a diffusers-format folder: ``unet/ text_encoder/ tokenizer/ scheduler/`` (+ ``vae/``).
 
@@ -233,9 +298,14 @@ def load_components(
         prediction_type: override the scheduler's prediction type (e.g. ``v_prediction`` when
             fine-tuning an epsilon model to v); None keeps the folder's.
         torch_dtype: dtype to load the weights in (default float32).
+        channels: the data's image channels (``data.channels``); None = the model's own. An
+            exported model must have been fitted on such images (its ``diffmask.json``
+            ``channels``; 1 when not recorded); a Stable Diffusion folder takes colour images or
+            grey ones (repeated to its VAE's 3 channels).
 
     Raises:
         FileNotFoundError: the folder or a required component folder is missing (named).
+        ValueError: ``channels`` differ from the exported model's (both values and the folder named).
     """
     root = Path(model_path)
     if not root.is_dir():
@@ -246,6 +316,19 @@ def load_components(
             f"model_path: {root} lacks the component folder(s) {missing}; a diffusers-format model needs "
             f"{list(REQUIRED_FOLDERS)} (+ vae/ for latent models)"
         )
+    meta_file = root / METADATA_FILE
+    metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if channels is not None:  # before any weights are read
+        check_model_channels(root, model_channels(metadata), channels)
+        if not metadata:  # a foreign folder: its UNet (pixel) or VAE must take these images
+            image_in = (AutoencoderKL.load_config(root / "vae") if (root / "vae").is_dir()
+                        else UNet2DConditionModel.load_config(root / "unet"))["in_channels"]
+            if not (root / "vae").is_dir() and int(image_in) != int(channels):
+                raise ValueError(
+                    f"data.channels={channels} ({channel_word(channels)}), but the pixel-space model in {root} takes "
+                    f"{image_in}-channel images"
+                )
+            check_autoencoder_channels(int(image_in), int(channels), where=f"model_path {root}")
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     unet = UNet2DConditionModel.from_pretrained(root / "unet", **kwargs)
     text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", **kwargs)
@@ -257,15 +340,14 @@ def load_components(
         sched_cfg["prediction_type"] = prediction_type
     noise_scheduler = DDPMScheduler.from_config(sched_cfg)
     vae = AutoencoderKL.from_pretrained(root / "vae", **kwargs) if (root / "vae").is_dir() else None
-    meta_file = root / METADATA_FILE
-    metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     clues = None
     if metadata.get("clues"):
         from diffmask.codebook.clues import VisualClues  # noqa: PLC0415 - the codebook needs the autoencoder module
 
-        clues = VisualClues.load(root / metadata["clues"], resolution=metadata.get("resolution"))
+        clues = VisualClues.load(root / metadata["clues"], resolution=metadata.get("resolution"),
+                                 channels=model_channels(metadata))
     log.info("diffusion: loaded %s model from %s", "latent" if vae is not None else "pixel", root)
     return DiffusionComponents(
         unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
-        vae=vae, metadata=metadata, clues=clues,
+        vae=vae, metadata=metadata, clues=clues, channels=channels,
     )

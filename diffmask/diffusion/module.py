@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from diffmask.artifacts import atomic_write_json
 from diffmask.attention import AttentionRecorder, capture_cross_attention
+from diffmask.autoencoder.channels import channel_word, to_autoencoder_channels
 from diffmask.data.datamodule import select_fraction
 from diffmask.data.dataset import SegmentationDataset
 from diffmask.data.image_cache import ImageCache
@@ -72,9 +73,9 @@ def _check_size(image: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def encode_posterior(image: torch.Tensor, vae: torch.nn.Module, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 1, S, S) in [0, 1] → the VAE posterior's mean and std (unscaled latents, fp32)."""
-    x = _check_size(image, resolution)
-    x = x.repeat(1, vae.config.in_channels // x.shape[1], 1, 1)
+    """(B, C, S, S) in [0, 1] → the VAE posterior's mean and std (unscaled latents, fp32); grey
+    images are repeated to a 3-channel VAE's channels (:func:`~diffmask.autoencoder.to_autoencoder_channels`)."""
+    x = to_autoencoder_channels(_check_size(image, resolution), int(vae.config.in_channels))
     with torch.no_grad():
         dist = vae.encode(x.to(vae.dtype)).latent_dist
     # bf16 autocast makes the VAE return bf16; noise targets are kept in fp32
@@ -82,7 +83,7 @@ def encode_posterior(image: torch.Tensor, vae: torch.nn.Module, resolution: int)
 
 
 def encode_images(image: torch.Tensor, vae: torch.nn.Module | None, resolution: int) -> torch.Tensor:
-    """(B, 1, S, S) in [0, 1] → a UNet's clean input: pixels in [-1, 1] or scaled VAE latents."""
+    """(B, C, S, S) in [0, 1] → a UNet's clean input: pixels in [-1, 1] or scaled VAE latents."""
     if vae is None:
         return _check_size(image, resolution)
     mean, std = encode_posterior(image, vae, resolution)
@@ -92,8 +93,9 @@ def encode_images(image: torch.Tensor, vae: torch.nn.Module | None, resolution: 
 class DiffusionLitModule(pl.LightningModule):
     """Trains ``components.unet`` (and optionally the text encoder) to denoise X-rays given prompts.
 
-    Batches come from :class:`~diffmask.data.SegmentationDataModule`: ``image`` (B, 1, S, S) in
-    [0, 1] (scaled to [-1, 1]; in latent space repeated to the VAE's 3 channels and encoded),
+    Batches come from :class:`~diffmask.data.SegmentationDataModule`: ``image`` (B, C, S, S) in
+    [0, 1] with C = ``components.channels`` = ``data.channels`` (scaled to [-1, 1]; in latent space
+    encoded, grey repeated to a 3-channel VAE's channels; other channels are an error),
     ``label`` (B, 1, S, S), ``meta`` (list of dicts), ``id`` (list of str). Prompts are built from
     ``meta`` by ``prompt_builder``; with probability ``cond_dropout`` a prompt is replaced by ""
     (classifier-free guidance). bf16 autocast and gradient clipping come from the Trainer
@@ -165,6 +167,7 @@ class DiffusionLitModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["components", "prompt_builder", "optimizer", "lr_scheduler", "align"])
         self.latent_size = check_resolution(components, resolution)
         self.components = components
+        self.channels = int(components.channels)
         self.unet = components.unet
         self.text_encoder = components.text_encoder
         self.vae = components.vae
@@ -217,13 +220,13 @@ class DiffusionLitModule(pl.LightningModule):
         from diffmask.codebook import VisualCodebook  # noqa: PLC0415
         from diffmask.codebook.clues import VisualClues  # noqa: PLC0415
 
-        codebook = VisualCodebook.load(codebook_dir, resolution=self.resolution)
+        codebook = VisualCodebook.load(codebook_dir, resolution=self.resolution, channels=self.channels)
         return VisualClues(codebook, int(self.unet.config.cross_attention_dim), clue_tokens, codebook_dir=codebook_dir)
 
     def fit_clue_alignment(self, dm) -> None:
         """The word-code PMI of the training images' reports (this model's prompts) and codes."""
         ids = list(dm.real_train_ids)
-        dataset = SegmentationDataset(dm.real, ids, dm.size, intensity=dm.intensity)
+        dataset = SegmentationDataset(dm.real, ids, dm.size, intensity=dm.intensity, channels=self.channels)
         items = [dataset[i] for i in range(len(ids))]
         reports = [self.prompt_builder.build(it["meta"]).text for it in items]
         pmi = self.clues.fit_alignment(reports, [it["image"] for it in items])
@@ -233,6 +236,14 @@ class DiffusionLitModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # templates and prompt dropout differ per rank (and follow the run's seed)
         self._prompt_rng = random.Random(torch.initial_seed() * 1009 + self.global_rank)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_channels = getattr(dm, "channels", None)
+        if data_channels is not None and int(data_channels) != self.channels:
+            raise ValueError(
+                f"data.channels={data_channels} ({channel_word(data_channels)}), but the diffusion model takes "
+                f"{self.channels}-channel ({channel_word(self.channels)}) images; grey and colour are never "
+                "converted silently (build the model with channels=data.channels)"
+            )
         if stage == "fit" and self.clues is not None and self.clues.pmi is None:
             dm = getattr(self.trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "real"):
@@ -255,7 +266,8 @@ class DiffusionLitModule(pl.LightningModule):
                 f"labelled_ids: {unknown[:5]} are not in the {dm.real.name} source's "
                 f"{dm.splits['train']!r} split ({len(unknown)} unknown)"
             )
-        dataset = SegmentationDataset(dm.real, sorted(self.labelled_ids), dm.size, intensity=dm.intensity)
+        dataset = SegmentationDataset(dm.real, sorted(self.labelled_ids), dm.size, intensity=dm.intensity,
+                                      channels=self.channels)
         self._labelled = LabelledBatches(
             dataset, self.align.batch_size, seed=torch.initial_seed() * 1013 + self.global_rank
         )
@@ -286,11 +298,19 @@ class DiffusionLitModule(pl.LightningModule):
 
     # ---- the loss ------------------------------------------------------------------------
     def encode_images(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) in [0, 1] → the UNet's clean input: pixels in [-1, 1] or scaled VAE latents.
+        """(B, C, S, S) in [0, 1] → the UNet's clean input: pixels in [-1, 1] or scaled VAE latents.
 
         In latent space with ``latent_cache`` > 0 the posterior of each distinct image is computed
         once and a fresh latent is drawn from it on every call (same distribution as encoding).
+
+        Raises:
+            ValueError: C is not the model's channels (``data.channels`` of its fit).
         """
+        if image.shape[1] != self.channels:
+            raise ValueError(
+                f"image: {image.shape[1]} channel(s), the diffusion model takes {self.channels} "
+                f"({channel_word(self.channels)}; data.channels); grey and colour are never converted silently"
+            )
         if self.vae is None or self.latent_cache == 0:
             return encode_images(image, self.vae, self.resolution)
         def posterior(images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -450,6 +470,7 @@ class DiffusionLitModule(pl.LightningModule):
             "format": 1,
             "space": "latent" if self.vae is not None else "pixel",
             "resolution": self.resolution,
+            "channels": self.channels,  # data.channels: loading it for other data is refused
             "class_names": list(self.prompt_builder.class_names),
             "prompt_builder": self.prompt_builder.to_dict(),
             "prediction_type": self.prediction_type,

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from diffmask.attention import AttentionSink, capture_cross_attention
+from diffmask.autoencoder.channels import from_autoencoder_channels
 from diffmask.diffusion.components import DiffusionComponents, check_resolution, load_components
 from diffmask.diffusion.module import encode_conditioning, encode_posterior
 from diffmask.prompts.anatomy import prompt_builder_from_dict
@@ -34,7 +35,7 @@ class GenerationOutput:
     """Result of :meth:`DiffusionSampler.__call__`.
 
     Attributes:
-        images: (B, 1, S, S) float in [0, 1] (CPU).
+        images: (B, C, S, S) float in [0, 1] (CPU); C = the model's channels (1 grey, 3 colour).
         prompts: the prompts, in batch order.
         seeds: the seed of each image.
         token_positions: per image, per class, the token positions of the class phrase (empty
@@ -100,9 +101,14 @@ class DiffusionSampler:
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype | None = None,
         resolution: int | None = None,
+        channels: int | None = None,
     ) -> DiffusionSampler:
-        """Load an exported model (or any SD folder, then ``resolution`` is required)."""
-        comps = load_components(path, torch_dtype=torch_dtype)
+        """Load an exported model (or any SD folder, then ``resolution`` is required).
+
+        ``channels`` (``data.channels``) must be the channels the model was fitted on (a ValueError
+        naming both and the folder otherwise); None = the model's own.
+        """
+        comps = load_components(path, torch_dtype=torch_dtype, channels=channels)
         meta = comps.metadata or {}
         if resolution is None:
             if "resolution" not in meta:
@@ -165,7 +171,7 @@ class DiffusionSampler:
             eta: DDIM noise (0 = deterministic); ignored by DDPM.
             control: (B, C, S, S) condition images for the ControlNet (required with one).
             control_scale: multiplier of the ControlNet's residuals (1 = as fitted).
-            init_images: (B, 1, S, S) in [0, 1]: start from these images (SDEdit) instead of
+            init_images: (B, C, S, S) in [0, 1]: start from these images (SDEdit) instead of
                 pure noise: each is encoded (the VAE posterior's mean in latent space), noised to
                 the schedule's step at ``strength`` with the image's own seed, and denoised over
                 the remaining ``round(strength * num_inference_steps)`` steps.
@@ -173,7 +179,8 @@ class DiffusionSampler:
                 1 = from noise at the first timestep, only the layout's trace is kept).
 
         Returns:
-            :class:`GenerationOutput` with images (B, 1, S, S) in [0, 1] on the CPU.
+            :class:`GenerationOutput` with images (B, C, S, S) in [0, 1] on the CPU (C = the
+            model's ``channels``).
         """
         prompts, seeds = list(prompts), [int(s) for s in seeds]
         if len(prompts) != len(seeds) or not prompts:
@@ -235,10 +242,10 @@ class DiffusionSampler:
                 if isinstance(self.scheduler, DDIMScheduler):
                     kwargs["eta"] = eta
                 x = self.scheduler.step(pred, t, x, **kwargs).prev_sample
-        # 5. decode to [0, 1] grayscale
+        # 5. decode to [0, 1] images of the model's channels (grey averaged back from a 3-channel VAE)
         if comps.vae is not None:
             x = comps.vae.decode(x / comps.vae.config.scaling_factor).sample
-            x = x.mean(dim=1, keepdim=True)  # the VAE sees gray repeated to RGB; average back
+            x = from_autoencoder_channels(x, comps.channels)
         images = ((x.float().clamp(-1, 1) + 1) / 2).cpu()
         return GenerationOutput(images=images, prompts=prompts, seeds=seeds, token_positions=positions)
 
@@ -247,7 +254,7 @@ class DiffusionSampler:
         """(the timesteps left to run, the init images' clean inputs noised to the first of them)."""
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength: expected 0 < strength <= 1, got {strength}")
-        size = (len(seeds), 1, self.resolution, self.resolution)
+        size = (len(seeds), self.components.channels, self.resolution, self.resolution)
         if tuple(init_images.shape) != size:
             raise ValueError(f"init_images: expected {size} images in [0, 1], got {tuple(init_images.shape)}")
         run = min(round(strength * num_inference_steps), num_inference_steps)

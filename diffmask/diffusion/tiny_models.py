@@ -21,8 +21,10 @@ from diffmask.prompts.tokenizer import build_prompt_tokenizer, prompt_vocabulary
 __all__ = ["tiny_scratch_components", "tiny_latent_unet", "save_tiny_stable_diffusion"]
 
 
-def tiny_scratch_components(resolution: int = 32, seed: int = 0, prediction_type: str = "epsilon") -> DiffusionComponents:
-    """A pixel-space model small enough for CPU tests (UNet levels 16/32, 2 attention heads)."""
+def tiny_scratch_components(resolution: int = 32, seed: int = 0, prediction_type: str = "epsilon",
+                            channels: int = 1) -> DiffusionComponents:
+    """A pixel-space model small enough for CPU tests (UNet levels 16/32, 2 attention heads);
+    ``channels`` 1 (grey) or 3 (colour) images."""
     torch.manual_seed(seed)
     return build_scratch_components(
         resolution=resolution,
@@ -39,6 +41,7 @@ def tiny_scratch_components(resolution: int = 32, seed: int = 0, prediction_type
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
         prediction_type=prediction_type,
+        channels=channels,
     )
 
 

@@ -218,3 +218,98 @@ def test_latent_fit_encodes_each_training_image_once_and_draws_from_its_posterio
     assert calls == [2, 2, 3] and len(module._posteriors) == 4
     with pytest.raises(ValueError, match="latent_cache: expected a number of images >= 0"):
         DiffusionLitModule(comps, PromptBuilder(), torch.optim.Adam, resolution=32, latent_cache=-1)
+
+
+# ---- colour (RGB) data ------------------------------------------------------------------------
+COLOUR_RUN = ["trainer.enable_progress_bar=false", "logger=csv", "trainer.limit_val_batches=1",
+              "trainer.check_val_every_n_epoch=1"]
+
+
+def _compose_colour(name, tmp_path, root, *overrides):
+    from tests.autoencoder.colour_data import colour_overrides
+
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose(name, overrides=[*colour_overrides(root), *COLOUR_RUN, *overrides])
+    with open_dict(cfg):
+        cfg.paths.artifact_dir = str(tmp_path / "artifacts")
+        cfg.paths.output_dir = str(tmp_path / f"run_{name}")
+    return cfg
+
+
+def test_colour_autoencoder_round_trip_writes_rgb_and_refuses_grey_data(tmp_path):
+    from PIL import Image
+
+    from diffmask.cli.fit_autoencoder import run as fit_autoencoder
+    from diffmask.cli.fit_diffusion import run as fit_diffusion
+    from tests.autoencoder.colour_data import COLOUR_CLASSES, write_colour_folder
+
+    root = write_colour_folder(tmp_path / "colour")
+    fit_autoencoder(_compose_colour("fit_autoencoder", tmp_path, root, *TINY_AE, "trainer.max_steps=2", "name=rgb",
+                                    "reconstructions=true"))
+    ae = tmp_path / "artifacts" / "autoencoder" / "rgb"
+    vae = AutoencoderKL.from_pretrained(ae)
+    assert vae.config.in_channels == 3 and vae.config.out_channels == 3
+    assert json.loads((ae / "autoencoder.json").read_text())["channels"] == 3
+    info = json.loads((ae / "stage.json").read_text())
+    assert info["channels"] == 3 and info["counts"]["channels"] == 3
+    with Image.open(ae / "grid.png") as grid:
+        assert grid.mode == "RGB"
+    # 3 channels in, 3 out
+    images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in
+                          (ManifestSource(ae / "reconstructions", COLOUR_CLASSES, channels=3).load(i)
+                           for i in ("c000", "c001"))])
+    assert images.shape == (2, 3, 32, 32) and reconstruct(vae, images).shape == (2, 3, 32, 32)
+    recon = ManifestSource(ae / "reconstructions", COLOUR_CLASSES, channels=3)
+    sample = recon.load(recon.ids("train")[0])
+    assert sample.image.shape == (32, 32, 3) and sample.label is not None
+    with Image.open(ae / "reconstructions" / "images" / f"{sample.id}.png") as png:
+        assert png.mode == "RGB"
+    assert json.loads((ae / "reconstructions" / "stage.json").read_text())["channels"] == 3
+    with pytest.raises(ValueError, match="grey data"):  # the set refuses to be read as grey
+        ManifestSource(ae / "reconstructions", COLOUR_CLASSES).load(sample.id)
+    # the colour autoencoder refuses grey data, by name
+    with pytest.raises(ValueError, match=r"fitted on 3-channel \(colour\) images, but data.channels=1"):
+        load_autoencoder(ae, 32, channels=1)
+    with pytest.raises((ValueError, InstantiationException), match="data.channels=1"):
+        fit_diffusion(_compose("fit_diffusion", tmp_path, "diffusion=latent", *TINY_UNET, "trainer.max_steps=1",
+                               f"diffusion.components.autoencoder_dir={ae}", "name=grey_on_rgb"))
+    # a latent diffusion model on it generates colour images
+    fit_diffusion(_compose_colour("fit_diffusion", tmp_path, root, "diffusion=latent", *TINY_UNET,
+                                  "trainer.max_steps=1", f"diffusion.components.autoencoder_dir={ae}", "name=latent"))
+    model = tmp_path / "artifacts" / "diffusion" / "latent"
+    assert json.loads((model / "diffmask.json").read_text())["channels"] == 3
+    sampler = DiffusionSampler.from_pretrained(model, channels=3)
+    out = sampler(["a breast ultrasound image, benign, showing the lesion"], [0], num_inference_steps=1,
+                  guidance_scale=1.0)
+    assert out.images.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match=f"data.channels=1 .*{model}.* 3-channel"):
+        DiffusionSampler.from_pretrained(model, channels=1)
+
+
+def test_the_grey_to_autoencoder_channel_helper_round_trips_and_refuses_colour_into_grey():
+    from diffmask.autoencoder import (
+        check_autoencoder_channels,
+        from_autoencoder_channels,
+        to_autoencoder_channels,
+    )
+
+    grey = torch.rand(2, 1, 8, 8)
+    rgb = to_autoencoder_channels(grey, 3)
+    assert rgb.shape == (2, 3, 8, 8) and all(torch.equal(rgb[:, c:c + 1], grey) for c in range(3))
+    assert torch.allclose(from_autoencoder_channels(rgb, 1), grey)
+    colour = torch.rand(2, 3, 8, 8)
+    assert to_autoencoder_channels(colour, 3) is colour and from_autoencoder_channels(colour, 3) is colour
+    assert to_autoencoder_channels(grey, 1) is grey
+    with pytest.raises(ValueError, match="only grey images are repeated"):
+        to_autoencoder_channels(colour, 1)
+    with pytest.raises(ValueError, match="cannot be made from a grey autoencoder"):
+        from_autoencoder_channels(grey, 3)
+    check_autoencoder_channels(3, 1)
+    with pytest.raises(ValueError, match="3 channel"):
+        check_autoencoder_channels(1, 3)
+    # the exact grey behaviour of before: reconstruct through a 3-channel VAE averages back to grey
+    vae = build_autoencoder(factor=2, block_out_channels=(8, 8), norm_num_groups=8, in_channels=3).eval()
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        expected = vae.decode(vae.encode(x.repeat(1, 3, 1, 1) * 2 - 1).latent_dist.mode()).sample.mean(1, keepdim=True)
+    assert torch.allclose(reconstruct(vae, x), ((expected.clamp(-1, 1) + 1) / 2))

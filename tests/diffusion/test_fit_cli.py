@@ -48,7 +48,8 @@ def test_fit_diffusion_cli_writes_a_complete_diffusers_model(tmp_path):
     assert "train/align_loss" in metrics or "train/mse" in metrics
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
     images = DiffusionSampler.from_pretrained(out)([meta["prompt_builder"]["templates"][0].format(
-        age="adult", sex="patient", finding="none", diagnosis="", classes="left lung, right lung and heart")], [0],
+        modality="a chest x-ray", age="adult", sex="patient", finding="none", diagnosis="",
+        classes="left lung, right lung and heart")], [0],
         num_inference_steps=1).images
     assert images.shape == (1, 1, 32, 32)
     # a complete stage is skipped

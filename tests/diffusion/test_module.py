@@ -146,3 +146,32 @@ def test_labelled_ids_outside_the_train_split_are_a_clear_error(phantom_dm, make
     module = make_module(align=AttentionAlignment(label_fraction=0.5), labelled_ids=["nope"])
     with pytest.raises(ValueError, match=r"labelled_ids: \['nope'\]"):
         _trainer(1).fit(module, datamodule=phantom_dm)
+
+
+def test_a_model_fitted_on_one_kind_of_image_refuses_the_other_by_name(tmp_path, make_module):
+    from diffmask.data import FolderSource, SegmentationDataModule
+    from tests.autoencoder.colour_data import COLOUR_CLASSES, write_colour_folder
+
+    grey = make_module().export(tmp_path / "grey")
+    assert json.loads((grey / "diffmask.json").read_text())["channels"] == 1
+    with pytest.raises(ValueError, match=rf"data.channels=3 \(colour\), but the diffusion model in {grey} was fitted on "
+                                         r"1-channel \(grey\)"):
+        load_components(grey, channels=3)
+    # a colour model, fitted two steps on RGB discs, the reverse
+    root = write_colour_folder(tmp_path / "colour")
+    dm = SegmentationDataModule(FolderSource(root, COLOUR_CLASSES, channels=3), size=32, batch_size=4, channels=3,
+                                class_names=COLOUR_CLASSES, augment=None, num_workers=0)
+    module = make_module(tiny_scratch_components(32, channels=3))
+    _trainer(2).fit(module, datamodule=dm)
+    colour = module.export(tmp_path / "colour_model")
+    assert json.loads((colour / "diffmask.json").read_text())["channels"] == 3
+    with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {colour} was fitted on "
+                                         r"3-channel \(colour\)"):
+        DiffusionSampler.from_pretrained(colour, channels=1)
+    out = DiffusionSampler.from_pretrained(colour, channels=3)(["a lesion"], [0], num_inference_steps=2)
+    assert out.images.shape == (1, 3, 32, 32)
+    # a grey model fitting on colour batches (and the reverse) fails before its first step
+    with pytest.raises(ValueError, match=r"data.channels=3 \(colour\), but the diffusion model takes 1-channel"):
+        _trainer(1).fit(make_module(), datamodule=dm)
+    with pytest.raises(ValueError, match="image: 1 channel"):
+        module.encode_images(torch.zeros(1, 1, 32, 32))
