@@ -43,7 +43,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     base_dir = Path(cfg.input_dir)
     if (base_dir / "stage.json").is_file():
         StageDir(base_dir).info()  # a clear error when the diffusion stage has not finished
-    components = load_components(base_dir)
+    # the base model must generate the data's kind of image (grey or colour): a named error otherwise
+    components = load_components(base_dir, channels=int(cfg.data.channels))
     meta = components.metadata
     datamodule = hydra.utils.instantiate(cfg.data)
     if meta and datamodule.intensity != components.intensity:
@@ -75,7 +76,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     labelled = sorted(datamodule.real_train_ids)
     model.export(work, base_dir, extra={"labelled_ids": labelled, "intensity": datamodule.intensity,
                                         "class_names": class_names})
-    counts = {"n_labelled": len(labelled), "condition": condition.type, "resolution": model.resolution}
+    counts = {"n_labelled": len(labelled), "condition": condition.type, "resolution": model.resolution,
+              "channels": model.channels}
     info = commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule, "control_dir", counts,
                             inputs={"diffusion": str(base_dir)})
     log.info("ControlNet (%s) written to %s (%d steps on %d labelled images)", condition.type, stage.path,

@@ -5,7 +5,8 @@ Condition types (``control.condition.type``):
 
 * ``edges`` — one channel: the image's edges (a classical detector, since HED weights cannot
   be had offline) plus the magnitude of a Scharr filter on the label map (the mask boundaries),
-  clipped to [0, 1], as DiffBoost builds its condition;
+  clipped to [0, 1], as DiffBoost builds its condition; a colour image's edges are those of its
+  luminance (:func:`luminance`), so the condition has one channel for grey and colour alike;
 * ``mask`` — the label map one-hot, one channel per foreground class;
 * ``edges+mask`` — both, edges first.
 
@@ -25,10 +26,22 @@ from scipy import ndimage
 from skimage.feature import canny
 from skimage.filters import scharr, sobel
 
-__all__ = ["CONDITION_TYPES", "ConditionBuilder", "Deformation"]
+__all__ = ["CONDITION_TYPES", "ConditionBuilder", "Deformation", "luminance"]
 
 CONDITION_TYPES = ("edges", "mask", "edges+mask")
 EDGE_METHODS = ("canny", "sobel")
+# ITU-R BT.601 luma weights, as PIL's convert("L")
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def luminance(image: np.ndarray) -> np.ndarray:
+    """(S, S) float64 of an (S, S) grey image (unchanged) or an (S, S, 3) RGB one (BT.601 luma)."""
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3 and image.shape[-1] == 3:
+        return image @ LUMA
+    raise ValueError(f"image: expected (S, S) grey or (S, S, 3) RGB, got shape {image.shape}")
 
 
 class ConditionBuilder:
@@ -96,8 +109,8 @@ class ConditionBuilder:
 
     # ---- parts -----------------------------------------------------------------------------
     def image_edges(self, image: np.ndarray) -> np.ndarray:
-        """(S, S) float32 edges in [0, 1] of an image in [0, 1]."""
-        image = np.asarray(image, dtype=np.float64)
+        """(S, S) float32 edges in [0, 1] of an (S, S) grey or (S, S, 3) RGB image in [0, 1] (its luminance's)."""
+        image = luminance(image)
         if self.edge_method == "canny":
             return canny(image, sigma=self.edge_sigma, low_threshold=self.edge_low, high_threshold=self.edge_high,
                          use_quantiles=True).astype(np.float32)
@@ -142,7 +155,7 @@ class ConditionBuilder:
         """The condition of one sample.
 
         Args:
-            image: (S, S) in [0, 1] (needed by the edge types; None for ``mask``).
+            image: (S, S) grey or (S, S, 3) RGB in [0, 1] (needed by the edge types; None for ``mask``).
             label: (S, S) integer label map, values 0..K-1.
             rng: when given, the mask ablation is drawn (fitting); None = the whole mask.
             where: the sample's name for errors.
@@ -158,7 +171,7 @@ class ConditionBuilder:
             if image is None:
                 raise ValueError(f"{where}: condition type {self.type!r} needs the image (its edges)")
             image = np.asarray(image)
-            if image.shape != label.shape:
+            if image.shape[:2] != label.shape or image.ndim not in (2, 3):
                 raise ValueError(
                     f"{where}: image {image.shape} and label map {label.shape} differ in size; a condition needs both "
                     "at the same size"
@@ -169,7 +182,8 @@ class ConditionBuilder:
         return np.concatenate(parts).astype(np.float32)
 
     def batch(self, images, labels, rng: np.random.Generator | None = None, ids: Sequence[str] | None = None):
-        """(B, C, S, S) float32 conditions of a batch of (B, S, S) images and label maps (numpy)."""
+        """(B, C, S, S) float32 conditions of a batch of (B, S, S) (grey) or (B, S, S, 3) (RGB) images and
+        (B, S, S) label maps (numpy)."""
         ids = ids or [f"item {i}" for i in range(len(labels))]
         return np.stack([
             self(None if images is None else images[i], labels[i], rng, where=str(ids[i])) for i in range(len(labels))
@@ -226,11 +240,18 @@ class Deformation:
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Warp an (S, S) image (linear; outside = edge value) and label map (nearest; outside = background)."""
-        if image.shape != label.shape or image.ndim != 2 or image.shape[0] != image.shape[1]:
+        """Warp an (S, S) grey or (S, S, C) colour image (linear; outside = edge value) and label map
+        (nearest; outside = background); every channel of a colour image by the same warp."""
+        image = np.asarray(image)
+        if (image.shape[:2] != label.shape or image.ndim not in (2, 3) or image.shape[0] != image.shape[1]):
             raise ValueError(f"deform: expected a square image and label map of one size, got {image.shape}, {label.shape}")
         coords = self.coordinates(image.shape[0], rng)
-        warped = ndimage.map_coordinates(np.asarray(image, np.float64), coords, order=1, mode="nearest")
+        pixels = np.asarray(image, np.float64)
+        if pixels.ndim == 2:
+            warped = ndimage.map_coordinates(pixels, coords, order=1, mode="nearest")
+        else:
+            warped = np.stack([ndimage.map_coordinates(pixels[..., c], coords, order=1, mode="nearest")
+                               for c in range(pixels.shape[-1])], -1)
         warped_label = ndimage.map_coordinates(np.asarray(label), coords, order=0, mode="constant", cval=0)
         dtype = np.asarray(image).dtype
         if dtype.kind in "ui":  # e.g. uint8 pixels stay uint8

@@ -6,7 +6,11 @@ reads the condition images of :class:`~diffmask.control.conditions.ConditionBuil
 zero-initialised output convolutions make it start as a no-op. The export is a folder that
 ``ControlNetModel.from_pretrained(folder)`` loads, plus ``control.json`` (the base model it was
 made from with a fingerprint of its UNet, the condition settings, resolution, classes, the
-labelled ids, the intensity normalisation).
+labelled ids, the intensity normalisation, the image channels).
+
+Colour data (``data.channels=3``): the base model must generate colour images (its
+``channels``); edge conditions are taken from each image's luminance, mask conditions are the
+same as for grey images.
 """
 
 from __future__ import annotations
@@ -28,8 +32,14 @@ import torch.nn.functional as F
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from diffmask.artifacts import atomic_write_json
+from diffmask.autoencoder.channels import channel_word
 from diffmask.control.conditions import ConditionBuilder
-from diffmask.diffusion.components import DiffusionComponents, check_resolution, load_components
+from diffmask.diffusion.components import (
+    DiffusionComponents,
+    check_model_channels,
+    check_resolution,
+    load_components,
+)
 from diffmask.diffusion.module import encode_images, encode_prompts
 from diffmask.prompts.builder import PromptBuilder
 
@@ -139,6 +149,7 @@ class ControlLitModule(pl.LightningModule):
                                           "lr_scheduler"])
         check_resolution(components, resolution)
         self.components = components
+        self.channels = int(components.channels)
         self.unet = components.unet
         self.text_encoder = components.text_encoder
         self.vae = components.vae
@@ -167,6 +178,14 @@ class ControlLitModule(pl.LightningModule):
         self._np_rng = np.random.default_rng(0)
 
     def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_channels = getattr(dm, "channels", None)
+        if data_channels is not None and int(data_channels) != self.channels:
+            raise ValueError(
+                f"data.channels={data_channels} ({channel_word(data_channels)}), but the base diffusion model "
+                f"generates {self.channels}-channel ({channel_word(self.channels)}) images; grey and colour are "
+                "never converted silently"
+            )
         seed = torch.initial_seed() * 1009 + self.global_rank
         self._rng = random.Random(seed)
         self._np_rng = np.random.default_rng(seed % 2**63)
@@ -199,13 +218,20 @@ class ControlLitModule(pl.LightningModule):
         return out
 
     def conditions(self, batch: dict, train: bool) -> torch.Tensor:
-        """(B, C, S, S) condition images of a batch (mask ablation drawn while fitting)."""
-        image = batch["image"][:, 0].detach().float().cpu().numpy()
+        """(B, C, S, S) condition images of a batch (mask ablation drawn while fitting); the edges of a
+        colour image are its luminance's."""
+        image = batch["image"].detach().float().cpu()
+        image = (image[:, 0] if image.shape[1] == 1 else image.permute(0, 2, 3, 1)).numpy()  # (B, S, S[, 3])
         label = batch["label"][:, 0].detach().cpu().numpy()
         cond = self.condition.batch(image, label, rng=self._np_rng if train else None, ids=batch.get("id"))
         return torch.from_numpy(cond).to(batch["image"].device)
 
     def denoising_loss(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        if batch["image"].shape[1] != self.channels:
+            raise ValueError(
+                f"image: {batch['image'].shape[1]} channel(s), the base model takes {self.channels} "
+                f"({channel_word(self.channels)}); grey and colour are never converted silently"
+            )
         clean = encode_images(batch["image"], self.vae, self.resolution)
         cond = self.conditions(batch, train).to(clean.dtype)
         b = clean.shape[0]
@@ -246,6 +272,7 @@ class ControlLitModule(pl.LightningModule):
             "base_fingerprint": model_fingerprint(base_dir),
             "condition": self.condition.to_dict(),
             "resolution": self.resolution,
+            "channels": self.channels,
             "class_names": list(self.prompt_builder.class_names) if self.prompt_builder is not None else None,
             "prompt": self.prompt,
             "sd_locked": self.sd_locked,
@@ -268,15 +295,21 @@ def read_control_metadata(control_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_controlled(
-    control_dir: str | os.PathLike, base_dir: str | os.PathLike, check_base: bool = True
+    control_dir: str | os.PathLike, base_dir: str | os.PathLike, check_base: bool = True, channels: int | None = None
 ) -> tuple[DiffusionComponents, ControlNetModel, dict[str, Any]]:
     """The base model (with its tuned UNet when it was unlocked), the ControlNet and ``control.json``.
 
+    ``channels`` (``data.channels``; None = not checked) must be the channels the ControlNet and its
+    base model were fitted on (``control.json``: 1 when not recorded).
+
     Raises:
         FileNotFoundError: ``control_dir`` is not a ControlNet stage folder.
-        ValueError: ``base_dir`` is not the model the ControlNet was made from (fingerprints differ).
+        ValueError: ``base_dir`` is not the model the ControlNet was made from (fingerprints differ);
+            ``channels`` differ from the ControlNet's or the base model's (both values and the folder named).
     """
     meta = read_control_metadata(control_dir)
+    if channels is not None:
+        check_model_channels(control_dir, int(meta.get("channels", 1)), channels, what="ControlNet", record=CONTROL_FILE)
     if check_base:
         found = model_fingerprint(base_dir)
         if found != meta.get("base_fingerprint"):
@@ -285,7 +318,7 @@ def load_controlled(
                 f"({meta.get('base_model')}; UNet fingerprint {str(meta.get('base_fingerprint'))[:12]}, this one "
                 f"{found[:12]}); pass that model as input_dir, or fit a ControlNet on this one"
             )
-    components = load_components(base_dir)
+    components = load_components(base_dir, channels=channels)
     if (Path(control_dir) / BASE_UNET).is_dir():
         components.unet = UNet2DConditionModel.from_pretrained(Path(control_dir) / BASE_UNET)
     controlnet = ControlNetModel.from_pretrained(control_dir)

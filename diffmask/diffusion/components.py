@@ -141,13 +141,14 @@ def model_channels(metadata: dict[str, Any] | None) -> int | None:
     return int(metadata.get("channels", 1))
 
 
-def check_model_channels(model_dir: str | os.PathLike, recorded: int | None, channels: int) -> None:
-    """A ValueError naming both values and the folder when the model in ``model_dir`` was fitted on
+def check_model_channels(model_dir: str | os.PathLike, recorded: int | None, channels: int,
+                         what: str = "diffusion model", record: str = METADATA_FILE) -> None:
+    """A ValueError naming both values and the folder when the ``what`` in ``model_dir`` was fitted on
     images of other channels than ``channels`` (``data.channels``); None (no record) passes."""
     if recorded is not None and int(recorded) != int(channels):
         raise ValueError(
-            f"data.channels={channels} ({channel_word(channels)}), but the diffusion model in {model_dir} was "
-            f"fitted on {recorded}-channel ({channel_word(recorded)}) images (diffmask.json channels={recorded}); "
+            f"data.channels={channels} ({channel_word(channels)}), but the {what} in {model_dir} was "
+            f"fitted on {recorded}-channel ({channel_word(recorded)}) images ({record} channels={recorded}); "
             f"grey and colour are never converted silently: use data with channels={recorded}, or fit a model "
             "on this data"
         )

@@ -81,3 +81,31 @@ def test_deformation_moves_mask_and_edges_together():
     assert a[0].dtype == np.uint8 and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     with pytest.raises(ValueError, match="synthesis.deform.rotate"):
         Deformation(rotate=-1)
+
+
+def test_edge_condition_of_a_colour_image_is_that_of_its_luminance():
+    from diffmask.control.conditions import luminance
+    from tests.autoencoder.colour_data import colour_image
+
+    rgb, label = colour_image(3, size=48)
+    rgb = rgb.astype(np.float32) / 255.0
+    assert not np.allclose(rgb[..., 0], rgb[..., 1])  # really colour
+    for method in ("canny", "sobel"):
+        builder = ConditionBuilder("edges", 2, edge_method=method)
+        cond = builder(rgb, label)
+        assert cond.shape == (1, 48, 48) and cond.dtype == np.float32 and 0 <= cond.min() <= cond.max() <= 1
+        grey = luminance(rgb)
+        assert grey.shape == (48, 48) and np.allclose(grey, rgb @ np.array([0.299, 0.587, 0.114]))
+        assert np.array_equal(cond, builder(grey, label))
+    # the disc's rim is an edge; masks are made from labels only, as for grey images
+    assert ConditionBuilder("edges", 2, edge_method="sobel")(rgb, np.zeros_like(label))[0][label > 0].max() > 0.3
+    assert np.array_equal(ConditionBuilder("mask", 2)(rgb, label), ConditionBuilder("mask", 2)(None, label))
+    both = ConditionBuilder("edges+mask", 2).batch(np.stack([rgb, rgb]), np.stack([label, label]))
+    assert both.shape == (2, 2, 48, 48)
+    with pytest.raises(ValueError, match="differ in size"):
+        ConditionBuilder("edges", 2)(rgb[:40], label)
+    # a warp moves every channel of a colour image and its label map alike
+    warped, warped_label = Deformation()(rgb, label, np.random.default_rng(0))
+    assert warped.shape == rgb.shape and warped.dtype == rgb.dtype and warped_label.shape == label.shape
+    grey_warp, _ = Deformation()(rgb[..., 1], label, np.random.default_rng(0))
+    assert np.allclose(warped[..., 1], grey_warp)

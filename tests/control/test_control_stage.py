@@ -224,3 +224,33 @@ def test_control_on_a_local_stable_diffusion_folder(tmp_path):
     sampler = DiffusionSampler(comps, 32, controlnet=net)
     out = sampler(["Lung, Xray"] * 2, [0, 1], num_inference_steps=2, control=torch.rand(2, 1, 32, 32))
     assert out.images.shape == (2, 1, 32, 32) and torch.isfinite(out.images).all()
+
+
+def test_colour_controlnet_fits_on_rgb_batches_and_refuses_grey_data(tmp_path):
+    from diffmask.control.module import load_controlled
+    from diffmask.diffusion import DiffusionLitModule
+    from tests.autoencoder.colour_data import colour_image
+
+    pairs = [colour_image(i) for i in range(2)]
+    batch = {"image": torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im, _ in pairs]),
+             "label": torch.stack([torch.from_numpy(lb.astype(np.int64))[None] for _, lb in pairs]),
+             "meta": [{}, {}], "id": ["a", "b"]}
+    comps = tiny_scratch_components(32, seed=3, channels=3)
+    condition = ConditionBuilder("edges+mask", 2)
+    module = ControlLitModule(comps, build_controlnet(comps.unet, condition.channels), condition, None,
+                              optimizer=None, resolution=32, prompt="a lesion", cond_dropout=0.0)
+    cond = module.conditions(batch, train=False)
+    assert cond.shape == (2, 2, 32, 32)  # one edge channel (luminance) + one mask channel
+    loss = module.denoising_loss(batch, train=False, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    grey_batch = {**batch, "image": batch["image"][:, :1]}
+    with pytest.raises(ValueError, match="image: 1 channel"):
+        module.denoising_loss(grey_batch, train=False)
+    # exported with its base; loading them for grey data is a named error
+    base = DiffusionLitModule(comps, PromptBuilder(), optimizer=None, resolution=32, ema_decay=0).export(tmp_path / "b")
+    module.export(tmp_path / "c", base)
+    assert json.loads((tmp_path / "c" / "control.json").read_text())["channels"] == 3
+    assert load_controlled(tmp_path / "c", base, channels=3)[0].channels == 3
+    with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the ControlNet in {tmp_path / 'c'} was "
+                                         r"fitted on 3-channel \(colour\)"):
+        load_controlled(tmp_path / "c", base, channels=1)
