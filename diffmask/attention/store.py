@@ -150,13 +150,14 @@ class CrossAttentionStore:
 
         Args:
             token_positions: per batch item, per class, the token positions of the class phrase
-                (its maps are averaged). Every item has the same number K of classes.
+                (its maps are averaged). Every item has the same number K of classes. An empty
+                list is a class the prompt does not name (an image without a lesion): its map is 0.
             prompt_lengths: per batch item, the number of real tokens of the prompt (BOS, words,
                 EOS); positions at or beyond it are padding and rejected.
 
         Raises:
-            ValueError: empty lists, negative positions, different K per item, or a position
-                outside the prompt.
+            ValueError: no item or no class, negative positions, different K per item, or a
+                position outside the prompt.
         """
         if len(token_positions) == 0:
             raise ValueError("token_positions: expected one entry per batch item, got none")
@@ -172,8 +173,6 @@ class CrossAttentionStore:
             if len(classes) != k:
                 raise ValueError(f"token_positions: item {b} has {len(classes)} classes, item 0 has {k}")
             for c, positions in enumerate(classes):
-                if len(positions) == 0:
-                    raise ValueError(f"token_positions: item {b} class {c} has no token position")
                 for p in positions:
                     if int(p) < 0:
                         raise ValueError(f"token_positions: item {b} class {c}: negative position {p}")
@@ -183,7 +182,7 @@ class CrossAttentionStore:
                             f"(it has {prompt_lengths[b]} tokens incl. BOS/EOS)"
                         )
                     max_pos = max(max_pos, int(p))
-        weights = torch.zeros(len(token_positions), k, max_pos + 1)
+        weights = torch.zeros(len(token_positions), k, max(max_pos, 0) + 1)
         for b, classes in enumerate(token_positions):
             for c, positions in enumerate(classes):
                 for p in positions:
@@ -326,6 +325,9 @@ class CrossAttentionStore:
     def _normalise(self, maps: torch.Tensor) -> torch.Tensor:
         flat = maps.flatten(2)
         peak = flat.amax(dim=2)
+        named = self._token_weights.sum(-1).to(peak.device) > 0  # (B, K): False for a class the prompt leaves out
+        flat = torch.where(named[..., None], flat, torch.zeros_like(flat))  # its map stays 0: an empty mask
+        peak = torch.where(named, peak, torch.ones_like(peak))
         bad = ~torch.isfinite(flat).all(dim=2) | (peak <= 0)
         if bad.any():
             b, k = (int(i) for i in bad.nonzero()[0])

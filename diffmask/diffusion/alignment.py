@@ -44,7 +44,8 @@ def class_token_index(positions: Sequence[Sequence[Sequence[int]]]) -> tuple[tor
     """Pack ragged class-token positions for :class:`~diffmask.attention.AttentionRecorder`.
 
     Args:
-        positions: per item, per class, the token positions of that class phrase.
+        positions: per item, per class, the token positions of that class phrase (``[]`` for
+            a class the prompt does not name: all pads, weight 0, so its attention is 0).
 
     Returns:
         ``index`` (B, K*M) long (the recorder's ``token_index``; pads repeat the first
@@ -52,13 +53,15 @@ def class_token_index(positions: Sequence[Sequence[Sequence[int]]]) -> tuple[tor
     """
     b = len(positions)
     k = len(positions[0])
-    m = max(len(p) for item in positions for p in item)
+    m = max(1, max(len(p) for item in positions for p in item))
     index = torch.zeros(b, k, m, dtype=torch.long)
     weight = torch.zeros(b, k, m)
     for i, item in enumerate(positions):
         if len(item) != k:
             raise ValueError(f"positions: item {i} has {len(item)} classes, expected {k}")
         for j, pos in enumerate(item):
+            if not pos:
+                continue
             index[i, j, :] = pos[0]
             index[i, j, : len(pos)] = torch.as_tensor(pos)
             weight[i, j, : len(pos)] = 1.0

@@ -37,11 +37,13 @@ class BuiltPrompt:
     Attributes:
         text: the prompt.
         class_spans: one (start, end) character span per class (background excluded), in
-            class order; ``text[start:end]`` is the class phrase.
+            class order; ``text[start:end]`` is the class phrase. None for a class the prompt
+            does not name because the image lacks it (``absent_when``): it has no token, so no
+            attention map and an empty mask.
     """
 
     text: str
-    class_spans: tuple[tuple[int, int], ...]
+    class_spans: tuple[tuple[int, int] | None, ...]
 
 
 class PromptBuilder:
@@ -64,6 +66,11 @@ class PromptBuilder:
             ``format`` (e.g. ``"{value} year old"``), ``numeric`` (only whole numbers are used).
             Default: the chest X-ray fields sex, age, finding, diagnosis.
         class_joiner, class_last_joiner: separators between class phrases.
+        absent_when: per class that may be missing from an image, the metadata values that say
+            it is (``{lesion: {pathology: [normal]}}``): such an image's prompt does not name
+            the class, so its attention map, and its mask, are empty. Decided on the sample's
+            own metadata, never on dropped fields. Empty: every prompt names every class.
+        none_phrase: what ``{classes}`` says when the image lacks every class ("normal tissue").
         known_values: per metadata field, the words the model was trained with
             (:meth:`learn_values`; recorded in ``diffmask.json``). A value outside them (an
             external hospital's "tuberculosis" for a JSRT model) becomes the field's neutral word:
@@ -90,6 +97,8 @@ class PromptBuilder:
         fields: Mapping[str, Mapping] | None = None,
         class_joiner: str = ", ",
         class_last_joiner: str = " and ",
+        absent_when: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+        none_phrase: str = "no finding",
         known_values: Mapping[str, Sequence[str]] | None = None,
     ):
         if isinstance(templates, str):
@@ -118,6 +127,17 @@ class PromptBuilder:
             raise ValueError(f"class_words: {unknown} are not foreground classes of {list(self.class_names)}")
         self.class_words = tuple(str(words.get(n) or class_word(n)) for n in self.class_names[1:])
         self.neutral = {k: spec["neutral"] for k, spec in self.fields.items()}
+        self.absent_when = {
+            str(c): {str(f): sorted({str(v).lower() for v in vs}) for f, vs in dict(rule).items()}
+            for c, rule in dict(absent_when or {}).items()
+        }
+        unknown = sorted(set(self.absent_when) - set(self.class_names[1:]))
+        if unknown:
+            raise ValueError(f"absent_when: {unknown} are not foreground classes of {list(self.class_names)}")
+        self.none_phrase = str(none_phrase)
+        clash = [w for w in self.class_words if any(locate_class_words(self.none_phrase, [w], [True]))]
+        if clash:
+            raise ValueError(f"none_phrase: {self.none_phrase!r} names the class {clash[0]!r}; a prompt would look as if it had one")
         self.class_joiner = class_joiner
         self.class_last_joiner = class_last_joiner
         self.known_values = None if known_values is None else {
@@ -184,6 +204,11 @@ class PromptBuilder:
                     seen[key].add(value)
         self.known_values = {k: sorted(v) for k, v in seen.items()}
 
+    def absent_classes(self, meta: Mapping[str, object] | None) -> set[str]:
+        """The classes the image lacks by its metadata (``absent_when``)."""
+        meta = {str(k): " ".join(str(v or "").lower().split()) for k, v in (meta or {}).items()}
+        return {c for c, rule in self.absent_when.items() if any(meta.get(f) in vs for f, vs in rule.items())}
+
     def build(self, meta: Mapping[str, object] | None = None, template: int | None = None,
               rng: random.Random | None = None, drop_fields: float = 0.0) -> BuiltPrompt:
         """Fill a template for one sample.
@@ -202,6 +227,7 @@ class PromptBuilder:
             raise ValueError(f"template: index {template} out of range (have {len(self.templates)} templates)")
         if not 0.0 <= drop_fields <= 1.0:
             raise ValueError(f"drop_fields: expected a probability in [0, 1], got {drop_fields}")
+        absent = self.absent_classes(meta)  # the image's own metadata: a dropped field does not change it
         values = self.field_values(meta)
         if drop_fields > 0 and rng is not None:
             values = {k: (self.neutral[k] if rng.random() < drop_fields else v) for k, v in values.items()}
@@ -216,16 +242,23 @@ class PromptBuilder:
             if name != "classes":
                 text += format(values[name], spec or "")
                 continue
-            for i, word in enumerate(self.class_words):
+            named = [(c, w) for c, w in zip(self.class_names[1:], self.class_words, strict=True) if c not in absent]
+            where = {}
+            for i, (c, word) in enumerate(named):
                 if i:
-                    text += self.class_last_joiner if i == len(self.class_words) - 1 else self.class_joiner
-                spans.append((len(text), len(text) + len(word)))
+                    text += self.class_last_joiner if i == len(named) - 1 else self.class_joiner
+                where[c] = (len(text), len(text) + len(word))
                 text += word
+            if not named:
+                text += self.none_phrase
+            spans = [where.get(c) for c in self.class_names[1:]]
         return BuiltPrompt(text=text, class_spans=tuple(spans))
 
     def locate(self, text: str) -> BuiltPrompt:
-        """Spans of the class phrases in a given prompt (see :func:`locate_class_words`)."""
-        return BuiltPrompt(text=text, class_spans=locate_class_words(text, self.class_words))
+        """Spans of the class phrases in a given prompt (see :func:`locate_class_words`); a class
+        that may be absent (``absent_when``) and is not named gets None."""
+        optional = [c in self.absent_when for c in self.class_names[1:]]
+        return BuiltPrompt(text=text, class_spans=locate_class_words(text, self.class_words, optional))
 
     def to_dict(self) -> dict:
         """Constructor arguments as plain values (stored in an exported model's ``diffmask.json``)."""
@@ -237,13 +270,15 @@ class PromptBuilder:
             "fields": {k: dict(v) for k, v in self.fields.items()},
             "class_joiner": self.class_joiner,
             "class_last_joiner": self.class_last_joiner,
+            "absent_when": self.absent_when,
+            "none_phrase": self.none_phrase,
             "known_values": self.known_values,
         }
 
     def words(self) -> list[str]:
         """Every word the templates, modality, field words and class words can produce."""
         parts = [re.sub(r"\{[^}]*\}", " ", t) for t in self.templates]
-        parts += [self.modality, *self.class_words]
+        parts += [self.modality, self.none_phrase, *self.class_words]
         for spec in self.fields.values():
             parts += [spec["neutral"], *spec.get("words", {}).values(), spec.get("format", "")]
         return sorted({w for p in parts for w in re.findall(r"[a-z]+", p.lower())})
@@ -262,18 +297,26 @@ def legacy_builder_spec(spec: Mapping[str, object]) -> dict:
     return {**spec, "fields": fields}
 
 
-def locate_class_words(text: str, class_words: Sequence[str]) -> tuple[tuple[int, int], ...]:
+def locate_class_words(
+    text: str, class_words: Sequence[str], optional: Sequence[bool] | None = None
+) -> tuple[tuple[int, int] | None, ...]:
     """Character span of the first whole-word, case-insensitive occurrence of each class phrase.
 
+    Args:
+        text: the prompt.
+        class_words: the class phrases, in class order.
+        optional: per class, whether the prompt may leave it out (a class the image may lack);
+            such a class gets None when it is not named. Default: every class must be named.
+
     Raises:
-        ValueError: a class phrase does not occur in the prompt.
+        ValueError: a class phrase that is not optional does not occur in the prompt.
     """
     spans = []
-    for word in class_words:
+    for i, word in enumerate(class_words):
         m = re.search(rf"(?<![a-z0-9]){re.escape(word.lower())}(?![a-z0-9])", text.lower())
-        if m is None:
+        if m is None and not (optional and optional[i]):
             raise ValueError(f"prompt {text!r}: class phrase {word!r} not found (every class must be named)")
-        spans.append(m.span())
+        spans.append(None if m is None else m.span())
     return tuple(spans)
 
 
@@ -282,7 +325,7 @@ def class_token_positions(tokenizer, prompt: BuiltPrompt) -> list[list[int]]:
 
     Works for any fast tokenizer that returns offsets (our scratch CLIP-BPE tokenizer, SD's
     ``CLIPTokenizer``). A phrase split into several tokens gives several positions; users
-    average (or sum) over them.
+    average (or sum) over them. A class the prompt does not name (span None) gets ``[]``.
 
     Raises:
         ValueError: the prompt is longer than ``tokenizer.model_max_length`` (it would be
@@ -297,7 +340,11 @@ def class_token_positions(tokenizer, prompt: BuiltPrompt) -> list[list[int]]:
         )
     offsets = enc["offset_mapping"]
     positions = []
-    for start, end in prompt.class_spans:
+    for span in prompt.class_spans:
+        if span is None:
+            positions.append([])
+            continue
+        start, end = span
         pos = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
         if not pos:
             raise ValueError(f"prompt {prompt.text!r}: no token covers characters {start}..{end}")

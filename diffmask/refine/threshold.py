@@ -57,8 +57,13 @@ def class_levels(
         ignore_band: half-width of the uncertain band around the threshold (0: none).
         band: (low, high) value range searched by ``peak_band``.
         min_fraction: ``peak_band``: least fraction of pixels on each confident side.
+
+    An all-zero map (a class the image's prompt does not name: a lesion-free image) gets
+    infinite levels, so it gives no pixel.
     """
     values = prob.ravel()
+    if values.max() <= 0:  # no attention at all (a class the prompt does not name): no pixel, no uncertainty
+        return float("inf"), float("inf")
     if method == "otsu":
         tau = _otsu(values)
     elif method == "mean_std":

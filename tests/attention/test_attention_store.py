@@ -128,11 +128,23 @@ def test_token_outside_prompt_is_rejected():
     store = CrossAttentionStore()
     with pytest.raises(ValueError, match="not in the prompt"):
         store.set_tokens([[[1], [7]]], prompt_lengths=[5])
-    with pytest.raises(ValueError, match="no token position"):
-        store.set_tokens([[[1], []]])
     store.set_tokens([[[1], [SEQ + 3]]])  # no prompt length: caught against the sequence length
     with pytest.raises(ValueError, match="outside the text sequence"):
         store.record("a", _probs(1, 1), None)
+
+
+def test_a_class_the_prompt_leaves_out_has_an_all_zero_map_and_no_mask():
+    """A lesion-free image's prompt does not name the lesion (PromptBuilder absent_when): no token,
+    a zero map, and thresholding gives it no pixel."""
+    from diffmask.refine.threshold import threshold_masks
+
+    store = CrossAttentionStore(output_size=4)
+    store.set_tokens([[[1], []], [[1], [2]]])
+    store.record("a", _probs(2, 1), None)
+    maps = store.result()
+    assert torch.all(maps[0, 1] == 0) and maps[0, 0].max() == 1 and maps[1, 1].max() == 1
+    label, _ = threshold_masks(maps[0], ignore_band=0.05)
+    assert not (label == 2).any() and not (label == 255).all()
 
 
 def test_empty_map_is_rejected():

@@ -85,3 +85,35 @@ def test_random_template_choice_and_custom_classes():
     assert texts == {"x-ray: heart", "heart on a chest x-ray"}
     meta = PhantomSource(size=16).load("train0000").meta
     assert builder.build(meta, template=1).class_spans == ((0, 5),)
+
+
+def test_a_class_the_metadata_says_is_absent_is_not_named_and_has_no_token():
+    from diffmask.prompts import build_prompt_tokenizer, class_token_positions
+
+    builder = PromptBuilder(
+        ["{modality}, {pathology}, showing the {classes}"], ["background", "organ", "lesion"],
+        modality="a breast ultrasound image", fields={"pathology": {"neutral": "breast tissue"}},
+        absent_when={"lesion": {"pathology": ["normal"]}}, none_phrase="normal tissue",
+    )
+    ill, normal = builder.build({"pathology": "Benign"}), builder.build({"pathology": "normal"})
+    assert ill.text == "a breast ultrasound image, benign, showing the organ and lesion"
+    assert normal.text == "a breast ultrasound image, normal, showing the organ" and normal.class_spans[1] is None
+    # a dropped field does not make the lesion reappear: absence is the image's own fact
+    import random
+    assert all(builder.build({"pathology": "normal"}, rng=random.Random(i), drop_fields=1.0).class_spans[1] is None
+               for i in range(5))
+    assert builder.locate(normal.text).class_spans == normal.class_spans  # generation finds the same spans
+    with pytest.raises(ValueError, match="'organ' not found"):
+        builder.locate("a breast ultrasound image showing the lesion")  # a class that is always there must be named
+    tokenizer = build_prompt_tokenizer(builder.words())
+    organ, lesion = class_token_positions(tokenizer, normal)
+    assert organ and lesion == []
+    only = PromptBuilder(["{modality} with {classes}"], ["background", "lesion"], modality="a scan", fields={},
+                         absent_when={"lesion": {"finding": ["normal"]}}, none_phrase="clear tissue")
+    assert only.build({"finding": "normal"}).text == "a scan with clear tissue"
+    with pytest.raises(ValueError, match="none_phrase"):
+        PromptBuilder(["{classes}"], ["background", "lesion"], fields={}, none_phrase="no lesion")
+    restored = PromptBuilder(**builder.to_dict())
+    assert restored.build({"pathology": "normal"}) == normal
+    with pytest.raises(ValueError, match="absent_when"):
+        PromptBuilder(absent_when={"tumour": {"finding": ["none"]}})
