@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def class_presence_record(
-    folder: str | os.PathLike, class_names: Sequence[str], min_presence: float | None
+    folder: str | os.PathLike, class_names: Sequence[str], min_presence: float | None,
+    optional_classes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """What a synthetic set's ``stage.json`` records of its masks: ``class_presence`` (for each
     foreground class, the share of masks holding it) and ``warnings``.
@@ -32,7 +33,8 @@ def class_presence_record(
     A class in fewer than ``min_presence`` of the masks (an undertrained generator's attention
     masks are mostly background) gets a loud log warning and a line in ``warnings``; the set is
     still written, and the segmentation datamodule refuses it unless told otherwise
-    (``data.synthetic_min_class_presence``). ``{}`` when the set has no masks.
+    (``data.synthetic_min_class_presence``). A class in ``optional_classes`` (a lesion, absent
+    from normal images) is recorded but never warned about. ``{}`` when the set has no masks.
     """
     presence = ManifestSource(folder, class_names).class_presence()
     if not presence:
@@ -42,7 +44,7 @@ def class_presence_record(
         "the generator may be undertrained; segmentation refuses this set unless "
         "data.synthetic_min_class_presence=null"
         for name, share in presence.items()
-        if min_presence is not None and share < min_presence
+        if min_presence is not None and share < min_presence and name not in optional_classes
     ]
     for line in warnings:
         log.warning("\n%s\n%s: %s\n%s", "!" * 100, folder, line, "!" * 100)
@@ -54,13 +56,14 @@ class MaskQualityFilter:
 
     Args:
         class_names: label names, background first (label k is ``class_names[k]``).
-        require_all_classes: drop a mask that lacks any foreground class.
+        require_all_classes: drop a mask that lacks any foreground class but the optional ones.
         min_score: drop when a class's score (the mask maker's confidence) is below this
             (None: no score check).
         min_largest_fraction: drop when a class's largest connected component holds less than
             this fraction of its pixels (None: no check). 0.9 suits lungs and heart.
         max_components: drop when a class has more connected components than this (None: no check).
         min_component_pixels: components smaller than this many pixels are not counted (specks).
+        optional_classes: classes a mask may lack (``data.optional_classes``: a lesion).
 
     Examples::
 
@@ -77,6 +80,7 @@ class MaskQualityFilter:
         min_largest_fraction: float | None = None,
         max_components: int | None = None,
         min_component_pixels: int = 1,
+        optional_classes: Sequence[str] = (),
     ):
         if len(class_names) < 2:
             raise ValueError(f"class_names: expected background plus at least one class, got {list(class_names)}")
@@ -90,6 +94,10 @@ class MaskQualityFilter:
             raise ValueError(f"min_component_pixels: expected >= 1, got {min_component_pixels}")
         self.class_names = tuple(class_names)
         self.require_all_classes = bool(require_all_classes)
+        unknown = [c for c in optional_classes if c not in self.class_names[1:]]
+        if unknown:
+            raise ValueError(f"optional_classes: {unknown} are not foreground classes of {list(self.class_names)}")
+        self.optional_classes = tuple(optional_classes)
         self.min_score = min_score
         self.min_largest_fraction = min_largest_fraction
         self.max_components = max_components
@@ -105,7 +113,7 @@ class MaskQualityFilter:
             region = mask == label
             total = int(region.sum())
             if total == 0:
-                if self.require_all_classes:
+                if self.require_all_classes and name not in self.optional_classes:
                     return f"missing class {name}"
                 continue
             if self.min_score is not None and name in scores and scores[name] < self.min_score:

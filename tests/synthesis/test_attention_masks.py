@@ -143,3 +143,31 @@ def test_quality_filter_drops_a_sample_with_a_missing_class_and_counts_it(tmp_pa
     assert not (out / "images" / f"{requests[1].id}.png").exists()
     again = generate_samples(trainer_factory, sampler, requests, out, DEFAULT_CLASS_NAMES, **kwargs)
     assert again["written"] == 0 and again["skipped"] == 3 and again["dropped_total"] == 1  # not redone
+
+
+def test_quality_filter_and_presence_record_let_an_optional_class_be_missing(tmp_path):
+    from diffmask.synthesis.quality import class_presence_record
+
+    keep = MaskQualityFilter(["background", "organ", "lesion"], optional_classes=["lesion"])
+    organ_only = np.zeros((8, 8), np.uint8)
+    organ_only[2:6, 2:6] = 1
+    assert keep(organ_only) and not keep(np.zeros((8, 8), np.uint8))  # the organ is always there
+    with pytest.raises(ValueError, match="optional_classes"):
+        MaskQualityFilter(["background", "organ"], optional_classes=["lesion"])
+    from PIL import Image
+
+    from diffmask.data import ManifestRow, write_manifest
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    rows = []
+    for i in range(4):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(organ_only).save(tmp_path / "masks" / f"{i}.png")
+        rows.append(ManifestRow(id=str(i), file_name=f"images/{i}.png", sem_seg_file_name=f"masks/{i}.png", prompt="p",
+                                source="synthetic"))
+    write_manifest(tmp_path, rows)
+    names = ["background", "organ", "lesion"]
+    assert class_presence_record(tmp_path, names, 0.5)["warnings"]  # a lesion in no mask: warned by default
+    record = class_presence_record(tmp_path, names, 0.5, optional_classes=["lesion"])
+    assert record["class_presence"] == {"organ": 1.0, "lesion": 0.0} and record["warnings"] == []
