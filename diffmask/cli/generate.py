@@ -13,6 +13,9 @@ the written images + masks and writes ``masks_affinity/`` (see
 :mod:`diffmask.synthesis.affinity_pass`). ``init_images=train`` starts each sample from a real
 training image noised to ``strength`` of the schedule instead of pure noise
 (:mod:`diffmask.synthesis.variations`).
+
+``data.channels`` must be the channels the model (and a ControlNet) was fitted on (a named error
+otherwise); a colour model writes RGB PNGs, and ``stage.json`` records ``channels``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from diffmask.synthesis.controlled import SOURCES as CONTROL_SOURCES
 from diffmask.synthesis.controlled import ConditionDataset, controlled_requests
 from diffmask.synthesis.quality import class_presence_record
 from diffmask.synthesis.variations import VariationDataset, variation_requests
+from diffmask.synthesis.writer import set_channels
 
 log = logging.getLogger("diffmask.generate")
 
@@ -91,7 +95,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if controlled:
         sampler, requests = controlled_generation(cfg, model_stage.path)
     else:
-        sampler = DiffusionSampler.from_pretrained(model_stage.path, scheduler=cfg.scheduler)
+        sampler = DiffusionSampler.from_pretrained(model_stage.path, scheduler=cfg.scheduler,
+                                                   channels=int(cfg.data.channels))
     if sampler.prompt_builder is None and not controlled:
         raise ValueError(f"input_dir: {model_stage.path}/diffmask.json has no prompt_builder; export it with the fit stage")
     class_names = sampler.prompt_builder.class_names if sampler.prompt_builder else tuple(cfg.data.class_names)
@@ -148,7 +153,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if affinity is not None:
         counts.update(refine_with_affinity(
             work, class_names=class_names,
-            device=affinity_device(cfg.trainer.get("accelerator")), seed=cfg.seed, **affinity,
+            device=affinity_device(cfg.trainer.get("accelerator")), seed=cfg.seed,
+            channels=sampler.components.channels, **affinity,
         ))
     seconds = time.time() - start
     # every rank's new samples (``written`` is rank 0's alone under DDP): all in the folder now, less those at start
@@ -164,7 +170,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.synthesis.get("condition_dir"):
             inputs["conditions"] = str(cfg.synthesis.condition_dir)
     stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs=inputs,
-                 counts=info, extra={"intensity": sampler.components.intensity, **presence})
+                 counts=info, extra={"intensity": sampler.components.intensity,
+                                     "channels": sampler.components.channels, **presence})
     log.info("%d samples in %s (%d new, %.1f s)", counts["rows"], stage.path, counts["written"], seconds)
     if cfg.get("fidelity_model"):
         # label fidelity: a segmentation model trained on real images, scored against the set's masks
@@ -195,7 +202,7 @@ def controlled_generation(cfg: DictConfig, model_dir) -> tuple[DiffusionSampler,
     source_kind = str(syn.get("source", "real"))
     if source_kind not in CONTROL_SOURCES:
         raise ValueError(f"synthesis.source: expected one of {list(CONTROL_SOURCES)}, got {source_kind!r}")
-    components, controlnet, meta = load_controlled(syn.control_dir, model_dir)
+    components, controlnet, meta = load_controlled(syn.control_dir, model_dir, channels=int(cfg.data.channels))
     builder = prompt_builder_from_dict(components.metadata["prompt_builder"]) if "prompt_builder" in components.metadata else None
     if builder is None and not meta.get("prompt"):
         raise ValueError(
@@ -210,7 +217,14 @@ def controlled_generation(cfg: DictConfig, model_dir) -> tuple[DiffusionSampler,
         if not syn.get("condition_dir"):
             raise ValueError("synthesis.condition_dir: source=folder needs a synthesis folder (manifest.jsonl, masks/)")
         folder = Path(syn.condition_dir)
-        source = ManifestSource(folder, meta.get("class_names") or list(cfg.data.class_names))
+        if set_channels(folder) != components.channels:
+            raise ValueError(
+                f"synthesis.condition_dir: {folder} holds {set_channels(folder)}-channel images (its stage.json), the "
+                f"model generates {components.channels}-channel ones (data.channels); grey and colour are never "
+                "converted silently"
+            )
+        source = ManifestSource(folder, meta.get("class_names") or list(cfg.data.class_names),
+                                channels=components.channels)
         ids = source.ids("train")
         no_mask = [r.id for r in source.rows() if not r.sem_seg_file_name]
         if no_mask:
@@ -258,7 +272,7 @@ def variation_dataset(cfg: DictConfig, sampler: DiffusionSampler) -> VariationDa
     log.info("variations of %d %s training images (strength %.2f: %d of %d steps)", len(real.ids("train")),
              real.name, strength, min(round(strength * cfg.steps), cfg.steps), cfg.steps)
     return VariationDataset(requests, real, sampler.resolution, intensity=sampler.components.intensity,
-                            resize=str(cfg.data.get("resize", "stretch")))
+                            resize=str(cfg.data.get("resize", "stretch")), channels=sampler.components.channels)
 
 
 def _only_more_samples(stage: StageDir, cfg: DictConfig) -> bool:
@@ -268,6 +282,8 @@ def _only_more_samples(stage: StageDir, cfg: DictConfig) -> bool:
         return False
     current = OmegaConf.to_container(cfg, resolve=True)
     changed = [c.split(":", 1)[0] for c in stage.changed_settings(current, ignore=(*RUN_ONLY_SETTINGS, "num_samples"))]
+    if set_channels(stage.path) != int(cfg.data.get("channels", 1)):  # a set from before channels were recorded is grey
+        return False
     # of the data group, generation reads only the real source (prompt metadata) and the class names
     return not [k for k in changed if not k.startswith("data.") or k.startswith(("data.real.", "data.class_names"))]
 

@@ -6,6 +6,8 @@
 The source must have been generated with ``synthesis=attention_masks`` (``save_class_maps`` is on
 by default). Writes ``${paths.artifact_dir}/synthesis/<name>`` (images and class maps linked to
 the source's, new ``masks/``, ``manifest.jsonl``, ``stage.json``); resumable, skipped when complete.
+The images are read with the source's channels (its ``stage.json``; ``data.channels``, when
+given, must agree): DenseCRF and AffinityNet see a colour set's RGB images.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from diffmask.cli.generate import affinity_device, build_synthesis
 from diffmask.synthesis.affinity_pass import refine_with_affinity
 from diffmask.synthesis.quality import class_presence_record
 from diffmask.synthesis.remask import remask_folder
+from diffmask.synthesis.writer import set_channels
 
 log = logging.getLogger("diffmask.remask")
 
@@ -36,9 +39,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if source.path.resolve() == StageDir(cfg.output_dir).path.resolve():
         raise ValueError(f"output_dir: {cfg.output_dir} is the input_dir; choose another name")
     names = (recorded.get("data") or {}).get("class_names")
-    if names:
-        with open_dict(cfg):
+    optional = (recorded.get("data") or {}).get("optional_classes")
+    channels = set_channels(source.path)  # the source images' channels (1 for a set made before they were recorded)
+    asked = cfg.data.get("channels")
+    if asked is not None and int(asked) != channels:
+        raise ValueError(
+            f"data.channels={asked}, but the set in {source.path} holds {channels}-channel images (its stage.json "
+            f"channels); grey and colour are never converted silently (leave data.channels unset to follow the set)"
+        )
+    with open_dict(cfg):
+        if names:
             cfg.data.class_names = list(names)  # the classes the maps were recorded for
+        if optional is not None:
+            cfg.data.optional_classes = list(optional)
+        cfg.data.channels = channels  # AffinityNet's in_channels (conf/refine/affinity.yaml) reads it
     stage = StageDir(cfg.output_dir)
     if skip_complete_stage(stage, cfg):
         return {}
@@ -50,18 +64,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.time()
     try:
         counts = remask_folder(source.path, work, mask_maker, class_names, quality_filter=quality_filter,
-                               batch_size=cfg.batch_size)
+                               batch_size=cfg.batch_size, channels=channels)
     finally:
         mask_maker.close()
     if affinity is not None:
         counts.update(refine_with_affinity(
-            work, class_names=class_names, device=affinity_device(cfg.device), seed=cfg.seed, **affinity,
+            work, class_names=class_names, device=affinity_device(cfg.device), seed=cfg.seed, channels=channels,
+            **affinity,
         ))
     seconds = time.time() - start
     info = {**counts, "seconds": round(seconds, 1)}
     presence = class_presence_record(work, class_names, cfg.synthesis.get("min_class_presence"))
     stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"synthesis": str(source.path)},
-                 counts=info, extra={"intensity": source.info().get("intensity", "raw"), **presence})
+                 counts=info, extra={"intensity": source.info().get("intensity", "raw"), "channels": channels,
+                                     **presence})
     log.info("%d samples re-masked into %s (%.1f s)", counts["rows"], stage.path, seconds)
     return info
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from diffmask.labels import IGNORE_INDEX, ignore_boundaries
 from diffmask.refine.background import add_background
+from diffmask.refine.images import channels_first
 from diffmask.refine.random_walk import local_random_walk, local_transition
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class AffinityBackbone(nn.Module):
     """A small CNN: (B, C, H, W) image -> (B, feature_dim, H/stride, W/stride) features.
 
     Args:
-        in_channels: image channels (1 for X-rays).
+        in_channels: image channels (``data.channels``: 1 grey X-rays, 3 colour).
         channels: widths of the stages; every stage after the first halves the resolution,
             so the stride is ``2 ** (len(channels) - 1)``.
         feature_dim: channels of the output features.
@@ -70,8 +71,14 @@ class AffinityBackbone(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Conv2d(prev, feature_dim, 1)
         self.stride = 2 ** (len(channels) - 1)
+        self.in_channels = int(in_channels)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"image: {image.shape[-3]} channel(s), AffinityNet reads {self.in_channels} (in_channels: "
+                "data.channels); grey and colour are never converted silently"
+            )
         return self.head(self.body(image))
 
 
@@ -379,15 +386,8 @@ class AffinityRefiner(pl.LightningModule):
 
     def refine_sample(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Keyed form of :meth:`refine` (chainable): writes ``label_key`` and ``"affinity_scores"``."""
-        image = torch.as_tensor(
-            np.asarray(sample[self.image_key])
-            if not isinstance(sample[self.image_key], torch.Tensor)
-            else sample[self.image_key]
-        )
-        if image.dtype == torch.uint8:
-            image = image.float() / 255
-        if image.ndim == 2:
-            image = image[None]
+        # (H, W) grey or (H, W, 3) RGB uint8 as the writers make them, or (C, H, W)
+        image = channels_first(sample[self.image_key])
         maps = sample[self.probs_key]
         maps = maps if isinstance(maps, torch.Tensor) else torch.as_tensor(np.asarray(maps, np.float32))
         label, scores = self.refine(image.float(), maps)

@@ -1,5 +1,8 @@
 """Fully connected CRF (Krähenbühl & Koltun) over attention probabilities, guided by the image.
 
+The appearance (bilateral) kernel compares pixel colours: a colour image is used as it is (RGB),
+a grey one is repeated to three equal channels (pydensecrf takes (H, W, 3) uint8).
+
 Defaults are AffinityNet's: Gaussian sxy 3 / compat 3, bilateral sxy 80 / srgb 13 / compat 10,
 10 mean-field iterations. Those kernel widths were tuned on ~500 px VOC images; with
 ``reference_size`` (e.g. 512) the spatial widths (``*_sxy``) are read as pixels *at that size*
@@ -62,7 +65,8 @@ def densecrf_refine(
     """Refine per-pixel class probabilities with a dense CRF.
 
     Args:
-        image: (H, W) uint8 (or floats in [0, 1]; also (H, W, 3) / (1|3, H, W)): the guidance.
+        image: (H, W) grey or (H, W, 3) RGB uint8 (or floats in [0, 1]; also (1|3, H, W)): the
+            guidance; RGB colours enter the appearance kernel as they are, grey is repeated.
         probs: (K+1, H, W) non-negative class scores, background first; normalised per pixel
             here, and used as unaries (-log p).
         gaussian_sxy, gaussian_compat: smoothness kernel.

@@ -16,6 +16,7 @@ import torch
 from diffmask.attention.store import CrossAttentionStore
 from diffmask.labels import validate_class_names
 from diffmask.refine.densecrf import ParallelRefiner
+from diffmask.refine.images import to_uint8_images
 from diffmask.refine.threshold import IGNORE_INDEX, ThresholdRefiner, mask_confidence
 
 __all__ = ["AttentionMaskMaker"]
@@ -29,8 +30,9 @@ class AttentionMaskMaker:
             ``functools.partial`` of :class:`CrossAttentionStore`, i.e. ``conf/attention`` with
             ``_partial_: true``).
         refiner: a sample refiner (``dict -> dict``, e.g. a :class:`RefinementChain` of
-            threshold -> DenseCRF); it reads ``image`` (H, W) uint8 and ``class_maps`` (K, H, W)
-            and must write ``label``. Default: Otsu threshold.
+            threshold -> DenseCRF); it reads ``image`` (H, W) uint8 grey or (H, W, 3) uint8 RGB
+            (the generated image as it is written: DenseCRF's appearance term sees the colour) and
+            ``class_maps`` (K, H, W), and must write ``label``. Default: Otsu threshold.
         class_names: background first; their count fixes K.
         num_workers: worker processes for the refiner (0: in process); see :class:`ParallelRefiner`.
         ignore_to_background: ignore-band pixels (``ignore_index``) become background in the
@@ -80,29 +82,32 @@ class AttentionMaskMaker:
         """Masks (B, S, S) uint8 (0 background) and per-image ``{class_name: score in [0, 1]}``.
 
         Args:
-            images: (B, 1, S, S) generated images in [0, 1].
+            images: (B, C, S, S) generated images in [0, 1] (C = 1 grey, 3 RGB).
             sink: the store returned by :meth:`new_sink`, after sampling.
             token_positions: as given to :meth:`new_sink` (unused: the store holds them).
         """
         maps = sink.result().float().cpu().numpy()  # (B, K, S, S)
-        gray = (images[:, 0].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        if maps.shape[0] != gray.shape[0] or maps.shape[-2:] != gray.shape[-2:]:
+        pixels = to_uint8_images(images)  # (B, S, S) grey or (B, S, S, 3) RGB
+        if maps.shape[0] != pixels.shape[0] or maps.shape[-2:] != pixels.shape[1:3]:
             raise ValueError(f"class maps {maps.shape} do not match the images {tuple(images.shape)}")
-        return self.from_maps(gray, maps)
+        return self.from_maps(pixels, maps)
 
-    def from_maps(self, gray: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, list[dict[str, float]]]:
-        """Masks and scores from recorded class maps: ``gray`` (B, S, S) uint8, ``maps`` (B, K, S, S).
+    def from_maps(self, images: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, list[dict[str, float]]]:
+        """Masks and scores from recorded class maps: ``images`` (B, S, S) uint8 grey or (B, S, S, 3)
+        uint8 RGB, ``maps`` (B, K, S, S).
 
         The same refinement as during sampling, so saved class maps (``attn/<id>.npz``) can be
         re-refined offline (``diffmask-remask``).
         """
         k = len(self.class_names) - 1
-        if maps.ndim != 4 or maps.shape[1] != k or gray.shape != (maps.shape[0], *maps.shape[-2:]):
+        images = np.asarray(images)
+        if (maps.ndim != 4 or maps.shape[1] != k or images.shape[:3] != (maps.shape[0], *maps.shape[-2:])
+                or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3)):
             raise ValueError(
-                f"class maps {maps.shape} and images {gray.shape}: expected (B, {k}, S, S) maps for the classes "
-                f"{list(self.class_names[1:])} and (B, S, S) images"
+                f"class maps {maps.shape} and images {images.shape}: expected (B, {k}, S, S) maps for the classes "
+                f"{list(self.class_names[1:])} and (B, S, S) grey or (B, S, S, 3) RGB images"
             )
-        samples = [{"image": g, "class_maps": m} for g, m in zip(gray, maps, strict=True)]
+        samples = [{"image": g, "class_maps": m} for g, m in zip(images, maps, strict=True)]
         masks, scores = [], []
         for sample, out in zip(samples, self.pool.map(samples), strict=True):
             if "label" not in out:

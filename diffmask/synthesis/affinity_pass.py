@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffmask.artifacts import atomic_write_bytes
 from diffmask.data.manifest import read_manifest, write_manifest
+from diffmask.data.sources import read_image
+from diffmask.refine.images import channels_first
 from diffmask.refine.threshold import IGNORE_INDEX, mask_confidence
 from diffmask.synthesis.writer import _png_bytes, load_class_maps, read_gray
 
@@ -41,11 +43,12 @@ AFFINITY_WEIGHTS = "affinity.pt"
 
 
 class _SeedDataset(Dataset):
-    """(image (1, S, S) in [0, 1], seed (S, S) long) of the seed masks with an ignore band."""
+    """(image (C, S, S) in [0, 1], seed (S, S) long) of the seed masks with an ignore band."""
 
-    def __init__(self, folder: Path, rows, ignore_margin: int, image_key: str, seed_key: str):
+    def __init__(self, folder: Path, rows, ignore_margin: int, image_key: str, seed_key: str, channels: int = 1):
         self.folder, self.rows, self.margin = folder, rows, ignore_margin
         self.image_key, self.seed_key = image_key, seed_key
+        self.channels = int(channels)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -54,7 +57,7 @@ class _SeedDataset(Dataset):
         from diffmask.refine.affinity import ignore_boundaries  # noqa: PLC0415 - pulls in Lightning
 
         row = self.rows[i]
-        image = torch.from_numpy(read_gray(self.folder / row.file_name)).float()[None] / 255
+        image = channels_first(read_image(self.folder / row.file_name, self.channels))
         seed = ignore_boundaries(read_gray(self.folder / row.sem_seg_file_name), self.margin)
         return {self.image_key: image, self.seed_key: torch.from_numpy(seed.astype(np.int64))}
 
@@ -68,6 +71,7 @@ def refine_with_affinity(
     ignore_margin: int = 3,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    channels: int = 1,
 ) -> dict[str, Any]:
     """Fit ``refiner`` on ``folder``'s images and seed masks, then rewrite its masks (resumable).
 
@@ -80,6 +84,8 @@ def refine_with_affinity(
         ignore_margin: ignore band (px) around seed region borders.
         device: where to train and refine.
         seed: seed of the training order.
+        channels: the set's image channels (1 grey, 3 RGB; AffinityNet's ``in_channels``); an
+            image of the other kind is an error.
 
     Returns:
         counts: ``affinity_refined`` (this run), ``affinity_skipped`` (already on disk),
@@ -106,7 +112,7 @@ def refine_with_affinity(
     else:
         gen = torch.Generator().manual_seed(seed)
         loader = DataLoader(
-            _SeedDataset(folder, seed_rows, ignore_margin, refiner.image_key, refiner.seed_key),
+            _SeedDataset(folder, seed_rows, ignore_margin, refiner.image_key, refiner.seed_key, channels),
             batch_size=batch_size, shuffle=True, generator=gen, drop_last=len(rows) > batch_size,
         )
         losses = refiner.fit_seeds(loader, train_steps)
@@ -126,7 +132,7 @@ def refine_with_affinity(
             label = read_gray(folder / out_name)
             skipped += 1
         else:
-            image = torch.from_numpy(read_gray(folder / row.file_name)).float()[None] / 255
+            image = channels_first(read_image(folder / row.file_name, channels))
             label, _ = refiner.refine(image, torch.from_numpy(maps))
             atomic_write_bytes(folder / out_name, _png_bytes(label))
             done += 1

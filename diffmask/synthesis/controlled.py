@@ -102,7 +102,8 @@ def controlled_requests(
 
 class ConditionDataset(Dataset):
     """Requests as items with their condition: ``id, prompt, seed, meta, pair_id`` and ``condition``
-    (C, S, S) float32, ``mask`` (S, S) uint8 (the label map the condition was made from).
+    (C, S, S) float32, ``mask`` (S, S) uint8 (the label map the condition was made from). A colour
+    sample's edges are those of its luminance (:class:`~diffmask.control.conditions.ConditionBuilder`).
 
     Args:
         requests: from :func:`controlled_requests`.
@@ -150,7 +151,7 @@ class ConditionDataset(Dataset):
         where = f"{getattr(self.source, 'root', self.source.name)}: {request.pair_id}"
         if sample.label is None:
             raise ValueError(f"{where}: no mask (sem_seg_file_name); a condition needs a label map")
-        if sample.image.shape != sample.label.shape:
+        if sample.image.shape[:2] != sample.label.shape:  # (S, S) grey or (S, S, 3) colour images
             raise ValueError(f"{where}: image {sample.image.shape} and mask {sample.label.shape} differ in size")
         image, label = resize_sample(sample, self.size, self.resize)
         if self.intensity != "raw":

@@ -10,6 +10,7 @@ import torch
 
 from diffmask.attention import AttentionSink
 from diffmask.diffusion.sampler import DiffusionSampler
+from diffmask.refine.images import to_uint8_images
 
 __all__ = ["MaskMaker", "SynthesisLitModule", "attention_agreement"]
 
@@ -70,7 +71,8 @@ class SynthesisLitModule(pl.LightningModule):
         strength: for batches carrying ``init`` images (variations of real images,
             :mod:`diffmask.synthesis.variations`): the share of the schedule run from them.
 
-    Predictions are dicts with ``id, prompt, seed, meta`` (lists), ``images`` (B, S, S) uint8 and,
+    Predictions are dicts with ``id, prompt, seed, meta`` (lists), ``images`` (B, S, S) uint8 (grey)
+    or (B, S, S, 3) uint8 (RGB, a colour model's) and,
     with a mask maker, ``masks`` (B, S, S) uint8, ``scores`` (list of dicts), ``dropped`` (list of
     reasons or None) and, with ``save_class_maps``, ``class_maps`` (B, K, S, S) float16. Ids listed in
     :attr:`skip_ids` (set by :class:`SyntheticWriter` from what is already on disk) are not
@@ -131,7 +133,7 @@ class SynthesisLitModule(pl.LightningModule):
             **({} if init is None else {"init_images": init, "strength": self.strength}),
         )
         pred: dict[str, Any] = dict(rows)
-        pred["images"] = (out.images[:, 0].numpy() * 255.0).round().astype(np.uint8)
+        pred["images"] = to_uint8_images(out.images)  # (B, S, S) grey, (B, S, S, 3) RGB
         if cond_masks is not None:
             # the label of a controlled image is its condition's mask; attention masks, when made,
             # are kept as class maps and agreement scores only
@@ -148,9 +150,9 @@ class SynthesisLitModule(pl.LightningModule):
         if self.mask_maker is not None:
             masks, scores = self.mask_maker(out.images, sink, positions)
             masks = np.asarray(masks, dtype=np.uint8)
-            if masks.shape != pred["images"].shape or len(scores) != len(keep):
+            if masks.shape != pred["images"].shape[:3] or len(scores) != len(keep):
                 raise ValueError(
-                    f"mask_maker: expected masks of shape {pred['images'].shape} and {len(keep)} score dicts, "
+                    f"mask_maker: expected masks of shape {pred['images'].shape[:3]} and {len(keep)} score dicts, "
                     f"got {masks.shape} and {len(scores)}"
                 )
             pred["masks"], pred["scores"] = masks, list(scores)

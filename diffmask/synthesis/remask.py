@@ -23,6 +23,7 @@ import numpy as np
 
 from diffmask.artifacts import atomic_write_bytes, link_or_copy
 from diffmask.data.manifest import ManifestRow, read_manifest, write_manifest
+from diffmask.data.sources import read_image
 from diffmask.refine.threshold import IGNORE_INDEX, mask_confidence
 from diffmask.synthesis.writer import _png_bytes, load_class_maps, read_gray
 
@@ -38,6 +39,7 @@ def remask_folder(
     class_names: Sequence[str],
     quality_filter=None,
     batch_size: int = 16,
+    channels: int = 1,
 ) -> dict[str, Any]:
     """Write ``work`` = ``source``'s images and class maps with masks from ``mask_maker``.
 
@@ -49,6 +51,8 @@ def remask_folder(
         quality_filter: optional :class:`~diffmask.synthesis.MaskQualityFilter`; dropped
             samples get no row (counted in ``dropped``).
         batch_size: samples refined per call (the CRF worker pool's unit of work).
+        channels: the source's image channels (1 grey, 3 RGB: DenseCRF then sees the colours); an
+            image of the other kind is an error.
 
     Returns:
         counts: ``rows``, ``written`` (masks made this run), ``skipped`` (on disk already),
@@ -81,8 +85,8 @@ def remask_folder(
         labels: dict[int, np.ndarray] = {}
         scores: dict[int, dict[str, float]] = {}
         if todo:
-            gray = np.stack([read_gray(source / chunk[i].file_name) for i in todo])
-            masks, new_scores = mask_maker.from_maps(gray, np.stack([maps[i] for i in todo]))
+            images = np.stack([read_image(source / chunk[i].file_name, channels) for i in todo])
+            masks, new_scores = mask_maker.from_maps(images, np.stack([maps[i] for i in todo]))
             for i, mask, score in zip(todo, masks, new_scores, strict=True):
                 labels[i], scores[i] = mask, score
         for i, row in enumerate(chunk):

@@ -18,12 +18,12 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from diffmask.data.dataset import normalize_intensity, resize_sample
 from diffmask.data.sources import SampleSource
 from diffmask.prompts.builder import PromptBuilder
+from diffmask.refine.images import channels_first
 from diffmask.synthesis.requests import GenerationRequest
 
 __all__ = ["VariationDataset", "variation_requests"]
@@ -62,7 +62,7 @@ def variation_requests(
 
 
 class VariationDataset(Dataset):
-    """Requests as items ``id, prompt, seed, meta`` plus ``init``: the source image (1, S, S) in [0, 1].
+    """Requests as items ``id, prompt, seed, meta`` plus ``init``: the source image (C, S, S) in [0, 1].
 
     Args:
         requests: from :func:`variation_requests` (``meta["source_id"]`` names the image).
@@ -70,10 +70,12 @@ class VariationDataset(Dataset):
         size: the model's resolution.
         intensity: the normalisation the model was fitted on (``raw`` = as read).
         resize: ``stretch`` or ``letterbox`` (as the data module).
+        channels: the model's image channels (1 grey, 3 RGB); a source image of the other kind is
+            an error when it is read (never converted).
     """
 
     def __init__(self, requests: Sequence[GenerationRequest], source: SampleSource, size: int,
-                 intensity: str = "raw", resize: str = "stretch"):
+                 intensity: str = "raw", resize: str = "stretch", channels: int = 1):
         ids = [r.id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("requests: ids must be unique")
@@ -85,6 +87,7 @@ class VariationDataset(Dataset):
         self.size = int(size)
         self.intensity = intensity
         self.resize = resize
+        self.channels = int(channels)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -94,7 +97,12 @@ class VariationDataset(Dataset):
         image, _ = resize_sample(self.source.load(r.meta["source_id"]), self.size, self.resize)
         if self.intensity != "raw":
             image = normalize_intensity(image, self.intensity)
-        init = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+        init = channels_first(np.asarray(image, dtype=np.float32) / 255.0)  # (C, S, S)
+        if init.shape[0] != self.channels:
+            raise ValueError(
+                f"init_images: {self.source.name} image {r.meta['source_id']} has {init.shape[0]} channel(s), the "
+                f"model generates {self.channels} (data.channels); grey and colour are never converted silently"
+            )
         return {"id": r.id, "prompt": r.prompt, "seed": r.seed, "meta": dict(r.meta), "init": init}
 
     @staticmethod

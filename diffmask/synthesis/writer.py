@@ -6,6 +6,10 @@ Each rank appends to its own shard ``manifest.rank<r>.jsonl``; rank 0 merges the
 With class maps, ``attn/<id>.npz`` (``class_maps`` (K, S, S) float16) is written before the row
 too. A sample the quality filter drops gets no files, only a row ``{id, seed, prompt, reason}``
 in ``dropped.rank<r>.jsonl``, so a restart skips it as well and the stage can count it.
+
+Images are written as the model made them: grey PNGs (mode ``L``) for a grey model, RGB PNGs for
+a colour one (``data.channels=3``); the set's ``stage.json`` records ``channels``
+(:func:`set_channels`), and :class:`~diffmask.data.ManifestSource` with those channels reads it.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import pytorch_lightning as pl
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from diffmask.artifacts import atomic_write_bytes
+from diffmask.artifacts import StageDir, atomic_write_bytes
 from diffmask.data.manifest import ManifestRow, append_manifest_row, write_manifest
 
-__all__ = ["SyntheticWriter", "read_done_rows", "read_dropped", "class_maps_npz", "load_class_maps", "read_gray"]
+__all__ = ["SyntheticWriter", "read_done_rows", "read_dropped", "class_maps_npz", "load_class_maps", "read_gray",
+           "set_channels"]
 
 log = logging.getLogger(__name__)
 SHARD_GLOB = "manifest.rank*.jsonl"
@@ -49,11 +54,23 @@ def load_class_maps(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:
-    """A written image or mask PNG as (S, S) uint8."""
+    """A written mask PNG (or a grey image) as (S, S) uint8; images are read with their set's channels
+    (:func:`diffmask.data.sources.read_image`), never converted to grey here."""
     return np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
 
 
+def set_channels(folder: str | os.PathLike) -> int:
+    """The image channels of a synthetic set: its ``stage.json`` ``channels``; 1 (grey) for a set
+    without one (made before they were recorded, or by hand)."""
+    folder = Path(folder)
+    stage_file = (folder if folder.is_dir() else folder.parent) / StageDir.STAGE_FILE
+    if not stage_file.is_file():
+        return 1
+    return int(json.loads(stage_file.read_text()).get("channels", 1))
+
+
 def _png_bytes(array: np.ndarray) -> bytes:
+    """PNG bytes of an (S, S) uint8 array (grey, mode ``L``) or an (S, S, 3) one (RGB)."""
     buf = io.BytesIO()
     Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()

@@ -33,3 +33,18 @@ def make_blob(seed: int, size: int = BLOB_SIZE) -> dict[str, np.ndarray]:
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / (a | b).sum())
+
+
+# an iso-luminant pair (BT.601 luma 107 for both): a red disk on green, invisible in grey
+GREEN, RED = (60, 140, 60), (255, 45, 38)
+
+
+def make_colour_blob(seed: int, size: int = BLOB_SIZE) -> dict[str, np.ndarray]:
+    """:func:`make_blob` in colour: a red disk on a green background of the same luminance (noise
+    std ~5 levels per channel), ``image`` (H, W, 3) uint8; ``luminance`` (H, W) uint8 its grey version."""
+    blob = make_blob(seed, size)
+    rng = np.random.default_rng(seed + 1000)
+    rgb = np.where(blob["disk"][..., None], np.array(RED, float), np.array(GREEN, float))
+    rgb = np.clip(np.round(rgb + rng.normal(0, 5, rgb.shape)), 0, 255).astype(np.uint8)
+    luma = np.round(rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    return {**blob, "image": rgb, "luminance": luma}

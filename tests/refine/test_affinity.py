@@ -117,3 +117,18 @@ def test_bad_arguments_are_rejected():
         AffinityBackbone(channels=())
     with pytest.raises(ValueError, match="share H, W"):
         AffinityRefiner(AffinityBackbone()).refine(torch.rand(1, 16, 16), torch.rand(1, 8, 8))
+
+
+def test_affinity_reads_rgb_images_channel_last_and_refuses_the_other_kind():
+    from blob_images import make_colour_blob
+
+    s = make_colour_blob(0, size=32)
+    torch.manual_seed(0)
+    refiner = AffinityRefiner(AffinityBackbone(in_channels=3, channels=(8, 16), feature_dim=8), radius=3, t=4)
+    out = refiner.refine_sample({"image": s["image"], "class_maps": s["class_maps"]})  # (H, W, 3) uint8
+    assert out["label"].shape == (32, 32) and out["label"].dtype == np.uint8
+    chw = torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 255
+    np.testing.assert_array_equal(out["label"], refiner.refine(chw, torch.from_numpy(s["class_maps"]))[0])
+    grey = AffinityRefiner(AffinityBackbone(in_channels=1, channels=(8, 16), feature_dim=8), radius=3, t=4)
+    with pytest.raises(ValueError, match=r"image: 3 channel\(s\), AffinityNet reads 1"):
+        grey.refine_sample({"image": s["image"], "class_maps": s["class_maps"]})

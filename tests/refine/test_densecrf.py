@@ -102,3 +102,20 @@ def test_prior_weight_refines_the_previous_steps_label_map():
         DenseCRFRefiner(prior_weight=1.0)
     with pytest.raises(ValueError, match="prior: expected an"):
         densecrf_refine(s["image"], np.ones((2, 64, 64), np.float32), prior=np.zeros((8, 8)), prior_weight=0.5)
+
+
+def test_crf_on_an_rgb_image_uses_its_colours():
+    """A red disk on green of the same luminance: the RGB appearance kernel sees the disk's edge,
+    the grey (luminance) image does not, so only the colour CRF snaps the offset attention onto it."""
+    from blob_images import make_colour_blob
+
+    for seed in range(2):
+        s = make_colour_blob(seed)
+        colour = DenseCRFRefiner()(s)
+        grey = DenseCRFRefiner()({**s, "image": s["luminance"]})
+        assert colour["label"].shape == (64, 64) and colour["crf_posterior"].shape == (2, 64, 64)
+        assert iou(colour["label"] == 1, s["disk"]) >= 0.9 > iou(grey["label"] == 1, s["disk"]) + 0.1
+        # channel-first floats in [0, 1] are the same guidance
+        chw = np.moveaxis(s["image"], -1, 0).astype(np.float32) / 255
+        np.testing.assert_array_equal(densecrf_refine(chw, np.concatenate([1 - s["class_maps"], s["class_maps"]])),
+                                      densecrf_refine(s["image"], np.concatenate([1 - s["class_maps"], s["class_maps"]])))

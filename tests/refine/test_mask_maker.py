@@ -36,3 +36,21 @@ def test_mask_maker_turns_recorded_attention_into_masks():
     assert set(np.unique(masks)) <= {0, 1}
     assert iou(masks[0] == 1, blob["disk"]) >= 0.85
     assert len(scores) == 2 and 0.3 < scores[0]["disk"] <= 1
+
+
+def test_mask_maker_gives_the_crf_the_rgb_image_of_a_colour_model():
+    from blob_images import make_colour_blob
+
+    blob = make_colour_blob(0)
+    seen = []
+
+    def spy(sample):
+        seen.append(sample["image"])
+        return DenseCRFRefiner()(sample)
+
+    maker = AttentionMaskMaker(functools.partial(CrossAttentionStore), spy, class_names=["background", "disk"])
+    images = torch.from_numpy(blob["image"]).permute(2, 0, 1).float()[None] / 255  # (1, 3, S, S)
+    masks, _ = maker.from_maps((images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8),
+                               blob["class_maps"][None])
+    assert seen[0].shape == (64, 64, 3) and np.array_equal(seen[0], blob["image"])
+    assert masks.shape == (1, 64, 64) and iou(masks[0] == 1, blob["disk"]) >= 0.9

@@ -13,10 +13,16 @@ from diffmask.refine import AffinityRefiner, DenseCRFRefiner, ThresholdRefiner
 CONF = Path(__file__).resolve().parents[2] / "conf" / "refine"
 
 
+def _with_data(node, channels: int):
+    """``node`` under a root that has ``data.channels`` (what ``${data.channels}`` reads in a stage config)."""
+    return OmegaConf.create({"data": {"channels": channels}, "node": node}).node
+
+
 def test_refine_configs_instantiate():
     threshold = instantiate(OmegaConf.load(CONF / "threshold.yaml"))
     crf = instantiate(OmegaConf.load(CONF / "densecrf.yaml"))
-    affinity = instantiate(OmegaConf.load(CONF / "affinity.yaml"))
+    # AffinityNet reads data.channels images (1 grey by default)
+    affinity = instantiate(_with_data(OmegaConf.load(CONF / "affinity.yaml"), channels=1))
     assert isinstance(threshold, ThresholdRefiner) and threshold.method == "otsu"
     assert isinstance(crf, DenseCRFRefiner)
     assert crf.params == dict(
@@ -34,3 +40,10 @@ def test_refine_configs_instantiate():
     assert affinity.radius == 5 and affinity.beta == 8 and affinity.t == 256
     assert affinity.backbone.stride == 4
     assert isinstance(affinity.configure_optimizers(), torch.optim.Adam)
+    assert affinity.backbone.in_channels == 1
+
+
+def test_affinity_config_reads_colour_images_with_data_channels_3():
+    affinity = instantiate(_with_data(OmegaConf.load(CONF / "affinity.yaml"), channels=3))
+    assert affinity.backbone.in_channels == 3
+    assert affinity(torch.rand(1, 3, 32, 32)).shape[-1] == 8
