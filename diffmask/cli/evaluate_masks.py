@@ -5,7 +5,8 @@
 
 Loads the diffusion stage's model and prompt builder, runs :class:`MaskQualityLitModule` with
 ``trainer.test`` on the real test split (``data.size`` and ``data.intensity`` are set to the
-model's) and writes ``metrics.json`` to the run dir (``paths.output_dir``).
+model's) and writes ``metrics.json`` to the run dir (``paths.output_dir``). ``data.channels`` must be
+the channels the model was fitted on (a ValueError naming both and the model folder otherwise).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_run(cfg)
     model_stage = StageDir(cfg.input_dir)
     model_stage.info()  # a clear error when the diffusion stage has not finished
-    components = load_components(model_stage.path)
+    # the test images are served with data.channels: the model must have been fitted on that kind of image
+    components = load_components(model_stage.path, channels=int(cfg.data.channels))
     meta = components.metadata or {}
     if "prompt_builder" not in meta or "resolution" not in meta:
         raise ValueError(
@@ -68,6 +70,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "timesteps": list(cfg.model.timesteps),
             "size": int(meta["resolution"]),
             "intensity": cfg.data.intensity,
+            "channels": int(cfg.data.channels),
             "overrides": job_overrides(),
             "seed": cfg.seed,
         })

@@ -5,7 +5,8 @@
 Features: the bottleneck of a segmentation network trained on real images (the run given), so the
 figures compare runs of this project, not published Inception FIDs. Anatomical accuracy: the same
 network segments each image; its cardiothoracic ratio is compared with the heart size the image's
-prompt asked for (see :mod:`diffmask.evaluation.synthesis_quality`).
+prompt asked for (see :mod:`diffmask.evaluation.synthesis_quality`). The set and the real images are
+read with the run's ``data.channels`` (grey or colour); a set of the other kind is an error.
 """
 
 from __future__ import annotations

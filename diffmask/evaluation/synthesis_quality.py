@@ -11,6 +11,10 @@ cardiothoracic ratio and lung fields of its prediction are measured (:func:`~dif
 anatomy.measure_mask`), and compared with the findings the image's prompt asked for (the
 ``heart_size`` word in the manifest row's ``meta``): the CTR error of an image is the distance of
 its measured CTR from the asked word's interval (0 inside it).
+
+Channels: the segmenter reads images of its run's ``data.channels`` (its net's ``in_channels``);
+the set (its ``stage.json`` ``channels``) and the real images are read with those channels, and a
+set of the other kind (grey for a colour segmenter, or the reverse) is a ValueError, never converted.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from diffmask.prompts.anatomy import FindingRules, measure_mask
 
 __all__ = [
     "attribute_accuracy",
+    "check_feature_channels",
     "ctr_error",
     "frechet_distance",
     "kernel_distance",
@@ -37,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def segmenter_features(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 16) -> np.ndarray:
-    """(N, 1, S, S) -> (N, C) features: the lowest-resolution Conv2d output of ``net``, mean over space.
+    """(N, C_in, S, S) -> (N, C) features: the lowest-resolution Conv2d output of ``net``, mean over space.
 
     ``net`` is run whole (its prediction is discarded); a forward hook on every ``Conv2d`` keeps
     the output with the smallest spatial size (the encoder's bottleneck).
@@ -141,9 +146,9 @@ def _attribute(meta: Mapping[str, object], field: str) -> str:
     return SEX_WORDS.get(value, "") if field == "sex" else value
 
 
-def small_classifier(num_classes: int, width: int = 16) -> torch.nn.Module:
-    """A 4-block CNN with global average pooling (the attribute judge)."""
-    layers, c = [], 1
+def small_classifier(num_classes: int, width: int = 16, in_channels: int = 1) -> torch.nn.Module:
+    """A 4-block CNN with global average pooling (the attribute judge) of ``in_channels`` images."""
+    layers, c = [], int(in_channels)
     for w in (width, width * 2, width * 4, width * 4):
         layers += [torch.nn.Conv2d(c, w, 3, stride=2, padding=1), torch.nn.GroupNorm(4, w), torch.nn.SiLU()]
         c = w
@@ -156,7 +161,7 @@ def attribute_accuracy(train: tuple[torch.Tensor, Sequence[Mapping]], test: tupl
     """Train a small classifier of ``field`` on real images, report its real test accuracy and its
     accuracy on synthetic images against the value each was generated for.
 
-    Each argument is (images (N, 1, S, S), metas); images without a value of ``field`` are left out.
+    Each argument is (images (N, C, S, S), metas); images without a value of ``field`` are left out.
     """
     def keep(images, metas):
         values = [_attribute(m, field) for m in metas]
@@ -169,7 +174,7 @@ def attribute_accuracy(train: tuple[torch.Tensor, Sequence[Mapping]], test: tupl
         raise ValueError(f"attribute {field!r}: the real training images have fewer than 2 values ({classes})")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = small_classifier(len(classes))
+    net = small_classifier(len(classes), in_channels=int(x.shape[1]))
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-2)
     target = torch.tensor([classes.index(v) for v in y])
     net.train()
@@ -213,6 +218,26 @@ def _images(dataset) -> torch.Tensor:
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
 
+def check_feature_channels(model, cfg, folder, set_channels: int) -> int:
+    """The channels the segmenter of run ``model`` reads (its ``data.channels``; its net's
+    ``in_channels`` must agree); a ValueError naming both when the set at ``folder`` holds images of
+    ``set_channels`` other channels (features of grey images from a colour net, or the reverse)."""
+    channels = int(cfg.data.get("channels", 1))
+    net_in = int(cfg.segmentation.net.get("in_channels", channels))
+    if net_in != channels:
+        raise ValueError(
+            f"model: {model} has a net with in_channels={net_in} but data.channels={channels}; its features "
+            "cannot be trusted"
+        )
+    if int(set_channels) != channels:
+        raise ValueError(
+            f"{folder}: the set holds {set_channels}-channel images (its stage.json channels), but the model {model} "
+            f"reads {channels}-channel ones (its data.channels); grey and colour are never converted silently: "
+            "score the set with a model trained on its kind of image"
+        )
+    return channels
+
+
 def synthesis_quality(synthetic_dir, model, rules: FindingRules | None = None, batch_size: int = 16,
                       device: str = "cpu", kid_subsets: int = 50, attribute: str | None = "sex") -> dict:
     """FID / KID of a generated set against the real training images on a real-trained segmenter's
@@ -233,22 +258,24 @@ def synthesis_quality(synthetic_dir, model, rules: FindingRules | None = None, b
     from diffmask.data.dataset import SegmentationDataset  # noqa: PLC0415
     from diffmask.data.sources import ManifestSource  # noqa: PLC0415
     from diffmask.evaluation.fidelity import load_segmentation_model, served_intensity, set_intensity  # noqa: PLC0415
+    from diffmask.synthesis.writer import set_channels  # noqa: PLC0415
 
     rules = rules or default_rules()
     module, cfg, checkpoint = load_segmentation_model(model, device)
     names = list(cfg.data.class_names)
     size, intensity = int(cfg.data.size), str(cfg.data.get("intensity", "raw"))
     folder = Path(synthetic_dir)
-    source = ManifestSource(folder, names, default_split="train")
+    channels = check_feature_channels(model, cfg, folder, set_channels(folder))
+    source = ManifestSource(folder, names, default_split="train", channels=channels)
     rows = source.rows()
     if not rows:
         raise ValueError(f"{folder / 'manifest.jsonl'}: no rows to score")
     served = served_intensity(set_intensity(folder), intensity, folder)
-    synthetic = _images(SegmentationDataset(source, [r.id for r in rows], size, intensity=served))
+    synthetic = _images(SegmentationDataset(source, [r.id for r in rows], size, intensity=served, channels=channels))
     real_source = hydra.utils.instantiate(cfg.data.real)
-    real_ds = SegmentationDataset(real_source, real_source.ids("train"), size, intensity=intensity)
+    real_ds = SegmentationDataset(real_source, real_source.ids("train"), size, intensity=intensity, channels=channels)
     real = _images(real_ds)
-    test_ds = SegmentationDataset(real_source, real_source.ids("test"), size, intensity=intensity)
+    test_ds = SegmentationDataset(real_source, real_source.ids("test"), size, intensity=intensity, channels=channels)
     net = module.net
     with torch.inference_mode():
         f_syn = segmenter_features(net, synthetic.to(device), batch_size)
@@ -258,7 +285,8 @@ def synthesis_quality(synthetic_dir, model, rules: FindingRules | None = None, b
     kid, kid_std = kernel_distance(f_syn, f_real, subsets=kid_subsets)
     result = {
         "set": str(folder), "model": str(model), "checkpoint": str(checkpoint), "n_synthetic": len(rows),
-        "n_real": len(real), "size": size, "features": f"{type(net).__name__} bottleneck, dim {f_syn.shape[1]}",
+        "n_real": len(real), "size": size, "channels": channels,
+        "features": f"{type(net).__name__} bottleneck, dim {f_syn.shape[1]}",
         "fid": frechet_distance(f_syn, f_real), "kid": kid, "kid_std": kid_std,
         "anatomy": anatomy_report([p.numpy() for p in preds], [r.meta for r in rows], rules, names),
     }

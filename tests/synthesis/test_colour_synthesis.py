@@ -92,10 +92,15 @@ def test_colour_model_generates_rgb_sets_with_attention_masks_and_remasks_them(c
     with pytest.raises(ValueError, match=rf"data.channels=1, but the set in {folder} holds 3-channel"):
         remask.run(compose_remask("re_grey", "synthesis.refine=[threshold]", "data.channels=1"))
 
-    # the colour model refuses grey data, by name
+    # the colour model refuses grey data, by name: generation and the mask evaluation on real images
     with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {model} was fitted"):
         _generate(root, model, tmp, "grey", "num_samples=1", "synthesis=none",
                   data=["data=phantom", "data.size=32"])
+    from diffmask.cli.evaluate_masks import run as evaluate_masks
+
+    with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {model} was fitted"):
+        evaluate_masks(compose_config("evaluate_masks", ["data=phantom", "data.size=32", f"input_dir={model}"],
+                                      tmp / "eval_grey"))
 
 
 def test_colour_variations_and_controlnet_variants_are_rgb(colour_model):
@@ -125,3 +130,23 @@ def test_colour_variations_and_controlnet_variants_are_rgb(colour_model):
                                           "trainer.max_steps=1"], tmp / "run_grey")
     with pytest.raises(ValueError, match=r"data.channels=1 \(grey\), but the diffusion model in .* 3-channel"):
         fit_control(grey)
+
+
+def test_fid_features_need_a_segmenter_of_the_sets_channels(tmp_path):
+    import torch
+    from omegaconf import OmegaConf
+
+    from diffmask.evaluation.synthesis_quality import check_feature_channels, small_classifier
+
+    def run_cfg(channels, in_channels="${data.channels}"):
+        return OmegaConf.create({"data": {"channels": channels}, "segmentation": {"net": {"in_channels": in_channels}}})
+
+    assert check_feature_channels("run", run_cfg(3), tmp_path, 3) == 3
+    assert check_feature_channels("run", OmegaConf.create({"data": {}, "segmentation": {"net": {}}}), tmp_path, 1) == 1
+    with pytest.raises(ValueError, match=rf"{tmp_path}: the set holds 1-channel .* model run reads 3-channel"):
+        check_feature_channels("run", run_cfg(3), tmp_path, 1)
+    with pytest.raises(ValueError, match="reads 1-channel"):
+        check_feature_channels("run", run_cfg(1), tmp_path, 3)
+    with pytest.raises(ValueError, match="in_channels=1 but data.channels=3"):
+        check_feature_channels("run", run_cfg(3, 1), tmp_path, 3)
+    assert small_classifier(2, in_channels=3)(torch.rand(2, 3, 32, 32)).shape == (2, 2)
