@@ -48,3 +48,30 @@ def test_pretrained_errors_name_the_problem(tmp_path, tiny_sd_dir, make_module):
     assert DiffusionSampler.from_pretrained(tiny_sd_dir, resolution=32).latent_size == 16
     v = load_components(tiny_sd_dir, prediction_type="v_prediction")
     assert v.noise_scheduler.config.prediction_type == "v_prediction"
+
+
+def test_a_stable_diffusion_folder_serves_grey_and_colour_data_through_the_one_channel_helper(tmp_path, tiny_sd_dir,
+                                                                                              make_module):
+    from diffmask.data import FolderSource, SegmentationDataModule
+    from tests.autoencoder.colour_data import COLOUR_CLASSES, write_colour_folder
+
+    grey, colour = load_components(tiny_sd_dir, channels=1), load_components(tiny_sd_dir, channels=3)
+    assert grey.channels == 1 and colour.channels == 3 and load_components(tiny_sd_dir).channels == 1  # grey default
+    prompt = ["a lesion"]
+    g = DiffusionSampler(grey, 32)(prompt, [0], num_inference_steps=1, guidance_scale=1.0).images
+    c = DiffusionSampler(colour, 32)(prompt, [0], num_inference_steps=1, guidance_scale=1.0).images
+    assert g.shape == (1, 1, 32, 32) and c.shape == (1, 3, 32, 32)
+    inside = ((c > 0) & (c < 1)).all(1, keepdim=True)  # pixels no channel was clipped at
+    assert inside.float().mean() > 0.5  # grey = the VAE's channels averaged back (then clipped)
+    assert torch.allclose(g[inside], c.mean(1, keepdim=True)[inside], atol=1e-5)
+    # fine-tuned on colour images, the export records it and refuses grey data by name
+    root = write_colour_folder(tmp_path / "colour")
+    dm = SegmentationDataModule(FolderSource(root, COLOUR_CLASSES, channels=3), size=32, batch_size=4, channels=3,
+                                class_names=COLOUR_CLASSES, augment=None, num_workers=0)
+    module = make_module(colour, train_text_encoder=False)
+    pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=dm)
+    out = module.export(tmp_path / "export")
+    assert json.loads((out / "diffmask.json").read_text())["channels"] == 3
+    with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {out}"):
+        load_components(out, channels=1)
