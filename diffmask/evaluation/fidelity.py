@@ -40,8 +40,10 @@ from diffmask.artifacts import StageDir, atomic_write_json
 from diffmask.data.dataset import SegmentationDataset, check_intensity
 from diffmask.data.sources import ManifestSource
 from diffmask.evaluation.metrics import SegmentationScores, compute_iou
+from diffmask.evaluation.synthesis_quality import check_feature_channels
 from diffmask.labels import IGNORE_INDEX, validate_class_names
 from diffmask.segmentation.module import resolve_checkpoint
+from diffmask.synthesis.writer import set_channels
 
 __all__ = [
     "FIDELITY_KEY",
@@ -222,7 +224,8 @@ def label_fidelity(
             f"{model}: the model outputs {outputs} classes but class_names has {len(names)} ({list(names)}); "
             "expected the classes the model was trained on"
         )
-    source = ManifestSource(folder, names, default_split="train")
+    channels = check_feature_channels(model, cfg, folder, set_channels(folder))  # the judge reads the set's kind of image
+    source = ManifestSource(folder, names, default_split="train", channels=channels)
     rows = {r.id: r for r in source.rows()}
     chosen = list(rows) if ids is None else [str(i) for i in ids]
     unknown = [i for i in chosen if i not in rows]
@@ -237,7 +240,8 @@ def label_fidelity(
             f"e.g. {unlabelled[:3]}); label fidelity compares each image with its mask"
         )
     served = served_intensity(set_intensity(folder), intensity, source.root)
-    dataset = SegmentationDataset(source, chosen, size, intensity=served, resize=str(cfg.data.get("resize", "stretch")))
+    dataset = SegmentationDataset(source, chosen, size, intensity=served, resize=str(cfg.data.get("resize", "stretch")),
+                                  channels=channels)
     totals = SegmentationScores(names, module.ignore_index).to(device)
     scores = []
     with torch.inference_mode():

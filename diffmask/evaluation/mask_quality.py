@@ -34,11 +34,13 @@ import torch
 
 from diffmask.attention.extract import extract_class_maps
 from diffmask.attention.store import CrossAttentionStore
+from diffmask.autoencoder.channels import to_autoencoder_channels
 from diffmask.diffusion.components import DiffusionComponents
 from diffmask.diffusion.module import encode_conditioning
 from diffmask.evaluation.metrics import SegmentationScores
 from diffmask.labels import validate_class_names
 from diffmask.prompts.builder import PromptBuilder, class_token_positions
+from diffmask.refine.images import channels_first, to_uint8_images
 from diffmask.refine.raw import raw_attention_labels
 from diffmask.refine.threshold import IGNORE_INDEX
 
@@ -172,11 +174,11 @@ class MaskQualityLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ maps
     def encode_images(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) in [0, 1] -> clean UNet inputs: [-1, 1] pixels, or VAE latent means (scaled)."""
+        """(B, C, S, S) in [0, 1] -> clean UNet inputs: [-1, 1] pixels, or VAE latent means (scaled)."""
         x = image * 2.0 - 1.0
         if self.vae is None:
             return x.to(self.unet.dtype)
-        x = x.repeat(1, self.vae.config.in_channels // x.shape[1], 1, 1).to(self.vae.dtype)
+        x = to_autoencoder_channels(x, int(self.vae.config.in_channels)).to(self.vae.dtype)
         return (self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor).to(self.unet.dtype)
 
     @torch.no_grad()
@@ -210,11 +212,11 @@ class MaskQualityLitModule(pl.LightningModule):
         maps = self.class_maps(image, batch["meta"], batch_seed=batch_idx + 7919 * dataloader_idx)
         raw = raw_attention_labels(maps, self.raw_threshold)
         per_image = (time.perf_counter() - start) / len(image)
-        gray = (image[:, 0].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        pixels = to_uint8_images(image)  # (B, S, S) grey or (B, S, S, 3) colour, as the refiners take them
         maps_np = maps.float().cpu().numpy()
         for i in range(len(image)):
             self._score((set_name, "raw"), raw[i], target[i], per_image)
-            sample: dict[str, Any] = {"image": gray[i], "class_maps": maps_np[i]}
+            sample: dict[str, Any] = {"image": pixels[i], "class_maps": maps_np[i]}
             for name, refiner in self.refiners:
                 start = time.perf_counter()
                 sample = refiner(sample)
@@ -222,7 +224,7 @@ class MaskQualityLitModule(pl.LightningModule):
             if self.affinity_template is not None:
                 seed = raw[i].cpu().numpy().astype(np.uint8) if not self.refiners else np.asarray(sample["label"])
                 self._kept[set_name].append(
-                    {"image": gray[i], "class_maps": maps_np[i].astype(np.float16), "seed": seed, "target": target[i].cpu()}
+                    {"image": pixels[i], "class_maps": maps_np[i].astype(np.float16), "seed": seed, "target": target[i].cpu()}
                 )
 
     def _affinity(self, set_name: str) -> float:
@@ -234,7 +236,7 @@ class MaskQualityLitModule(pl.LightningModule):
             return 0.0
         with torch.inference_mode(False):  # the test loop runs in inference mode; this copy must train
             refiner = copy.deepcopy(self.affinity_template).to(self.device)
-        images = torch.from_numpy(np.stack([k["image"] for k in kept])).float()[:, None] / 255
+        images = torch.stack([channels_first(k["image"]) for k in kept])
         seeds = torch.from_numpy(
             np.stack([ignore_boundaries(k["seed"], self.affinity_ignore_margin) for k in kept]).astype(np.int64)
         )
