@@ -364,7 +364,9 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def _check_test_sets(self) -> None:
         """Open every test image and mask now, so that a bad file fails before the fit, not after it
-        (when the fit's scores on the other test sets would be lost with it)."""
+        (when the fit's scores on the other test sets would be lost with it). A class that no mask
+        of the real test split holds is an error (the dataset config asks for a class its masks
+        never contain); an external set may lack classes (lungs only) and is scored on those it has."""
         for name, source in {self.real.name: self.real, **self.extra_test_sets}.items():
             ids = source.ids(self.splits["test"])
             problems = []
@@ -388,6 +390,13 @@ class SegmentationDataModule(pl.LightningDataModule):
                 )
             self.test_set_classes[name] = [c for c, there in zip(self.class_names[1:], seen[1:], strict=True) if there]
             absent = [c for c in self.class_names[1:] if c not in self.test_set_classes[name]]
+            if absent and source is self.real:  # the dataset's own masks: a class it never holds is a config error
+                where = getattr(source, "root", name)
+                raise ValueError(
+                    f"data.class_names asks for {absent} (labels {[self.class_names.index(c) for c in absent]}), but no "
+                    f"mask of the {name} test split ({where}) holds them: check the class list against the masks' "
+                    "label values (diffmask-check-data)"
+                )
             if absent:
                 log.info("test set %r has no %s label: scored on %s only", name, ", ".join(absent),
                          ", ".join(self.test_set_classes[name]))

@@ -68,6 +68,7 @@ class ShapesSource:
             raise ValueError(f"channels: expected 1 (grey) or 3 (colour), got {channels}")
         if not 0.0 <= absent_share < 1.0:
             raise ValueError(f"absent_share: expected a share in [0, 1), got {absent_share}")
+        self._organ = len(self.class_names) == 3
         self.name = "shapes"
         self.size = int(size)
         self.channels = int(channels)
@@ -89,7 +90,7 @@ class ShapesSource:
         index = int(sample_id[len(split):])
         rng = np.random.default_rng([self.seed, SPLITS.index(split) if split in SPLITS else 9, index, 17])
         lesion = bool(rng.random() >= self.absent_share)
-        image, label = draw_shapes(self.size, rng, organ=len(self.class_names) == 3, lesion=lesion,
+        image, label = draw_shapes(self.size, rng, organ=self._organ, lesion=lesion,
                                    colour=self.channels == 3)
         return Sample(id=sample_id, image=image, label=label, meta={"finding": "lesion" if lesion else "normal"})
 

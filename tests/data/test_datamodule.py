@@ -202,3 +202,13 @@ def test_equalize_removes_a_monotone_grey_level_change(real_dir):
     assert abs(float(item["image"][:, 8:24, 8:24].mean()) - 0.5) < 0.05  # the centre's grey levels spread evenly
     with pytest.raises(ValueError, match="intensity: expected one of"):
         SegmentationDataModule(real, size=32, intensity="none")
+
+
+def test_a_dataset_config_asking_for_a_class_the_masks_never_hold_is_a_named_error():
+    from diffmask.data import ShapesSource
+
+    names = ["background", "organ", "lesion", "cyst"]  # label 3 is in no mask
+    source = ShapesSource(32, ["background", "organ", "lesion"], num_train=4, num_val=2, num_test=4)
+    source.class_names = tuple(names)  # a config that claims a fourth class
+    with pytest.raises(ValueError, match=r"data.class_names asks for \['cyst'\] \(labels \[3\]\)"):
+        SegmentationDataModule(source, names, size=32)
