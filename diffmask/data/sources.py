@@ -199,7 +199,12 @@ class FolderSource:
         root: folder path.
         class_names: label names, background first.
         name: a short name for logs and metric keys (default: the folder name).
-        default_split: the split of every image when there is no ``metadata.csv``.
+        default_split: the split of every image when there is no ``metadata.csv`` (or no split
+            in it) and no ``auto_split``.
+        auto_split: ``[train, val, test]`` shares, e.g. ``[0.7, 0.1, 0.2]``: images without a
+            split are divided reproducibly (ids sorted, then shuffled with seed 0) instead of all
+            going to ``default_split``; for a new dataset that comes without splits. Near-duplicates
+            are not grouped: give a ``split`` column when the data has them.
         require_metadata: refuse a folder without ``metadata.csv``.
         channels: 1 (grey) or 3 (colour, RGB); an image of the other kind is an error
             (:func:`read_image`).
@@ -222,6 +227,7 @@ class FolderSource:
         require_metadata: bool = False,
         channels: int = 1,
         meta_columns: Sequence[str] | None = None,
+        auto_split: Sequence[float] | None = None,
     ):
         if channels not in (1, 3):
             raise ValueError(f"channels: expected 1 (grey) or 3 (colour), got {channels}")
@@ -251,9 +257,15 @@ class FolderSource:
             if not stems:
                 raise FileNotFoundError(f"{self.root / 'images'}: no images ({', '.join(IMAGE_SUFFIXES)})")
             self._rows = {stem: {"id": stem, "split": default_split} for stem in stems}
-        self._splits: dict[str, list[str]] = {}
+        unsplit = sorted(sid for sid, row in self._rows.items() if not row.get("split"))
+        drawn = _draw_splits(unsplit, auto_split) if auto_split is not None and unsplit else {}
+        if drawn:
+            log.info("%s: %d images without a split divided train/val/test %s (auto_split)", self.name, len(unsplit),
+                     "/".join(str(len(v)) for v in drawn.values()))
+        self._splits: dict[str, list[str]] = {k: list(v) for k, v in drawn.items()}
         for sid, row in self._rows.items():
-            self._splits.setdefault(row.get("split") or default_split, []).append(sid)
+            if row.get("split") or not drawn:
+                self._splits.setdefault(row.get("split") or default_split, []).append(sid)
 
     def ids(self, split: str) -> list[str]:
         ids = sorted(self._splits.get(split, []))
@@ -275,6 +287,17 @@ class FolderSource:
         columns = self.meta_columns or [k for k in row if k not in ("id", "split") and k is not None]
         meta = {k: (row.get(k) or "") for k in columns}
         return Sample(id=sample_id, image=image, label=label, prompt="", source="real", meta=meta)
+
+
+def _draw_splits(ids: list[str], shares: Sequence[float]) -> dict[str, list[str]]:
+    """``ids`` divided into train/val/test by ``shares`` (reproducible: seed 0 on the sorted ids)."""
+    shares = [float(x) for x in shares]
+    if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1.0) > 1e-6 or shares[0] == 0:
+        raise ValueError(f"auto_split: expected [train, val, test] shares summing to 1 (train > 0), got {list(shares)}")
+    order = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))]
+    n_val, n_test = round(shares[1] * len(ids)), round(shares[2] * len(ids))
+    n_train = len(ids) - n_val - n_test
+    return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
 
 
 class JSRTSource(FolderSource):

@@ -188,3 +188,21 @@ def test_folder_test_set_without_metadata(real_dir, tmp_path):
         src.load(f"case_{b}")
     with pytest.raises(FileNotFoundError, match="expected a manifest.jsonl, or images/ and masks/"):
         open_test_set(tmp_path / "nowhere", CHEST)
+
+
+def test_a_folder_without_splits_is_divided_reproducibly_with_auto_split(tmp_path):
+    from diffmask.data import FolderSource
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(tmp_path / "images" / f"{i:02d}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "masks" / f"{i:02d}.png")
+    src = FolderSource(tmp_path, ["background", "lesion"], auto_split=[0.7, 0.1, 0.2])
+    sizes = {s: len(src.ids(s)) for s in ("train", "val", "test")}
+    assert sizes == {"train": 14, "val": 2, "test": 4}
+    again = FolderSource(tmp_path, ["background", "lesion"], auto_split=[0.7, 0.1, 0.2])
+    assert again.ids("test") == src.ids("test") and not set(src.ids("test")) & set(src.ids("train"))
+    assert FolderSource(tmp_path, ["background", "lesion"]).ids("test") == sorted(f"{i:02d}" for i in range(20))
+    with pytest.raises(ValueError, match="auto_split"):
+        FolderSource(tmp_path, ["background", "lesion"], auto_split=[0.5, 0.5])
