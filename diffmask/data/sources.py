@@ -256,7 +256,7 @@ class FolderSource:
             stems = sorted(p.stem for p in (self.root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not stems:
                 raise FileNotFoundError(f"{self.root / 'images'}: no images ({', '.join(IMAGE_SUFFIXES)})")
-            self._rows = {stem: {"id": stem, "split": default_split} for stem in stems}
+            self._rows = {stem: {"id": stem} for stem in stems}
         unsplit = sorted(sid for sid, row in self._rows.items() if not row.get("split"))
         drawn = _draw_splits(unsplit, auto_split) if auto_split is not None and unsplit else {}
         if drawn:
