@@ -206,3 +206,20 @@ def test_a_folder_without_splits_is_divided_reproducibly_with_auto_split(tmp_pat
     assert FolderSource(tmp_path, ["background", "lesion"]).ids("test") == sorted(f"{i:02d}" for i in range(20))
     with pytest.raises(ValueError, match="auto_split"):
         FolderSource(tmp_path, ["background", "lesion"], auto_split=[0.5, 0.5])
+
+
+def test_grey_and_colour_images_are_never_converted_silently(tmp_path):
+    from diffmask.data.sources import read_image
+
+    rgb = np.zeros((6, 6, 3), np.uint8)
+    rgb[..., 0] = 200  # red: colour
+    grey_as_rgb = np.repeat(np.arange(36, dtype=np.uint8).reshape(6, 6, 1), 3, axis=2)
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    Image.fromarray(grey_as_rgb).save(tmp_path / "grey_rgb.png")
+    Image.fromarray(grey_as_rgb[..., 0]).save(tmp_path / "grey.png")
+    with pytest.raises(ValueError, match=r"colour.png: a colour image in a grey dataset \(data.channels=1\)"):
+        read_image(tmp_path / "colour.png")
+    with pytest.raises(ValueError, match=r"grey.png: a grey image in a colour dataset \(data.channels=3\)"):
+        read_image(tmp_path / "grey.png", channels=3)
+    assert read_image(tmp_path / "colour.png", channels=3).shape == (6, 6, 3)
+    np.testing.assert_array_equal(read_image(tmp_path / "grey_rgb.png"), grey_as_rgb[..., 0])  # equal channels: grey
