@@ -1,7 +1,9 @@
 """Label conventions shared by every stage.
 
-SCR masks use patient's side: label 1 (left lung) lies on the image's *right* in a PA view.
-Never flip an image horizontally without swapping labels 1 and 2.
+A label map's value is the index of its class in the dataset's ``class_names`` (background first,
+label 0); :data:`IGNORE_INDEX` marks unlabelled pixels. The class names come from the dataset
+config (``data.class_names``); a domain's own conventions live in its package (the chest's
+patient-sided lung labels: :mod:`diffmask.domains.chest.labels`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "DEFAULT_CLASS_NAMES",
     "IGNORE_INDEX",
     "class_word",
     "ignore_boundaries",
@@ -17,8 +18,6 @@ __all__ = [
     "validate_class_names",
 ]
 
-# index = label value in the mask PNGs; index 0 is always background
-DEFAULT_CLASS_NAMES: tuple[str, ...] = ("background", "left_lung", "right_lung", "heart")
 # label value of pixels without a label (uncertain borders, unlabelled images): skipped by losses and scores
 IGNORE_INDEX = 255
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from diffmask.data import SegmentationDataModule, auto_source
+from diffmask.data import SegmentationDataModule
+from diffmask.domains.chest import auto_source
 
 
 def _time(fn, repeat: int) -> float:
@@ -149,11 +150,11 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
     from diffmask.attention.store import CrossAttentionStore
     from diffmask.diffusion import DiffusionSampler
     from diffmask.diffusion.module import encode_prompts
-    from diffmask.prompts import PromptBuilder
+    from diffmask.domains.chest import chest_prompt_builder
     from diffmask.refine.mask_maker import AttentionMaskMaker
 
     comps = latent_generator(size)
-    builder = PromptBuilder()
+    builder = chest_prompt_builder()
     prompts = [builder.build({"sex": "MF"[i % 2], "age": str(30 + i)}).text for i in range(batch)]
     seeds = list(range(batch))
     threads = torch.get_num_threads()
@@ -183,7 +184,7 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
     plain = sampler_of()
     cl = sampler_of(copy.deepcopy(comps.unet).to(memory_format=torch.channels_last),
                     copy.deepcopy(comps.vae).to(memory_format=torch.channels_last))
-    maker = AttentionMaskMaker(functools.partial(CrossAttentionStore))
+    maker = AttentionMaskMaker(functools.partial(CrossAttentionStore), class_names=builder.class_names)
     variants = {
         "plain": lambda: sample(plain),
         "attention capture": lambda: sample(plain, maker=maker),
@@ -248,12 +249,12 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
 
     # the latent fit encodes its batch (+ the aligned items) every step unless the posteriors are cached
     from diffmask.diffusion import DiffusionLitModule
-    from diffmask.prompts import PromptBuilder
+    from diffmask.domains.chest import chest_prompt_builder
 
     images = torch.rand(batch + 4, 1, size, size, generator=gen)
 
     def encode(cache: int):
-        module = DiffusionLitModule(comps, PromptBuilder(), torch.optim.AdamW, resolution=size, ema_decay=0,
+        module = DiffusionLitModule(comps, chest_prompt_builder(), torch.optim.AdamW, resolution=size, ema_decay=0,
                                     latent_cache=cache)
         return lambda: module.encode_images(images)
 

@@ -46,7 +46,7 @@ def write_phantom_folder(root: Path, size: int = 256, splits: dict[str, int] = P
     """Phantom images written in JSRT's layout: ``images/``, ``masks/``, ``metadata.csv`` with splits."""
     from PIL import Image
 
-    from diffmask.data import PhantomSource
+    from diffmask.domains.chest import PhantomSource
 
     source = PhantomSource(size=size, num_train=splits["train"], num_val=splits["val"], num_test=splits["test"])
     (root / "images").mkdir(parents=True)
@@ -73,7 +73,8 @@ def write_synthetic_folder(
 
     from PIL import Image
 
-    from diffmask.data import ManifestRow, PhantomSource, write_manifest
+    from diffmask.data import ManifestRow, write_manifest
+    from diffmask.domains.chest import PhantomSource
 
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -126,10 +127,10 @@ def model_dir(tmp_path) -> Path:
     from diffmask.artifacts import StageDir
     from diffmask.diffusion import DiffusionLitModule
     from diffmask.diffusion.tiny_models import tiny_scratch_components
-    from diffmask.prompts import PromptBuilder
+    from diffmask.domains.chest import chest_prompt_builder
 
     stage = StageDir(tmp_path / "artifacts" / "diffusion" / "tiny")
-    module = DiffusionLitModule(tiny_scratch_components(32), PromptBuilder(), optimizer=None, resolution=32, ema_decay=0)
+    module = DiffusionLitModule(tiny_scratch_components(32), chest_prompt_builder(), optimizer=None, resolution=32, ema_decay=0)
     module.export(stage.begin())
     stage.commit(config={"test": True})
     return stage.path

@@ -29,7 +29,7 @@ from diffmask.cli.common import (
     write_metrics,
 )
 from diffmask.diffusion.components import load_components
-from diffmask.prompts.anatomy import prompt_builder_from_dict
+from diffmask.prompts.builder import prompt_builder_from_dict
 
 log = logging.getLogger("diffmask.evaluate_masks")
 

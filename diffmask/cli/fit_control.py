@@ -28,7 +28,7 @@ from diffmask.cli.common import (
 )
 from diffmask.control.module import build_controlnet
 from diffmask.diffusion.components import load_components
-from diffmask.prompts.anatomy import prompt_builder_from_dict
+from diffmask.prompts.builder import prompt_builder_from_dict
 
 log = logging.getLogger("diffmask.fit_control")
 

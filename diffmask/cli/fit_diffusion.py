@@ -25,7 +25,7 @@ from diffmask.cli.common import (
     skip_complete_stage,
     stage_task,
 )
-from diffmask.prompts.anatomy import MASK_FIELDS, AnatomyPathologyPrompts, FindingsSource
+from diffmask.domains.chest.anatomy import MASK_FIELDS, AnatomyPathologyPrompts, FindingsSource
 from diffmask.prompts.builder import PromptBuilder
 from diffmask.prompts.tokenizer import prompt_vocabulary
 

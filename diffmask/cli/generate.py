@@ -46,7 +46,7 @@ from diffmask.evaluation.fidelity import (
     served_intensity,
     set_intensity,
 )
-from diffmask.prompts.anatomy import prompt_builder_from_dict
+from diffmask.prompts.builder import prompt_builder_from_dict
 from diffmask.refine.mask_maker import AttentionMaskMaker
 from diffmask.refine.threshold import ThresholdRefiner
 from diffmask.synthesis import (
@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                  "(or synthesis=none for images only)") from None
     if controlled and cfg.synthesis.get("capture_attention"):
         # DiffMask's attention masks of the controlled images, scored against their condition masks
-        mask_maker = AttentionMaskMaker(functools.partial(CrossAttentionStore), ThresholdRefiner(), class_names)
+        mask_maker = AttentionMaskMaker(functools.partial(CrossAttentionStore), ThresholdRefiner(), class_names=class_names)
 
     work = stage.begin(resume=True)
     start = time.time()

@@ -1,4 +1,5 @@
-"""Data: sample sources (JSRT, manifest folders, phantom), datasets, augmentation, datamodule."""
+"""Data: sample sources (image folders, manifest folders, the shapes phantom), datasets, augmentation,
+datamodule. The chest X-ray sources (JSRT, the chest phantom) are in :mod:`diffmask.domains.chest`."""
 
 from diffmask.data.datamodule import SegmentationDataModule, collate_samples, select_fraction
 from diffmask.data.dataset import SegmentationDataset
@@ -6,12 +7,9 @@ from diffmask.data.manifest import ManifestRow, read_manifest, write_manifest
 from diffmask.data.shapes import ShapesSource
 from diffmask.data.sources import (
     FolderSource,
-    JSRTSource,
     ManifestSource,
-    PhantomSource,
     Sample,
     SampleSource,
-    auto_source,
     open_test_set,
 )
 
@@ -24,12 +22,9 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "FolderSource",
-    "JSRTSource",
     "ManifestSource",
-    "PhantomSource",
     "ShapesSource",
     "Sample",
     "SampleSource",
-    "auto_source",
     "open_test_set",
 ]

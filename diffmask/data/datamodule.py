@@ -25,7 +25,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Sampler, WeightedRandomS
 
 from diffmask.data.dataset import PairedDataset, SegmentationDataset, check_intensity, check_resize
 from diffmask.data.sources import ManifestSource, SampleSource, open_test_set
-from diffmask.labels import DEFAULT_CLASS_NAMES, validate_class_names
+from diffmask.labels import validate_class_names
 from diffmask.seeds import check_seed
 
 __all__ = ["SegmentationDataModule", "collate_samples", "select_fraction"]
@@ -62,7 +62,8 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     Args:
         real: source of real data with train/val/test splits.
-        class_names: label names, background first; must match the sources' class names.
+        class_names: label names, background first; must match the sources' class names
+            (the configs give ``data.class_names``); None = the real source's.
         size: image side (64, 128, 256, ...).
         batch_size: per-device batch size.
         real_fraction: share of the real train split used (0.1 of 173 = 17 ids; 0 = none).
@@ -129,7 +130,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def __init__(
         self,
         real: SampleSource,
-        class_names: list[str] | tuple[str, ...] = DEFAULT_CLASS_NAMES,
+        class_names: list[str] | tuple[str, ...] | None = None,
         size: int = 128,
         batch_size: int = 8,
         real_fraction: float = 1.0,
@@ -198,7 +199,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.real_share = real_share
         self.synthetic_ignore_margin = int(synthetic_ignore_margin)
         self._draws = torch.Generator().manual_seed(seed + 2)
-        self.class_names = validate_class_names(class_names)
+        self.class_names = validate_class_names(real.class_names if class_names is None else class_names)
         unknown = [c for c in optional_classes if c not in self.class_names[1:]]
         if unknown:
             raise ValueError(f"optional_classes: {unknown} are not foreground classes of {list(self.class_names)}")

@@ -26,7 +26,7 @@ from monai.transforms import (
     RandScaleIntensityd,
 )
 
-__all__ = ["RandBurnInd", "SwapLabelsOnFlipd", "build_augmentation"]
+__all__ = ["SwapLabelsOnFlipd", "build_augmentation"]
 
 
 class SwapLabelsOnFlipd(RandomizableTransform, MapTransform):
@@ -58,56 +58,6 @@ class SwapLabelsOnFlipd(RandomizableTransform, MapTransform):
         for a, b in self.pairs:
             out[label == a], out[label == b] = b, a
         d["label"] = out
-        return d
-
-
-class RandBurnInd(RandomizableTransform, MapTransform):
-    """What hospitals burn into their films: white markers and lettering, and black borders.
-
-    With probability ``prob``: 1-3 bright rectangles (a side marker "R", a "PA ERECT" label:
-    3-12 % of the side, grey 0.85-1.0) in the upper corners and along the upper edge, where
-    films carry them, and with probability 0.5 black bands (up to ``max_border`` of the side) on
-    1-3 sides (collimation, scanned film edges). Labels are unchanged: a marker covers anatomy
-    that is still there, and the bands are narrow enough to fall on background.
-
-    Args:
-        keys: image keys ((1, H, W) float in [0, 1]).
-        prob: probability of burning anything in.
-        max_border: widest black band, as a share of the side.
-    """
-
-    def __init__(self, keys=("image",), prob: float = 0.3, max_border: float = 0.08):
-        MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob)
-        if not 0 <= max_border < 0.5:
-            raise ValueError(f"max_border: expected a share of the side in [0, 0.5), got {max_border}")
-        self.max_border = max_border
-
-    def __call__(self, data):
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        r = self.R
-        for key in self.key_iterator(d):
-            img = d[key]
-            out = img.clone() if isinstance(img, torch.Tensor) else np.array(img, copy=True)
-            h, w = out.shape[-2:]
-            for _ in range(r.randint(1, 4)):
-                mh, mw = (max(1, int(r.uniform(0.03, 0.12) * n)) for n in (h, w))
-                y = int(r.uniform(0.0, 0.25) * h)
-                x = int(r.choice([r.uniform(0.0, 0.2), r.uniform(0.7, 0.95)]) * w)
-                out[..., y:y + mh, x:x + mw] = float(r.uniform(0.85, 1.0))
-            if r.rand() < 0.5 and self.max_border > 0:
-                for side in r.choice(4, size=r.randint(1, 4), replace=False):  # top, bottom, left, right
-                    n = h if side < 2 else w
-                    k = max(1, int(r.uniform(0.02, self.max_border) * n))
-                    band = slice(0, k) if side % 2 == 0 else slice(n - k, n)
-                    if side < 2:
-                        out[..., band, :] = 0.0
-                    else:
-                        out[..., :, band] = 0.0
-            d[key] = out
         return d
 
 
@@ -145,7 +95,8 @@ def build_augmentation(
             ``RandHistogramShiftd``), or None to disable: another detector's response.
         bias_field: largest coefficient of a smooth multiplicative bias field (``RandBiasFieldd``),
             or None to disable: uneven exposure across the film.
-        burn_in_prob: probability of burnt-in markers and black borders (:class:`RandBurnInd`).
+        burn_in_prob: probability of burnt-in film markers and black borders (chest films:
+            :class:`diffmask.domains.chest.transforms.RandBurnInd`).
         hflip_prob: probability of a horizontal flip (0: never; chest X-rays with patient-sided
             labels flip only with ``flip_swap``).
         flip_swap: label-value pairs a flip exchanges (:class:`SwapLabelsOnFlipd`), e.g.
@@ -186,6 +137,8 @@ def build_augmentation(
     if bias_field:
         transforms.append(RandBiasFieldd(keys="image", degree=3, coeff_range=(0.0, float(bias_field)), prob=prob))
     if burn_in_prob:
+        from diffmask.domains.chest.transforms import RandBurnInd  # noqa: PLC0415 - chest films only
+
         transforms.append(RandBurnInd(keys=("image",), prob=burn_in_prob))
     if noise_std:
         transforms.append(RandGaussianNoised(keys="image", std=noise_std, prob=prob))

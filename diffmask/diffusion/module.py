@@ -134,7 +134,7 @@ class DiffusionLitModule(pl.LightningModule):
     Examples::
 
         comps = build_scratch_components(resolution=64)
-        module = DiffusionLitModule(comps, PromptBuilder(), functools.partial(torch.optim.AdamW, lr=1e-4), resolution=64)
+        module = DiffusionLitModule(comps, chest_prompt_builder(), functools.partial(torch.optim.AdamW, lr=1e-4), resolution=64)
         pl.Trainer(max_steps=1000).fit(module, datamodule=dm)
         module.export("artifacts/diffusion/run1")
     """

@@ -15,8 +15,7 @@ from diffmask.attention import AttentionSink, capture_cross_attention
 from diffmask.autoencoder.channels import from_autoencoder_channels
 from diffmask.diffusion.components import DiffusionComponents, check_resolution, load_components
 from diffmask.diffusion.module import encode_conditioning, encode_posterior
-from diffmask.prompts.anatomy import prompt_builder_from_dict
-from diffmask.prompts.builder import PromptBuilder, class_token_positions
+from diffmask.prompts.builder import PromptBuilder, class_token_positions, prompt_builder_from_dict
 
 __all__ = ["DiffusionSampler", "GenerationOutput"]
 

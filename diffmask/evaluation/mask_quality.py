@@ -68,7 +68,7 @@ class MaskQualityLitModule(pl.LightningModule):
         raw_threshold: background threshold of the ``raw`` step.
         affinity_steps, affinity_batch_size: AffinityNet training on the seeds.
         affinity_ignore_margin: ignore band (px) around seed region borders.
-        class_names: background first.
+        class_names: background first; None = the prompt builder's (they must agree).
         seed: seed of the noise.
         set_names: names of the test dataloaders (default: the datamodule's ``test_set_names``).
         use_metadata: prompts from each image's metadata; False = the neutral prompt for every
@@ -95,7 +95,7 @@ class MaskQualityLitModule(pl.LightningModule):
         affinity_steps: int = 300,
         affinity_batch_size: int = 8,
         affinity_ignore_margin: int = 3,
-        class_names: Sequence[str] = ("background", "left_lung", "right_lung", "heart"),
+        class_names: Sequence[str] | None = None,
         seed: int = 0,
         set_names: Sequence[str] | None = None,
         use_metadata: bool = True,
@@ -112,7 +112,7 @@ class MaskQualityLitModule(pl.LightningModule):
                 "affinity_steps/affinity_batch_size/affinity_ignore_margin: expected >= 1, >= 1, >= 0, got "
                 f"{affinity_steps}, {affinity_batch_size}, {affinity_ignore_margin}"
             )
-        self.class_names = validate_class_names(class_names)
+        self.class_names = validate_class_names(prompt_builder.class_names if class_names is None else class_names)
         if tuple(prompt_builder.class_names) != self.class_names:
             raise ValueError(
                 f"class_names {list(self.class_names)} differ from the prompt builder's {list(prompt_builder.class_names)}"

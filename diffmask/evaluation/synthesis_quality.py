@@ -7,10 +7,11 @@ deepest (lowest-resolution) convolution output, averaged over space. FID / KID c
 features compare runs of this project with each other, not with published Inception figures.
 
 Anatomical accuracy: the same real-trained segmenter segments each synthetic image, the
-cardiothoracic ratio and lung fields of its prediction are measured (:func:`~diffmask.prompts.
-anatomy.measure_mask`), and compared with the findings the image's prompt asked for (the
+cardiothoracic ratio and lung fields of its prediction are measured (:func:`~diffmask.domains.
+chest.anatomy.measure_mask`), and compared with the findings the image's prompt asked for (the
 ``heart_size`` word in the manifest row's ``meta``): the CTR error of an image is the distance of
-its measured CTR from the asked word's interval (0 inside it).
+its measured CTR from the asked word's interval (0 inside it; :func:`~diffmask.domains.chest.
+anatomy.anatomy_report`). A mask without the chest classes is counted as unmeasurable.
 
 Channels: the segmenter reads images of its run's ``data.channels`` (its net's ``in_channels``);
 the set (its ``stage.json`` ``channels``) and the real images are read with those channels, and a
@@ -25,12 +26,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from diffmask.prompts.anatomy import FindingRules, measure_mask
+from diffmask.domains.chest.anatomy import FindingRules, anatomy_report
+from diffmask.domains.chest.prompt import SEX_WORDS
 
 __all__ = [
     "attribute_accuracy",
     "check_feature_channels",
-    "ctr_error",
     "frechet_distance",
     "kernel_distance",
     "segmenter_features",
@@ -96,49 +97,6 @@ def kernel_distance(a: np.ndarray, b: np.ndarray, subsets: int = 50, subset_size
         off = ~np.eye(n, dtype=bool)
         vals.append(kxx[off].mean() + kyy[off].mean() - 2 * kxy.mean())
     return float(np.mean(vals)), float(np.std(vals))
-
-
-def ctr_interval(word: str, rules: FindingRules) -> tuple[float, float]:
-    """The CTR interval of a heart-size word."""
-    words = rules.words("heart_size")
-    if word not in words:
-        raise ValueError(f"heart_size: unknown word {word!r}; expected one of {words}")
-    edges = [-np.inf, *rules.heart_size.values(), np.inf]
-    i = words.index(word)
-    return float(edges[i]), float(edges[i + 1])
-
-
-def ctr_error(measured: float, asked: str, rules: FindingRules) -> float:
-    """Distance of a measured CTR from the asked heart-size word's interval (0 inside it)."""
-    lo, hi = ctr_interval(asked, rules)
-    return float(max(lo - measured, measured - hi, 0.0))
-
-
-def anatomy_report(predictions: Sequence[np.ndarray], metas: Sequence[Mapping[str, object]], rules: FindingRules,
-                   class_names: Sequence[str]) -> dict:
-    """CTR of each predicted mask and its error against the asked ``heart_size`` (where asked)."""
-    ctrs, errors, hits, failed = [], [], [], 0
-    for pred, meta in zip(predictions, metas, strict=True):
-        try:
-            m = measure_mask(pred, class_names)
-        except ValueError:
-            failed += 1  # a class the segmenter did not find: no measurement
-            continue
-        ctrs.append(m.ctr)
-        asked = str((meta or {}).get("heart_size") or "")
-        if asked:
-            err = ctr_error(m.ctr, asked, rules)
-            errors.append(err)
-            hits.append(err == 0.0)
-    return {
-        "n_measured": len(ctrs), "n_unmeasurable": failed, "ctr_mean": float(np.mean(ctrs)) if ctrs else float("nan"),
-        "n_asked": len(errors),
-        "ctr_error_median": float(np.median(errors)) if errors else float("nan"),
-        "heart_size_accuracy": float(np.mean(hits)) if hits else float("nan"),
-    }
-
-
-SEX_WORDS = {"m": "male", "male": "male", "f": "female", "female": "female"}
 
 
 def _attribute(meta: Mapping[str, object], field: str) -> str:

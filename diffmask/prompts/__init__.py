@@ -1,13 +1,14 @@
-"""Prompts: text built from metadata and class words, with the token positions of each class."""
+"""Prompts: text built from metadata and class words, with the token positions of each class.
 
-from diffmask.prompts.anatomy import (
-    AnatomyPathologyPrompts,
-    FindingsSource,
-    derive_findings,
-    measure_mask,
+The chest anatomy-pathology reports are in :mod:`diffmask.domains.chest.anatomy`."""
+
+from diffmask.prompts.builder import (
+    BuiltPrompt,
+    PromptBuilder,
+    class_token_positions,
+    locate_class_words,
     prompt_builder_from_dict,
 )
-from diffmask.prompts.builder import BuiltPrompt, PromptBuilder, class_token_positions, locate_class_words
 from diffmask.prompts.retrieval import (
     CLIPTextEmbedder,
     MiniLMEmbedder,
@@ -19,10 +20,6 @@ from diffmask.prompts.retrieval import (
 from diffmask.prompts.tokenizer import PROMPT_WORDS, build_prompt_tokenizer, prompt_vocabulary
 
 __all__ = [
-    "AnatomyPathologyPrompts",
-    "FindingsSource",
-    "derive_findings",
-    "measure_mask",
     "prompt_builder_from_dict",
     "BuiltPrompt",
     "PromptBuilder",

@@ -14,19 +14,17 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from diffmask.labels import DEFAULT_CLASS_NAMES, class_word, validate_class_names
+from diffmask.labels import class_word, validate_class_names
 
-__all__ = ["BuiltPrompt", "PromptBuilder", "class_token_positions", "locate_class_words", "legacy_builder_spec"]
+__all__ = [
+    "BuiltPrompt",
+    "PromptBuilder",
+    "class_token_positions",
+    "locate_class_words",
+    "legacy_builder_spec",
+    "prompt_builder_from_dict",
+]
 
-# the chest X-ray prompt (the defaults of conf/data/base/chest.yaml); any dataset gives its own
-DEFAULT_TEMPLATES = ("{modality} of a {age} {sex}, {finding}, showing the {classes}",)
-DEFAULT_MODALITY = "a chest x-ray"
-DEFAULT_FIELDS: dict[str, dict] = {
-    "sex": {"neutral": "patient", "words": {"m": "male", "male": "male", "f": "female", "female": "female"}},
-    "age": {"neutral": "adult", "format": "{value} year old", "numeric": True},
-    "finding": {"neutral": "unspecified finding"},
-    "diagnosis": {"neutral": "unknown diagnosis"},
-}
 FIELD_KEYS = ("neutral", "words", "format", "numeric")
 
 
@@ -54,6 +52,10 @@ class PromptBuilder:
     heart"), and one field per metadata column named in ``fields`` (from ``Sample.meta``; a
     missing, empty or unknown value becomes the field's neutral word).
 
+    Every dataset describes its own prompt (``data.prompt`` of ``conf/data/<name>.yaml``, read by
+    ``conf/prompts/default.yaml``); the chest X-ray one is
+    :func:`diffmask.domains.chest.chest_prompt_builder`.
+
     Args:
         templates: one or more templates; :meth:`build` picks one (the first unless an index
             or an RNG is given).
@@ -64,7 +66,7 @@ class PromptBuilder:
             missing value; required), ``words`` (lower-cased raw value -> word; a value not
             listed is neutral; without it the value is used as it is, lower-cased),
             ``format`` (e.g. ``"{value} year old"``), ``numeric`` (only whole numbers are used).
-            Default: the chest X-ray fields sex, age, finding, diagnosis.
+            None: no metadata fields (a prompt of the modality and the classes).
         class_joiner, class_last_joiner: separators between class phrases.
         absent_when: per class that may be missing from an image, the metadata values that say
             it is (``{lesion: {pathology: [normal]}}``): such an image's prompt does not name
@@ -79,7 +81,7 @@ class PromptBuilder:
 
     Examples::
 
-        builder = PromptBuilder()
+        builder = chest_prompt_builder()  # diffmask.domains.chest
         p = builder.build({"sex": "M", "age": "53", "finding": "lung nodule"})
         p.text  # 'a chest x-ray of a 53 year old male, lung nodule, showing the left lung, right lung and heart'
         p.text[slice(*p.class_spans[0])]  # 'left lung'
@@ -90,9 +92,9 @@ class PromptBuilder:
 
     def __init__(
         self,
-        templates: Sequence[str] = DEFAULT_TEMPLATES,
-        class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
-        modality: str = DEFAULT_MODALITY,
+        templates: Sequence[str],
+        class_names: Sequence[str],
+        modality: str,
         class_words: Mapping[str, str] | None = None,
         fields: Mapping[str, Mapping] | None = None,
         class_joiner: str = ", ",
@@ -106,7 +108,7 @@ class PromptBuilder:
         templates = [str(t) for t in templates]
         if not templates:
             raise ValueError("templates: expected at least one template")
-        self.fields = self._check_fields(DEFAULT_FIELDS if fields is None else fields)
+        self.fields = self._check_fields(fields or {})
         allowed = {*self.fields, "classes", "modality"}
         for t in templates:
             used = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
@@ -286,15 +288,35 @@ class PromptBuilder:
 
 def legacy_builder_spec(spec: Mapping[str, object]) -> dict:
     """A ``to_dict`` recorded before prompts were described by the dataset config (``neutral``,
-    ``sex_words``, ``age_format``) as today's arguments; today's specs are returned unchanged."""
+    ``sex_words``, ``age_format``: always a chest X-ray model) as today's arguments, the chest
+    prompt's fields and modality filling what it lacks; today's specs are returned unchanged."""
     spec = dict(spec)
     if "fields" in spec or not {"neutral", "sex_words", "age_format"} & set(spec):
         return spec
-    neutral = {**{k: v["neutral"] for k, v in DEFAULT_FIELDS.items()}, **dict(spec.pop("neutral", None) or {})}
+    from diffmask.domains.chest.prompt import CHEST_PROMPT  # noqa: PLC0415 - only old chest models need it
+
+    chest = CHEST_PROMPT["fields"]
+    neutral = {**{k: v["neutral"] for k, v in chest.items()}, **dict(spec.pop("neutral", None) or {})}
     fields = {k: {"neutral": v} for k, v in neutral.items()}
-    fields["sex"]["words"] = dict(spec.pop("sex_words", None) or DEFAULT_FIELDS["sex"]["words"])
+    fields["sex"]["words"] = dict(spec.pop("sex_words", None) or chest["sex"]["words"])
     fields["age"].update(format=str(spec.pop("age_format", "{age} year old")).replace("{age}", "{value}"), numeric=True)
-    return {**spec, "fields": fields}
+    return {"modality": CHEST_PROMPT["modality"], **spec, "fields": fields}
+
+
+def prompt_builder_from_dict(spec: Mapping[str, object]) -> PromptBuilder:
+    """The prompt builder recorded in a model's ``diffmask.json`` (``to_dict`` of either kind: a
+    :class:`PromptBuilder`, or the chest anatomy-pathology builder, imported only for such a model)."""
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind is not None:
+        from diffmask.domains.chest.anatomy import AnatomyPathologyPrompts  # noqa: PLC0415 - a chest model only
+
+        if kind == AnatomyPathologyPrompts.TYPE:
+            from diffmask.prompts.retrieval import MiniLMEmbedder  # noqa: PLC0415
+
+            rank = spec.pop("rank", False)
+            return AnatomyPathologyPrompts(**spec, embedder=MiniLMEmbedder() if rank else None)
+    return PromptBuilder(**legacy_builder_spec(spec))
 
 
 def locate_class_words(

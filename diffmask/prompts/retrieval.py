@@ -317,7 +317,7 @@ class PromptRetriever:
     Examples::
 
         retriever = PromptRetriever(MiniLMEmbedder(), mode="query", queries=["female 60 lung nodule"])
-        drawn = retriever.draw(PromptBuilder(), metas, num_samples=8, seed=0)
+        drawn = retriever.draw(chest_prompt_builder(), metas, num_samples=8, seed=0)
         drawn[0].prompt.text  # 'a chest x-ray of a 61 year old female, lung nodule, showing the ...'
     """
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter, shift
 
-from diffmask.data.sources import JSRTSource
+from diffmask.domains.chest import JSRTSource
 from diffmask.refine import (
     AffinityBackbone,
     AffinityRefiner,

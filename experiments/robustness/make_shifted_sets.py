@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from diffmask.artifacts import atomic_write_bytes
-from diffmask.data.sources import JSRTSource
+from diffmask.domains.chest import JSRTSource
 
 SHIFTS = ("window", "fov", "detector", "mixed")
 

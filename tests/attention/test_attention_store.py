@@ -8,7 +8,8 @@ from diffusers import UNet2DConditionModel
 
 from diffmask.attention import CrossAttentionStore, capture_cross_attention
 from diffmask.diffusion.tiny_models import tiny_latent_unet
-from diffmask.prompts import PromptBuilder, build_prompt_tokenizer, class_token_positions, prompt_vocabulary
+from diffmask.domains.chest import chest_prompt_builder
+from diffmask.prompts import build_prompt_tokenizer, class_token_positions, prompt_vocabulary
 
 SEQ = 8  # text tokens per prompt
 
@@ -175,7 +176,7 @@ def test_bad_arguments_name_the_field():
 
 def test_store_takes_the_prompt_builders_token_positions():
     """One token finder for the whole package: the prompt builder's (character offsets)."""
-    builder = PromptBuilder()
+    builder = chest_prompt_builder()
     tok = build_prompt_tokenizer(prompt_vocabulary(builder.words()), model_max_length=64)
     built = builder.build({"sex": "F", "age": "40"})
     positions = class_token_positions(tok, built)

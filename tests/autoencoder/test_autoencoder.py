@@ -19,11 +19,12 @@ from diffmask.autoencoder import (
     ssim,
 )
 from diffmask.cli.common import CONFIG_PATH
-from diffmask.data import ManifestSource, PhantomSource
+from diffmask.data import ManifestSource
 from diffmask.data.dataset import SegmentationDataset
 from diffmask.diffusion import DiffusionSampler, build_scratch_components
 from diffmask.diffusion.components import DiffusionComponents
-from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
+from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
+from diffmask.domains.chest import PhantomSource, chest_prompt_builder
 
 TINY_AE = ["autoencoder.vae.block_out_channels=[16,32,32]", "autoencoder.vae.norm_num_groups=8", "autoencoder.crop=16"]
 TINY_DATA = ["data=phantom", "data.size=32", "data.batch_size=4", "data.num_workers=0", "data.real.num_train=4",
@@ -194,14 +195,13 @@ def test_stable_diffusion_vae_fits_the_same_slot_and_f8_composes(tmp_path):
 def test_latent_fit_encodes_each_training_image_once_and_draws_from_its_posterior(tmp_path):
     from diffmask.diffusion import DiffusionLitModule
     from diffmask.diffusion.module import encode_posterior
-    from diffmask.prompts.builder import PromptBuilder
 
     _module().export(tmp_path / "ae", {"latent_mean": 0.0, "latent_std": 2.0})
     comps = build_scratch_components(resolution=32, block_out_channels=(16, 32), attention_heads=2,
                                      cross_attention_dim=32, norm_num_groups=8, text_hidden_size=32, text_layers=1,
                                      text_heads=2, text_intermediate_size=32, autoencoder_dir=tmp_path / "ae")
     vae, images = comps.vae, _phantoms(n=2)
-    module = DiffusionLitModule(comps, PromptBuilder(), torch.optim.Adam, resolution=32, latent_cache=4)
+    module = DiffusionLitModule(comps, chest_prompt_builder(), torch.optim.Adam, resolution=32, latent_cache=4)
     calls, encode = [], vae.encode
     vae.encode = lambda x: calls.append(len(x)) or encode(x)
     draws = torch.stack([module.encode_images(images) for _ in range(200)])
@@ -217,7 +217,7 @@ def test_latent_fit_encodes_each_training_image_once_and_draws_from_its_posterio
     module.encode_images(torch.rand(3, 1, 32, 32))  # encoded, not kept
     assert calls == [2, 2, 3] and len(module._posteriors) == 4
     with pytest.raises(ValueError, match="latent_cache: expected a number of images >= 0"):
-        DiffusionLitModule(comps, PromptBuilder(), torch.optim.Adam, resolution=32, latent_cache=-1)
+        DiffusionLitModule(comps, chest_prompt_builder(), torch.optim.Adam, resolution=32, latent_cache=-1)
 
 
 # ---- colour (RGB) data ------------------------------------------------------------------------

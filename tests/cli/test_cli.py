@@ -51,7 +51,7 @@ def test_missing_required_field_fails_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_gives_one_metrics_file_per_job(real_dir, tmp_path):
-    from diffmask.data import JSRTSource
+    from diffmask.domains.chest import JSRTSource
 
     # 9 and 17 real training images: 5 % and 10 % of JSRT's 173 (the same counts of a phantom folder)
     n = len(JSRTSource(real_dir).ids("train"))

@@ -12,9 +12,9 @@ from diffmask.attention import CrossAttentionStore
 from diffmask.autoencoder import AutoencoderLitModule, build_autoencoder, load_autoencoder
 from diffmask.cli.common import CONFIG_PATH
 from diffmask.codebook import VisualCodebook, WordCodePMI, codebook_usage, kmeans
-from diffmask.data import PhantomSource
 from diffmask.data.dataset import SegmentationDataset
 from diffmask.diffusion import DiffusionSampler
+from diffmask.domains.chest import PhantomSource
 
 
 def _autoencoder(tmp_path, resolution=32):

@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 
 from diffmask.control import ConditionBuilder, Deformation
-from diffmask.data.sources import draw_phantom
+from diffmask.domains.chest import draw_phantom
 
 
 def _phantom(size=64, seed=0):

@@ -10,10 +10,10 @@ from PIL import Image
 
 from diffmask.artifacts import StageDir
 from diffmask.control import ConditionBuilder, ControlLitModule, build_controlnet
-from diffmask.data import ManifestRow, PhantomSource, read_manifest, write_manifest
+from diffmask.data import ManifestRow, read_manifest, write_manifest
 from diffmask.diffusion import DiffusionSampler
 from diffmask.diffusion.tiny_models import tiny_scratch_components
-from diffmask.prompts import PromptBuilder
+from diffmask.domains.chest import PhantomSource, chest_prompt_builder
 from diffmask.synthesis.writer import SyntheticWriter
 from tests.conftest import compose_config
 
@@ -53,7 +53,7 @@ def test_tiny_controlnet_loss_falls_and_the_base_stays_frozen():
     base_before = {k: v.clone() for k, v in comps.unet.state_dict().items()}
     condition = ConditionBuilder("mask", 4)
     module = ControlLitModule(
-        comps, build_controlnet(comps.unet, condition.channels), condition, PromptBuilder(),
+        comps, build_controlnet(comps.unet, condition.channels), condition, chest_prompt_builder(),
         optimizer=functools.partial(torch.optim.AdamW, lr=2e-3), resolution=32, cond_dropout=0.0,
     )
     batch = _batch()
@@ -74,7 +74,7 @@ def test_tiny_controlnet_loss_falls_and_the_base_stays_frozen():
     for k, v in comps.unet.state_dict().items():
         assert torch.equal(v, base_before[k]), f"base UNet weight {k} changed"
     with pytest.raises(ValueError, match="condition channels"):
-        ControlLitModule(comps, build_controlnet(comps.unet, 1), condition, PromptBuilder(), optimizer=None,
+        ControlLitModule(comps, build_controlnet(comps.unet, 1), condition, chest_prompt_builder(), optimizer=None,
                          resolution=32)
 
 
@@ -178,7 +178,7 @@ def test_controlled_generation_bad_input(tmp_path, model_dir):
     from diffmask.diffusion import DiffusionLitModule
 
     stage = StageDir(other)
-    DiffusionLitModule(tiny_scratch_components(32, seed=9), PromptBuilder(), optimizer=None, resolution=32,
+    DiffusionLitModule(tiny_scratch_components(32, seed=9), chest_prompt_builder(), optimizer=None, resolution=32,
                        ema_decay=0).export(stage.begin())
     stage.commit(config={"test": True})
     with pytest.raises(ValueError, match="is not the diffusion model the ControlNet"):
@@ -247,7 +247,7 @@ def test_colour_controlnet_fits_on_rgb_batches_and_refuses_grey_data(tmp_path):
     with pytest.raises(ValueError, match="image: 1 channel"):
         module.denoising_loss(grey_batch, train=False)
     # exported with its base; loading them for grey data is a named error
-    base = DiffusionLitModule(comps, PromptBuilder(), optimizer=None, resolution=32, ema_decay=0).export(tmp_path / "b")
+    base = DiffusionLitModule(comps, chest_prompt_builder(), optimizer=None, resolution=32, ema_decay=0).export(tmp_path / "b")
     module.export(tmp_path / "c", base)
     assert json.loads((tmp_path / "c" / "control.json").read_text())["channels"] == 3
     assert load_controlled(tmp_path / "c", base, channels=3)[0].channels == 3

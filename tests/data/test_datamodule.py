@@ -7,13 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmask.data import (
-    JSRTSource,
-    PhantomSource,
-    SegmentationDataModule,
-    select_fraction,
-)
+from diffmask.data import SegmentationDataModule, select_fraction
 from diffmask.data.transforms import build_augmentation
+from diffmask.domains.chest import JSRTSource, PhantomSource
 from tests.conftest import write_synthetic_folder
 
 

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from diffmask.cli.train import run as train
-from diffmask.data import PhantomSource, SegmentationDataModule
+from diffmask.data import SegmentationDataModule
 from diffmask.data.dataset import normalize_intensity
-from diffmask.data.transforms import RandBurnInd, build_augmentation
+from diffmask.data.transforms import build_augmentation
+from diffmask.domains.chest import PhantomSource, RandBurnInd
 from tests.conftest import compose_config, write_synthetic_folder
 
 TINY = [

@@ -11,10 +11,11 @@ from hydra.errors import InstantiationException
 from PIL import Image
 
 from diffmask.cli.train import run as train
-from diffmask.data import ManifestRow, PhantomSource, SegmentationDataModule, auto_source, write_manifest
+from diffmask.data import ManifestRow, SegmentationDataModule, write_manifest
 from diffmask.data.dataset import SegmentationDataset, resize_sample
 from diffmask.data.sources import FolderSource, Sample
-from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
+from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
+from diffmask.domains.chest import PhantomSource, auto_source
 from diffmask.seeds import check_seed
 from diffmask.synthesis.quality import class_presence_record
 from tests.conftest import compose_config, write_synthetic_folder

@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmask.data import (
-    JSRTSource,
-    ManifestRow,
-    ManifestSource,
-    PhantomSource,
-    read_manifest,
-    write_manifest,
-)
-from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
+from diffmask.data import ManifestRow, ManifestSource, read_manifest, write_manifest
+from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
+from diffmask.domains.chest import JSRTSource, PhantomSource
 from tests.conftest import PHANTOM_SPLITS, write_phantom_folder
 
 

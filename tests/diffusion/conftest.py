@@ -3,10 +3,10 @@ import functools
 import pytest
 import torch
 
-from diffmask.data import PhantomSource, SegmentationDataModule
+from diffmask.data import SegmentationDataModule
 from diffmask.diffusion import DiffusionLitModule
 from diffmask.diffusion.tiny_models import save_tiny_stable_diffusion, tiny_scratch_components
-from diffmask.prompts import PromptBuilder
+from diffmask.domains.chest import PhantomSource, chest_prompt_builder
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def make_module():
         kwargs.setdefault("resolution", 32)
         kwargs.setdefault("ema_decay", 0.0)
         kwargs.setdefault("cond_dropout", 0.0)
-        return DiffusionLitModule(components, PromptBuilder(), functools.partial(torch.optim.AdamW, lr=lr), **kwargs)
+        return DiffusionLitModule(components, chest_prompt_builder(), functools.partial(torch.optim.AdamW, lr=lr), **kwargs)
 
     return make
 

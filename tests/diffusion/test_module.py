@@ -7,7 +7,7 @@ import torch
 from diffmask.data import select_fraction
 from diffmask.diffusion import AttentionAlignment, DiffusionSampler, load_components
 from diffmask.diffusion.tiny_models import tiny_scratch_components
-from diffmask.prompts import PromptBuilder
+from diffmask.domains.chest import chest_prompt_builder
 
 
 def _trainer(steps, **kw):
@@ -80,11 +80,11 @@ def test_export_reloads_in_diffusers_format_with_identical_outputs(tmp_path, pha
     meta = json.loads((out / "diffmask.json").read_text())
     assert meta["space"] == "pixel" and meta["resolution"] == 32 and meta["class_names"][1] == "left_lung"
 
-    prompts = [PromptBuilder().build({"sex": "F"}).text] * 2
+    prompts = [chest_prompt_builder().build({"sex": "F"}).text] * 2
     reloaded = DiffusionSampler.from_pretrained(out)
     comps = module.components
     comps.unet = module.ema_unet  # the export holds the EMA weights
-    here = DiffusionSampler(comps, 32, prompt_builder=PromptBuilder())
+    here = DiffusionSampler(comps, 32, prompt_builder=chest_prompt_builder())
     a = here(prompts, [1, 2], num_inference_steps=2, guidance_scale=2.0)
     b = reloaded(prompts, [1, 2], num_inference_steps=2, guidance_scale=2.0)
     assert torch.equal(a.images, b.images)

@@ -4,15 +4,15 @@ import torch
 from diffmask.attention import AttentionRecorder
 from diffmask.diffusion import DiffusionSampler, class_token_index
 from diffmask.diffusion.tiny_models import tiny_scratch_components
-from diffmask.prompts import PromptBuilder
+from diffmask.domains.chest import chest_prompt_builder
 
 
 @pytest.fixture
 def sampler():
-    return DiffusionSampler(tiny_scratch_components(32, seed=3), 32, prompt_builder=PromptBuilder())
+    return DiffusionSampler(tiny_scratch_components(32, seed=3), 32, prompt_builder=chest_prompt_builder())
 
 
-PROMPTS = [PromptBuilder().build({"sex": "M", "age": "40"}).text, PromptBuilder().build({"sex": "F"}).text]
+PROMPTS = [chest_prompt_builder().build({"sex": "M", "age": "40"}).text, chest_prompt_builder().build({"sex": "F"}).text]
 
 
 def test_two_images_in_range_and_same_seed_same_images(sampler):
@@ -82,7 +82,7 @@ def test_each_scheduler_samples_with_attention_capture(scheduler):
 
     from diffmask.attention.store import CrossAttentionStore
 
-    sampler = DiffusionSampler(tiny_scratch_components(32, seed=3), 32, scheduler=scheduler, prompt_builder=PromptBuilder())
+    sampler = DiffusionSampler(tiny_scratch_components(32, seed=3), 32, scheduler=scheduler, prompt_builder=chest_prompt_builder())
     positions = sampler.token_positions(PROMPTS)
     store = functools.partial(CrossAttentionStore, upsample="bilinear")(output_size=32)
     store.set_tokens(positions)
@@ -117,7 +117,7 @@ def test_each_scheduler_samples_with_attention_capture(scheduler):
 def test_variations_start_from_the_init_image_and_run_the_last_share_of_the_steps(scheduler):
     """SDEdit: strength s runs the last round(s * steps) steps from the noised image; at a low
     strength the result stays near the image, and it is seeded per image like plain sampling."""
-    sampler = DiffusionSampler(tiny_scratch_components(32, seed=3), 32, scheduler=scheduler, prompt_builder=PromptBuilder())
+    sampler = DiffusionSampler(tiny_scratch_components(32, seed=3), 32, scheduler=scheduler, prompt_builder=chest_prompt_builder())
     yy = torch.linspace(0, 1, 32)
     init = torch.stack([yy[None, :, None].expand(1, 32, 32), yy[None, None, :].expand(1, 32, 32)])  # two ramps
     rec = AttentionRecorder()

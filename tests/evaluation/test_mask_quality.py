@@ -11,10 +11,10 @@ import pytorch_lightning as pl
 import torch
 
 from diffmask.attention import CrossAttentionStore
-from diffmask.data import PhantomSource, SegmentationDataModule
+from diffmask.data import SegmentationDataModule
 from diffmask.diffusion.tiny_models import tiny_scratch_components
+from diffmask.domains.chest import PhantomSource, chest_prompt_builder
 from diffmask.evaluation.mask_quality import MaskQualityLitModule
-from diffmask.prompts import PromptBuilder
 from diffmask.refine import AffinityBackbone, AffinityRefiner, DenseCRFRefiner, ThresholdRefiner
 from diffmask.refine.raw import RawAttentionRefiner, raw_attention_labels
 
@@ -43,7 +43,7 @@ def test_module_scores_every_step_on_two_phantom_images():
     dm = SegmentationDataModule(PhantomSource(size=32, num_train=2, num_val=1, num_test=2), size=32,
                                 batch_size=2, num_workers=0)
     module = MaskQualityLitModule(
-        tiny_scratch_components(32, seed=1), PromptBuilder(), functools.partial(CrossAttentionStore, upsample="bilinear"),
+        tiny_scratch_components(32, seed=1), chest_prompt_builder(), functools.partial(CrossAttentionStore, upsample="bilinear"),
         {"threshold": ThresholdRefiner(ignore_band=0.1), "densecrf": DenseCRFRefiner(iterations=2, reference_size=512)},
         affinity=tiny_affinity(), timesteps=[100, 300], affinity_steps=2, affinity_batch_size=2,
     )
@@ -57,7 +57,7 @@ def test_module_scores_every_step_on_two_phantom_images():
         assert res[f"masks/phantom/{step}/seconds_per_image"] > 0
     assert res["masks/phantom/affinity/train_seconds"] > 0
     with pytest.raises(ValueError, match="timesteps"):
-        MaskQualityLitModule(tiny_scratch_components(32), PromptBuilder(), CrossAttentionStore, timesteps=[1000])
+        MaskQualityLitModule(tiny_scratch_components(32), chest_prompt_builder(), CrossAttentionStore, timesteps=[1000])
 
 
 def test_evaluate_masks_cli_on_two_jsrt_test_images_writes_metrics(tmp_path, model_dir, real_dir):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffmask.data import JSRTSource, open_test_set
-from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
+from diffmask.data import open_test_set
+from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
+from diffmask.domains.chest import JSRTSource
 
 ROOT = Path(__file__).resolve().parents[2]
 

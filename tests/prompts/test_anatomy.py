@@ -10,9 +10,15 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from diffmask.cli.common import CONFIG_PATH
-from diffmask.data import PhantomSource
-from diffmask.prompts import AnatomyPathologyPrompts, derive_findings, measure_mask, prompt_builder_from_dict
-from diffmask.prompts.anatomy import FindingsSource
+from diffmask.domains.chest import (
+    AnatomyPathologyPrompts,
+    FindingsSource,
+    PhantomSource,
+    chest_prompt_builder,
+    derive_findings,
+    measure_mask,
+)
+from diffmask.prompts import prompt_builder_from_dict
 from diffmask.synthesis.requests import draw_requests
 
 CLASSES = ["left lung", "right lung", "heart"]
@@ -108,10 +114,9 @@ def test_bad_findings_and_grammar_are_clear_errors():
         _builder(**{"grammar.classes": "[lungs shown.]"})
     with pytest.raises(ValueError, match="anatomy findings need the classes"):
         measure_mask(np.zeros((8, 8)), ["background", "lung", "heart"])
-    from diffmask.prompts import PromptBuilder
 
     with pytest.raises(ValueError, match="asked findings need a model fitted with prompts=anatomy_pathology"):
-        draw_requests(2, 0, PromptBuilder(), findings={"heart_size": "enlarged"})
+        draw_requests(2, 0, chest_prompt_builder(), findings={"heart_size": "enlarged"})
 
 
 def test_generation_draws_findings_from_the_training_images_and_takes_asked_ones():

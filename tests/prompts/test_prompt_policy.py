@@ -6,13 +6,14 @@ import random
 
 import pytest
 
+from diffmask.domains.chest import chest_prompt_builder
 from diffmask.prompts import PromptBuilder
 
 NEUTRAL = "a chest x-ray of a adult patient, unspecified finding, showing the left lung, right lung and heart"
 
 
 def test_field_dropout_at_one_gives_the_neutral_prompt_and_is_seeded():
-    builder = PromptBuilder()
+    builder = chest_prompt_builder()
     meta = {"sex": "F", "age": "61", "finding": "lung nodule"}
     assert builder.build(meta, rng=random.Random(0), drop_fields=1.0).text == NEUTRAL
     assert builder.build(meta, rng=random.Random(0), drop_fields=0.0).text == (
@@ -27,7 +28,7 @@ def test_field_dropout_at_one_gives_the_neutral_prompt_and_is_seeded():
 
 
 def test_values_the_model_never_saw_become_neutral_words():
-    builder = PromptBuilder()
+    builder = chest_prompt_builder()
     builder.learn_values([{"sex": "M", "age": "53", "finding": "lung nodule"}, {"sex": "F", "age": "", "finding": "no nodule"}])
     assert builder.known_values["sex"] == ["female", "male"] and builder.known_values["finding"] == ["lung nodule", "no nodule"]
     # Montgomery's metadata: no sex or age, a finding JSRT never had
@@ -39,4 +40,4 @@ def test_values_the_model_never_saw_become_neutral_words():
     assert restored.known_values == builder.known_values
     assert PromptBuilder(**{**builder.to_dict(), "known_values": None}).build({"finding": "tuberculosis"}).text != NEUTRAL
     with pytest.raises(ValueError, match="known_values: unknown field"):
-        PromptBuilder(known_values={"colour": ["red"]})
+        chest_prompt_builder(known_values={"colour": ["red"]})

@@ -1,7 +1,7 @@
 import pytest
 from transformers import CLIPTokenizer
 
-from diffmask.data import JSRTSource, PhantomSource
+from diffmask.domains.chest import JSRTSource, PhantomSource, chest_prompt_builder
 from diffmask.prompts import PromptBuilder, build_prompt_tokenizer, class_token_positions, prompt_vocabulary
 
 
@@ -11,14 +11,14 @@ def _decoded(tokenizer, text, positions):
 
 
 def test_prompt_from_metadata_names_each_class_at_its_span():
-    builder = PromptBuilder()
+    builder = chest_prompt_builder()
     p = builder.build({"sex": "M", "age": "53", "finding": "lung nodule", "diagnosis": "lung cancer"})
     assert p.text == "a chest x-ray of a 53 year old male, lung nodule, showing the left lung, right lung and heart"
     assert [p.text[a:b] for a, b in p.class_spans] == ["left lung", "right lung", "heart"]
 
 
 def test_missing_or_odd_metadata_gives_neutral_words():
-    builder = PromptBuilder(templates=["{sex} {age} {finding} {diagnosis}: {classes}"])
+    builder = chest_prompt_builder(templates=["{sex} {age} {finding} {diagnosis}: {classes}"])
     p = builder.build({"sex": "", "age": "unknown", "finding": None})
     assert p.text.startswith("patient adult unspecified finding unknown diagnosis: left lung")
     assert builder.build(None).text == p.text
@@ -29,7 +29,7 @@ def test_real_jsrt_metadata_builds_prompts_that_fit_the_tokenizer(jsrt_dir):
     """JSRT's own words (its findings and diagnoses, e.g. 'pulmonary he matoma') keep the class phrases whole."""
     src = JSRTSource(jsrt_dir)
     metas = [src._rows[i] for i in src.ids("train")]
-    builder = PromptBuilder()
+    builder = chest_prompt_builder()
     tok = build_prompt_tokenizer(prompt_vocabulary(builder.words(), metas), model_max_length=64)
     for meta in metas[:40]:
         built = builder.build(meta)
@@ -51,7 +51,7 @@ def test_scratch_tokenizer_keeps_words_whole_and_reloads(tmp_path):
 def test_multi_token_class_phrase_gives_all_its_positions():
     # a tokenizer that never saw "heart" splits it into pieces: all of them are returned
     tok = build_prompt_tokenizer(["left", "lung", "right"], model_max_length=64)
-    builder = PromptBuilder(templates=["{classes}"])
+    builder = chest_prompt_builder(templates=["{classes}"])
     built = builder.build({})
     pos = class_token_positions(tok, built)
     assert len(pos[0]) == 2 and len(pos[1]) == 2
@@ -61,24 +61,24 @@ def test_multi_token_class_phrase_gives_all_its_positions():
 
 def test_prompt_longer_than_tokenizer_is_a_clear_error():
     tok = build_prompt_tokenizer(prompt_vocabulary(), model_max_length=12)
-    built = PromptBuilder().build({"sex": "F", "age": "70"})
+    built = chest_prompt_builder().build({"sex": "F", "age": "70"})
     with pytest.raises(ValueError, match="more than the tokenizer's maximum of 12"):
         class_token_positions(tok, built)
 
 
 def test_bad_templates_and_missing_class_phrases_are_errors():
     with pytest.raises(ValueError, match=r"\{classes\}"):
-        PromptBuilder(templates=["a chest x-ray of a {sex}"])
+        chest_prompt_builder(templates=["a chest x-ray of a {sex}"])
     with pytest.raises(ValueError, match="unknown field"):
-        PromptBuilder(templates=["{weight} {classes}"])
-    builder = PromptBuilder()
+        chest_prompt_builder(templates=["{weight} {classes}"])
+    builder = chest_prompt_builder()
     assert [s for s in builder.locate("Heart and LEFT lung, right lung").class_spans] == [(10, 19), (21, 31), (0, 5)]
     with pytest.raises(ValueError, match="'heart' not found"):
         builder.locate("left lung and right lung")
 
 
 def test_random_template_choice_and_custom_classes():
-    builder = PromptBuilder(templates=["x-ray: {classes}", "{classes} on a chest x-ray"], class_names=["background", "heart"])
+    builder = chest_prompt_builder(templates=["x-ray: {classes}", "{classes} on a chest x-ray"], class_names=["background", "heart"])
     import random
 
     texts = {builder.build({}, rng=random.Random(s)).text for s in range(20)}
@@ -112,8 +112,8 @@ def test_a_class_the_metadata_says_is_absent_is_not_named_and_has_no_token():
                          absent_when={"lesion": {"finding": ["normal"]}}, none_phrase="clear tissue")
     assert only.build({"finding": "normal"}).text == "a scan with clear tissue"
     with pytest.raises(ValueError, match="none_phrase"):
-        PromptBuilder(["{classes}"], ["background", "lesion"], fields={}, none_phrase="no lesion")
+        PromptBuilder(["{classes}"], ["background", "lesion"], "a scan", none_phrase="no lesion")
     restored = PromptBuilder(**builder.to_dict())
     assert restored.build({"pathology": "normal"}) == normal
     with pytest.raises(ValueError, match="absent_when"):
-        PromptBuilder(absent_when={"tumour": {"finding": ["none"]}})
+        chest_prompt_builder(absent_when={"tumour": {"finding": ["none"]}})

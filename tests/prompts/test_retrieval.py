@@ -12,10 +12,10 @@ from omegaconf import open_dict
 from diffmask.cli.common import CONFIG_PATH
 from diffmask.data import read_manifest
 from diffmask.diffusion.tiny_models import tiny_scratch_components
+from diffmask.domains.chest import chest_prompt_builder
 from diffmask.prompts import (
     CLIPTextEmbedder,
     MiniLMEmbedder,
-    PromptBuilder,
     PromptCorpus,
     PromptRetriever,
     build_prompt_tokenizer,
@@ -50,7 +50,7 @@ class CountingEmbedder:
 
 
 def test_query_mode_retrieves_prompts_nearest_to_the_query(metas, minilm):
-    builder = PromptBuilder()
+    builder = chest_prompt_builder()
     retriever = PromptRetriever(minilm, mode="query", queries=["female lung nodule"], top_k=5)
     corpus = PromptCorpus.from_metadata(builder, metas)
     (pool,) = retriever.candidates(corpus)
@@ -83,7 +83,7 @@ def test_query_mode_retrieves_prompts_nearest_to_the_query(metas, minilm):
 
 
 def test_same_seed_same_prompts_and_distribution_follows_the_real_metadata(metas, minilm):
-    builder = PromptBuilder()
+    builder = chest_prompt_builder()
     want_nodule = np.mean([m["finding"] == "lung nodule" for m in metas])
     want_female = np.mean([m["sex"] == "F" for m in metas])
     for diversity in ("none", "kmeans"):
@@ -109,7 +109,7 @@ def test_same_seed_same_prompts_and_distribution_follows_the_real_metadata(metas
 
 
 def test_corpus_embeddings_are_cached_by_corpus_hash(tmp_path, metas, minilm):
-    builder = PromptBuilder()
+    builder = chest_prompt_builder()
     counting = CountingEmbedder(minilm)
     retriever = PromptRetriever(counting, mode="distribution", cache_dir=tmp_path / "cache")
     corpus = PromptCorpus.from_metadata(builder, metas)
@@ -133,7 +133,7 @@ def test_clip_text_encoder_backend_from_a_diffusion_folder(tmp_path):
     comps.text_encoder.save_pretrained(tmp_path / "model" / "text_encoder")
     comps.tokenizer.save_pretrained(tmp_path / "model" / "tokenizer")
     embedder = CLIPTextEmbedder(tmp_path / "model")
-    builder = PromptBuilder()
+    builder = chest_prompt_builder()
     metas = [{"sex": s, "age": str(a), "finding": f} for s in "MF" for a in (30, 50, 70) for f in ("no nodule", "lung nodule")]
     corpus = PromptCorpus.from_metadata(builder, metas)
     emb = embedder.encode(corpus.texts)
@@ -170,7 +170,7 @@ def test_generate_cli_with_retrieval_prompts(tmp_path, model_dir):
 
 def test_clear_errors(tmp_path, minilm):
     with pytest.raises(ValueError, match="metas: the corpus of real training prompts is empty"):
-        PromptCorpus.from_metadata(PromptBuilder(), [])
+        PromptCorpus.from_metadata(chest_prompt_builder(), [])
     with pytest.raises(ValueError, match="mode: expected one of"):
         PromptRetriever(minilm, mode="nearest")
     with pytest.raises(ValueError, match="diversity: expected one of"):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from diffmask.data import JSRTSource, ManifestRow, SegmentationDataModule, write_manifest
+from diffmask.data import ManifestRow, SegmentationDataModule, write_manifest
+from diffmask.domains.chest import JSRTSource
 from diffmask.segmentation import SegmentationLitModule
 from diffmask.segmentation.merge import MergeSettings, merge_pair, patch_merge_mask
 from diffmask.segmentation.module import DiceCELossWithIgnore

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from diffmask.cli.train import run
-from diffmask.data import JSRTSource
+from diffmask.domains.chest import JSRTSource
 from tests.conftest import compose_config
 
 TINY = [

@@ -12,9 +12,8 @@ from PIL import Image
 
 from diffmask.attention import CrossAttentionStore
 from diffmask.data import ManifestSource, read_manifest
-from diffmask.labels import DEFAULT_CLASS_NAMES
-from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
-from diffmask.prompts import PromptBuilder
+from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
+from diffmask.domains.chest import chest_prompt_builder
 from diffmask.refine import DenseCRFRefiner, RefinementChain, ThresholdRefiner
 from diffmask.refine.mask_maker import AttentionMaskMaker
 from diffmask.synthesis import (
@@ -33,7 +32,7 @@ def attention_maker() -> AttentionMaskMaker:
         functools.partial(CrossAttentionStore, upsample="bilinear"),
         RefinementChain({"threshold": ThresholdRefiner(ignore_band=0.1), "densecrf": DenseCRFRefiner(iterations=3,
                                                                                                       reference_size=512)}),
-        class_names=DEFAULT_CLASS_NAMES,
+        class_names=CHEST,
     )
 
 
@@ -58,9 +57,9 @@ def _files(folder):
 
 
 def test_capture_then_masks_scores_class_maps_and_manifest(tmp_path, sampler, trainer_factory):
-    requests = draw_requests(3, seed=0, prompt_builder=PromptBuilder())
+    requests = draw_requests(3, seed=0, prompt_builder=chest_prompt_builder())
     out = tmp_path / "syn.tmp"
-    counts = generate_samples(trainer_factory, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=2,
+    counts = generate_samples(trainer_factory, sampler, requests, out, CHEST, batch_size=2,
                               mask_maker=attention_maker(), save_class_maps=True, **STEPS)
     assert counts["rows"] == 3 and counts["dropped_total"] == 0
     rows = read_manifest(out)
@@ -78,18 +77,18 @@ def test_capture_then_masks_scores_class_maps_and_manifest(tmp_path, sampler, tr
 
 
 def test_crash_mid_run_resumes_without_duplicates_or_partial_files(tmp_path, sampler, trainer_factory):
-    requests = draw_requests(5, seed=2, prompt_builder=PromptBuilder())
+    requests = draw_requests(5, seed=2, prompt_builder=chest_prompt_builder())
     out = tmp_path / "crash.tmp"
     crashing = CrashAfter(attention_maker(), n=2)  # batch 1 (2 samples) written, batch 2 crashes
     with pytest.raises(RuntimeError, match="simulated crash"):
-        generate_samples(trainer_factory, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=2,
+        generate_samples(trainer_factory, sampler, requests, out, CHEST, batch_size=2,
                          mask_maker=crashing, save_class_maps=True, **STEPS)
     files = _files(out)
     assert not [f for f in files if f.endswith(".tmp") or os.path.basename(f).startswith(".")]  # no partial files
     assert sum(f.startswith("images/") for f in files) == 2 and sum(f.startswith("attn/") for f in files) == 2
     assert len((out / "manifest.rank0.jsonl").read_text().splitlines()) == 2
 
-    counts = generate_samples(trainer_factory, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=2,
+    counts = generate_samples(trainer_factory, sampler, requests, out, CHEST, batch_size=2,
                               mask_maker=attention_maker(), save_class_maps=True, **STEPS)
     assert counts["skipped"] == 2 and counts["written"] == 3 and counts["rows"] == 5
     ids = [json.loads(line)["id"] for line in (out / "manifest.rank0.jsonl").read_text().splitlines()]
@@ -99,7 +98,7 @@ def test_crash_mid_run_resumes_without_duplicates_or_partial_files(tmp_path, sam
 
 
 def test_quality_filter_rules():
-    names = DEFAULT_CLASS_NAMES
+    names = CHEST
     mask = np.zeros((20, 20), np.uint8)
     mask[2:8, 2:8], mask[2:8, 12:18], mask[12:16, 8:12] = 1, 2, 3
     keep = MaskQualityFilter(names, min_score=0.2, min_largest_fraction=0.9, max_components=2)
@@ -132,16 +131,16 @@ class HeartlessOnce:
 
 
 def test_quality_filter_drops_a_sample_with_a_missing_class_and_counts_it(tmp_path, sampler, trainer_factory):
-    requests = draw_requests(3, seed=0, prompt_builder=PromptBuilder())
+    requests = draw_requests(3, seed=0, prompt_builder=chest_prompt_builder())
     out = tmp_path / "q.tmp"
-    kwargs = dict(batch_size=3, mask_maker=HeartlessOnce(), quality_filter=MaskQualityFilter(DEFAULT_CLASS_NAMES),
+    kwargs = dict(batch_size=3, mask_maker=HeartlessOnce(), quality_filter=MaskQualityFilter(CHEST),
                   **STEPS)
-    counts = generate_samples(trainer_factory, sampler, requests, out, DEFAULT_CLASS_NAMES, **kwargs)
+    counts = generate_samples(trainer_factory, sampler, requests, out, CHEST, **kwargs)
     assert counts["rows"] == 2 and counts["dropped"] == 1 and counts["dropped_total"] == 1
     assert read_dropped(out) == {requests[1].id: "missing class heart"}
     assert requests[1].id not in {r.id for r in read_manifest(out)}
     assert not (out / "images" / f"{requests[1].id}.png").exists()
-    again = generate_samples(trainer_factory, sampler, requests, out, DEFAULT_CLASS_NAMES, **kwargs)
+    again = generate_samples(trainer_factory, sampler, requests, out, CHEST, **kwargs)
     assert again["written"] == 0 and again["skipped"] == 3 and again["dropped_total"] == 1  # not redone
 
 

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmask.data import ManifestSource, PhantomSource, read_manifest
-from diffmask.labels import DEFAULT_CLASS_NAMES
-from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
-from diffmask.prompts import PromptBuilder
+from diffmask.data import ManifestSource, read_manifest
+from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
+from diffmask.domains.chest import PhantomSource, chest_prompt_builder
 from diffmask.synthesis import (
     MaskMaker,
     draw_requests,
@@ -25,22 +24,22 @@ def _metas():
 
 
 def test_drawn_requests_are_deterministic_and_prefix_stable():
-    a = draw_requests(6, seed=3, prompt_builder=PromptBuilder(), metas=_metas())
-    b = draw_requests(9, seed=3, prompt_builder=PromptBuilder(), metas=_metas())
+    a = draw_requests(6, seed=3, prompt_builder=chest_prompt_builder(), metas=_metas())
+    b = draw_requests(9, seed=3, prompt_builder=chest_prompt_builder(), metas=_metas())
     assert a == b[:6]
     assert len({r.seed for r in b}) == 9 and [r.id for r in a][:2] == ["syn000000", "syn000001"]
     assert all("left lung, right lung and heart" in r.prompt for r in a)
-    assert draw_requests(6, seed=4, prompt_builder=PromptBuilder(), metas=_metas()) != a
+    assert draw_requests(6, seed=4, prompt_builder=chest_prompt_builder(), metas=_metas()) != a
     given = requests_from_prompts(["p one", "p two"], num_per_prompt=2, seed=10)
     assert [(r.prompt, r.seed) for r in given] == [("p one", 10), ("p one", 11), ("p two", 12), ("p two", 13)]
     with pytest.raises(ValueError, match="num_samples"):
-        draw_requests(0, 0, PromptBuilder())
+        draw_requests(0, 0, chest_prompt_builder())
 
 
 def test_generate_writes_pngs_and_a_manifest_then_resumes(tmp_path, sampler, trainer_factory):
-    requests = draw_requests(5, seed=0, prompt_builder=PromptBuilder(), metas=_metas())
+    requests = draw_requests(5, seed=0, prompt_builder=chest_prompt_builder(), metas=_metas())
     out = tmp_path / "syn.tmp"
-    counts = generate_samples(trainer_factory, sampler, requests[:3], out, DEFAULT_CLASS_NAMES, batch_size=2, **STEPS)
+    counts = generate_samples(trainer_factory, sampler, requests[:3], out, CHEST, batch_size=2, **STEPS)
     assert counts == {"written": 3, "dropped": 0, "skipped": 0, "rows": 3, "dropped_total": 0}
     rows = read_manifest(out)
     assert [r.id for r in rows] == [r.id for r in requests[:3]]
@@ -56,7 +55,7 @@ def test_generate_writes_pngs_and_a_manifest_then_resumes(tmp_path, sampler, tra
     with open(shard, "a") as f:
         f.write('{"id": "syn0000')
     (out / "images" / f"{requests[2].id}.png").unlink()
-    counts = generate_samples(trainer_factory, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=2, **STEPS)
+    counts = generate_samples(trainer_factory, sampler, requests, out, CHEST, batch_size=2, **STEPS)
     assert counts["skipped"] == 2 and counts["written"] == 3 and counts["rows"] == 5
     assert [r.id for r in read_manifest(out)] == [r.id for r in requests]
     assert np.array_equal(np.asarray(Image.open(out / row.file_name)), first)
@@ -65,9 +64,9 @@ def test_generate_writes_pngs_and_a_manifest_then_resumes(tmp_path, sampler, tra
 
 
 def test_same_seed_same_images_regardless_of_batch_size(tmp_path, sampler, trainer_factory):
-    requests = draw_requests(3, seed=1, prompt_builder=PromptBuilder(), metas=_metas())
-    generate_samples(trainer_factory, sampler, requests, tmp_path / "a", DEFAULT_CLASS_NAMES, batch_size=3, **STEPS)
-    generate_samples(trainer_factory, sampler, requests, tmp_path / "b", DEFAULT_CLASS_NAMES, batch_size=1, **STEPS)
+    requests = draw_requests(3, seed=1, prompt_builder=chest_prompt_builder(), metas=_metas())
+    generate_samples(trainer_factory, sampler, requests, tmp_path / "a", CHEST, batch_size=3, **STEPS)
+    generate_samples(trainer_factory, sampler, requests, tmp_path / "b", CHEST, batch_size=1, **STEPS)
     for r in requests:
         a = np.asarray(Image.open(tmp_path / "a" / "images" / f"{r.id}.png")).astype(int)
         b = np.asarray(Image.open(tmp_path / "b" / "images" / f"{r.id}.png")).astype(int)
@@ -76,9 +75,9 @@ def test_same_seed_same_images_regardless_of_batch_size(tmp_path, sampler, train
 
 def test_mask_maker_hook_writes_masks_and_scores(tmp_path, sampler, trainer_factory, mask_maker):
     assert isinstance(mask_maker, MaskMaker)
-    requests = draw_requests(2, seed=0, prompt_builder=PromptBuilder(), metas=_metas())
+    requests = draw_requests(2, seed=0, prompt_builder=chest_prompt_builder(), metas=_metas())
     out = tmp_path / "m"
-    generate_samples(trainer_factory, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=2,
+    generate_samples(trainer_factory, sampler, requests, out, CHEST, batch_size=2,
                      mask_maker=mask_maker, **STEPS)
     assert mask_maker.calls == 1
     raw = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])

@@ -9,7 +9,7 @@ from diffmask.artifacts import StageDir
 from diffmask.cli.common import CONFIG_PATH
 from diffmask.cli.generate import run
 from diffmask.data import ManifestSource, read_manifest
-from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
+from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
 
 
 def compose_generate(tmp_path, *overrides):
@@ -43,7 +43,8 @@ def test_generate_cli_writes_a_complete_synthetic_stage(tmp_path, model_dir, cap
         assert run(changed) == {}
     assert "NOT redone" in caplog.text and "guidance_scale: 3.0 -> 2.0" in caplog.text
     # segmentation on these images (a raw model's): normalised like the real images, whatever the setting
-    from diffmask.data import PhantomSource, SegmentationDataModule
+    from diffmask.data import SegmentationDataModule
+    from diffmask.domains.chest import PhantomSource
 
     for setting in ("raw", "equalize"):
         dm = SegmentationDataModule(PhantomSource(size=32, num_train=2), size=32, synthetic_dir=str(out),
@@ -159,7 +160,7 @@ def test_generate_cli_variations_of_the_real_training_images(tmp_path, model_dir
     assert info["rows"] == 3 and [r.id for r in rows] == ["syn000000", "syn000001", "syn000002"]
     sources = [r.meta["source_id"] for r in rows]
     assert len(set(sources)) == 3 and all(r.pair_id is None and r.sem_seg_file_name for r in rows)
-    from diffmask.data import PhantomSource
+    from diffmask.domains.chest import PhantomSource
 
     train_ids = set(PhantomSource(size=32).ids("train"))
     assert set(sources) <= train_ids

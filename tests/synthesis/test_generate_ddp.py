@@ -4,8 +4,7 @@ import pytest
 import pytorch_lightning as pl
 
 from diffmask.data import read_manifest
-from diffmask.labels import DEFAULT_CLASS_NAMES
-from diffmask.prompts import PromptBuilder
+from diffmask.domains.chest import CHEST_CLASS_NAMES, chest_prompt_builder
 from diffmask.synthesis import draw_requests, generate_samples
 
 TWO_CPU_RANKS = functools.partial(
@@ -16,9 +15,9 @@ TWO_CPU_RANKS = functools.partial(
 
 @pytest.mark.slow
 def test_two_ranks_write_disjoint_shards_and_rank0_merges(tmp_path, sampler):
-    requests = draw_requests(5, seed=0, prompt_builder=PromptBuilder())
+    requests = draw_requests(5, seed=0, prompt_builder=chest_prompt_builder())
     out = tmp_path / "ddp"
-    counts = generate_samples(TWO_CPU_RANKS, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=2,
+    counts = generate_samples(TWO_CPU_RANKS, sampler, requests, out, CHEST_CLASS_NAMES, batch_size=2,
                               num_inference_steps=1, guidance_scale=2.0)
     assert counts["rows"] == 5
     shards = sorted(p.name for p in out.glob("manifest.rank*.jsonl"))
@@ -33,9 +32,9 @@ def test_two_ranks_write_disjoint_shards_and_rank0_merges(tmp_path, sampler):
 def test_two_ranks_with_attention_masks_write_disjoint_ids_and_every_file(tmp_path, sampler):
     from test_attention_masks import attention_maker
 
-    requests = draw_requests(4, seed=1, prompt_builder=PromptBuilder())
+    requests = draw_requests(4, seed=1, prompt_builder=chest_prompt_builder())
     out = tmp_path / "ddp_masks"
-    counts = generate_samples(TWO_CPU_RANKS, sampler, requests, out, DEFAULT_CLASS_NAMES, batch_size=1,
+    counts = generate_samples(TWO_CPU_RANKS, sampler, requests, out, CHEST_CLASS_NAMES, batch_size=1,
                               num_inference_steps=1, guidance_scale=2.0, mask_maker=attention_maker(),
                               save_class_maps=True)
     assert counts["rows"] == 4
@@ -56,20 +55,20 @@ def test_two_ranks_write_controlled_samples_with_their_condition_masks(tmp_path)
     from PIL import Image
 
     from diffmask.control import ConditionBuilder, build_controlnet
-    from diffmask.data import PhantomSource
     from diffmask.diffusion import DiffusionSampler
     from diffmask.diffusion.tiny_models import tiny_scratch_components
+    from diffmask.domains.chest import PhantomSource
     from diffmask.synthesis.controlled import ConditionDataset, controlled_requests
 
     comps = tiny_scratch_components(32, seed=1)
     builder = ConditionBuilder("mask", 4)
-    sampler = DiffusionSampler(comps, 32, prompt_builder=PromptBuilder(),
+    sampler = DiffusionSampler(comps, 32, prompt_builder=chest_prompt_builder(),
                                controlnet=build_controlnet(comps.unet, builder.channels))
     src = PhantomSource(size=32, num_train=3)
-    requests = controlled_requests(src, src.ids("train"), 2, seed=0, prompt_builder=PromptBuilder())
+    requests = controlled_requests(src, src.ids("train"), 2, seed=0, prompt_builder=chest_prompt_builder())
     out = tmp_path / "ddp_control"
     counts = generate_samples(TWO_CPU_RANKS, sampler, ConditionDataset(requests, src, builder, 32), out,
-                              DEFAULT_CLASS_NAMES, batch_size=2, num_inference_steps=1, guidance_scale=1.0)
+                              CHEST_CLASS_NAMES, batch_size=2, num_inference_steps=1, guidance_scale=1.0)
     assert counts["rows"] == 6
     rows = read_manifest(out)
     assert sorted(r.id for r in rows) == sorted(r.id for r in requests)

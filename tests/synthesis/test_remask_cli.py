@@ -14,7 +14,7 @@ from diffmask.cli import remask
 from diffmask.cli.common import CONFIG_PATH
 from diffmask.cli.generate import run as generate
 from diffmask.data import ManifestSource, read_manifest
-from diffmask.labels import DEFAULT_CLASS_NAMES as CHEST
+from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
 from tests.synthesis.test_generate_cli import compose_generate
 
 

@@ -1,4 +1,5 @@
-"""Anatomy-pathology prompting (Chen et al., MICCAI 2024), offline: findings -> ranked reports.
+"""Chest anatomy findings and anatomy-pathology prompting (Chen et al., MICCAI 2024), offline:
+findings -> ranked reports; and the cardiothoracic-ratio check of generated images.
 
 The paper has an LLM write descriptive reports from anatomy words (lobes, heart, mediastinum) and
 pathology words (opacity, nodule, ...). Here, with no LLM and no report corpus, the same module is
@@ -20,6 +21,9 @@ lung", "heart") once, in its class sentence, so DiffMask's attention masks keep 
 sentences never use a class phrase. Dropping a field (``drop_fields``, prompt dropout) removes its
 sentence: at p = 1 the report is the neutral prompt (opener + class sentence), which is also what
 an image folder without metadata gets.
+
+The CTR of a predicted mask against the heart size a prompt asked for (:func:`ctr_error`,
+:func:`anatomy_report`) is the anatomical accuracy of ``diffmask-evaluate-synthesis``.
 """
 
 from __future__ import annotations
@@ -33,17 +37,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffmask.labels import DEFAULT_CLASS_NAMES
-from diffmask.prompts.builder import BuiltPrompt, PromptBuilder, legacy_builder_spec
+from diffmask.domains.chest.labels import CHEST_CLASS_NAMES
+from diffmask.domains.chest.prompt import CHEST_PROMPT, SEX_WORDS
+from diffmask.prompts.builder import BuiltPrompt, PromptBuilder
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "AnatomyPathologyPrompts",
+    "FindingRules",
     "FindingsSource",
     "MASK_FIELDS",
     "META_FIELDS",
     "MaskMeasures",
+    "anatomy_report",
+    "ctr_error",
+    "ctr_interval",
     "derive_findings",
     "measure_mask",
 ]
@@ -74,7 +83,7 @@ class MaskMeasures:
     heart_offset: float
 
 
-def measure_mask(label: np.ndarray, class_names: Sequence[str] = DEFAULT_CLASS_NAMES) -> MaskMeasures:
+def measure_mask(label: np.ndarray, class_names: Sequence[str] = CHEST_CLASS_NAMES) -> MaskMeasures:
     """Measure a (H, W) label map with left lung, right lung and heart classes.
 
     Raises:
@@ -139,7 +148,7 @@ class FindingRules:
 
     def words(self, field: str) -> list[str]:
         if field in ("sex",):
-            return ["male", "female"]
+            return list(dict.fromkeys(SEX_WORDS.values()))
         if field == "age_group":
             return [self.LOWEST["age_groups"], *self.age_groups]
         if field == "nodule":
@@ -162,9 +171,9 @@ def derive_findings(meta: Mapping[str, object], rules: FindingRules,
     """
     meta = {str(k): ("" if v is None else str(v).strip()) for k, v in (meta or {}).items()}
     out: dict[str, str] = {}
-    sex = meta.get("sex", "").lower()
-    if sex in ("m", "male", "f", "female"):
-        out["sex"] = "male" if sex.startswith("m") else "female"
+    sex = SEX_WORDS.get(meta.get("sex", "").lower())
+    if sex:
+        out["sex"] = sex
     if meta.get("age", "").isdigit():
         out["age_group"] = rules.bin("age_group", float(meta["age"]))
     nodule = rules.nodule.get(" ".join(meta.get("finding", "").lower().split()))
@@ -181,6 +190,47 @@ def derive_findings(meta: Mapping[str, object], rules: FindingRules,
         out["lung_symmetry"] = rules.bin("lung_symmetry", measures.area_ratio)
         out["heart_position"] = rules.bin("heart_position", measures.heart_offset)
     return out
+
+
+# ---- the CTR of generated images (diffmask-evaluate-synthesis) ---------------------------------
+def ctr_interval(word: str, rules: FindingRules) -> tuple[float, float]:
+    """The CTR interval of a heart-size word."""
+    words = rules.words("heart_size")
+    if word not in words:
+        raise ValueError(f"heart_size: unknown word {word!r}; expected one of {words}")
+    edges = [-np.inf, *rules.heart_size.values(), np.inf]
+    i = words.index(word)
+    return float(edges[i]), float(edges[i + 1])
+
+
+def ctr_error(measured: float, asked: str, rules: FindingRules) -> float:
+    """Distance of a measured CTR from the asked heart-size word's interval (0 inside it)."""
+    lo, hi = ctr_interval(asked, rules)
+    return float(max(lo - measured, measured - hi, 0.0))
+
+
+def anatomy_report(predictions: Sequence[np.ndarray], metas: Sequence[Mapping[str, object]], rules: FindingRules,
+                   class_names: Sequence[str]) -> dict:
+    """CTR of each predicted mask and its error against the asked ``heart_size`` (where asked)."""
+    ctrs, errors, hits, failed = [], [], [], 0
+    for pred, meta in zip(predictions, metas, strict=True):
+        try:
+            m = measure_mask(pred, class_names)
+        except ValueError:
+            failed += 1  # a class the segmenter did not find: no measurement
+            continue
+        ctrs.append(m.ctr)
+        asked = str((meta or {}).get("heart_size") or "")
+        if asked:
+            err = ctr_error(m.ctr, asked, rules)
+            errors.append(err)
+            hits.append(err == 0.0)
+    return {
+        "n_measured": len(ctrs), "n_unmeasurable": failed, "ctr_mean": float(np.mean(ctrs)) if ctrs else float("nan"),
+        "n_asked": len(errors),
+        "ctr_error_median": float(np.median(errors)) if errors else float("nan"),
+        "heart_size_accuracy": float(np.mean(hits)) if hits else float("nan"),
+    }
 
 
 class FindingsSource:
@@ -240,7 +290,7 @@ class AnatomyPathologyPrompts(PromptBuilder):
         rules: Mapping[str, object],
         anatomy: Sequence[str] = (),
         pathology: Sequence[str] = (),
-        class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
+        class_names: Sequence[str] = CHEST_CLASS_NAMES,
         num_candidates: int = 8,
         top_k: int = 3,
         shuffle: bool = True,
@@ -252,7 +302,8 @@ class AnatomyPathologyPrompts(PromptBuilder):
         seed: int = 0,
         known_values: Mapping[str, Sequence[str]] | None = None,
     ):
-        super().__init__(class_names=class_names, class_joiner=class_joiner, class_last_joiner=class_last_joiner)
+        super().__init__(**CHEST_PROMPT, class_names=class_names, class_joiner=class_joiner,
+                         class_last_joiner=class_last_joiner)
         del known_values  # finding words come from fixed vocabularies: nothing to learn
         self.rules = FindingRules(**{k: dict(v) for k, v in dict(rules).items()})
         self.grammar = {str(k): v for k, v in dict(grammar).items()}
@@ -471,13 +522,3 @@ class AnatomyPathologyPrompts(PromptBuilder):
             "seed": self.seed,
         }
 
-
-def prompt_builder_from_dict(spec: Mapping[str, object]) -> PromptBuilder:
-    """The prompt builder recorded in a model's ``diffmask.json`` (``to_dict`` of either kind)."""
-    spec = dict(spec)
-    if spec.pop("type", None) == AnatomyPathologyPrompts.TYPE:
-        from diffmask.prompts.retrieval import MiniLMEmbedder
-
-        rank = spec.pop("rank", False)
-        return AnatomyPathologyPrompts(**spec, embedder=MiniLMEmbedder() if rank else None)
-    return PromptBuilder(**legacy_builder_spec(spec))
