@@ -5,7 +5,8 @@
 
 Loads the diffusion stage's model and prompt builder, runs :class:`MaskQualityLitModule` with
 ``trainer.test`` on the real test split (``data.size`` and ``data.intensity`` are set to the
-model's) and writes ``metrics.json`` to the run dir (``paths.output_dir``). ``data.channels`` must be
+model's) and writes ``metrics.json`` and ``per_image_masks.csv`` (IoU and pixel counts per image,
+class and step) to the run dir (``paths.output_dir``). ``data.channels`` must be
 the channels the model was fitted on (a ValueError naming both and the model folder otherwise).
 """
 
@@ -29,6 +30,7 @@ from diffmask.cli.common import (
     write_metrics,
 )
 from diffmask.diffusion.components import load_components
+from diffmask.evaluation.mask_quality import MASK_ROWS_FILE, write_mask_rows
 from diffmask.prompts.builder import prompt_builder_from_dict
 
 log = logging.getLogger("diffmask.evaluate_masks")
@@ -61,6 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = dict(model.results)
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir) / "metrics.json"
+        write_mask_rows(Path(cfg.paths.output_dir) / MASK_ROWS_FILE, model.per_image)
         write_metrics(out, metrics, extra={
             "model_dir": str(model_stage.path),
             "data": {"real": datamodule.real.name},  # "phantom" when data=auto found no JSRT folder

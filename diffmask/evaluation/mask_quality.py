@@ -17,34 +17,43 @@ it; a class no real mask of the set holds is not scored):
 Metrics (flat keys, ``<set>`` = test-set name): ``masks/<set>/<step>/iou_<class>`` and
 ``masks/<set>/<step>/miou`` (per-image means), ``masks/<set>/<step>/agg_iou_<class>`` and
 ``masks/<set>/<step>/agg_miou`` (dataset-level aggregates: summed intersections over summed
-unions), and ``masks/<set>/<step>/seconds_per_image``. Under DDP the IoU accumulators are synced;
+unions), and ``masks/<set>/<step>/seconds_per_image``. :func:`write_mask_rows` writes the per-image rows
+(``per_image_masks.csv``: set, id, step, ``iou_<class>``, ``pred_<class>`` and ``true_<class>``
+pixel counts), so lesion images and lesion-free ones can be told apart. Under DDP the IoU accumulators are synced;
 AffinityNet is fitted per rank on that rank's share of the images.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
+import io
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from diffmask.artifacts import atomic_write_text
 from diffmask.attention.extract import extract_class_maps
 from diffmask.attention.store import CrossAttentionStore
 from diffmask.autoencoder.channels import to_autoencoder_channels
 from diffmask.diffusion.components import DiffusionComponents
 from diffmask.diffusion.module import encode_conditioning
-from diffmask.evaluation.metrics import SegmentationScores
+from diffmask.evaluation.metrics import SegmentationScores, class_counts, iou_from_counts
 from diffmask.labels import validate_class_names
 from diffmask.prompts.builder import PromptBuilder, class_token_positions
 from diffmask.refine.images import channels_first, to_uint8_images
 from diffmask.refine.raw import raw_attention_labels
 from diffmask.refine.threshold import IGNORE_INDEX
 
-__all__ = ["MaskQualityLitModule"]
+__all__ = ["MASK_ROWS_FILE", "MaskQualityLitModule", "write_mask_rows"]
+
+MASK_ROWS_FILE = "per_image_masks.csv"
 
 Refiner = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -143,6 +152,9 @@ class MaskQualityLitModule(pl.LightningModule):
         self.seed = int(seed)
         self.set_names = None if set_names is None else list(set_names)
         self.results: dict[str, float] = {}
+        # after a test: one row per (set, image, step): iou_<class> (the test rule) and the predicted and
+        # true pixel counts of each class (pred_<class>, true_<class>), e.g. to tell lesion and normal images apart
+        self.per_image: list[dict[str, Any]] = []
 
     @property
     def step_names(self) -> list[str]:
@@ -162,6 +174,7 @@ class MaskQualityLitModule(pl.LightningModule):
         return [self._set_name(i) for i in range(n)]
 
     def on_test_epoch_start(self) -> None:
+        self.per_image = []
         # every rank builds the same accumulators in the same order, so the DDP sync lines up
         self._scores = {
             (s, step): SegmentationScores(self.class_names).to(self.device)
@@ -197,17 +210,28 @@ class MaskQualityLitModule(pl.LightningModule):
         return total / len(self.timesteps)
 
     # ------------------------------------------------------------------ test
-    def _score(self, key: tuple[str, str], pred: np.ndarray | torch.Tensor, target: torch.Tensor, seconds: float) -> None:
+    def _score(self, key: tuple[str, str], pred: np.ndarray | torch.Tensor, target: torch.Tensor, seconds: float,
+               sample_id: str = "") -> None:
         pred = torch.as_tensor(np.asarray(pred, dtype=np.int64) if not isinstance(pred, torch.Tensor) else pred)
         pred = pred.to(self.device).long().clone()
         pred[pred == IGNORE_INDEX] = 0  # a mask has no "unsure" label: uncertain pixels count as background
-        self._scores[key].update(pred[None], target[None].to(self.device))
+        target = target.to(self.device)
+        self._scores[key].update(pred[None], target[None])
+        counts = class_counts(pred[None], target[None], len(self.class_names), IGNORE_INDEX)
+        iou = iou_from_counts(counts)[0].tolist()
+        row: dict[str, Any] = {"set": key[0], "id": str(sample_id), "step": key[1]}
+        names = list(enumerate(self.class_names[1:], start=1))
+        row.update({f"iou_{n}": float(iou[c]) for c, n in names})
+        row.update({f"pred_{n}": int(counts.predicted[0, c]) for c, n in names})
+        row.update({f"true_{n}": int(counts.target[0, c]) for c, n in names})
+        self.per_image.append(row)
         self._seconds[key] += seconds
         self._counts[key] += 1
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         set_name = self._set_name(dataloader_idx)
         image, target = batch["image"], batch["label"][:, 0]
+        ids = [str(i) for i in batch.get("id", [""] * len(image))]
         start = time.perf_counter()
         maps = self.class_maps(image, batch["meta"], batch_seed=batch_idx + 7919 * dataloader_idx)
         raw = raw_attention_labels(maps, self.raw_threshold)
@@ -215,16 +239,17 @@ class MaskQualityLitModule(pl.LightningModule):
         pixels = to_uint8_images(image)  # (B, S, S) grey or (B, S, S, 3) colour, as the refiners take them
         maps_np = maps.float().cpu().numpy()
         for i in range(len(image)):
-            self._score((set_name, "raw"), raw[i], target[i], per_image)
+            self._score((set_name, "raw"), raw[i], target[i], per_image, ids[i])
             sample: dict[str, Any] = {"image": pixels[i], "class_maps": maps_np[i]}
             for name, refiner in self.refiners:
                 start = time.perf_counter()
                 sample = refiner(sample)
-                self._score((set_name, name), sample["label"], target[i], time.perf_counter() - start)
+                self._score((set_name, name), sample["label"], target[i], time.perf_counter() - start, ids[i])
             if self.affinity_template is not None:
                 seed = raw[i].cpu().numpy().astype(np.uint8) if not self.refiners else np.asarray(sample["label"])
                 self._kept[set_name].append(
-                    {"image": pixels[i], "class_maps": maps_np[i].astype(np.float16), "seed": seed, "target": target[i].cpu()}
+                    {"image": pixels[i], "class_maps": maps_np[i].astype(np.float16), "seed": seed, "target": target[i].cpu(),
+                     "id": ids[i]}
                 )
 
     def _affinity(self, set_name: str) -> float:
@@ -253,7 +278,7 @@ class MaskQualityLitModule(pl.LightningModule):
         for k, img in zip(kept, images, strict=True):
             start = time.perf_counter()
             label, _ = refiner.refine(img, torch.from_numpy(k["class_maps"].astype(np.float32)))
-            self._score((set_name, "affinity"), label, k["target"], time.perf_counter() - start)
+            self._score((set_name, "affinity"), label, k["target"], time.perf_counter() - start, k["id"])
         return train_seconds
 
     def on_test_epoch_end(self) -> None:
@@ -269,6 +294,24 @@ class MaskQualityLitModule(pl.LightningModule):
         for set_name, seconds in train_seconds.items():
             results[f"masks/{set_name}/affinity/train_seconds"] = seconds
         self.results = results
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self.per_image)
+            # the distributed sampler pads with repeats: one row per (set, id, step)
+            self.per_image = list({(r["set"], r["id"], r["step"]): r for rows in gathered for r in rows}.values())
         for key, value in results.items():
             if np.isfinite(value):
                 self.log(key, value, sync_dist=False)
+
+
+def write_mask_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write :attr:`MaskQualityLitModule.per_image` rows as CSV: ``set, id, step``, then the class
+    columns (``iou_<class>``, ``pred_<class>``, ``true_<class>``) in the rows' order."""
+    columns = ["set", "id", "step"]
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

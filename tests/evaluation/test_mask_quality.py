@@ -56,6 +56,12 @@ def test_module_scores_every_step_on_two_phantom_images():
         assert math.isfinite(res[f"masks/phantom/{step}/miou"])
         assert res[f"masks/phantom/{step}/seconds_per_image"] > 0
     assert res["masks/phantom/affinity/train_seconds"] > 0
+    # one row per image and step, whose IoUs average to the step's per-image mean
+    rows = [r for r in module.per_image if r["step"] == "threshold"]
+    assert sorted(r["id"] for r in rows) == ["test0000", "test0001"] and len(module.per_image) == 2 * len(STEP_NAMES)
+    for name in CLASSES:
+        assert sum(r[f"iou_{name}"] for r in rows) / 2 == pytest.approx(res[f"masks/phantom/threshold/iou_{name}"], abs=1e-6)
+        assert all(r[f"true_{name}"] > 0 for r in rows)
     with pytest.raises(ValueError, match="timesteps"):
         MaskQualityLitModule(tiny_scratch_components(32), chest_prompt_builder(), CrossAttentionStore, timesteps=[1000])
 
@@ -78,6 +84,8 @@ def test_evaluate_masks_cli_on_two_jsrt_test_images_writes_metrics(tmp_path, mod
     # size and intensity normalisation are the model's, whatever data.* says
     trained_on = json.loads((model_dir / "diffmask.json").read_text()).get("intensity", "raw")  # older exports: raw
     assert written["size"] == 32 and written["test_sets"] == ["jsrt"] and written["intensity"] == trained_on == "raw"
+    per_image = (tmp_path / "run" / "per_image_masks.csv").read_text().splitlines()
+    assert per_image[0].startswith("set,id,step,iou_") and len(per_image) == 1 + 2 * len(STEP_NAMES)
     for step in STEP_NAMES:
         for name in CLASSES:
             assert 0 <= metrics[f"masks/jsrt/{step}/iou_{name}"] <= 1
