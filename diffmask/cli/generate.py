@@ -161,7 +161,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     made = counts["rows"] + counts["dropped_total"] - counts["skipped"]
     info = {**counts, "made": made, "requested": len(requests), "seconds": round(seconds, 1),
             "images_per_s": made / seconds if seconds > 0 else None}
-    presence = class_presence_record(work, class_names, cfg.synthesis.get("min_class_presence"))
+    presence = class_presence_record(work, class_names, cfg.synthesis.get("min_class_presence"),
+                                     optional_classes=list(cfg.data.get("optional_classes") or []))
     if controlled and mask_maker is not None:
         presence["attention_agreement"] = attention_agreement_record(work, class_names)
     inputs = {"diffusion": str(model_stage.path)}

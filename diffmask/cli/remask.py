@@ -74,7 +74,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ))
     seconds = time.time() - start
     info = {**counts, "seconds": round(seconds, 1)}
-    presence = class_presence_record(work, class_names, cfg.synthesis.get("min_class_presence"))
+    presence = class_presence_record(work, class_names, cfg.synthesis.get("min_class_presence"),
+                                     optional_classes=list(cfg.data.get("optional_classes") or []))
     stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"synthesis": str(source.path)},
                  counts=info, extra={"intensity": source.info().get("intensity", "raw"), "channels": channels,
                                      **presence})
