@@ -14,6 +14,7 @@ __all__ = [
     "IGNORE_INDEX",
     "class_word",
     "ignore_boundaries",
+    "drop_small_components",
     "keep_largest_components",
     "validate_class_names",
 ]
@@ -92,4 +93,31 @@ def keep_largest_components(label: np.ndarray, num_classes: int) -> np.ndarray:
         if n > 1:
             sizes = np.bincount(regions.ravel())[1:]
             out[(regions > 0) & (regions != 1 + int(np.argmax(sizes)))] = 0
+    return out
+
+
+def drop_small_components(label: np.ndarray, num_classes: int, min_pixels: int) -> np.ndarray:
+    """Foreground regions (8-connected, per class) smaller than ``min_pixels`` become background.
+
+    A prediction's stray specks: on an image without a lesion, one painted pixel scores the image 0
+    (:mod:`diffmask.evaluation.metrics`).
+
+    Args:
+        label: (H, W) or (B, H, W) integer label map.
+        num_classes: classes including background (0).
+        min_pixels: the smallest region kept (0 or 1: every region).
+    """
+    from scipy import ndimage  # noqa: PLC0415 - only this post-process needs scipy
+
+    label = np.asarray(label)
+    if label.ndim == 3:
+        return np.stack([drop_small_components(x, num_classes, min_pixels) for x in label])
+    out = label.copy()
+    eight = np.ones((3, 3), bool)
+    for c in range(1, num_classes):
+        regions, n = ndimage.label(label == c, structure=eight)
+        if n:
+            sizes = np.bincount(regions.ravel())
+            small = np.flatnonzero(sizes < min_pixels)
+            out[np.isin(regions, small[small > 0])] = 0
     return out

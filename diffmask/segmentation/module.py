@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmask.evaluation.metrics import SegmentationScores, class_counts, dice_from_counts, iou_from_counts
-from diffmask.labels import keep_largest_components, validate_class_names
+from diffmask.labels import drop_small_components, keep_largest_components, validate_class_names
 from diffmask.segmentation.merge import MergeSettings, merge_pair, patch_merge_mask
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,9 @@ class SegmentationLitModule(pl.LightningModule):
         postprocess: ``None`` or ``largest_component``: each class of a prediction keeps only
             its largest connected region (validation, test and predict alike;
             :func:`~diffmask.labels.keep_largest_components`).
+        min_region_pixels: predicted regions (8-connected, per class) smaller than this many pixels
+            at the working size become background (0: none): a speck on a lesion-free image
+            costs that image its whole score (:func:`~diffmask.labels.drop_small_components`).
         merge: random merging masks (EMIT-Diff), ``{alpha, patch}`` as a mapping or a
             :class:`~diffmask.segmentation.merge.MergeSettings`; ``alpha`` null (the default)
             = off. On, training batches must carry ``pair_image`` and ``pair_label`` (the
@@ -215,12 +218,16 @@ class SegmentationLitModule(pl.LightningModule):
         init_weights: str | None = None,
         postprocess: str | None = None,
         merge: MergeSettings | Mapping | None = None,
+        min_region_pixels: int = 0,
     ):
         super().__init__()
         self.merge = MergeSettings.from_config(merge)
         if postprocess not in (None, "largest_component"):
             raise ValueError(f"postprocess: expected null or largest_component, got {postprocess!r}")
         self.postprocess = postprocess
+        if min_region_pixels < 0:
+            raise ValueError(f"min_region_pixels: expected >= 0 pixels, got {min_region_pixels}")
+        self.min_region_pixels = int(min_region_pixels)
         self.save_hyperparameters(ignore=["net"], logger=False)
         self.net = _drop_unused_cross_attention_norms(net)
         if init_weights:
@@ -244,6 +251,9 @@ class SegmentationLitModule(pl.LightningModule):
         pred = logits.argmax(1)
         if self.postprocess == "largest_component":
             kept = keep_largest_components(pred.cpu().numpy(), len(self.class_names))
+            pred = torch.from_numpy(kept).to(pred.device)
+        if self.min_region_pixels:
+            kept = drop_small_components(pred.cpu().numpy(), len(self.class_names), self.min_region_pixels)
             pred = torch.from_numpy(kept).to(pred.device)
         return pred
 

@@ -103,3 +103,27 @@ def test_largest_component_postprocess_removes_fragments_at_a_film_frame():
     assert torch.equal(post.labels(logits), torch.from_numpy(kept))
     with pytest.raises(ValueError, match="postprocess: expected null or largest_component"):
         SegmentationLitModule(net, ["background", "heart"], optimizer=None, postprocess="crf")
+
+
+def test_small_predicted_regions_are_dropped():
+    from diffmask.labels import drop_small_components
+
+    label = np.zeros((2, 10, 10), np.uint8)
+    label[0, 1:5, 1:5] = 1  # 16 px: kept
+    label[0, 8, 8] = 1      # a speck: dropped
+    label[1, 0:2, 0:2] = 2  # 4 px of class 2: dropped at min 5
+    out = drop_small_components(label, 3, 5)
+    assert out[0, 1:5, 1:5].all() and out[0, 8, 8] == 0 and not out[1].any()
+    np.testing.assert_array_equal(drop_small_components(label, 3, 0), label)
+    from monai.networks.nets import UNet
+
+    from diffmask.segmentation import SegmentationLitModule
+
+    module = SegmentationLitModule(UNet(2, 1, 2, channels=(4, 8), strides=(2,)), ["background", "lesion"],
+                                   optimizer=None, min_region_pixels=5)
+    logits = torch.zeros(1, 2, 10, 10)
+    logits[0, 1, 8, 8] = 1.0  # one pixel predicted as lesion
+    assert not module.labels(logits).any()
+    with pytest.raises(ValueError, match="min_region_pixels"):
+        SegmentationLitModule(UNet(2, 1, 2, channels=(4, 8), strides=(2,)), ["background", "lesion"], optimizer=None,
+                              min_region_pixels=-1)
