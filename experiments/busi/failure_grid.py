@@ -61,7 +61,7 @@ def main() -> None:
     fig.suptitle(f"worst test images of {args.run}", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=80)
+    fig.savefig(args.out, dpi=60)
     print(f"wrote {args.out}")
 
 
