@@ -1,4 +1,9 @@
-"""diffmask-report <sweep dir>: results table (markdown + CSV, mean ± std over seeds) and plots."""
+"""diffmask-report <sweep dir>: results table (markdown + CSV, mean ± sd over seeds) and plots.
+
+Runs are grouped by their effective settings (``<run>/.hydra/config.yaml`` less seeds and run-only
+settings such as logger, paths or data.num_workers); the table names each condition by the settings
+that vary across the folder. Copies of a run (same condition and seeds) count once, with a warning.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +21,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wandb-project", default=None, help="also log table + plots to this W&B project")
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out corrupt metrics.json files (listed in the log and report.md) instead of stopping")
+    parser.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                        help="leave this setting (a dotted key or prefix, '*' for one key) out of the conditions, "
+                             "e.g. --ignore data.prompt; repeatable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    written = write_report(args.sweep_dir, args.out, args.test_set, args.wandb_project, skip_bad=args.skip_bad)
+    written = write_report(args.sweep_dir, args.out, args.test_set, args.wandb_project, skip_bad=args.skip_bad,
+                           ignore=args.ignore)
     for kind, path in written.items():
         print(f"{kind}: {path}")
 
