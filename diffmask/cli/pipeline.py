@@ -4,20 +4,32 @@ images) -> a paired comparison with a real-data baseline, over several training 
 
 Each stage runs as its own process (``python -m diffmask.cli.<stage>``), so DDP trainer configs,
 Hydra overrides, launchers and resumability work exactly as when the stage is run alone; the command
-of each stage is logged so it can be rerun by hand.
+of each stage is logged so it can be rerun by hand. Before the first one starts (and in a dry run),
+every stage's config is composed with its overrides, so a misspelt key or group option in the last
+stage fails in seconds, not when that stage starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import re
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep, Override
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from diffmask.cli.common import CONFIG_PATH
 
@@ -161,24 +173,79 @@ def _seeds(cfg: DictConfig) -> list[int]:
 
 
 def _data_seed(cfg: DictConfig) -> str:
-    """The data seed of the common overrides (``data.seed=``, else ``seed=``, else 0): the labelled subset."""
+    """The data seed of the common overrides (``data.seed=``, else ``seed=``, else 0): the labelled subset.
+
+    Raises:
+        ValueError: the common overrides sweep it (``data.seed=0,1``): the labelled subset is one.
+    """
     values = _override_values(cfg)
-    return values.get("data.seed", values.get("seed", "0"))
+    chosen = values.get("data.seed", values.get("seed"))
+    if chosen is None:
+        return "0"
+    if chosen.is_sweep_override():
+        raise ValueError(f"common: {chosen.input_line!r}: the labelled subset (data.seed) is one seed; the "
+                         "training seeds are given as seeds=[...]")
+    return chosen.get_value_element_as_str()
 
 
-def _override_values(cfg: DictConfig, stage: str | None = None) -> dict[str, str]:
-    """``key -> value`` of the common overrides (and ``stage``'s after them); the last of a key wins, as in Hydra."""
-    values = {}
-    for o in [*cfg.common, *(cfg.get(stage, []) if stage else [])]:
-        key, _, value = str(o).partition("=")
-        values[key.strip()] = value.strip()
+@functools.cache
+def _parser() -> OverridesParser:
+    return OverridesParser.create()
+
+
+def _parse(override: str, where: str) -> Override:
+    """``override`` read by Hydra's own override grammar.
+
+    Args:
+        override: one command-line override, e.g. ``+data.new_key=1`` or ``~data.seed``.
+        where: the list it came from (``common``, a stage), for the error.
+
+    Returns:
+        The parsed override.
+
+    Raises:
+        ValueError: Hydra's grammar rejects it; names ``where`` and the override.
+    """
+    try:
+        (parsed,) = _parser().parse_overrides([override])
+    except HydraException as e:
+        raise ValueError(f"{where}: override {override!r} is not a Hydra override: {_reason(e)}") from e
+    return parsed
+
+
+def _override_values(cfg: DictConfig, stage: str | None = None) -> dict[str, Override]:
+    """The override in force for each key after the common overrides (and ``stage``'s after them), as Hydra reads them.
+
+    ``key=v``, ``+key=v`` and ``++key=v`` set ``key`` (the last one wins); ``~key`` and ``~key=v`` delete it
+    and everything below it (``key.x``, ``key/x``), so a deleted key has no value.
+
+    Args:
+        cfg: the pipeline config.
+        stage: the stage whose overrides follow the common ones; None for the common ones alone.
+
+    Returns:
+        ``key -> Override`` (``key`` without its ``+``/``++`` prefix, ``group@package`` for a package override).
+
+    Raises:
+        ValueError: an override Hydra's grammar rejects, naming its list.
+    """
+    values: dict[str, Override] = {}
+    for where, overrides in (("common", cfg.common), *([(stage, cfg.get(stage, []))] if stage else [])):
+        for o in overrides:
+            parsed = _parse(str(o), where)
+            key = parsed.get_key_element().lstrip("~+")
+            if parsed.is_delete():
+                values = {k: v for k, v in values.items() if k != key and not k.startswith((f"{key}.", f"{key}/"))}
+            else:
+                values[key] = parsed
     return values
 
 
 def _chooses(cfg: DictConfig, stage: str, choice: str) -> bool:
     """True when ``stage``'s overrides (or the common ones) end up with ``choice``, e.g. ``synthesis=controlled``."""
-    key, _, value = choice.partition("=")
-    return _override_values(cfg, stage).get(key) == value
+    wanted = _parse(choice, "pipeline")
+    got = _override_values(cfg, stage).get(wanted.get_key_element())
+    return got is not None and not got.is_sweep_override() and got.value() == wanted.value()
 
 
 def _latent(cfg: DictConfig) -> bool:
@@ -191,8 +258,182 @@ def _clued(cfg: DictConfig) -> bool:
     return _chooses(cfg, "fit_diffusion", "diffusion.clues=codebook")
 
 
+# stages that are not Hydra apps: nothing to compose
+NOT_HYDRA = ("compare",)
+# the errors a composition raises for a bad override (a key, a group option, a value, the grammar)
+COMPOSE_ERRORS = (HydraException, OmegaConfBaseException)
+
+
+def check_stage_configs(cfg: DictConfig, commands: list[tuple[str, list[str]]]) -> None:
+    """Compose every stage's config with exactly the overrides its command gives, before any stage runs.
+
+    A misspelt key, a group option that does not exist or a value the grammar rejects fails here, in
+    seconds, rather than when that stage's process starts (maybe an hour into the run). Nothing is
+    resolved or instantiated, so folders that earlier stages have yet to write are no problem. A
+    multirun stage (``--multirun``) is composed once per value of the sweeps in its override lists
+    (``segmentation=unet,transunet``: twice), the pipeline's own ``seed=`` sweep with its first value.
+
+    Args:
+        cfg: the pipeline config (to tell where a bad override came from).
+        commands: ``stage_commands(cfg)``.
+
+    Raises:
+        ValueError: one line per problem, naming the stage(s), the override that breaks their config
+            (and its list when it is not the stage's own) and Hydra's reason.
+    """
+    problems: dict[str, list[str]] = {}  # the problem -> the stages that have it (a bad common override: all)
+    with _composing():
+        for stage, cmd in commands:
+            problem = None if stage in NOT_HYDRA else _stage_problem(stage, cmd, cfg)
+            if problem:
+                problems.setdefault(problem, []).append(stage)
+    if problems:
+        lines = [f"stage{'s' if len(st) > 1 else ''} {', '.join(st)}: {p}" for p, st in problems.items()]
+        raise ValueError(f"pipeline: {sum(map(len, problems.values()))} stage config(s) do not compose; no stage "
+                         "was run:\n  " + "\n  ".join(lines))
+
+
+@contextlib.contextmanager
+def _composing() -> Iterator[None]:
+    """Hydra set up on conf/ for ``compose``, inside ``hydra.main`` or not.
+
+    ``initialize_config_dir`` refuses while an app's GlobalHydra is set (the pipeline's own, under
+    ``hydra.main``): that one is set aside and put back after.
+    """
+    outer = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3", job_name="pipeline_check"):
+            yield
+    finally:
+        GlobalHydra.instance().clear()
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
+
+
+def _stage_problem(stage: str, cmd: list[str], cfg: DictConfig) -> str | None:
+    """Why ``stage``'s command would fail to compose its config (None: it composes)."""
+    config_name = cmd[2].rsplit(".", 1)[-1]  # each stage module's hydra.main config_name is its module name
+    overrides = [a for a in cmd[3:] if not a.startswith("--")]
+    # the pipeline's own sweep (seed=0,1,2, checked by _seeds) is composed with its first value; the user's with each
+    origins = [_origin(o, stage, cfg) for o in overrides]
+    own = [origin == "pipeline" for origin in origins]
+    for job in _sweep_jobs(overrides, multirun="--multirun" in cmd, first_only=own):
+        error = _compose_error(config_name, job)
+        if error is None:
+            continue
+        culprit, error = _first_breaking(config_name, job, error)
+        if culprit is None:
+            return f"its config {config_name}.yaml does not compose: {_reason(error)}"
+        where = {stage: "", "common": " (from common)", "pipeline": " (set by the pipeline)"}[origins[culprit]]
+        return f"override {overrides[culprit]!r}{where}: {_reason(error)}"
+    return None
+
+
+def _sweep_jobs(overrides: list[str], multirun: bool, first_only: list[bool]) -> list[list[str]]:
+    """The override lists to compose for a command: itself, or for a multirun job ``i`` the ``i``-th value of
+    every sweep (so each value is composed once, not their whole product); override ``k`` stays at place ``k``.
+
+    Args:
+        overrides: the command's overrides.
+        multirun: whether the command runs them as a multirun (``--multirun``).
+        first_only: per override, True to compose a sweep with its first value alone.
+
+    Returns:
+        One override list per composition.
+    """
+    if not multirun:
+        return [overrides]
+    values = [_sweep_values(o)[:1] if first else _sweep_values(o) for o, first in zip(overrides, first_only, strict=True)]
+    n = max((len(v) for v in values), default=1)
+    return [[v[i % len(v)] for v in values] for i in range(n)]
+
+
+def _sweep_values(override: str) -> list[str]:
+    """A sweep as one override per value (``seed=0,1`` -> ``seed=0``, ``seed=1``; ``interval(a,b)`` -> its start);
+    anything else as it is (an unparsable one too, for composition to report)."""
+    try:
+        (parsed,) = _parser().parse_overrides([override])
+    except HydraException:
+        return [override]
+    if isinstance(parsed.value(), IntervalSweep):
+        return [f"{parsed.get_key_element()}={parsed.value().start}"]
+    if parsed.is_sweep_override():
+        return [f"{parsed.get_key_element()}={v}" for v in parsed.sweep_string_iterator()]
+    return [override]
+
+
+def _compose_error(config_name: str, overrides: list[str]) -> Exception | None:
+    try:
+        compose(config_name=config_name, overrides=overrides)
+    except COMPOSE_ERRORS as e:
+        return e
+    return None
+
+
+def _first_breaking(config_name: str, overrides: list[str], error: Exception) -> tuple[int | None, Exception]:
+    """The override whose addition breaks the composition, found by bisection.
+
+    Overrides are added in this order: top-level keys and group choices first (``segmentation=unet``
+    decides which ``segmentation.*`` keys exist, wherever it stands), then the others in their order;
+    each subset is composed in the command's order.
+
+    Args:
+        config_name: the stage's primary config.
+        overrides: the overrides it fails to compose with.
+        error: that failure.
+
+    Returns:
+        ``(index, error)``: the override whose addition makes the composition fail, and how it fails;
+        ``(None, error)`` when the config fails with no override at all.
+    """
+    def key(o: str) -> str:
+        return o.lstrip("~+").split("=", 1)[0]
+
+    order = sorted(range(len(overrides)), key=lambda i: "." in key(overrides[i]))  # stable: order kept within each
+    good, bad = 0, len(order)  # the first `bad` fail together; the first `good` are taken to compose
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        e = _compose_error(config_name, [overrides[i] for i in sorted(order[:mid])])
+        if e is None:
+            good = mid
+        else:
+            bad, error = mid, e
+    if good == 0 and (e := _compose_error(config_name, [])) is not None:
+        return None, e
+    return order[bad - 1], error
+
+
+def _origin(override: str, stage: str, cfg: DictConfig) -> str:
+    """Where ``override`` of ``stage``'s command comes from: ``stage`` (its own list), ``common`` or ``pipeline``."""
+    if override in [str(o) for o in cfg.get(stage, []) or []]:
+        return stage
+    return "common" if override in [str(o) for o in cfg.common] else "pipeline"
+
+
+def _reason(error: Exception) -> str:
+    """Hydra's (or OmegaConf's) message on one line: the underlying cause when there is one, without the
+    config search path, the grammar's help link or OmegaConf's full_key/object_type lines."""
+    text = str(error.__cause__ or error) or str(error)
+    text = re.split(r"\n(?:Config search path:|See https://hydra\.cc)", text)[0]
+    text = re.sub(r":\n\t", ": ", text).replace("\n\t", ", ")
+    lines = [line.strip() for line in text.splitlines()]
+    return "; ".join(line for line in lines if line and not line.startswith(("full_key:", "object_type=", "reference_type=")))
+
+
 def run(cfg: DictConfig) -> None:
-    for stage, cmd in stage_commands(cfg):
+    """Run (or with ``dry_run`` print) every stage's command, once every stage's config has composed.
+
+    Raises:
+        ValueError: a stage's config does not compose (see ``check_stage_configs``); nothing has run.
+        SystemExit: a stage's process failed; the message holds the command to rerun it.
+    """
+    commands = stage_commands(cfg)
+    started = time.perf_counter()
+    check_stage_configs(cfg, commands)
+    log.info("stage configs: all %d compose (%.1f s)", sum(s not in NOT_HYDRA for s, _ in commands),
+             time.perf_counter() - started)
+    for stage, cmd in commands:
         printable = " ".join(shlex.quote(c) for c in [f"diffmask-{cmd[2].rsplit('.', 1)[-1].replace('_', '-')}", *cmd[3:]])
         log.info("stage %s: %s", stage, printable)
         if cfg.dry_run:

@@ -233,3 +233,101 @@ def test_codebook_stage_feeds_the_clued_diffusion_fit(tmp_path):
         assert compose_config(stage, cmds[stage][3:], tmp_path, quiet_trainer=False).task_name == stage
     plain = compose_config("pipeline", ["experiment=anatomy_cpu"], tmp_path, quiet_trainer=False)
     assert not any("codebook_dir" in c for c in dict(stage_commands(plain, stamp="T"))["fit_diffusion"])
+
+
+def _recorded_run(cfg, monkeypatch):
+    """``run(cfg)`` as inside ``hydra.main`` (GlobalHydra set up), with stage processes recorded, not started.
+
+    Returns:
+        The commands that would have been started, and the error ``run`` raised (None if none).
+    """
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from diffmask.cli import pipeline
+    from diffmask.cli.common import CONFIG_PATH
+
+    started = []
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd: started.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        app = GlobalHydra.instance().hydra
+        try:
+            pipeline.run(cfg)
+            error = None
+        except ValueError as e:
+            error = e
+        assert GlobalHydra.instance().hydra is app  # the app's Hydra is put back after the check
+    return started, error
+
+
+def test_a_typo_in_the_last_stage_fails_before_the_first_stage_runs(tmp_path, monkeypatch):
+    cfg = compose_config("pipeline", ["experiment=pipeline_demo", "name=x", "stages=[fit_diffusion,generate,train,finetune]",
+                                      "finetune=['data.real_fraction=0.1','segmentaton.net.channels=[8]']"],
+                         tmp_path, quiet_trainer=False)
+    cfg.paths.log_dir = str(tmp_path / "logs")
+    started, error = _recorded_run(cfg, monkeypatch)
+    assert started == [] and not (tmp_path / "artifacts").exists() and not (tmp_path / "logs").exists()
+    assert "stage finetune: override 'segmentaton.net.channels=[8]': Key 'segmentaton' is not in struct" in str(error)
+    assert "no stage was run" in str(error) and "fit_diffusion" not in str(error)
+    # fixed, every stage composes (input_dir and synthetic_dir name folders not written yet) and all run in order
+    cfg.finetune = ["data.real_fraction=0.1", "segmentation.net.channels=[8,16]"]
+    started, error = _recorded_run(cfg, monkeypatch)
+    assert error is None and [c[2] for c in started] == ["diffmask.cli.fit_diffusion", "diffmask.cli.generate",
+                                                         "diffmask.cli.train", "diffmask.cli.train"]
+
+
+def test_bad_group_option_and_common_typo_fail_in_a_dry_run(tmp_path, monkeypatch):
+    cfg = compose_config("pipeline", ["name=x", "stages=[fit_diffusion,train]", "dry_run=true",
+                                      "common=['data=phantom','datta.size=32']", "train=['segmentation=unett']"],
+                         tmp_path, quiet_trainer=False)
+    started, error = _recorded_run(cfg, monkeypatch)
+    assert started == [] and error is not None
+    lines = str(error).splitlines()
+    assert lines[0].startswith("pipeline: 2 stage config(s) do not compose")
+    assert lines[1] == "  stage fit_diffusion: override 'datta.size=32' (from common): Key 'datta' is not in struct"
+    assert lines[2].startswith("  stage train: override 'segmentation=unett': In 'train': Could not find "
+                               "'segmentation/unett'; Available options in 'segmentation': ")
+    assert "unet" in lines[2].split(": ")[-1].split(", ")
+
+
+def test_stage_configs_compose_with_hydra_add_forms_and_each_swept_value(tmp_path):
+    from diffmask.cli.pipeline import check_stage_configs
+
+    def check(*overrides):
+        cfg = compose_config("pipeline", ["name=x", "stages=[generate,train]", *overrides], tmp_path, quiet_trainer=False)
+        check_stage_configs(cfg, stage_commands(cfg, stamp="T"))
+
+    check("train=['+data.new_key=1','++data.size=32']")  # added keys compose
+    with pytest.raises(ValueError, match=r"stage train: override 'data.new_key=1': Key 'new_key' is not in struct"):
+        check("train=['data.new_key=1']")
+    # a multirun stage: each value of the user's sweeps is composed (the pipeline's seeds once)
+    check("seeds=[0,1,2]", "train=['segmentation=unet,transunet']")
+    with pytest.raises(ValueError, match=r"stage train: override 'segmentation=unet,unett': .*'segmentation/unett'"):
+        check("seeds=[0,1]", "train=['segmentation=unet,unett']")
+    with pytest.raises(ValueError, match=r"stage generate: override 'steps=3,4': Ambiguous value"):
+        check("generate=['steps=3,4']")  # not a multirun: a sweep is an error, as in the stage itself
+
+
+def test_override_reader_follows_hydra_grammar(tmp_path):
+    from diffmask.cli.pipeline import _chooses, _data_seed, _override_values
+
+    def pipeline(common, extra=(), **stages):
+        lists = [f"{k}=[" + ",".join(f"'{o}'" for o in v) + "]" for k, v in {"common": common, **stages}.items()]
+        return compose_config("pipeline", [*lists, *extra], tmp_path, quiet_trainer=False)
+
+    cfg = pipeline(["+data.new_key=1", "++data.seed=3", "seed=4", "data=phantom", "data.size=32"],
+                   train=["~data.seed", "~data"], fit_diffusion=["+diffusion=latent", "diffusion.clues=codebook"])
+    common = _override_values(cfg)
+    assert common["data.new_key"].value() == 1 and common["data.seed"].value() == 3  # '+'/'++' are not part of the key
+    assert _data_seed(cfg) == "3"
+    after_train = _override_values(cfg, "train")  # ~data.seed deletes it; ~data everything below data
+    assert "data.seed" not in after_train and "data" not in after_train and "data.size" not in after_train
+    assert after_train["seed"].value() == 4
+    assert _chooses(cfg, "fit_diffusion", "diffusion=latent") and _chooses(cfg, "fit_diffusion", "diffusion.clues=codebook")
+    assert not _chooses(pipeline([], fit_diffusion=["diffusion=latent", "~diffusion"]), "fit_diffusion", "diffusion=latent")
+    assert _chooses(pipeline([], generate=['synthesis="controlled"']), "generate", "synthesis=controlled")
+    assert _data_seed(pipeline(["data.seed=2", "~data.seed", "seed=5"])) == "5"
+    with pytest.raises(ValueError, match=r"common: override 'data.size=\[1' is not a Hydra override"):
+        stage_commands(pipeline(["data.size=[1"]))
+    with pytest.raises(ValueError, match=r"common: 'data.seed=0,1': the labelled subset"):
+        stage_commands(pipeline(["data.seed=0,1"], extra=["stages=[train]", "seeds=[0]"]))
