@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import atomic_write_json
+from diffmask.evaluation.wandb_logging import RunIdentity, fill_wandb_node, is_wandb_node, run_identity
 from diffmask.seeds import check_seed
 
 __all__ = [
@@ -46,7 +47,8 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-def _instantiate_group(cfg: DictConfig | None, what: str) -> list[Any]:
+def _instantiate_group(cfg: DictConfig | None, what: str,
+                       prepare: Callable[[DictConfig], DictConfig] | None = None) -> list[Any]:
     objects = []
     if not cfg:
         return objects
@@ -55,7 +57,7 @@ def _instantiate_group(cfg: DictConfig | None, what: str) -> list[Any]:
     for name, node in cfg.items():
         if isinstance(node, DictConfig) and "_target_" in node:
             log.info("instantiating %s <%s>", what, node._target_)
-            objects.append(hydra.utils.instantiate(node))
+            objects.append(hydra.utils.instantiate(prepare(node) if prepare else node))
         elif node is not None:
             raise ValueError(f"{what}.{name}: expected a node with a _target_, got {OmegaConf.to_yaml(node)!r}")
     return objects
@@ -65,15 +67,43 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
     return _instantiate_group(cfg, "callbacks")
 
 
-def instantiate_loggers(cfg: DictConfig | None) -> list[pl.loggers.Logger]:
-    return _instantiate_group(cfg, "logger")
+def instantiate_loggers(cfg: DictConfig | None, identity: RunIdentity | None = None) -> list[pl.loggers.Logger]:
+    """Instantiate the ``logger`` group's loggers.
+
+    Args:
+        cfg: the ``logger`` group (``{name: {_target_: ...}}``), or None for none.
+        identity: the run's W&B identity (:func:`~diffmask.evaluation.wandb_logging.run_identity`): a
+            ``WandbLogger`` node's null ``group``, ``name`` and ``job_type`` are filled from it and its
+            tags added (:func:`~diffmask.evaluation.wandb_logging.fill_wandb_node`); None leaves the
+            nodes as they are.
+
+    Returns:
+        The loggers, in the group's order.
+    """
+    prepare = None if identity is None else (lambda node: fill_wandb_node(node, identity) if is_wandb_node(node) else node)
+    return _instantiate_group(cfg, "logger", prepare)
 
 
-def log_config(cfg: DictConfig, loggers: list[pl.loggers.Logger]) -> None:
-    """Send the resolved config to every logger (W&B config, TensorBoard hparams, CSV hparams.yaml)."""
+def log_config(cfg: DictConfig, loggers: list[pl.loggers.Logger], identity: RunIdentity | None = None) -> None:
+    """Send the resolved config to every logger (W&B config, TensorBoard hparams, CSV hparams.yaml).
+
+    W&B's config also gets ``overrides``, ``job_num``, ``run_group``, ``sweep_dir`` and ``dataset``
+    (:meth:`~diffmask.evaluation.wandb_logging.RunIdentity.config`).
+
+    Args:
+        cfg: the stage's config.
+        loggers: its loggers.
+        identity: the run's W&B identity (None: worked out from ``cfg`` when a W&B logger is there).
+    """
+    from pytorch_lightning.loggers import WandbLogger  # noqa: PLC0415
+
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     for lg in loggers:
-        lg.log_hyperparams(container)
+        if isinstance(lg, WandbLogger):
+            identity = identity or run_identity(cfg)
+            lg.log_hyperparams({**container, **identity.config()})
+        else:
+            lg.log_hyperparams(container)
 
 
 def seed_run(cfg: DictConfig) -> int:
@@ -202,10 +232,11 @@ def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.Lig
         every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1, monitor="step", mode="max",
     )
     throughput = TrainingThroughput()
-    loggers = instantiate_loggers(cfg.get("logger"))
+    identity = run_identity(cfg, dataset=getattr(getattr(datamodule, "real", None), "name", None))  # W&B group, name
+    loggers = instantiate_loggers(cfg.get("logger"), identity)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[checkpoint, throughput], logger=loggers or False)
     require_training(trainer)
-    log_config(cfg, loggers)
+    log_config(cfg, loggers, identity)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None and (ckpt_dir / "last.ckpt").is_file():
         ckpt_path = str(ckpt_dir / "last.ckpt")

@@ -16,6 +16,10 @@ training image noised to ``strength`` of the schedule instead of pure noise
 
 ``data.channels`` must be the channels the model (and a ControlNet) was fitted on (a named error
 otherwise); a colour model writes RGB PNGs, and ``stage.json`` records ``channels``.
+
+``+logger=wandb`` (generation has no ``logger`` default) logs the finished set to W&B: a grid of
+its first pairs (image with its mask as an overlay) and its counts, in the run's group
+(:mod:`diffmask.evaluation.wandb_logging`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from diffmask.evaluation.fidelity import (
     served_intensity,
     set_intensity,
 )
+from diffmask.evaluation.wandb_logging import log_synthesis
 from diffmask.prompts.builder import prompt_builder_from_dict
 from diffmask.refine.mask_maker import AttentionMaskMaker
 from diffmask.refine.threshold import ThresholdRefiner
@@ -181,6 +186,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record_label_fidelity(stage.path, result)
         log.info("label fidelity (%s): %s", cfg.fidelity_model, format_fidelity(result))
         info["label_fidelity_miou"] = result["miou"]
+    # +logger=wandb: a W&B run (job type generate) with a grid of the set's first pairs and its counts
+    if log_synthesis(cfg, stage.path, class_names, info):
+        log.info("the first synthetic pairs and the counts logged to W&B")
     return info
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffmask.cli.common import CONFIG_PATH
+from diffmask.evaluation.wandb_logging import GROUP_ENV, JOB_TYPE_ENV, folder_label
 
 log = logging.getLogger("diffmask.pipeline")
 
@@ -421,14 +423,40 @@ def _reason(error: Exception) -> str:
     return "; ".join(line for line in lines if line and not line.startswith(("full_key:", "object_type=", "reference_type=")))
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set, as it was after (for the stage processes started inside).
+
+    Args:
+        values: the variables to set.
+    """
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run(cfg: DictConfig) -> None:
     """Run (or with ``dry_run`` print) every stage's command, once every stage's config has composed.
+
+    Each stage process gets ``DIFFMASK_WANDB_GROUP`` (the invocation's folder,
+    ``<log_dir>/pipeline/<name>/<stamp>``) and ``DIFFMASK_WANDB_JOB_TYPE`` (the stage), so the W&B runs
+    of one invocation (``logger=wandb`` in its stages) share a group and say their stage.
 
     Raises:
         ValueError: a stage's config does not compose (see ``check_stage_configs``); nothing has run.
         SystemExit: a stage's process failed; the message holds the command to rerun it.
     """
-    commands = stage_commands(cfg)
+    stamp = str(cfg.get("stamp") or time.strftime("%Y-%m-%d_%H-%M-%S"))
+    commands = stage_commands(cfg, stamp)
+    # every stage's W&B run in one group, the invocation's folder (an outer DIFFMASK_WANDB_GROUP wins)
+    group = os.environ.get(GROUP_ENV) or folder_label(Path(cfg.paths.log_dir) / "pipeline" / str(cfg.name) / stamp)
     started = time.perf_counter()
     check_stage_configs(cfg, commands)
     log.info("stage configs: all %d compose (%.1f s)", sum(s not in NOT_HYDRA for s, _ in commands),
@@ -438,7 +466,8 @@ def run(cfg: DictConfig) -> None:
         log.info("stage %s: %s", stage, printable)
         if cfg.dry_run:
             continue
-        result = subprocess.run(cmd)
+        with _environment({GROUP_ENV: group, JOB_TYPE_ENV: stage}):  # the stage process inherits them
+            result = subprocess.run(cmd)
         if result.returncode != 0:
             raise SystemExit(f"pipeline: stage {stage} failed (exit {result.returncode}); rerun it with:\n  {printable}")
     log.info("pipeline %s finished", cfg.name)

@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", help="folder with the runs' metrics.json files (searched recursively)")
     parser.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
     parser.add_argument("--test-set", default=None, help="only plot this test set's mIoU (default: one pair of plots per test set)")
-    parser.add_argument("--wandb-project", default=None, help="also log table + plots to this W&B project")
+    parser.add_argument("--wandb-project", default=None,
+                        help="also log table + plots to this W&B project, in the sweep's group (its runs' run_group), "
+                             "W&B's files under --out")
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out corrupt metrics.json files (listed in the log and report.md) instead of stopping")
     parser.add_argument("--ignore", action="append", default=[], metavar="KEY",

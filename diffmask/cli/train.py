@@ -37,6 +37,13 @@ from diffmask.cli.common import (
     write_metrics,
 )
 from diffmask.evaluation.paired import PER_IMAGE_FILE, write_per_image
+from diffmask.evaluation.wandb_logging import (
+    define_best_metrics,
+    log_test_results,
+    prediction_overlays,
+    run_identity,
+    wandb_runs,
+)
 
 log = logging.getLogger("diffmask.train")
 
@@ -50,11 +57,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.data, paired=paired)
     model = hydra.utils.instantiate(cfg.segmentation)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    loggers = instantiate_loggers(cfg.get("logger"))
+    # the sweep / pipeline invocation it belongs to (W&B group, metrics.json run_group), its W&B name and tags
+    identity = run_identity(cfg, dataset=datamodule.real.name)
+    loggers = instantiate_loggers(cfg.get("logger"), identity)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if cfg.get("train", True):
         require_training(trainer)
-    log_config(cfg, loggers)
+    log_config(cfg, loggers, identity)
+    define_best_metrics(loggers, datamodule.class_names)  # W&B summary: the best val epoch, not the last
 
     start = time.time()
     if cfg.get("train", True):
@@ -76,37 +86,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir) / "metrics.json"
+        per_image = Path(cfg.paths.output_dir) / PER_IMAGE_FILE
         if cfg.get("test", True):  # before metrics.json, which marks the run complete (diffmask-pipeline resumes on it)
-            write_per_image(Path(cfg.paths.output_dir) / PER_IMAGE_FILE, model.per_image, datamodule.class_names)
+            write_per_image(per_image, model.per_image, datamodule.class_names)
         score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
-        write_metrics(
-            out,
-            metrics,
-            extra={
-                "data": {
-                    "real": datamodule.real.name,
-                    "size": datamodule.size,
-                    "real_fraction": datamodule.real_fraction,
-                    "n_real_train": len(datamodule.real_train_ids),
-                    "real_train_ids": list(datamodule.real_train_ids),  # which labelled images: the same across seeds?
-                    "n_synthetic_train": len(datamodule.synthetic_ids),
-                    "synthetic_dir": OmegaConf.to_container(cfg.data, resolve=True).get("synthetic_dir"),  # a folder or a list
-                    # paired (segmentation.merge.alpha): n_pairs, n_real_with_variants, n_real_self_paired, ...
-                    **({"paired": datamodule.pair_info} if datamodule.paired else {}),
-                },
-                "test_sets": datamodule.test_set_info(),
-                "missing_test_sets": datamodule.missing_test_sets,
-                "backbone": cfg.segmentation.net._target_,
-                "init_weights": cfg.segmentation.get("init_weights"),  # resolved: e.g. <pretrain multirun>/seed<k>
-                "overrides": job_overrides(),
-                "seed": cfg.seed,
-                "best_checkpoint": best_path or None,
-                "best_val_miou": None if score is None else float(score),
-                "fit_seconds": round(fit_seconds, 1),
-                "epochs": trainer.current_epoch,
+        facts = {
+            "data": {
+                "real": datamodule.real.name,
+                "size": datamodule.size,
+                "real_fraction": datamodule.real_fraction,
+                "n_real_train": len(datamodule.real_train_ids),
+                "real_train_ids": list(datamodule.real_train_ids),  # which labelled images: the same across seeds?
+                "n_synthetic_train": len(datamodule.synthetic_ids),
+                "synthetic_dir": OmegaConf.to_container(cfg.data, resolve=True).get("synthetic_dir"),  # a folder or a list
+                # paired (segmentation.merge.alpha): n_pairs, n_real_with_variants, n_real_self_paired, ...
+                **({"paired": datamodule.pair_info} if datamodule.paired else {}),
             },
-        )
+            "test_sets": datamodule.test_set_info(),
+            "missing_test_sets": datamodule.missing_test_sets,
+            "backbone": cfg.segmentation.net._target_,
+            "init_weights": cfg.segmentation.get("init_weights"),  # resolved: e.g. <pretrain multirun>/seed<k>
+            "overrides": job_overrides(),
+            "seed": cfg.seed,
+            "best_checkpoint": best_path or None,
+            "best_val_miou": None if score is None else float(score),
+            "fit_seconds": round(fit_seconds, 1),
+            "epochs": trainer.current_epoch,
+            "run_group": identity.group,  # its sweep / pipeline invocation (diffmask-report --wandb-project logs there)
+        }
+        write_metrics(out, metrics, extra=facts)
         log.info("metrics written to %s", out)
+        if wandb_runs(loggers):  # summary (test scores per set and class, run facts), per-image table, overlays
+            tested = cfg.get("test", True)
+            overlays = prediction_overlays(model, datamodule) if tested else {}
+            log_test_results(loggers, metrics, facts, per_image if tested else None, overlays, step=trainer.global_step)
         for key in sorted(k for k in metrics if k.startswith("test/")):
             log.info("%s = %.4f", key, float(metrics[key]))
     return metrics

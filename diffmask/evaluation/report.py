@@ -695,7 +695,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, test_
         sweep_dir: folder holding the runs (searched recursively for ``metrics.json``).
         out_dir: where to write (default: ``sweep_dir``).
         test_set: the test set whose ``miou`` the plots show (default: one pair of plots per test set).
-        wandb_project: log the table and plots to this W&B project (honours WANDB_MODE=offline).
+        wandb_project: log the table and plots to this W&B project (honours WANDB_MODE=offline), in the
+            sweep's group with its path in the config, W&B's files under ``out_dir``
+            (:func:`~diffmask.evaluation.wandb_logging.log_report`).
         skip_bad: leave out corrupt ``metrics.json`` files, listed in ``report.md``, instead of stopping.
         ignore: more settings to leave out of the conditions (dotted keys or prefixes, ``*`` for one key).
 
@@ -722,11 +724,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, test_
         for p in _plots(rows, f"test/{name}/miou", out, suffix=f"_{name}"):
             written[p.stem] = p
     if wandb_project:
-        import wandb  # noqa: PLC0415 - optional
+        from diffmask.evaluation.wandb_logging import log_report  # noqa: PLC0415 - only with W&B
 
-        run = wandb.init(project=wandb_project, job_type="report", name=f"report-{root.name}")
+        # in the sweep's W&B group (its runs' run_group), files under out/wandb
         columns = list(_csv(metric_names, rows).splitlines()[0].split(","))
-        table = wandb.Table(columns=columns, data=[[{**r, **r["settings"]}.get(c) for c in columns] for r in rows])
-        run.log({"results": table, **{k: wandb.Image(str(p)) for k, p in written.items() if p.suffix == ".png"}})
-        run.finish()
+        log_report(wandb_project, root, out, [r.path for r in runs], columns,
+                   [[{**r, **r["settings"]}.get(c) for c in columns] for r in rows],
+                   {k: p for k, p in written.items() if p.suffix == ".png"},
+                   config={"test_set": test_set, "ignore": list(ignore), "n_conditions": len(rows)})
     return written
