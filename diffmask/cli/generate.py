@@ -17,7 +17,7 @@ training image noised to ``strength`` of the schedule instead of pure noise
 ``data.channels`` must be the channels the model (and a ControlNet) was fitted on (a named error
 otherwise); a colour model writes RGB PNGs, and ``stage.json`` records ``channels``.
 
-``+logger=wandb`` (generation has no ``logger`` default) logs the finished set to W&B: a grid of
+``logger=wandb`` logs the finished set to W&B: a grid of
 its first pairs (image with its mask as an overlay) and its counts, in the run's group
 (:mod:`diffmask.evaluation.wandb_logging`).
 """
@@ -186,7 +186,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record_label_fidelity(stage.path, result)
         log.info("label fidelity (%s): %s", cfg.fidelity_model, format_fidelity(result))
         info["label_fidelity_miou"] = result["miou"]
-    # +logger=wandb: a W&B run (job type generate) with a grid of the set's first pairs and its counts
+    # logger=wandb: a W&B run (job type generate) with a grid of the set's first pairs and its counts
     if log_synthesis(cfg, stage.path, class_names, info):
         log.info("the first synthetic pairs and the counts logged to W&B")
     return info

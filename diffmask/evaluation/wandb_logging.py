@@ -532,7 +532,7 @@ def log_test_results(loggers: Iterable[Any], metrics: Mapping[str, Any], facts: 
 
 def log_synthesis(cfg: DictConfig, folder: str | os.PathLike, class_names: Sequence[str], counts: Mapping[str, Any],
                   n: int = 8, dataset: str | None = None) -> bool:
-    """Log a generated set to W&B when the config has a ``WandbLogger`` node (``+logger=wandb``).
+    """Log a generated set to W&B when the config has a ``WandbLogger`` node (``logger=wandb``).
 
     A run of its own (job type ``generate``): the first ``n`` synthetic pairs as images with their
     mask as an overlay (``synthesis/pairs``), the counts in the summary, the config with the

@@ -173,7 +173,7 @@ def test_sweep_runs_share_a_group_and_log_best_val_test_scores_facts_and_media(t
 
 
 def test_generation_logs_a_grid_of_synthetic_pairs(tmp_path, model_dir, monkeypatch):
-    """``diffmask-generate +logger=wandb``: a generate run with the set's first pairs (mask overlays) and counts."""
+    """``diffmask-generate logger=wandb``: a generate run with the set's first pairs (mask overlays) and counts."""
     from diffmask.cli.generate import run
     from tests.conftest import compose_config
 
@@ -183,7 +183,7 @@ def test_generation_logs_a_grid_of_synthetic_pairs(tmp_path, model_dir, monkeypa
              "synthesis.refine=[raw]"]
     assert run(compose_config("generate", [*given, "name=plain"], tmp_path / "plain"))["rows"] == 3
     assert not (tmp_path / "plain" / "wandb").exists()  # no logger: no W&B run
-    assert run(compose_config("generate", [*given, "name=px32", "+logger=wandb"], tmp_path / "run"))["rows"] == 3
+    assert run(compose_config("generate", [*given, "name=px32", "logger=wandb"], tmp_path / "run"))["rows"] == 3
     logged = read_offline_run(tmp_path / "run")
     assert logged["job_type"] == "generate" and {"synthesis", "phantom"} <= set(logged["tags"])
     assert logged["config"]["output_dir"].endswith("synthesis/px32")
