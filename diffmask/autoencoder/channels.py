@@ -17,12 +17,35 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["channel_word", "check_autoencoder_channels", "from_autoencoder_channels", "to_autoencoder_channels"]
+__all__ = [
+    "channel_word",
+    "check_autoencoder_channels",
+    "check_datamodule_channels",
+    "from_autoencoder_channels",
+    "to_autoencoder_channels",
+]
 
 
 def channel_word(channels: int) -> str:
     """``grey`` for 1 channel, ``colour`` for 3 (for messages)."""
     return {1: "grey", 3: "colour"}.get(int(channels), f"{channels}-channel")
+
+
+def check_datamodule_channels(trainer, channels: int, model: str) -> None:
+    """A ValueError when the trainer's datamodule serves images of other channels than ``channels``.
+
+    Args:
+        trainer: the Lightning trainer (or None: nothing to check).
+        channels: the channels the model takes.
+        model: what the model is, for the message ("the diffusion model").
+    """
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    data_channels = getattr(dm, "channels", None)
+    if data_channels is not None and int(data_channels) != int(channels):
+        raise ValueError(
+            f"data.channels={data_channels} ({channel_word(data_channels)}), but {model} takes {channels}-channel "
+            f"({channel_word(channels)}) images; grey and colour are never converted silently"
+        )
 
 
 def check_autoencoder_channels(autoencoder_channels: int, channels: int, where: str = "autoencoder") -> None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from diffmask.artifacts import atomic_write_json
-from diffmask.autoencoder.channels import channel_word
+from diffmask.autoencoder.channels import channel_word, check_datamodule_channels
 from diffmask.control.conditions import ConditionBuilder
 from diffmask.diffusion.components import (
     DiffusionComponents,
@@ -178,14 +178,8 @@ class ControlLitModule(pl.LightningModule):
         self._np_rng = np.random.default_rng(0)
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_channels = getattr(dm, "channels", None)
-        if data_channels is not None and int(data_channels) != self.channels:
-            raise ValueError(
-                f"data.channels={data_channels} ({channel_word(data_channels)}), but the base diffusion model "
-                f"generates {self.channels}-channel ({channel_word(self.channels)}) images; grey and colour are "
-                "never converted silently"
-            )
+        check_datamodule_channels(self.trainer if self._trainer is not None else None, self.channels,
+                                  "the base diffusion model")
         seed = torch.initial_seed() * 1009 + self.global_rank
         self._rng = random.Random(seed)
         self._np_rng = np.random.default_rng(seed % 2**63)

@@ -19,9 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diffmask.data.sources import SPLITS, Sample
+from diffmask.data.sources import DrawnSource, Sample
 from diffmask.labels import validate_class_names
-from diffmask.seeds import check_seed
 
 __all__ = ["ShapesSource", "draw_shapes"]
 
@@ -30,7 +29,7 @@ _COLOURS = {"background": (0.80, 0.62, 0.52), "organ": (0.75, 0.30, 0.30), "lesi
 _GREY = {"background": 0.45, "organ": 0.70, "lesion": 0.18}
 
 
-class ShapesSource:
+class ShapesSource(DrawnSource):
     """Procedurally drawn blobs with 2 or 3 classes, grey or colour; deterministic per (seed, id).
 
     Args:
@@ -69,26 +68,14 @@ class ShapesSource:
         if not 0.0 <= absent_share < 1.0:
             raise ValueError(f"absent_share: expected a share in [0, 1), got {absent_share}")
         self._organ = len(self.class_names) == 3
-        self.name = "shapes"
+        super().__init__("shapes", {"train": num_train, "val": num_val, "test": num_test}, seed)
         self.size = int(size)
         self.channels = int(channels)
         self.absent_share = float(absent_share)
-        self.seed = check_seed(seed, "seed (shapes)")
-        counts = {"train": num_train, "val": num_val, "test": num_test}
-        self._splits = {s: [f"{s}{i:04d}" for i in range(n)] for s, n in counts.items()}
-
-    def ids(self, split: str) -> list[str]:
-        """The ids of ``split`` (``train``, ``val``, ``test``)."""
-        ids = self._splits.get(split, [])
-        if not ids:
-            raise ValueError(f"shapes: split {split!r} is empty (sizes: { {k: len(v) for k, v in self._splits.items()} })")
-        return list(ids)
 
     def load(self, sample_id: str) -> Sample:
         """Draw the sample ``sample_id`` (the same pixels on every call)."""
-        split = sample_id.rstrip("0123456789")
-        index = int(sample_id[len(split):])
-        rng = np.random.default_rng([self.seed, SPLITS.index(split) if split in SPLITS else 9, index, 17])
+        rng = self.sample_rng(sample_id, 17)
         lesion = bool(rng.random() >= self.absent_share)
         image, label = draw_shapes(self.size, rng, organ=self._organ, lesion=lesion,
                                    colour=self.channels == 3)

@@ -29,10 +29,12 @@ from PIL import Image
 
 from diffmask.data.manifest import ManifestRow, read_manifest
 from diffmask.labels import validate_class_names
+from diffmask.seeds import check_seed
 
 __all__ = [
     "Sample",
     "SampleSource",
+    "DrawnSource",
     "FolderSource",
     "ManifestSource",
     "open_test_set",
@@ -392,6 +394,36 @@ class ManifestSource:
             label = read_label(self._resolve(row.sem_seg_file_name), len(self.class_names), image.shape)
         meta = {k: "" if v is None else str(v) for k, v in row.meta.items()}
         return Sample(id=row.id, image=image, label=label, prompt=row.prompt, source=row.source, meta=meta)
+
+
+class DrawnSource:
+    """Base of the procedurally drawn sources (phantoms): named splits of ``<split><index>`` ids
+    and a random generator per sample, deterministic per (seed, id). Subclasses draw in ``load``.
+
+    Args:
+        name: the source's name (metric keys, logs).
+        counts: images per split, e.g. ``{"train": 48, "val": 12, "test": 12}``.
+        seed: base seed.
+    """
+
+    def __init__(self, name: str, counts: dict[str, int], seed: int):
+        self.name = name
+        self.seed = check_seed(seed, f"seed ({name})")
+        self._splits = {s: [f"{s}{i:04d}" for i in range(n)] for s, n in counts.items()}
+
+    def ids(self, split: str) -> list[str]:
+        """The ids of ``split``; a ValueError naming the split sizes when it is empty."""
+        ids = self._splits.get(split, [])
+        if not ids:
+            sizes = {k: len(v) for k, v in self._splits.items()}
+            raise ValueError(f"{self.name}: split {split!r} is empty (sizes: {sizes})")
+        return list(ids)
+
+    def sample_rng(self, sample_id: str, *salt: int) -> np.random.Generator:
+        """The generator of one sample: from the seed, the split and the index in ``sample_id``."""
+        split = sample_id.rstrip("0123456789")
+        index = int(sample_id[len(split):])
+        return np.random.default_rng([self.seed, SPLITS.index(split) if split in SPLITS else 9, index, *salt])
 
 
 def open_test_set(

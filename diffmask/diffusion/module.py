@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from diffmask.artifacts import atomic_write_json
 from diffmask.attention import AttentionRecorder, capture_cross_attention
-from diffmask.autoencoder.channels import channel_word, to_autoencoder_channels
+from diffmask.autoencoder.channels import channel_word, check_datamodule_channels, to_autoencoder_channels
 from diffmask.data.datamodule import select_fraction
 from diffmask.data.dataset import SegmentationDataset
 from diffmask.data.image_cache import ImageCache
@@ -236,14 +236,8 @@ class DiffusionLitModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # templates and prompt dropout differ per rank (and follow the run's seed)
         self._prompt_rng = random.Random(torch.initial_seed() * 1009 + self.global_rank)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_channels = getattr(dm, "channels", None)
-        if data_channels is not None and int(data_channels) != self.channels:
-            raise ValueError(
-                f"data.channels={data_channels} ({channel_word(data_channels)}), but the diffusion model takes "
-                f"{self.channels}-channel ({channel_word(self.channels)}) images; grey and colour are never "
-                "converted silently (build the model with channels=data.channels)"
-            )
+        check_datamodule_channels(self.trainer if self._trainer is not None else None, self.channels,
+                                  "the diffusion model")
         if stage == "fit" and self.clues is not None and self.clues.pmi is None:
             dm = getattr(self.trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "real"):

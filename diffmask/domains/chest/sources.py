@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffmask.data.sources import SPLITS, FolderSource, Sample, SampleSource
+from diffmask.data.sources import DrawnSource, FolderSource, Sample, SampleSource
 from diffmask.domains.chest.labels import CHEST_CLASS_NAMES
 from diffmask.labels import validate_class_names
-from diffmask.seeds import check_seed
 
 __all__ = ["JSRTSource", "PhantomSource", "auto_source", "draw_phantom"]
 
@@ -48,7 +47,7 @@ class JSRTSource(FolderSource):
         super().__init__(root, class_names, name="jsrt", require_metadata=True, meta_columns=self.META_COLUMNS)
 
 
-class PhantomSource:
+class PhantomSource(DrawnSource):
     """Procedurally drawn chest-like images with left lung, right lung and heart masks.
 
     Deterministic per (seed, id): a bright body ellipse, two dark lung fields (label 1, the
@@ -77,22 +76,12 @@ class PhantomSource:
         self.class_names = validate_class_names(class_names)
         if self.class_names != CHEST_CLASS_NAMES:
             raise ValueError(f"class_names: the phantom draws {list(CHEST_CLASS_NAMES)}, got {list(class_names)}")
-        self.name = "phantom"
+        super().__init__("phantom", {"train": num_train, "val": num_val, "test": num_test}, seed)
         self.size = size
-        self.seed = check_seed(seed, "seed (phantom)")
-        counts = {"train": num_train, "val": num_val, "test": num_test}
-        self._splits = {s: [f"{s}{i:04d}" for i in range(n)] for s, n in counts.items()}
-
-    def ids(self, split: str) -> list[str]:
-        ids = self._splits.get(split, [])
-        if not ids:
-            raise ValueError(f"phantom: split {split!r} is empty (sizes: { {k: len(v) for k, v in self._splits.items()} })")
-        return list(ids)
 
     def load(self, sample_id: str) -> Sample:
-        split = sample_id.rstrip("0123456789")
-        index = int(sample_id[len(split) :])
-        rng = np.random.default_rng([self.seed, SPLITS.index(split) if split in SPLITS else 9, index])
+        """Draw the sample ``sample_id`` (the same pixels and metadata on every call)."""
+        rng = self.sample_rng(sample_id)
         image, label = draw_phantom(self.size, rng)
         meta = {
             "sex": str(rng.choice(["M", "F"])),
