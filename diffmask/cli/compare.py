@@ -28,20 +28,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-set", action="append", default=None, help="only these test sets (repeatable)")
     parser.add_argument("--n-boot", type=int, default=10000, help="bootstrap draws (default 10000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--metric", choices=("iou", "dice"), default="iou",
+                        help="the per-image score compared (default iou; dice: the ultrasound literature's)")
     parser.add_argument("--out", default=None, help="also write the table here (.md) and beside it as .json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.n_boot < 100:
         parser.error(f"--n-boot: expected at least 100 draws, got {args.n_boot}")
-    results = compare_recipes(args.a, args.b, args.test_set, args.n_boot, args.seed)
+    results = compare_recipes(args.a, args.b, args.test_set, args.n_boot, args.seed, metric=args.metric)
     table = comparison_markdown(results, args.name_a, args.name_b)
     print(table, end="")
     if args.out:
         out = Path(args.out)
         atomic_write_text(out, f"# {args.name_a} vs {args.name_b}\n\npaired bootstrap over test images, "
-                               f"{args.n_boot} draws; runs averaged per image\n\n" + table)
+                               f"{args.n_boot} draws, per-image {args.metric}; runs averaged per image\n\n" + table)
         atomic_write_text(out.with_suffix(".json"), json.dumps(
-            {"a": args.a, "b": args.b, "name_a": args.name_a, "name_b": args.name_b,
+            {"a": args.a, "b": args.b, "name_a": args.name_a, "name_b": args.name_b, "metric": args.metric,
              "results": comparison_rows(results)}, indent=2) + "\n")
         print(f"written: {out}")
 

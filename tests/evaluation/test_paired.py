@@ -72,8 +72,9 @@ def test_compare_cli_over_seeds(tmp_path, capsys):
     ids = [f"{i:04d}" for i in range(30)]
     for recipe, shift in (("mix", 0.03), ("real", 0.0)):
         for seed in range(3):
-            rows = [{"set": "montgomery", "id": sid, **{f"iou_{c}": float(v) for c, v in zip(CLASSES[1:], row + shift +
-                    0.01 * rng.standard_normal(3), strict=True)}} for sid, row in zip(ids, base, strict=True)]
+            rows = [{"set": "montgomery", "id": sid, **{f"{m}_{c}": float(v) for m in ("iou", "dice") for c, v in zip(
+                    CLASSES[1:], row + shift + 0.01 * rng.standard_normal(3), strict=True)}}
+                    for sid, row in zip(ids, base, strict=True)]
             write_per_image(tmp_path / recipe / str(seed) / "per_image.csv", rows, CLASSES)
     (result,) = compare_recipes([tmp_path / "mix"], [tmp_path / "real"], n_boot=2000)
     assert result.n_runs_a == result.n_runs_b == 3 and result.n_images == 30
@@ -83,6 +84,10 @@ def test_compare_cli_over_seeds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| montgomery | 30 |" in out and "| yes |" in out
     assert json.loads((tmp_path / "cmp.json").read_text())["results"][0]["real"] is True
+    compare_main(["--a", str(tmp_path / "mix"), "--b", str(tmp_path / "real"), "--metric", "dice", "--n-boot", "500",
+                  "--out", str(tmp_path / "dice.md")])
+    assert json.loads((tmp_path / "dice.json").read_text())["metric"] == "dice" and "per-image dice" in (
+        tmp_path / "dice.md").read_text()
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no per_image.csv"):
         compare_recipes([tmp_path / "empty"], [tmp_path / "real"])
