@@ -121,8 +121,8 @@ def require_training(trainer: pl.Trainer) -> None:
     """Refuse a fit that would train nothing: its scores would come from an untrained model.
 
     ``trainer.max_epochs=0``, ``trainer.max_steps=0`` or ``trainer.limit_train_batches=0``
-    make ``fit`` return at once, and a run would write normal-looking metrics (mIoU 0.07) a
-    sweep could take for results. To score a model without training, say so: ``train=false``
+    make ``fit`` return at once, and a run would write an untrained model's metrics, in the
+    normal files, that a sweep could take for results. To score a model without training, say so: ``train=false``
     with ``segmentation.init_weights=<run dir>``.
     """
     zero = [

@@ -58,8 +58,8 @@ def normalize_intensity(image: np.ndarray, mode: str = "raw") -> np.ndarray:
       pixel. Any strictly increasing change of the grey levels (gamma, window, exposure) gives
       the same output up to quantisation, which takes away much of the appearance gap between
       hospitals. The central histogram keeps a dark border or a wider field of view from
-      shifting the whole map, as a whole-image histogram does (measured, one seed: mIoU 0.743
-      with a whole-image histogram on 80 %-shrunk JSRT test images; experiments/robustness).
+      shifting the whole map, as a whole-image histogram does (the whole-image version lost on
+      shrunk JSRT test images: experiments/robustness/README.md, Results).
     * ``clahe``: contrast-limited adaptive histogram equalisation (scikit-image,
       ``clip_limit=0.01``, tiles of 1/8 of the side): equalises each region against its own
       neighbourhood, so a local change (a bias across the film, a marker, a border) stays local.

@@ -123,7 +123,8 @@ class DiffusionLitModule(pl.LightningModule):
             this many distinct training images and draw each step's latents from it instead of
             encoding again (the data has no augmentation while fitting, so an image recurs every
             epoch; keyed by the image's bytes, so augmented images only miss). 0 = encode every
-            step. On 2 CPU cores encoding was ~25 % of a 128 px latent step.
+            step. Encoding is a sizeable share of a 128 px latent step on CPU
+            (experiments/history/settings.md).
         clues: ``none`` or ``codebook``: the visual codebook's key patches (code + cell) as extra
             cross-attention tokens after the text tokens (:mod:`diffmask.codebook.clues`); fitted
             with each image's own codes at ``clue_tokens`` random cells, sampled with the codes the

@@ -151,7 +151,8 @@ def local_random_walk(
         weights: (S, h, w) window weights, S = (2r-1)^2.
         t: number of steps.
         backend: ``"unfold"`` (torch, any device), ``"scipy"`` (CPU CSR product), or ``"auto"``
-            (scipy on CPU, where unfold is ~20x slower; unfold elsewhere).
+            (scipy on CPU, where unfold is much slower: experiments/history/settings.md;
+            unfold elsewhere).
 
     Returns:
         (C, h, w) propagated scores.
