@@ -1,9 +1,9 @@
-"""The project's own latent autoencoder: a diffusers ``AutoencoderKL`` trained on the real X-rays.
+"""The project's own latent autoencoder: a diffusers ``AutoencoderKL`` trained on the real images.
 
 Stable Diffusion, which DiffMask fine-tunes, denoises an autoencoder's 8x smaller grid. Hub weights
 cannot be had offline, so this stage trains one (4x by default: 128 px -> 32 x 32 x 4) on the real
 training images (no labels needed). Loss: L1 reconstruction + a KL term (a small weight keeps the
-latents near a Gaussian) + an edge-preserving L1 on image gradients (lung and heart borders are
+latents near a Gaussian) + an edge-preserving L1 on image gradients (class borders, e.g. organ outlines, are
 what the masks follow). The export is a plain ``AutoencoderKL.from_pretrained`` folder whose
 ``scaling_factor`` is measured on the training latents (1 / their standard deviation), as SD's
 0.18215 was.
@@ -69,7 +69,7 @@ def build_autoencoder(
         block_out_channels: channels per level; ``log2(factor) + 1`` levels.
         layers_per_block: ResNet layers per level.
         norm_num_groups: GroupNorm groups (must divide every entry of ``block_out_channels``).
-        in_channels: image channels (``data.channels``: 1 grey X-rays, 3 colour).
+        in_channels: image channels (``data.channels``: 1 grey, 3 colour).
         mid_block_attention: self-attention in the middle block (SD has it; on CPU at a 32 x 32
             grid it costs more than it gives).
         out_channels: channels of the reconstruction; None = ``in_channels`` (anything else is an
@@ -227,7 +227,7 @@ def save_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor]) -> Path:
 
 # ---- the LightningModule -------------------------------------------------------------------------
 class AutoencoderLitModule(pl.LightningModule):
-    """Trains an ``AutoencoderKL`` to reconstruct the real X-rays (batches of the segmentation datamodule).
+    """Trains an ``AutoencoderKL`` to reconstruct the real images (batches of the segmentation datamodule).
 
     Images (B, C, S, S) in [0, 1] (C = ``data.channels``: 1 grey, 3 colour) are scaled to [-1, 1]
     (as the diffusion stage feeds them; grey repeated to a 3-channel VAE's channels); the

@@ -1,4 +1,4 @@
-"""Autoencoder stage: train the latent autoencoder on the real X-rays (no labels needed).
+"""Autoencoder stage: train the latent autoencoder on the real images (no labels needed).
 
     diffmask-fit-autoencoder data=auto data.size=128 name=ae128
     diffmask-fit-autoencoder data.size=128 autoencoder=f8 name=ae128f8

@@ -1,4 +1,4 @@
-"""Codebook stage: the visual codebook of the real X-rays' patches (issue 17).
+"""Codebook stage: the visual codebook of the real images' patches (issue 17).
 
     diffmask-fit-codebook codebook.autoencoder_dir=artifacts/autoencoder/ae64 data.size=64 name=cb64
 

@@ -1,4 +1,4 @@
-"""Diffusion stage: train a text-conditioned diffusion model on real X-rays and their prompts.
+"""Diffusion stage: train a text-conditioned diffusion model on real images and their prompts.
 
     diffmask-fit-diffusion data=jsrt data.size=128 trainer=gpu name=px128
     diffmask-fit-diffusion diffusion=pretrained diffusion.components.model_path=/models/sd-v1-5 data.size=256

@@ -1,4 +1,4 @@
-"""Visual codebook (issue 17): patch codes of the real X-rays and their alignment with report words."""
+"""Visual codebook (issue 17): patch codes of the real images and their alignment with report words."""
 
 from diffmask.codebook.alignment import WordCodePMI, report_words
 from diffmask.codebook.codebook import CODEBOOK_FILE, VisualCodebook, codebook_usage, kmeans

@@ -1,4 +1,4 @@
-"""A visual codebook of X-ray patches: k-means over the project autoencoder's patch features.
+"""A visual codebook of image patches: k-means over the project autoencoder's patch features.
 
 The anatomy-pathology paper pre-defines a visual codebook for the radiology dataset and aligns its
 codes with report words. Here the encoder is the project's own autoencoder

@@ -81,7 +81,7 @@ class SampleSource(Protocol):
 def read_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
     """Read an image as (H, W) uint8 (``channels=1``) or (H, W, 3) uint8 RGB (``channels=3``).
 
-    8-bit images are read as they are. 16-bit, 32-bit and float images (common for X-rays from
+    8-bit images are read as they are. 16-bit, 32-bit and float images (common for X-rays and CT/MR slices from
     other hospitals) are scaled linearly from their own min..max to 0..255: converting them
     directly would clip every value above 255 to white. Nothing is converted silently:
 

@@ -91,7 +91,7 @@ def encode_images(image: torch.Tensor, vae: torch.nn.Module | None, resolution: 
 
 
 class DiffusionLitModule(pl.LightningModule):
-    """Trains ``components.unet`` (and optionally the text encoder) to denoise X-rays given prompts.
+    """Trains ``components.unet`` (and optionally the text encoder) to denoise images given prompts.
 
     Batches come from :class:`~diffmask.data.SegmentationDataModule`: ``image`` (B, C, S, S) in
     [0, 1] with C = ``components.channels`` = ``data.channels`` (scaled to [-1, 1]; in latent space

@@ -66,7 +66,7 @@ class DiffusionSampler:
     Examples::
 
         sampler = DiffusionSampler.from_pretrained("artifacts/diffusion/run1", device="cuda")
-        out = sampler(["a chest x-ray ... left lung, right lung and heart"], seeds=[0], num_inference_steps=50)
+        out = sampler(["a breast ultrasound image, benign, showing the lesion"], seeds=[0], num_inference_steps=50)
     """
 
     def __init__(

@@ -38,7 +38,7 @@ class AffinityBackbone(nn.Module):
     """A small CNN: (B, C, H, W) image -> (B, feature_dim, H/stride, W/stride) features.
 
     Args:
-        in_channels: image channels (``data.channels``: 1 grey X-rays, 3 colour).
+        in_channels: image channels (``data.channels``: 1 grey, 3 colour).
         channels: widths of the stages; every stage after the first halves the resolution,
             so the stride is ``2 ** (len(channels) - 1)``.
         feature_dim: channels of the output features.

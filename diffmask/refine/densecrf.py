@@ -7,7 +7,7 @@ Defaults are AffinityNet's: Gaussian sxy 3 / compat 3, bilateral sxy 80 / srgb 1
 10 mean-field iterations. Those kernel widths were tuned on ~500 px VOC images; with
 ``reference_size`` (e.g. 512) the spatial widths (``*_sxy``) are read as pixels *at that size*
 and scaled by ``S / reference_size`` for an S-pixel image, so an 80 px kernel keeps covering
-the same share of a 128 or 256 px X-ray instead of a third of it. ``pydensecrf`` (from the ``pydensecrf2`` wheel) is imported inside
+the same share of a 128 or 256 px image instead of a third of it. ``pydensecrf`` (from the ``pydensecrf2`` wheel) is imported inside
 the function so that importing diffmask does not need the compiled extension.
 
 :class:`ParallelRefiner` maps any picklable sample refiner over worker processes, so CPU-bound

@@ -66,7 +66,7 @@ class TransUNet(nn.Module):
     fine-tuned at a new resolution.
 
     Args:
-        in_channels: channels of the input image (1 for grayscale X-rays).
+        in_channels: channels of the input image (``data.channels``: 1 grey, 3 colour).
         out_channels: number of classes; the output holds one logit map per class.
         img_size: training image size, an int (square) or ``(H, W)``; each divisible by 16.
         base_channels: width of the first encoder stage (``b`` above); at least 2.
