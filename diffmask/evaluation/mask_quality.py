@@ -26,8 +26,6 @@ AffinityNet is fitted per rank on that rank's share of the images.
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,13 +36,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from diffmask.artifacts import atomic_write_text
 from diffmask.attention.extract import extract_class_maps
 from diffmask.attention.store import CrossAttentionStore
 from diffmask.autoencoder.channels import to_autoencoder_channels
 from diffmask.diffusion.components import DiffusionComponents
 from diffmask.diffusion.module import encode_conditioning
 from diffmask.evaluation.metrics import SegmentationScores, class_counts, iou_from_counts
+from diffmask.evaluation.paired import write_rows_csv
 from diffmask.labels import validate_class_names
 from diffmask.prompts.builder import PromptBuilder, class_token_positions
 from diffmask.refine.images import channels_first, to_uint8_images
@@ -310,8 +308,4 @@ def write_mask_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) 
     columns = ["set", "id", "step"]
     for row in rows:
         columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
+    return write_rows_csv(path, rows, columns)

@@ -28,7 +28,7 @@ import io
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +44,7 @@ __all__ = [
     "paired_bootstrap",
     "read_per_image",
     "write_per_image",
+    "write_rows_csv",
 ]
 
 PER_IMAGE_FILE = "per_image.csv"
@@ -65,8 +66,14 @@ def write_per_image(path: str | os.PathLike, rows: list[dict], class_names: Sequ
         ``path`` as a :class:`~pathlib.Path`.
     """
     fields = ["set", "id", *(f"{m}_{c}" for m in METRICS for c in class_names[1:])]
+    return write_rows_csv(path, rows, fields)
+
+
+def write_rows_csv(path: str | os.PathLike, rows: Sequence[Mapping], fields: Sequence[str]) -> Path:
+    """Atomically write ``rows`` as CSV with the columns ``fields`` (other keys left out; a NaN or
+    a missing value as an empty cell): the per-image files of training and of the mask stage."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
