@@ -457,7 +457,7 @@ def _markdown(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
             "n", *short, "condition"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        real = f"**{r['real']}** (not real images)" if r["real"] == "phantom" else r["real"]
+        real = f"**{r['real']}** (not real X-rays)" if r["real"] == "phantom" else r["real"]
         cells = [r["backbone"], real, f"{r['real_fraction']}", f"{r['n_real']}", f"{r['n_synthetic']}"]
         if fidelity:
             cells.append(f"{r['label_fidelity']:.4f}" if "label_fidelity" in r else "")
