@@ -45,7 +45,7 @@ def bench_data(size: int, n: int = 64) -> None:
 def bench_nets(size: int, batch: int = 8) -> None:
     from hydra import compose, initialize_config_dir
 
-    from diffmask.cli.common import CONFIG_PATH
+    from diffmask.config import CONFIG_PATH
 
     for name in ("unet", "transunet", "attention_unet"):
         with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):

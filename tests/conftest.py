@@ -105,7 +105,7 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path, qui
     """Compose a stage config as the CLI would, with outputs under ``output_dir``."""
     from hydra import compose, initialize_config_dir
 
-    from diffmask.cli.common import CONFIG_PATH
+    from diffmask.config import CONFIG_PATH
 
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         cfg = compose(

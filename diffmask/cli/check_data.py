@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from diffmask.artifacts import atomic_write_json
-from diffmask.cli.common import CONFIG_PATH
+from diffmask.config import CONFIG_PATH
 from diffmask.data.check import check_folder, positional_folder
 
 __all__ = ["main", "run"]

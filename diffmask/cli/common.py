@@ -16,12 +16,11 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import atomic_write_json
+from diffmask.config import RUN_ONLY_SETTINGS
 from diffmask.evaluation.wandb_logging import RunIdentity, fill_wandb_node, is_wandb_node, run_identity
 from diffmask.seeds import check_seed
 
 __all__ = [
-    "CONFIG_PATH",
-    "register_resolvers",
     "instantiate_callbacks",
     "instantiate_loggers",
     "log_config",
@@ -34,17 +33,6 @@ __all__ = [
 
 log = logging.getLogger("diffmask")
 
-# conf/ at the repository root (the package is installed editable from the checkout)
-CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def register_resolvers() -> None:
-    """OmegaConf resolvers used in conf/: ``${len:...}``, ``${eval_int:...}``."""
-    if not OmegaConf.has_resolver("len"):
-        OmegaConf.register_new_resolver("len", lambda x: len(x))
-
-
-register_resolvers()
 
 
 def _instantiate_group(cfg: DictConfig | None, what: str,
@@ -181,8 +169,6 @@ def stage_task(fn: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConf
     return wrapper
 
 
-# settings that do not change a stage's result: where logs go, how it is shown, how it is parallelised
-RUN_ONLY_SETTINGS = ("force", "paths", "hydra", "logger", "trainer", "tags", "data.num_workers", "num_workers", "ckpt_path")
 
 
 def skip_complete_stage(stage, cfg: DictConfig) -> bool:

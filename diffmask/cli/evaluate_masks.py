@@ -21,14 +21,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import (
-    CONFIG_PATH,
-    job_overrides,
-    optimized_value,
-    seed_run,
-    stage_task,
-    write_metrics,
-)
+from diffmask.cli.common import job_overrides, optimized_value, seed_run, stage_task, write_metrics
+from diffmask.config import CONFIG_PATH
 from diffmask.diffusion.components import load_components
 from diffmask.evaluation.mask_quality import MASK_ROWS_FILE, write_mask_rows
 from diffmask.prompts.builder import prompt_builder_from_dict

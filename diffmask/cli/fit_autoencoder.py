@@ -25,14 +25,8 @@ from omegaconf import DictConfig
 
 from diffmask.artifacts import StageDir, atomic_write_bytes, atomic_write_json
 from diffmask.autoencoder.module import psnr, reconstruct, save_grid, ssim
-from diffmask.cli.common import (
-    CONFIG_PATH,
-    commit_fit_stage,
-    resumable_fit,
-    seed_run,
-    skip_complete_stage,
-    stage_task,
-)
+from diffmask.cli.common import commit_fit_stage, resumable_fit, seed_run, skip_complete_stage, stage_task
+from diffmask.config import CONFIG_PATH
 from diffmask.data.manifest import ManifestRow, write_manifest
 from diffmask.refine.images import to_uint8_images
 

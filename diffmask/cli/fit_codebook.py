@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir, atomic_write_json
 from diffmask.autoencoder import load_autoencoder
-from diffmask.cli.common import CONFIG_PATH, seed_run, skip_complete_stage, stage_task, write_metrics
+from diffmask.cli.common import seed_run, skip_complete_stage, stage_task, write_metrics
 from diffmask.codebook import VisualCodebook, codebook_usage
+from diffmask.config import CONFIG_PATH
 from diffmask.data.dataset import SegmentationDataset
 
 log = logging.getLogger("diffmask.fit_codebook")

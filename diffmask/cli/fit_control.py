@@ -18,14 +18,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import (
-    CONFIG_PATH,
-    commit_fit_stage,
-    resumable_fit,
-    seed_run,
-    skip_complete_stage,
-    stage_task,
-)
+from diffmask.cli.common import commit_fit_stage, resumable_fit, seed_run, skip_complete_stage, stage_task
+from diffmask.config import CONFIG_PATH
 from diffmask.control.module import build_controlnet
 from diffmask.diffusion.components import load_components
 from diffmask.prompts.builder import prompt_builder_from_dict

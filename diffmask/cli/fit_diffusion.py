@@ -17,14 +17,8 @@ import hydra
 from omegaconf import DictConfig
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import (
-    CONFIG_PATH,
-    commit_fit_stage,
-    resumable_fit,
-    seed_run,
-    skip_complete_stage,
-    stage_task,
-)
+from diffmask.cli.common import commit_fit_stage, resumable_fit, seed_run, skip_complete_stage, stage_task
+from diffmask.config import CONFIG_PATH
 from diffmask.domains.chest.anatomy import MASK_FIELDS, AnatomyPathologyPrompts, FindingsSource
 from diffmask.prompts.builder import PromptBuilder
 from diffmask.prompts.tokenizer import prompt_vocabulary

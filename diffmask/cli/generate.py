@@ -37,7 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir
 from diffmask.attention.store import CrossAttentionStore
-from diffmask.cli.common import CONFIG_PATH, RUN_ONLY_SETTINGS, seed_run, skip_complete_stage, stage_task
+from diffmask.cli.common import seed_run, skip_complete_stage, stage_task
+from diffmask.config import CONFIG_PATH, RUN_ONLY_SETTINGS
 from diffmask.control.conditions import ConditionBuilder
 from diffmask.control.module import load_controlled
 from diffmask.data.manifest import read_manifest

@@ -32,7 +32,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffmask.cli.common import CONFIG_PATH
+from diffmask.config import CONFIG_PATH
 from diffmask.evaluation.wandb_logging import GROUP_ENV, JOB_TYPE_ENV, folder_label
 
 log = logging.getLogger("diffmask.pipeline")

@@ -20,8 +20,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import CONFIG_PATH, seed_run, skip_complete_stage, stage_task
+from diffmask.cli.common import seed_run, skip_complete_stage, stage_task
 from diffmask.cli.generate import affinity_device, build_synthesis
+from diffmask.config import CONFIG_PATH
 from diffmask.synthesis.affinity_pass import refine_with_affinity
 from diffmask.synthesis.quality import class_presence_record
 from diffmask.synthesis.remask import remask_folder

@@ -25,7 +25,6 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from diffmask.cli.common import (
-    CONFIG_PATH,
     instantiate_callbacks,
     instantiate_loggers,
     job_overrides,
@@ -36,6 +35,7 @@ from diffmask.cli.common import (
     stage_task,
     write_metrics,
 )
+from diffmask.config import CONFIG_PATH
 from diffmask.evaluation.paired import PER_IMAGE_FILE, write_per_image
 from diffmask.evaluation.wandb_logging import (
     define_best_metrics,

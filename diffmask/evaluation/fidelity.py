@@ -136,7 +136,7 @@ def load_segmentation_model(model: str | Path, device: str | torch.device = "cpu
         (the :class:`~diffmask.segmentation.SegmentationLitModule` in eval mode on ``device``,
         the run's config, the checkpoint path).
     """
-    from diffmask.cli.common import register_resolvers  # noqa: PLC0415 - ${len:...} in the net config
+    from diffmask.config import register_resolvers  # noqa: PLC0415 - ${len:...} in the net config
     from diffmask.segmentation.module import SegmentationLitModule, load_net_weights  # noqa: PLC0415
 
     register_resolvers()

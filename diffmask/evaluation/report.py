@@ -66,7 +66,7 @@ def run_only_settings() -> tuple[str, ...]:
     Returns:
         Dotted key patterns; a key is left out when it is one of them or lies below one.
     """
-    from diffmask.cli.common import RUN_ONLY_SETTINGS  # noqa: PLC0415 - imports Lightning; only when reading runs
+    from diffmask.config import RUN_ONLY_SETTINGS  # noqa: PLC0415 - imports Lightning; only when reading runs
 
     return tuple(k for k in RUN_ONLY_SETTINGS if k not in RESULT_SETTINGS) + REPORT_RUN_ONLY
 

@@ -166,7 +166,7 @@ def default_rules() -> FindingRules:
     """The finding rules of ``conf/prompts/anatomy_pathology.yaml``."""
     from omegaconf import OmegaConf  # noqa: PLC0415
 
-    from diffmask.cli.common import CONFIG_PATH  # noqa: PLC0415
+    from diffmask.config import CONFIG_PATH  # noqa: PLC0415
 
     cfg = OmegaConf.load(f"{CONFIG_PATH}/prompts/anatomy_pathology.yaml")
     return FindingRules(**{k: dict(v) for k, v in OmegaConf.to_container(cfg.rules).items()})

@@ -18,7 +18,7 @@ from diffmask.autoencoder import (
     reconstruct,
     ssim,
 )
-from diffmask.cli.common import CONFIG_PATH
+from diffmask.config import CONFIG_PATH
 from diffmask.data import ManifestSource
 from diffmask.data.dataset import SegmentationDataset
 from diffmask.diffusion import DiffusionSampler, build_scratch_components

@@ -245,7 +245,7 @@ def _recorded_run(cfg, monkeypatch):
     from hydra.core.global_hydra import GlobalHydra
 
     from diffmask.cli import pipeline
-    from diffmask.cli.common import CONFIG_PATH
+    from diffmask.config import CONFIG_PATH
 
     started = []
     monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd: started.append(cmd) or subprocess.CompletedProcess(cmd, 0))

@@ -10,8 +10,8 @@ from omegaconf import open_dict
 
 from diffmask.attention import CrossAttentionStore
 from diffmask.autoencoder import AutoencoderLitModule, build_autoencoder, load_autoencoder
-from diffmask.cli.common import CONFIG_PATH
 from diffmask.codebook import VisualCodebook, WordCodePMI, codebook_usage, kmeans
+from diffmask.config import CONFIG_PATH
 from diffmask.data.dataset import SegmentationDataset
 from diffmask.diffusion import DiffusionSampler
 from diffmask.domains.chest import PhantomSource

@@ -6,8 +6,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from omegaconf import open_dict
 
-from diffmask.cli.common import CONFIG_PATH
 from diffmask.cli.fit_diffusion import run
+from diffmask.config import CONFIG_PATH
 from diffmask.diffusion import DiffusionSampler
 from diffmask.diffusion.throughput import TrainingThroughput
 

@@ -5,7 +5,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from diffmask.cli.common import CONFIG_PATH
+from diffmask.config import CONFIG_PATH
 from diffmask.diffusion import AttentionAlignment, attention_alignment_loss, class_token_index
 from diffmask.diffusion.alignment import downsample_label
 

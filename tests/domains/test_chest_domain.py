@@ -17,7 +17,7 @@ import diffmask.data.transforms
 import diffmask.labels
 import diffmask.prompts
 import diffmask.prompts.builder
-from diffmask.cli.common import CONFIG_PATH
+from diffmask.config import CONFIG_PATH
 from diffmask.domains import chest
 from diffmask.domains.chest import CHEST_CLASS_NAMES, SEX_WORDS, PhantomSource, chest_prompt_builder
 from diffmask.prompts import PromptBuilder, prompt_builder_from_dict

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from diffmask.cli.common import CONFIG_PATH
+from diffmask.config import CONFIG_PATH
 from diffmask.domains.chest import (
     AnatomyPathologyPrompts,
     FindingsSource,

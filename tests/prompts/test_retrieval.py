@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from diffmask.cli.common import CONFIG_PATH
+from diffmask.config import CONFIG_PATH
 from diffmask.data import read_manifest
 from diffmask.diffusion.tiny_models import tiny_scratch_components
 from diffmask.domains.chest import chest_prompt_builder

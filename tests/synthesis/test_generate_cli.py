@@ -6,8 +6,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import CONFIG_PATH
 from diffmask.cli.generate import run
+from diffmask.config import CONFIG_PATH
 from diffmask.data import ManifestSource, read_manifest
 from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 from diffmask.artifacts import StageDir
 from diffmask.cli import remask
-from diffmask.cli.common import CONFIG_PATH
 from diffmask.cli.generate import run as generate
+from diffmask.config import CONFIG_PATH
 from diffmask.data import ManifestSource, read_manifest
 from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
 from tests.synthesis.test_generate_cli import compose_generate
