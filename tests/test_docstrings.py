@@ -238,7 +238,7 @@ def undocumented(a):
     return a
 
 
-def drift(a, b=1):
+def drift(a):
     """Drifted.
 
     Args:
