@@ -76,14 +76,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as UTF-8 to ``path`` atomically (see :func:`atomic_write_bytes`).
+
+    Args:
+        path: destination file; its parent folder is created.
+        text: the whole content.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON with sorted keys to ``path`` atomically.
+
+    Values JSON cannot hold (paths, numpy scalars) are written as their ``str``.
+
+    Args:
+        path: destination file; its parent folder is created.
+        obj: a JSON-serialisable object.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -145,6 +166,7 @@ class StageDir:
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
 
     def is_complete(self) -> bool:
+        """Whether ``<path>/stage.json`` exists and says ``"status": "complete"``."""
         info = self.path / self.STAGE_FILE
         if not info.is_file():
             return False
@@ -158,7 +180,8 @@ class StageDir:
         info = self.path / self.STAGE_FILE
         if not info.is_file():
             raise FileNotFoundError(
-                f"{self.path}: not a complete stage folder (no {self.STAGE_FILE}); run the stage that makes it first"
+                f"{self.path}: not a complete stage folder (no {self.STAGE_FILE}); "
+                "run the stage that makes it first"
             )
         return json.loads(info.read_text())
 

@@ -53,11 +53,13 @@ def extract_class_maps(
         raise ValueError(f"latents: expected (B, C, h, w), got shape {tuple(latents.shape)}")
     if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != latents.shape[0]:
         raise ValueError(
-            f"encoder_hidden_states: expected ({latents.shape[0]}, T, D), got {tuple(encoder_hidden_states.shape)}"
+            f"encoder_hidden_states: expected ({latents.shape[0]}, T, D), "
+            f"got {tuple(encoder_hidden_states.shape)}"
         )
     if len(token_positions) != latents.shape[0]:
         raise ValueError(
-            f"token_positions: expected {latents.shape[0]} entries (one per image), got {len(token_positions)}"
+            f"token_positions: expected {latents.shape[0]} entries (one per image), "
+            f"got {len(token_positions)}"
         )
     steps = int(scheduler.config.num_train_timesteps)
     if not 0 <= int(timestep) < steps:

@@ -24,6 +24,8 @@ __all__ = [
 
 
 class AttentionSink(Protocol):
+    """Anything that receives the attention probabilities a capturing processor computes."""
+
     def record(self, layer: str, probs: torch.Tensor, spatial: tuple[int, int] | None) -> None:
         """Receive one layer's probabilities.
 
@@ -42,7 +44,9 @@ class CrossAttentionCaptureProcessor:
         self.name = name
         self.sink = sink
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -70,7 +74,8 @@ class CrossAttentionCaptureProcessor:
         value = attn.head_to_batch_dim(value)
 
         probs = attn.get_attention_scores(query, key, attention_mask)  # (B*heads, Q, T)
-        self.sink.record(self.name, probs.view(batch_size, attn.heads, probs.shape[1], probs.shape[2]), spatial)
+        heads_probs = probs.view(batch_size, attn.heads, probs.shape[1], probs.shape[2])
+        self.sink.record(self.name, heads_probs, spatial)
 
         hidden_states = torch.bmm(probs, value)
         hidden_states = attn.batch_to_head_dim(hidden_states)
@@ -142,9 +147,10 @@ class AttentionRecorder:
     Keeps the autograd graph, so it serves the attention-alignment loss during training.
     Call :meth:`clear` between steps.
 
+    The token positions, a (B, K) long tensor giving for each batch item the position of each
+    of K classes' tokens, are set before each forward pass with :meth:`set_tokens`.
+
     Args:
-        token_index: (B, K) long tensor: for each batch item, the token position of each of K
-            classes (set before the forward pass with :meth:`set_tokens`).
         aspect: (H, W) of the UNet input, used to recover the grid of 3-D inputs.
     """
 
@@ -154,12 +160,30 @@ class AttentionRecorder:
         self.maps: dict[str, torch.Tensor] = {}
 
     def set_tokens(self, token_index: torch.Tensor) -> None:
+        """Choose the token positions whose maps the next forward pass keeps.
+
+        Args:
+            token_index: (B, K) long tensor: for each batch item, the token position of each
+                of K classes.
+        """
         self.token_index = token_index
 
     def clear(self) -> None:
+        """Drop the recorded maps (and with them their autograd graph)."""
         self.maps = {}
 
     def record(self, layer: str, probs: torch.Tensor, spatial: tuple[int, int] | None) -> None:
+        """Keep the head-averaged maps of the chosen tokens as ``maps[layer]``, (B, K, h, w).
+
+        Args:
+            layer: processor name of the layer.
+            probs: (B', heads, Q, T) attention probabilities; with classifier-free guidance
+                B' = 2B and only the conditional (last) half is kept.
+            spatial: (h, w) of the pixel grid, or None to derive it from Q and ``aspect``.
+
+        Raises:
+            RuntimeError: :meth:`set_tokens` was not called.
+        """
         if self.token_index is None:
             raise RuntimeError("AttentionRecorder: call set_tokens(token_index) before the forward pass")
         b, _, q, _ = probs.shape

@@ -166,7 +166,8 @@ class CrossAttentionStore:
             raise ValueError("token_positions: item 0 has no class")
         if prompt_lengths is not None and len(prompt_lengths) != len(token_positions):
             raise ValueError(
-                f"prompt_lengths: expected {len(token_positions)} lengths (one per batch item), got {len(prompt_lengths)}"
+                f"prompt_lengths: expected {len(token_positions)} lengths (one per batch item), "
+                f"got {len(prompt_lengths)}"
             )
         max_pos = -1
         for b, classes in enumerate(token_positions):
@@ -193,10 +194,12 @@ class CrossAttentionStore:
 
     @property
     def batch_size(self) -> int:
+        """Batch size of the token positions last set (0 before :meth:`set_tokens`)."""
         return 0 if self._token_weights is None else self._token_weights.shape[0]
 
     @property
     def num_classes(self) -> int:
+        """Number of classes K of the token positions last set (0 before :meth:`set_tokens`)."""
         return 0 if self._token_weights is None else self._token_weights.shape[1]
 
     def set_step(self, step_index: int, timestep: float | None = None) -> None:
@@ -325,15 +328,16 @@ class CrossAttentionStore:
     def _normalise(self, maps: torch.Tensor) -> torch.Tensor:
         flat = maps.flatten(2)
         peak = flat.amax(dim=2)
-        named = self._token_weights.sum(-1).to(peak.device) > 0  # (B, K): False for a class the prompt leaves out
+        # (B, K): False for a class the prompt leaves out
+        named = self._token_weights.sum(-1).to(peak.device) > 0
         flat = torch.where(named[..., None], flat, torch.zeros_like(flat))  # its map stays 0: an empty mask
         peak = torch.where(named, peak, torch.ones_like(peak))
         bad = ~torch.isfinite(flat).all(dim=2) | (peak <= 0)
         if bad.any():
             b, k = (int(i) for i in bad.nonzero()[0])
             raise ValueError(
-                f"class map of batch item {b}, class {k} is empty (all zero or NaN): check its token positions "
-                f"and the attention layers/steps kept"
+                f"class map of batch item {b}, class {k} is empty (all zero or NaN): "
+                "check its token positions and the attention layers/steps kept"
             )
         if self.normalize == "max":
             flat = flat / peak[..., None]

@@ -40,6 +40,22 @@ SOURCES = ("real", "synthetic")
 
 @dataclass
 class ManifestRow:
+    """One line of ``manifest.jsonl`` (the fields are described in the module docstring).
+
+    Args:
+        id: unique sample id.
+        file_name: image PNG, relative to the manifest's folder (or absolute).
+        sem_seg_file_name: label-map PNG, or None for an unlabelled image.
+        prompt: text prompt or caption.
+        source: ``"real"`` or ``"synthetic"``.
+        seed: generation seed (None for real images).
+        split: ``train``/``val``/``test``, or None to take the reader's default split.
+        attn_file: saved class maps (``.npz``) of a synthetic sample, or None.
+        scores: per-class mask quality scores in [0, 1] (written as ``score_<class>``).
+        meta: metadata (sex, age, finding, ...).
+        pair_id: id of the real sample a synthetic one was made from, or None.
+    """
+
     id: str
     file_name: str
     sem_seg_file_name: str | None = None
@@ -53,6 +69,11 @@ class ManifestRow:
     pair_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The row as a JSON object (the inverse of :meth:`from_json`).
+
+        ``scores`` are flattened to ``score_<class>`` keys; empty optional fields (``meta``,
+        ``split``, ``attn_file``, ``pair_id``) are left out.
+        """
         row = {k: v for k, v in asdict(self).items() if k not in ("scores",)}
         if not row["meta"]:
             row.pop("meta")
@@ -65,13 +86,27 @@ class ManifestRow:
 
     @classmethod
     def from_json(cls, row: dict[str, Any], where: str) -> ManifestRow:
+        """Parse and validate one manifest line (the inverse of :meth:`to_json`).
+
+        Args:
+            row: the decoded JSON object.
+            where: the place named in error messages (``"<manifest>, row <i>"``).
+
+        Returns:
+            The row, ``score_<class>`` keys gathered into ``scores``.
+
+        Raises:
+            ValueError: ``id`` or ``file_name`` is missing, or ``source`` is not real/synthetic.
+        """
         for key in ("id", "file_name"):
             if key not in row or row[key] in (None, ""):
                 raise ValueError(f"{where}: missing required field {key!r} (fields: {sorted(row)})")
         source = row.get("source", "real")
         if source not in SOURCES:
             raise ValueError(f"{where}: field 'source' must be one of {SOURCES}, got {source!r}")
-        scores = {k[len("score_") :]: float(v) for k, v in row.items() if k.startswith("score_") and v is not None}
+        scores = {
+            k[len("score_") :]: float(v) for k, v in row.items() if k.startswith("score_") and v is not None
+        }
         seed = row.get("seed")
         return cls(
             id=str(row["id"]),

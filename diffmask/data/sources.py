@@ -70,20 +70,32 @@ class Sample:
 
 @runtime_checkable
 class SampleSource(Protocol):
+    """What the data module reads samples from: named splits of ids, and one sample per id.
+
+    Attributes:
+        name: a short name for logs and metric keys.
+        class_names: label names, background first.
+    """
+
     name: str
     class_names: tuple[str, ...]
 
-    def ids(self, split: str) -> list[str]: ...
+    def ids(self, split: str) -> list[str]:
+        """The sample ids of ``split`` (``train``/``val``/``test``); an error if it is empty."""
+        ...
 
-    def load(self, sample_id: str) -> Sample: ...
+    def load(self, sample_id: str) -> Sample:
+        """Read one sample (image, label map if any, prompt, metadata) by its id."""
+        ...
 
 
 def read_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
     """Read an image as (H, W) uint8 (``channels=1``) or (H, W, 3) uint8 RGB (``channels=3``).
 
-    8-bit images are read as they are. 16-bit, 32-bit and float images (common for X-rays and CT/MR slices from
-    other hospitals) are scaled linearly from their own min..max to 0..255: converting them
-    directly would clip every value above 255 to white. Nothing is converted silently:
+    8-bit images are read as they are. 16-bit, 32-bit and float images (common for X-rays and
+    CT/MR slices from other hospitals) are scaled linearly from their own min..max to 0..255:
+    converting them directly would clip every value above 255 to white. Nothing is converted
+    silently:
 
     * ``channels=1``: an RGB(A) image is accepted only when its three channels are equal (a grey
       image saved as RGB, as many ultrasound exports are); a colour one is an error.
@@ -123,8 +135,8 @@ def read_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
         )
     if channels == 3 and arr.ndim == 2:
         raise ValueError(
-            f"{path}: a grey image in a colour dataset (data.channels=3); a dataset is all grey or all colour "
-            "(data.channels=1 for grey data)"
+            f"{path}: a grey image in a colour dataset (data.channels=3); "
+            "a dataset is all grey or all colour (data.channels=1 for grey data)"
         )
     return arr
 
@@ -144,7 +156,9 @@ def _rescale_to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
     return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def read_label(path: str | os.PathLike, num_classes: int, image_shape: tuple[int, ...] | None = None) -> np.ndarray:
+def read_label(
+    path: str | os.PathLike, num_classes: int, image_shape: tuple[int, ...] | None = None
+) -> np.ndarray:
     """Read a label-map PNG as (H, W) uint8 and check values and size.
 
     Raises:
@@ -253,21 +267,32 @@ class FolderSource:
         elif require_metadata:
             raise FileNotFoundError(f"{meta_file}: metadata.csv not found")
         else:
-            stems = sorted(p.stem for p in (self.root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            stems = sorted(
+                p.stem for p in (self.root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+            )
             if not stems:
                 raise FileNotFoundError(f"{self.root / 'images'}: no images ({', '.join(IMAGE_SUFFIXES)})")
             self._rows = {stem: {"id": stem} for stem in stems}
         unsplit = sorted(sid for sid, row in self._rows.items() if not row.get("split"))
         drawn = _draw_splits(unsplit, auto_split) if auto_split is not None and unsplit else {}
         if drawn:
-            log.info("%s: %d images without a split divided train/val/test %s (auto_split)", self.name, len(unsplit),
-                     "/".join(str(len(v)) for v in drawn.values()))
+            log.info(
+                "%s: %d images without a split divided train/val/test %s (auto_split)",
+                self.name,
+                len(unsplit),
+                "/".join(str(len(v)) for v in drawn.values()),
+            )
         self._splits: dict[str, list[str]] = {k: list(v) for k, v in drawn.items()}
         for sid, row in self._rows.items():
             if row.get("split") or not drawn:
                 self._splits.setdefault(row.get("split") or default_split, []).append(sid)
 
     def ids(self, split: str) -> list[str]:
+        """The sorted ids of ``split``.
+
+        Raises:
+            ValueError: the split holds no image.
+        """
         ids = sorted(self._splits.get(split, []))
         if not ids:
             where = self.root / "metadata.csv" if (self.root / "metadata.csv").is_file() else self.root
@@ -275,6 +300,11 @@ class FolderSource:
         return ids
 
     def load(self, sample_id: str) -> Sample:
+        """Read ``images/<id>.*`` and ``masks/<id>.*``, with the metadata columns as ``meta``.
+
+        Raises:
+            FileNotFoundError: the image or the mask file is missing.
+        """
         row = self._rows[sample_id]
         image_file = _find_file(self.root / "images", sample_id, IMAGE_SUFFIXES)
         if image_file is None:
@@ -293,7 +323,9 @@ def _draw_splits(ids: list[str], shares: Sequence[float]) -> dict[str, list[str]
     """``ids`` divided into train/val/test by ``shares`` (reproducible: seed 0 on the sorted ids)."""
     shares = [float(x) for x in shares]
     if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1.0) > 1e-6 or shares[0] == 0:
-        raise ValueError(f"auto_split: expected [train, val, test] shares summing to 1 (train > 0), got {list(shares)}")
+        raise ValueError(
+            f"auto_split: expected [train, val, test] shares summing to 1 (train > 0), got {list(shares)}"
+        )
     order = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))]
     n_val, n_test = round(shares[1] * len(ids)), round(shares[2] * len(ids))
     n_train = len(ids) - n_val - n_test
@@ -327,12 +359,18 @@ class ManifestSource:
         if channels not in (1, 3):
             raise ValueError(f"channels: expected 1 (grey) or 3 (colour), got {channels}")
         self.channels = int(channels)
-        paths = [Path(p) for p in root] if isinstance(root, Sequence) and not isinstance(root, str) else [Path(root)]
+        if isinstance(root, Sequence) and not isinstance(root, str):
+            paths = [Path(p) for p in root]
+        else:
+            paths = [Path(root)]
         if not paths:
             raise ValueError("root: expected a manifest folder, or a non-empty list of them")
         folders = [p if p.is_dir() else p.parent for p in paths]
         if len(set(f.name for f in folders)) != len(folders):
-            raise ValueError(f"root: {[str(f) for f in folders]}: two folders share a name, which would be their ids' prefix")
+            raise ValueError(
+                f"root: {[str(f) for f in folders]}: two folders share a name, "
+                "which would be their ids' prefix"
+            )
         self.folders = folders
         self.root = folders[0]
         self.class_names = validate_class_names(class_names)
@@ -342,8 +380,12 @@ class ManifestSource:
         else:  # one set: ids prefixed by their folder, files made absolute
             rows = [
                 dataclasses.replace(
-                    r, id=f"{folder.name}/{r.id}", file_name=str(folder.absolute() / r.file_name),
-                    sem_seg_file_name=str(folder.absolute() / r.sem_seg_file_name) if r.sem_seg_file_name else None,
+                    r,
+                    id=f"{folder.name}/{r.id}",
+                    file_name=str(folder.absolute() / r.file_name),
+                    sem_seg_file_name=(
+                        str(folder.absolute() / r.sem_seg_file_name) if r.sem_seg_file_name else None
+                    ),
                     attn_file=str(folder.absolute() / r.attn_file) if r.attn_file else None,
                 )
                 for path, folder in zip(paths, folders, strict=True) for r in read_manifest(path)
@@ -356,6 +398,7 @@ class ManifestSource:
             self._splits.setdefault(r.split or default_split, []).append(r.id)
 
     def rows(self) -> list[ManifestRow]:
+        """Every manifest row kept (after the ``min_score`` filter), in manifest order."""
         return list(self._rows.values())
 
     def class_presence(self, ids: list[str] | None = None) -> dict[str, float]:
@@ -372,13 +415,22 @@ class ManifestSource:
         for r in labelled:
             label = read_label(self._resolve(r.sem_seg_file_name), len(self.class_names))
             counts += np.bincount(label.ravel(), minlength=len(self.class_names))[: len(self.class_names)] > 0
-        return {name: float(c) / len(labelled) for name, c in zip(self.class_names[1:], counts[1:], strict=True)}
+        return {
+            name: float(c) / len(labelled)
+            for name, c in zip(self.class_names[1:], counts[1:], strict=True)
+        }
 
     def ids(self, split: str) -> list[str]:
+        """The ids of ``split`` in manifest order (rows without a split are ``default_split``).
+
+        Raises:
+            ValueError: the split holds no row.
+        """
         ids = self._splits.get(split, [])
         if not ids:
             raise ValueError(
-                f"{self.root / 'manifest.jsonl'}: split {split!r} is empty (splits present: {sorted(self._splits)})"
+                f"{self.root / 'manifest.jsonl'}: split {split!r} is empty "
+                f"(splits present: {sorted(self._splits)})"
             )
         return list(ids)
 
@@ -387,6 +439,7 @@ class ManifestSource:
         return path if path.is_absolute() else self.root / path
 
     def load(self, sample_id: str) -> Sample:
+        """Read one row's image and label map (None for a row without ``sem_seg_file_name``)."""
         row = self._rows[sample_id]
         image = read_image(self._resolve(row.file_name), self.channels)
         label = None
@@ -427,7 +480,10 @@ class DrawnSource:
 
 
 def open_test_set(
-    path: str | os.PathLike, class_names: list[str] | tuple[str, ...], name: str | None = None, channels: int = 1
+    path: str | os.PathLike,
+    class_names: list[str] | tuple[str, ...],
+    name: str | None = None,
+    channels: int = 1,
 ) -> SampleSource:
     """An external test set by path: a manifest folder (or file), or an ``images/`` + ``masks/`` folder.
 
