@@ -28,7 +28,9 @@ def class_word(name: str) -> str:
     return name.replace("_", " ")
 
 
-def validate_class_names(class_names: list[str] | tuple[str, ...], field: str = "class_names") -> tuple[str, ...]:
+def validate_class_names(
+    class_names: list[str] | tuple[str, ...], field: str = "class_names"
+) -> tuple[str, ...]:
     """Check a class list: at least background + one class, background first, no duplicates."""
     names = tuple(str(n) for n in class_names)
     if len(names) < 2:
@@ -50,6 +52,7 @@ def ignore_boundaries(label: np.ndarray, margin: int, ignore_index: int = IGNORE
     Args:
         label: (H, W) uint8 label map (existing ``ignore_index`` pixels stay ignored).
         margin: half-width of the ignore band in pixels (0: the mask unchanged).
+        ignore_index: label value of the ignored pixels (default 255).
 
     Returns:
         (H, W) uint8 seed labels.

@@ -30,11 +30,16 @@ class TrainingThroughput(pl.Callback):
         self._start: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Start the batch's clock once the device has finished the previous work."""
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Stop the clock, add the batch (times the world size) and log ``train/images_per_s``.
+
+        Batches of the warm-up count only towards the fallback figure and are not logged.
+        """
         self._seen += 1
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)  # time the work, not the kernel launches
