@@ -93,7 +93,8 @@ def measure_mask(label: np.ndarray, class_names: Sequence[str] = CHEST_CLASS_NAM
     missing = [c for c in MASK_CLASSES if c not in names]
     if missing:
         raise ValueError(
-            f"class_names: anatomy findings need the classes {list(MASK_CLASSES)}; {missing} missing from {names}"
+            f"class_names: anatomy findings need the classes {list(MASK_CLASSES)}; "
+            f"{missing} missing from {names}"
         )
     label = np.asarray(label)
     if label.ndim != 2:
@@ -140,13 +141,20 @@ class FindingRules:
     heart_position: Mapping[str, float]   # {midline: offset, normal: offset}
     age_groups: Mapping[str, float]       # {middle aged: years, elderly: years}
     nodule: Mapping[str, str]             # raw ``finding`` value -> nodule word
-    diagnosis: Mapping[str, Sequence[str]]  # diagnosis word -> substrings of the raw diagnosis (spaces removed)
+    # diagnosis word -> substrings of the raw diagnosis (spaces removed)
+    diagnosis: Mapping[str, Sequence[str]]
 
     # the word below the first threshold of each measure
     LOWEST = {"heart_size": "normal", "lung_volume": "low", "lung_symmetry": "left smaller",
               "heart_position": "shifted right", "age_groups": "young"}
 
     def words(self, field: str) -> list[str]:
+        """The words a finding field can take, lowest bin first for the measured ones.
+
+        Args:
+            field: a finding field (``sex``, ``age_group``, ``nodule``, ``diagnosis``, or a
+                measure: ``heart_size``, ``lung_volume``, ``lung_symmetry``, ``heart_position``).
+        """
         if field in ("sex",):
             return list(dict.fromkeys(SEX_WORDS.values()))
         if field == "age_group":
@@ -158,6 +166,12 @@ class FindingRules:
         return [self.LOWEST[field], *getattr(self, field)]
 
     def bin(self, field: str, value: float) -> str:
+        """The word of the interval ``value`` falls in.
+
+        Args:
+            field: a measured field or ``age_group``.
+            value: the measure (CTR, relative lung height, area ratio, heart offset) or the age.
+        """
         table = self.age_groups if field == "age_group" else getattr(self, field)
         lowest = self.LOWEST["age_groups" if field == "age_group" else field]
         return _bin(value, list(table.values()), [lowest, *table])
@@ -209,8 +223,12 @@ def ctr_error(measured: float, asked: str, rules: FindingRules) -> float:
     return float(max(lo - measured, measured - hi, 0.0))
 
 
-def anatomy_report(predictions: Sequence[np.ndarray], metas: Sequence[Mapping[str, object]], rules: FindingRules,
-                   class_names: Sequence[str]) -> dict:
+def anatomy_report(
+    predictions: Sequence[np.ndarray],
+    metas: Sequence[Mapping[str, object]],
+    rules: FindingRules,
+    class_names: Sequence[str],
+) -> dict:
     """CTR of each predicted mask and its error against the asked ``heart_size`` (where asked)."""
     ctrs, errors, hits, failed = [], [], [], 0
     for pred, meta in zip(predictions, metas, strict=True):
@@ -226,7 +244,9 @@ def anatomy_report(predictions: Sequence[np.ndarray], metas: Sequence[Mapping[st
             errors.append(err)
             hits.append(err == 0.0)
     return {
-        "n_measured": len(ctrs), "n_unmeasurable": failed, "ctr_mean": float(np.mean(ctrs)) if ctrs else float("nan"),
+        "n_measured": len(ctrs),
+        "n_unmeasurable": failed,
+        "ctr_mean": float(np.mean(ctrs)) if ctrs else float("nan"),
         "n_asked": len(errors),
         "ctr_error_median": float(np.median(errors)) if errors else float("nan"),
         "heart_size_accuracy": float(np.mean(hits)) if hits else float("nan"),
@@ -249,6 +269,7 @@ class FindingsSource:
         return getattr(self.base, item)
 
     def load(self, sample_id: str):
+        """The wrapped source's sample, its ``meta`` extended by the image's finding words (if any)."""
         sample = self.base.load(sample_id)
         extra = self.findings.get(str(sample_id))
         if extra:
@@ -279,7 +300,10 @@ class AnatomyPathologyPrompts(PromptBuilder):
             the masks of: the alignment's labelled images; the honest choice for the 17-label
             regime), ``all`` (every training image's masks: the full-label setting), ``none``.
         findings_table: the training images' findings (generation draws from it); filled at fit.
+        class_joiner, class_last_joiner: separators between class phrases.
         seed: seeds the candidate writing (same seed, same reports).
+        known_values: accepted for the common prompt-builder interface and ignored (the finding
+            words come from fixed vocabularies: nothing to learn).
     """
 
     TYPE = "anatomy_pathology"
@@ -325,8 +349,8 @@ class AnatomyPathologyPrompts(PromptBuilder):
                 for s in variants:
                     if any(re.search(rf"\b{re.escape(c)}\b", s.lower()) for c in lowered):
                         raise ValueError(
-                            f"prompts.grammar.{field}: {s!r} uses a class phrase; only the class sentence may "
-                            "(the attention masks read its first occurrence)"
+                            f"prompts.grammar.{field}: {s!r} uses a class phrase; "
+                            "only the class sentence may (the attention masks read its first occurrence)"
                         )
         if mask_findings not in ("labelled", "all", "none"):
             raise ValueError(f"prompts.mask_findings: expected labelled, all or none, got {mask_findings!r}")
@@ -448,7 +472,9 @@ class AnatomyPathologyPrompts(PromptBuilder):
             report = reports[template]
         else:
             report = reports[rng.randrange(min(self.top_k, len(reports)))] if rng is not None else reports[0]
-        drop = {f: rng.random() < drop_fields for f in findings} if (rng is not None and drop_fields > 0) else {}
+        drop = {}
+        if rng is not None and drop_fields > 0:
+            drop = {f: rng.random() < drop_fields for f in findings}
         text, spans = self._text(report, drop)
         return BuiltPrompt(text=text, class_spans=spans)
 
@@ -474,18 +500,22 @@ class AnatomyPathologyPrompts(PromptBuilder):
         limit = tokenizer.model_max_length
         if n > limit:
             raise ValueError(
-                f"prompts=anatomy_pathology: the longest report has {n} tokens, the text encoder takes {limit} "
-                f"({text!r}); set diffusion.components.max_prompt_tokens>={n} (scratch model) or shorten "
-                "prompts.grammar"
+                f"prompts=anatomy_pathology: the longest report has {n} tokens, "
+                f"the text encoder takes {limit} ({text!r}); "
+                f"set diffusion.components.max_prompt_tokens>={n} (scratch model) or shorten prompts.grammar"
             )
 
     def neutral_prompt(self) -> BuiltPrompt:
         """The report with no findings (what an image without metadata gets)."""
         return self.build({})
 
-    def sample_findings(self, rng: random.Random, asked: Mapping[str, object] | None = None) -> dict[str, str]:
+    def sample_findings(
+        self, rng: random.Random, asked: Mapping[str, object] | None = None
+    ) -> dict[str, str]:
         """Findings for generation: a training image's (joint real distribution) + the asked ones."""
-        base = dict(self.findings_table[rng.randrange(len(self.findings_table))]) if self.findings_table else {}
+        base = {}
+        if self.findings_table:
+            base = dict(self.findings_table[rng.randrange(len(self.findings_table))])
         return {**base, **self.check_findings(asked or {})}
 
     # ---- fit-time hooks ----------------------------------------------------------------------
@@ -494,7 +524,9 @@ class AnatomyPathologyPrompts(PromptBuilder):
         self.findings_table = [self.findings(m) for m in metas]
 
     def words(self) -> list[str]:
-        parts = [*self.grammar["opener"], *self.grammar["classes"], *self.class_words, *self.anatomy, *self.pathology]
+        """Every word a report can hold (the tokenizer's vocabulary for this builder), sorted."""
+        parts = [*self.grammar["opener"], *self.grammar["classes"], *self.class_words]
+        parts += [*self.anatomy, *self.pathology]
         for field in FIELDS:
             parts += list(self.rules.words(field))
             for variants in self.grammar[field].values():
@@ -502,12 +534,15 @@ class AnatomyPathologyPrompts(PromptBuilder):
         return sorted({w for p in parts for w in re.findall(r"[a-z]+", p.lower())})
 
     def to_dict(self) -> dict:
+        """Constructor arguments as plain values (stored in an exported model's ``diffmask.json``)."""
         rules = {k: dict(getattr(self.rules, k)) for k in FindingRules.__dataclass_fields__}
         return {
             "type": self.TYPE,
             "grammar": {k: (list(v) if not isinstance(v, Mapping) else {a: list(b) for a, b in v.items()})
                         for k, v in self.grammar.items()},
-            "rules": {k: ({a: list(b) for a, b in v.items()} if k == "diagnosis" else v) for k, v in rules.items()},
+            "rules": {
+                k: ({a: list(b) for a, b in v.items()} if k == "diagnosis" else v) for k, v in rules.items()
+            },
             "anatomy": self.anatomy,
             "pathology": self.pathology,
             "class_names": list(self.class_names),

@@ -44,7 +44,9 @@ class JSRTSource(FolderSource):
             raise FileNotFoundError(
                 f"{root}: JSRT folder not found (set paths.jsrt_dir or the DIFFMASK_JSRT_DIR variable)"
             )
-        super().__init__(root, class_names, name="jsrt", require_metadata=True, meta_columns=self.META_COLUMNS)
+        super().__init__(
+            root, class_names, name="jsrt", require_metadata=True, meta_columns=self.META_COLUMNS
+        )
 
 
 class PhantomSource(DrawnSource):
@@ -75,7 +77,9 @@ class PhantomSource(DrawnSource):
             raise ValueError(f"size: expected at least 16 pixels, got {size}")
         self.class_names = validate_class_names(class_names)
         if self.class_names != CHEST_CLASS_NAMES:
-            raise ValueError(f"class_names: the phantom draws {list(CHEST_CLASS_NAMES)}, got {list(class_names)}")
+            raise ValueError(
+                f"class_names: the phantom draws {list(CHEST_CLASS_NAMES)}, got {list(class_names)}"
+            )
         super().__init__("phantom", {"train": num_train, "val": num_val, "test": num_test}, seed)
         self.size = size
 
@@ -107,9 +111,16 @@ def draw_phantom(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
     j = lambda scale: float(rng.normal(0.0, scale))  # noqa: E731 - shape jitter
     body = _ellipse(yy, xx, 0.55 + j(0.02), 0.5 + j(0.01), 0.5 + j(0.02), 0.44 + j(0.02)) <= 1.0
     # image left = patient's right lung (label 2); image right = patient's left lung (label 1)
-    right_lung = _ellipse(yy, xx, 0.47 + j(0.02), 0.30 + j(0.015), 0.27 + j(0.02), 0.13 + j(0.01), 0.08 + j(0.03)) <= 1.0
-    left_lung = _ellipse(yy, xx, 0.49 + j(0.02), 0.70 + j(0.015), 0.28 + j(0.02), 0.12 + j(0.01), -0.08 + j(0.03)) <= 1.0
-    heart = _ellipse(yy, xx, 0.64 + j(0.02), 0.56 + j(0.015), 0.14 + j(0.015), 0.16 + j(0.015), 0.3 + j(0.05)) <= 1.0
+    # (the jitters are drawn in argument order: the same seed draws the same phantom)
+    right_lung = _ellipse(
+        yy, xx, 0.47 + j(0.02), 0.30 + j(0.015), 0.27 + j(0.02), 0.13 + j(0.01), 0.08 + j(0.03)
+    ) <= 1.0
+    left_lung = _ellipse(
+        yy, xx, 0.49 + j(0.02), 0.70 + j(0.015), 0.28 + j(0.02), 0.12 + j(0.01), -0.08 + j(0.03)
+    ) <= 1.0
+    heart = _ellipse(
+        yy, xx, 0.64 + j(0.02), 0.56 + j(0.015), 0.14 + j(0.015), 0.16 + j(0.015), 0.3 + j(0.05)
+    ) <= 1.0
     label = np.zeros((size, size), np.uint8)
     label[right_lung] = 2
     label[left_lung] = 1
@@ -139,7 +150,8 @@ def auto_source(
         return JSRTSource(jsrt_dir, class_names)
     log.warning(
         "\n%s\ndata=auto: no JSRT folder at %s (paths.jsrt_dir / DIFFMASK_JSRT_DIR):\n"
-        "  THIS RUN USES THE BUILT-IN PHANTOM (size %d), not real X-rays; its metrics.json says data.real=phantom.\n"
+        "  THIS RUN USES THE BUILT-IN PHANTOM (size %d), not real X-rays; "
+        "its metrics.json says data.real=phantom.\n"
         "  Use data=jsrt to make a missing folder an error.\n%s",
         "=" * 100, Path(jsrt_dir).resolve() if jsrt_dir else None, phantom_size, "=" * 100,
     )
