@@ -17,10 +17,11 @@ it; a class no real mask of the set holds is not scored):
 Metrics (flat keys, ``<set>`` = test-set name): ``masks/<set>/<step>/iou_<class>`` and
 ``masks/<set>/<step>/miou`` (per-image means), ``masks/<set>/<step>/agg_iou_<class>`` and
 ``masks/<set>/<step>/agg_miou`` (dataset-level aggregates: summed intersections over summed
-unions), and ``masks/<set>/<step>/seconds_per_image``. :func:`write_mask_rows` writes the per-image rows
-(``per_image_masks.csv``: set, id, step, ``iou_<class>``, ``pred_<class>`` and ``true_<class>``
-pixel counts), so lesion images and lesion-free ones can be told apart. Under DDP the IoU accumulators are synced;
-AffinityNet is fitted per rank on that rank's share of the images.
+unions), and ``masks/<set>/<step>/seconds_per_image``. :func:`write_mask_rows` writes the
+per-image rows (``per_image_masks.csv``: set, id, step, ``iou_<class>``, ``pred_<class>`` and
+``true_<class>`` pixel counts), so lesion images and lesion-free ones can be told apart. Under DDP
+the IoU accumulators are synced; AffinityNet is fitted per rank on that rank's share of the
+images.
 """
 
 from __future__ import annotations
@@ -83,9 +84,14 @@ class MaskQualityLitModule(pl.LightningModule):
 
     Examples::
 
-        module = MaskQualityLitModule(comps, builder, functools.partial(CrossAttentionStore),
-                                      {"threshold": ThresholdRefiner(), "densecrf": DenseCRFRefiner()},
-                                      affinity=AffinityRefiner(AffinityBackbone()), timesteps=[200])
+        module = MaskQualityLitModule(
+            comps,
+            builder,
+            functools.partial(CrossAttentionStore),
+            {"threshold": ThresholdRefiner(), "densecrf": DenseCRFRefiner()},
+            affinity=AffinityRefiner(AffinityBackbone()),
+            timesteps=[200],
+        )
         pl.Trainer(accelerator="gpu", devices=1).test(module, datamodule=dm)
         module.results["masks/jsrt/densecrf/miou"]
     """
@@ -116,13 +122,16 @@ class MaskQualityLitModule(pl.LightningModule):
             raise ValueError(f"raw_threshold: expected in [0, 1), got {raw_threshold}")
         if affinity_steps < 1 or affinity_batch_size < 1 or affinity_ignore_margin < 0:
             raise ValueError(
-                "affinity_steps/affinity_batch_size/affinity_ignore_margin: expected >= 1, >= 1, >= 0, got "
-                f"{affinity_steps}, {affinity_batch_size}, {affinity_ignore_margin}"
+                "affinity_steps/affinity_batch_size/affinity_ignore_margin: expected >= 1, >= 1, >= 0, "
+                f"got {affinity_steps}, {affinity_batch_size}, {affinity_ignore_margin}"
             )
-        self.class_names = validate_class_names(prompt_builder.class_names if class_names is None else class_names)
+        self.class_names = validate_class_names(
+            prompt_builder.class_names if class_names is None else class_names
+        )
         if tuple(prompt_builder.class_names) != self.class_names:
             raise ValueError(
-                f"class_names {list(self.class_names)} differ from the prompt builder's {list(prompt_builder.class_names)}"
+                f"class_names {list(self.class_names)} differ from the prompt builder's "
+                f"{list(prompt_builder.class_names)}"
             )
         refiners = dict(refiners or {})
         reserved = {"raw", "affinity"} & set(refiners)
@@ -131,7 +140,9 @@ class MaskQualityLitModule(pl.LightningModule):
         self.refiners = [(name, r) for name, r in refiners.items() if r is not None]
         for name, r in self.refiners:
             if not callable(r):
-                raise ValueError(f"refiners.{name}: expected a callable refiner (dict -> dict), got {type(r).__name__}")
+                raise ValueError(
+                    f"refiners.{name}: expected a callable refiner (dict -> dict), got {type(r).__name__}"
+                )
         self.components = components
         self.unet = components.unet.eval().requires_grad_(False)
         self.text_encoder = components.text_encoder.eval().requires_grad_(False)
@@ -150,13 +161,16 @@ class MaskQualityLitModule(pl.LightningModule):
         self.seed = int(seed)
         self.set_names = None if set_names is None else list(set_names)
         self.results: dict[str, float] = {}
-        # after a test: one row per (set, image, step): iou_<class> (the test rule) and the predicted and
-        # true pixel counts of each class (pred_<class>, true_<class>), e.g. to tell lesion and normal images apart
+        # after a test: one row per (set, image, step): iou_<class> (the test rule) and the predicted
+        # and true pixel counts of each class (pred_<class>, true_<class>), e.g. to tell lesion and
+        # normal images apart
         self.per_image: list[dict[str, Any]] = []
 
     @property
     def step_names(self) -> list[str]:
-        return ["raw", *(n for n, _ in self.refiners), *(["affinity"] if self.affinity_template is not None else [])]
+        """The scored steps in order: ``raw``, each refiner, then ``affinity`` when it is on."""
+        affinity = ["affinity"] if self.affinity_template is not None else []
+        return ["raw", *(n for n, _ in self.refiners), *affinity]
 
     # ------------------------------------------------------------------ setup
     def _set_name(self, dataloader_idx: int) -> str:
@@ -172,6 +186,7 @@ class MaskQualityLitModule(pl.LightningModule):
         return [self._set_name(i) for i in range(n)]
 
     def on_test_epoch_start(self) -> None:
+        """Reset the per-image rows and build one IoU accumulator per (test set, step)."""
         self.per_image = []
         # every rank builds the same accumulators in the same order, so the DDP sync lines up
         self._scores = {
@@ -185,7 +200,7 @@ class MaskQualityLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ maps
     def encode_images(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) in [0, 1] -> clean UNet inputs: [-1, 1] pixels, or VAE latent means (scaled)."""
+        """(B, C, S, S) in [0, 1] -> clean UNet inputs: [-1, 1] pixels, or scaled VAE latent means."""
         x = image * 2.0 - 1.0
         if self.vae is None:
             return x.to(self.unet.dtype)
@@ -193,8 +208,16 @@ class MaskQualityLitModule(pl.LightningModule):
         return (self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor).to(self.unet.dtype)
 
     @torch.no_grad()
-    def class_maps(self, image: torch.Tensor, metas: Sequence[Mapping[str, Any]], batch_seed: int) -> torch.Tensor:
-        """(B, K, S, S) class maps in [0, 1] of real images, averaged over ``timesteps``."""
+    def class_maps(
+        self, image: torch.Tensor, metas: Sequence[Mapping[str, Any]], batch_seed: int
+    ) -> torch.Tensor:
+        """(B, K, S, S) class maps in [0, 1] of real images, averaged over ``timesteps``.
+
+        Args:
+            image: (B, C, S, S) real images in [0, 1].
+            metas: each image's metadata (its prompt's findings; ignored without ``use_metadata``).
+            batch_seed: mixed into the noise seed so that each batch gets its own noise.
+        """
         built = [self.prompt_builder.build(m if self.use_metadata else {}) for m in metas]
         positions = [class_token_positions(self.tokenizer, b) for b in built]
         states = encode_conditioning(self.components, [b.text for b in built], self.device)
@@ -203,16 +226,26 @@ class MaskQualityLitModule(pl.LightningModule):
         for t in self.timesteps:
             gen = torch.Generator(device=self.device).manual_seed(self.seed + 1000 * batch_seed + t)
             store = self.store_factory(output_size=int(image.shape[-1]))
-            maps = extract_class_maps(self.unet, self.scheduler, latents, states, positions, t, store, generator=gen)
+            maps = extract_class_maps(
+                self.unet, self.scheduler, latents, states, positions, t, store, generator=gen
+            )
             total = maps if total is None else total + maps
         return total / len(self.timesteps)
 
     # ------------------------------------------------------------------ test
-    def _score(self, key: tuple[str, str], pred: np.ndarray | torch.Tensor, target: torch.Tensor, seconds: float,
-               sample_id: str = "") -> None:
-        pred = torch.as_tensor(np.asarray(pred, dtype=np.int64) if not isinstance(pred, torch.Tensor) else pred)
-        pred = pred.to(self.device).long().clone()
-        pred[pred == IGNORE_INDEX] = 0  # a mask has no "unsure" label: uncertain pixels count as background
+    def _score(
+        self,
+        key: tuple[str, str],
+        pred: np.ndarray | torch.Tensor,
+        target: torch.Tensor,
+        seconds: float,
+        sample_id: str = "",
+    ) -> None:
+        if not isinstance(pred, torch.Tensor):
+            pred = np.asarray(pred, dtype=np.int64)
+        pred = torch.as_tensor(pred).to(self.device).long().clone()
+        # a mask has no "unsure" label: uncertain pixels count as background
+        pred[pred == IGNORE_INDEX] = 0
         target = target.to(self.device)
         self._scores[key].update(pred[None], target[None])
         counts = class_counts(pred[None], target[None], len(self.class_names), IGNORE_INDEX)
@@ -227,6 +260,13 @@ class MaskQualityLitModule(pl.LightningModule):
         self._counts[key] += 1
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Score the raw masks and each refiner's of one batch; keep the seeds for ``affinity``.
+
+        Args:
+            batch: ``image`` (B, C, S, S) in [0, 1], ``label`` (B, 1, S, S), ``meta``, ``id``.
+            batch_idx: index of the batch (seeds its noise).
+            dataloader_idx: which test set the batch belongs to.
+        """
         set_name = self._set_name(dataloader_idx)
         image, target = batch["image"], batch["label"][:, 0]
         ids = [str(i) for i in batch.get("id", [""] * len(image))]
@@ -242,16 +282,28 @@ class MaskQualityLitModule(pl.LightningModule):
             for name, refiner in self.refiners:
                 start = time.perf_counter()
                 sample = refiner(sample)
-                self._score((set_name, name), sample["label"], target[i], time.perf_counter() - start, ids[i])
+                seconds = time.perf_counter() - start
+                self._score((set_name, name), sample["label"], target[i], seconds, ids[i])
             if self.affinity_template is not None:
-                seed = raw[i].cpu().numpy().astype(np.uint8) if not self.refiners else np.asarray(sample["label"])
+                if self.refiners:
+                    seed = np.asarray(sample["label"])
+                else:
+                    seed = raw[i].cpu().numpy().astype(np.uint8)
                 self._kept[set_name].append(
-                    {"image": pixels[i], "class_maps": maps_np[i].astype(np.float16), "seed": seed, "target": target[i].cpu(),
-                     "id": ids[i]}
+                    {
+                        "image": pixels[i],
+                        "class_maps": maps_np[i].astype(np.float16),
+                        "seed": seed,
+                        "target": target[i].cpu(),
+                        "id": ids[i],
+                    }
                 )
 
     def _affinity(self, set_name: str) -> float:
-        """Fit a fresh AffinityNet on this set's seeds, refine and score each image; returns train seconds."""
+        """Fit a fresh AffinityNet on this set's seeds, refine and score each image.
+
+        Returns the training seconds.
+        """
         from diffmask.refine.affinity import ignore_boundaries  # noqa: PLC0415 - optional step
 
         kept = self._kept[set_name]
@@ -260,9 +312,9 @@ class MaskQualityLitModule(pl.LightningModule):
         with torch.inference_mode(False):  # the test loop runs in inference mode; this copy must train
             refiner = copy.deepcopy(self.affinity_template).to(self.device)
         images = torch.stack([channels_first(k["image"]) for k in kept])
-        seeds = torch.from_numpy(
-            np.stack([ignore_boundaries(k["seed"], self.affinity_ignore_margin) for k in kept]).astype(np.int64)
-        )
+        margin = self.affinity_ignore_margin
+        seeds = np.stack([ignore_boundaries(k["seed"], margin) for k in kept])
+        seeds = torch.from_numpy(seeds.astype(np.int64))
         order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(self.seed))
         batches = [
             {refiner.image_key: images[order[i : i + self.affinity_batch_size]],
@@ -276,19 +328,28 @@ class MaskQualityLitModule(pl.LightningModule):
         for k, img in zip(kept, images, strict=True):
             start = time.perf_counter()
             label, _ = refiner.refine(img, torch.from_numpy(k["class_maps"].astype(np.float32)))
-            self._score((set_name, "affinity"), label, k["target"], time.perf_counter() - start, k["id"])
+            seconds = time.perf_counter() - start
+            self._score((set_name, "affinity"), label, k["target"], seconds, k["id"])
         return train_seconds
 
     def on_test_epoch_end(self) -> None:
+        """Run the ``affinity`` step, compute :attr:`results`, gather the per-image rows and log.
+
+        Under DDP the per-image rows of every rank are gathered (the repeats of the distributed
+        sampler's padding dropped); only finite results are logged.
+        """
         results: dict[str, float] = {}
-        train_seconds = {s: self._affinity(s) for s in self._kept} if self.affinity_template is not None else {}
+        train_seconds = {}
+        if self.affinity_template is not None:
+            train_seconds = {s: self._affinity(s) for s in self._kept}
         for (set_name, step), metric in self._scores.items():
             prefix = f"masks/{set_name}/{step}"
             for key, value in metric.compute().items():
                 if key.startswith(("iou_", "agg_iou_")) or key in ("miou", "agg_miou"):
                     results[f"{prefix}/{key}"] = float(value)
             n = self._counts[(set_name, step)]
-            results[f"{prefix}/seconds_per_image"] = self._seconds[(set_name, step)] / n if n else float("nan")
+            total = self._seconds[(set_name, step)]
+            results[f"{prefix}/seconds_per_image"] = total / n if n else float("nan")
         for set_name, seconds in train_seconds.items():
             results[f"masks/{set_name}/affinity/train_seconds"] = seconds
         self.results = results
@@ -296,15 +357,26 @@ class MaskQualityLitModule(pl.LightningModule):
             gathered = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, self.per_image)
             # the distributed sampler pads with repeats: one row per (set, id, step)
-            self.per_image = list({(r["set"], r["id"], r["step"]): r for rows in gathered for r in rows}.values())
+            unique = {(r["set"], r["id"], r["step"]): r for rows in gathered for r in rows}
+            self.per_image = list(unique.values())
         for key, value in results.items():
             if np.isfinite(value):
                 self.log(key, value, sync_dist=False)
 
 
 def write_mask_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write :attr:`MaskQualityLitModule.per_image` rows as CSV: ``set, id, step``, then the class
-    columns (``iou_<class>``, ``pred_<class>``, ``true_<class>``) in the rows' order."""
+    """Write :attr:`MaskQualityLitModule.per_image` rows as CSV.
+
+    The columns are ``set, id, step``, then the class columns (``iou_<class>``, ``pred_<class>``,
+    ``true_<class>``) in the order the rows first hold them.
+
+    Args:
+        path: the CSV file (written atomically).
+        rows: the per-image rows.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     columns = ["set", "id", "step"]
     for row in rows:
         columns += [k for k in row if k not in columns]
