@@ -208,9 +208,15 @@ class SegmentationDataset(Dataset):
         if h != w and not self._told_non_square:
             self._told_non_square = True
             log.info(
-                "%s: non-square images (e.g. %s, %dx%d) are %s to %dx%d (data.resize=%s)", self.source.name, sample.id,
-                h, w, "stretched" if self.resize == "stretch" else "padded to a square and resized",
-                self.size, self.size, self.resize,
+                "%s: non-square images (e.g. %s, %dx%d) are %s to %dx%d (data.resize=%s)",
+                self.source.name,
+                sample.id,
+                h,
+                w,
+                "stretched" if self.resize == "stretch" else "padded to a square and resized",
+                self.size,
+                self.size,
+                self.resize,
             )
         image, label = resize_sample(sample, self.size, self.resize)
         img_t = torch.from_numpy(image.astype(np.float32) / 255.0)
@@ -230,7 +236,8 @@ class SegmentationDataset(Dataset):
             # normalised after augmenting: the augmentation plays another site's acquisition, the
             # normalisation is part of the model's input, at training and test time alike
             acquired = np.round(item["image"].clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-            normalised = normalize_intensity(acquired[..., 0] if self.channels == 1 else acquired, self.intensity)
+            grey_or_rgb = acquired[..., 0] if self.channels == 1 else acquired
+            normalised = normalize_intensity(grey_or_rgb, self.intensity)
             image_t = torch.from_numpy(normalised.astype(np.float32) / 255.0)
             item["image"] = image_t[None] if image_t.ndim == 2 else image_t.permute(2, 0, 1).contiguous()
         item.update(
@@ -267,7 +274,9 @@ class PairedDataset(Dataset):
             raise ValueError(f"variants: expected one list per real item ({len(real)}), got {len(variants)}")
         bad = [j for choices in variants for j in choices if not 0 <= j < len(synthetic)]
         if bad:
-            raise ValueError(f"variants: indices {bad[:5]} are outside the {len(synthetic)} synthetic samples")
+            raise ValueError(
+                f"variants: indices {bad[:5]} are outside the {len(synthetic)} synthetic samples"
+            )
         self.real = real
         self.synthetic = synthetic
         self.variants = [list(choices) for choices in variants]
@@ -279,7 +288,9 @@ class PairedDataset(Dataset):
         item = self.real[index]
         choices = self.variants[index]
         if not choices:
-            item.update(pair_image=item["image"].clone(), pair_label=item["label"].clone(), pair_sample_id=item["id"])
+            item.update(
+                pair_image=item["image"].clone(), pair_label=item["label"].clone(), pair_sample_id=item["id"]
+            )
             return item
         pair = self.synthetic[choices[int(torch.randint(len(choices), ()))]]
         item.update(pair_image=pair["image"], pair_label=pair["label"], pair_sample_id=pair["id"])

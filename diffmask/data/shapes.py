@@ -79,7 +79,8 @@ class ShapesSource(DrawnSource):
         lesion = bool(rng.random() >= self.absent_share)
         image, label = draw_shapes(self.size, rng, organ=self._organ, lesion=lesion,
                                    colour=self.channels == 3)
-        return Sample(id=sample_id, image=image, label=label, meta={"finding": "lesion" if lesion else "normal"})
+        meta = {"finding": "lesion" if lesion else "normal"}
+        return Sample(id=sample_id, image=image, label=label, meta=meta)
 
 
 def draw_shapes(

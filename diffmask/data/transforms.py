@@ -29,6 +29,11 @@ from monai.transforms import (
 __all__ = ["SwapLabelsOnFlipd", "build_augmentation"]
 
 
+def _flip_width(x):
+    """A tensor or array mirrored along its last (width) axis; an array is copied contiguous."""
+    return x.flip(-1) if isinstance(x, torch.Tensor) else np.flip(x, -1).copy()
+
+
 class SwapLabelsOnFlipd(RandomizableTransform, MapTransform):
     """A horizontal flip that swaps sided labels: with probability ``prob`` the image and label are
     mirrored left-right and each label pair in ``swap`` is exchanged (SCR: left lung 1 <-> right
@@ -43,7 +48,8 @@ class SwapLabelsOnFlipd(RandomizableTransform, MapTransform):
         MapTransform.__init__(self, ("image", "label"))
         RandomizableTransform.__init__(self, prob)
         pairs = [tuple(int(v) for v in p) for p in swap]
-        if any(len(p) != 2 or p[0] == p[1] for p in pairs) or len({v for p in pairs for v in p}) != 2 * len(pairs):
+        overlapping = len({v for p in pairs for v in p}) != 2 * len(pairs)
+        if any(len(p) != 2 or p[0] == p[1] for p in pairs) or overlapping:
             raise ValueError(f"flip_swap: expected disjoint pairs of two label values, got {list(swap)}")
         self.pairs = pairs
 
@@ -52,8 +58,8 @@ class SwapLabelsOnFlipd(RandomizableTransform, MapTransform):
         self.randomize(None)
         if not self._do_transform:
             return d
-        d["image"] = d["image"].flip(-1) if isinstance(d["image"], torch.Tensor) else np.flip(d["image"], -1).copy()
-        label = d["label"].flip(-1) if isinstance(d["label"], torch.Tensor) else np.flip(d["label"], -1).copy()
+        d["image"] = _flip_width(d["image"])
+        label = _flip_width(d["label"])
         out = label.clone() if isinstance(label, torch.Tensor) else label.copy()
         for a, b in self.pairs:
             out[label == a], out[label == b] = b, a
@@ -133,9 +139,13 @@ def build_augmentation(
         s = tuple(blur_sigma)
         transforms.append(RandGaussianSmoothd(keys="image", sigma_x=s, sigma_y=s, prob=prob))
     if histogram_shift:
-        transforms.append(RandHistogramShiftd(keys="image", num_control_points=(4, int(histogram_shift)), prob=prob))
+        transforms.append(
+            RandHistogramShiftd(keys="image", num_control_points=(4, int(histogram_shift)), prob=prob)
+        )
     if bias_field:
-        transforms.append(RandBiasFieldd(keys="image", degree=3, coeff_range=(0.0, float(bias_field)), prob=prob))
+        transforms.append(
+            RandBiasFieldd(keys="image", degree=3, coeff_range=(0.0, float(bias_field)), prob=prob)
+        )
     if burn_in_prob:
         from diffmask.domains.chest.transforms import RandBurnInd  # noqa: PLC0415 - chest films only
 
