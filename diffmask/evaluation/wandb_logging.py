@@ -72,7 +72,9 @@ PHANTOM_SOURCES = ("phantom", "shapes")
 MAX_LABEL = 128
 MAX_TAG = 64
 # the keys of a WandbLogger node that are not wandb.init arguments, or are under another name
-LOGGER_ONLY = ("_target_", "log_model", "prefix", "checkpoint_name", "experiment", "add_file_policy", "anonymous")
+LOGGER_ONLY = (
+    "_target_", "log_model", "prefix", "checkpoint_name", "experiment", "add_file_policy", "anonymous"
+)
 
 
 def _clip(text: str, most: int = MAX_LABEL, keep_end: bool = True) -> str:
@@ -270,11 +272,13 @@ def dataset_name(cfg: DictConfig) -> str | None:
     if name:
         return str(name)
     target = str(OmegaConf.select(cfg, "data.real._target_", default="") or "")
-    return {"PhantomSource": "phantom", "ShapesSource": "shapes", "JSRTSource": "jsrt"}.get(target.rsplit(".", 1)[-1])
+    kinds = {"PhantomSource": "phantom", "ShapesSource": "shapes", "JSRTSource": "jsrt"}
+    return kinds.get(target.rsplit(".", 1)[-1])
 
 
-def run_identity(cfg: DictConfig, dataset: str | None = None, stage: str | None = None,
-                 job: HydraJob | None = None) -> RunIdentity:
+def run_identity(
+    cfg: DictConfig, dataset: str | None = None, stage: str | None = None, job: HydraJob | None = None
+) -> RunIdentity:
     """The group, name, tags, job type and config additions of the run ``cfg`` describes.
 
     Args:
@@ -305,7 +309,8 @@ def run_identity(cfg: DictConfig, dataset: str | None = None, stage: str | None 
     dataset = dataset or dataset_name(cfg)
     backbone = OmegaConf.select(cfg, "segmentation.net._target_", default=None)
     tags = [str(t) for t in (cfg.get("tags") or [])]
-    tags += [t for t in (str(backbone).rsplit(".", 1)[-1] if backbone else None, dataset, real_kind(dataset)) if t]
+    backbone_name = str(backbone).rsplit(".", 1)[-1] if backbone else None
+    tags += [t for t in (backbone_name, dataset, real_kind(dataset)) if t]
     return RunIdentity(
         group=group, name=_clip(name, keep_end=False), job_type=job_type,
         tags=tuple(dict.fromkeys(_clip(t, MAX_TAG) for t in tags)),
@@ -412,8 +417,11 @@ def overlay(image: np.ndarray, class_names: Sequence[str], prediction: np.ndarra
     """
     import wandb  # noqa: PLC0415
 
-    given = {k: np.asarray(m).astype(np.int64) for k, m in (("prediction", prediction), ("ground_truth", ground_truth))
-             if m is not None}
+    given = {
+        k: np.asarray(m).astype(np.int64)
+        for k, m in (("prediction", prediction), ("ground_truth", ground_truth))
+        if m is not None
+    }
     labels = _class_labels(class_names, *given.values())
     masks = {k: {"mask_data": m, "class_labels": labels} for k, m in given.items()}
     return wandb.Image(_display(image), masks=masks or None, caption=caption)
@@ -449,8 +457,12 @@ def prediction_overlays(model: Any, datamodule: Any, n: int = 4) -> dict[str, li
                 batch = loader.collate_fn([dataset[i] for i in range(k)])
                 pred = model.labels(model(batch["image"].to(device))).cpu().numpy()
                 out[name] = [
-                    overlay(img.float().numpy(), datamodule.class_names, p, lab[0].numpy(), caption=str(sid))
-                    for img, lab, p, sid in zip(batch["image"], batch["label"], pred, batch["id"], strict=True)
+                    overlay(
+                        img.float().numpy(), datamodule.class_names, p, lab[0].numpy(), caption=str(sid)
+                    )
+                    for img, lab, p, sid in zip(
+                        batch["image"], batch["label"], pred, batch["id"], strict=True
+                    )
                 ]
     finally:
         model.train(training)
@@ -478,7 +490,8 @@ def per_image_table(path: str | os.PathLike) -> Any:
     def cell(column: str, value: str) -> Any:
         return value if column in text else (float(value) if value else None)
 
-    return wandb.Table(columns=columns, data=[[cell(c, v) for c, v in zip(columns, row, strict=True)] for row in data])
+    cells = [[cell(c, v) for c, v in zip(columns, row, strict=True)] for row in data]
+    return wandb.Table(columns=columns, data=cells)
 
 
 def _summary_value(value: Any) -> Any:
@@ -489,9 +502,14 @@ def _summary_value(value: Any) -> Any:
     return None if math.isnan(number) else number
 
 
-def log_test_results(loggers: Iterable[Any], metrics: Mapping[str, Any], facts: Mapping[str, Any],
-                     per_image: str | os.PathLike | None = None, overlays: Mapping[str, list[Any]] | None = None,
-                     step: int | None = None) -> None:
+def log_test_results(
+    loggers: Iterable[Any],
+    metrics: Mapping[str, Any],
+    facts: Mapping[str, Any],
+    per_image: str | os.PathLike | None = None,
+    overlays: Mapping[str, list[Any]] | None = None,
+    step: int | None = None,
+) -> None:
     """Put a segmentation run's results in its W&B summary and log its media.
 
     Summary: every ``test/<set>/...`` metric (per class IoU and Dice, means, aggregates),
@@ -530,8 +548,14 @@ def log_test_results(loggers: Iterable[Any], metrics: Mapping[str, Any], facts: 
         run.summary.update(summary)
 
 
-def log_synthesis(cfg: DictConfig, folder: str | os.PathLike, class_names: Sequence[str], counts: Mapping[str, Any],
-                  n: int = 8, dataset: str | None = None) -> bool:
+def log_synthesis(
+    cfg: DictConfig,
+    folder: str | os.PathLike,
+    class_names: Sequence[str],
+    counts: Mapping[str, Any],
+    n: int = 8,
+    dataset: str | None = None,
+) -> bool:
     """Log a generated set to W&B when the config has a ``WandbLogger`` node (``logger=wandb``).
 
     A run of its own (job type ``generate``): the first ``n`` synthetic pairs as images with their
@@ -629,9 +653,16 @@ def report_group(sweep_dir: str | os.PathLike, run_dirs: Iterable[str | os.PathL
     return folder_label(sweep_dir)
 
 
-def log_report(project: str, sweep_dir: str | os.PathLike, out_dir: str | os.PathLike, run_dirs: Sequence[Path],
-               columns: list[str], rows: list[list[Any]], plots: Mapping[str, Path],
-               config: Mapping[str, Any] | None = None) -> None:
+def log_report(
+    project: str,
+    sweep_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    run_dirs: Sequence[Path],
+    columns: list[str],
+    rows: list[list[Any]],
+    plots: Mapping[str, Path],
+    config: Mapping[str, Any] | None = None,
+) -> None:
     """Log a report's table and plots to W&B in the sweep's group (job type ``report``).
 
     Args:
@@ -652,7 +683,15 @@ def log_report(project: str, sweep_dir: str | os.PathLike, out_dir: str | os.Pat
     group = report_group(root, run_dirs)
     settings = {"sweep_dir": str(root.resolve()), "out_dir": str(out.resolve()), "run_group": group,
                 "n_runs": len(run_dirs), **(config or {})}
-    with wandb.init(project=project, group=group, job_type="report", name=_clip(f"report {root.name}", keep_end=False),
-                    dir=str(out), config=settings, tags=["report"]) as run:
+    name = _clip(f"report {root.name}", keep_end=False)
+    with wandb.init(
+        project=project,
+        group=group,
+        job_type="report",
+        name=name,
+        dir=str(out),
+        config=settings,
+        tags=["report"],
+    ) as run:
         table = wandb.Table(columns=columns, data=rows)
         run.log({"results": table, **{k: wandb.Image(str(p)) for k, p in plots.items()}})
