@@ -42,9 +42,9 @@ def test_real_fraction_and_synthetic_ratio(real_dir, tmp_path):
     dm3 = SegmentationDataModule(real, size=32, real_fraction=0.1, synthetic_dir=str(syn), synthetic_count=5)
     assert len(dm3.synthetic_ids) == 5
     with pytest.raises(ValueError, match="has only 12"):
-        SegmentationDataModule(real, size=32, synthetic_dir=str(syn), synthetic_count=50)
+        SegmentationDataModule(real, size=32, synthetic_dir=str(syn), synthetic_count=50).setup("fit")
     with pytest.raises(ValueError, match="training set is empty"):
-        SegmentationDataModule(real, size=32, real_fraction=0.0)
+        SegmentationDataModule(real, size=32, real_fraction=0.0).setup("fit")
 
 
 def test_a_list_of_synthetic_sets_is_read_as_one(tmp_path, monkeypatch):
@@ -66,12 +66,12 @@ def test_a_list_of_synthetic_sets_is_read_as_one(tmp_path, monkeypatch):
     items = [data[0], data[len(data) - 1]]  # one of each set
     assert all(it["image"].shape == (1, 32, 32) and it["source"] == "synthetic" for it in items)
     with pytest.raises(ValueError, match="has only 12"):
-        SegmentationDataModule(real, size=32, synthetic_dir=dirs, synthetic_count=13, intensity="equalize")
+        SegmentationDataModule(real, size=32, synthetic_dir=dirs, synthetic_count=13, intensity="equalize").setup("fit")
     raw = write_synthetic_folder(tmp_path / "raw", n=3, made_with="raw")
     with pytest.raises(ValueError, match="different data.intensity"):
-        SegmentationDataModule(real, size=32, synthetic_dir=[str(a), str(raw)], synthetic_count=4, intensity="equalize")
+        SegmentationDataModule(real, size=32, synthetic_dir=[str(a), str(raw)], synthetic_count=4, intensity="equalize").setup("fit")
     with pytest.raises(ValueError, match="share a name"):
-        SegmentationDataModule(real, size=32, synthetic_dir=[str(a), str(a)], synthetic_count=4)
+        SegmentationDataModule(real, size=32, synthetic_dir=[str(a), str(a)], synthetic_count=4).setup("fit")
 
 
 def test_external_test_set_by_path(real_dir, tmp_path):
@@ -207,4 +207,19 @@ def test_a_dataset_config_asking_for_a_class_the_masks_never_hold_is_a_named_err
     source = ShapesSource(32, ["background", "organ", "lesion"], num_train=4, num_val=2, num_test=4)
     source.class_names = tuple(names)  # a config that claims a fourth class
     with pytest.raises(ValueError, match=r"data.class_names asks for \['cyst'\] \(labels \[3\]\)"):
-        SegmentationDataModule(source, names, size=32)
+        SegmentationDataModule(source, names, size=32).setup("fit")
+
+
+def test_the_constructor_reads_no_file_and_setup_runs_once(tmp_path):
+    """Lightning's contract: ``__init__`` only stores and checks settings; ``setup`` reads (once)."""
+    gone = tmp_path / "gone"
+    dm = SegmentationDataModule(PhantomSource(size=32, num_train=4), size=32, synthetic_dir=str(gone),
+                                test_sets={"other": str(gone)}, external_sets=[str(tmp_path / "ext")])
+    with pytest.raises(FileNotFoundError):
+        dm.setup("fit")
+    dm = SegmentationDataModule(PhantomSource(size=32, num_train=4), size=32, real_fraction=0.5)
+    dm.setup("fit")
+    ids = dm.real_train_ids
+    dm.setup("test")  # a no-op: the draws stay
+    assert dm.real_train_ids is ids and len(ids) == 2 and dm.real_ids("train") == dm.real.ids("train")
+    assert dm.split_name("test") == "test" and len(dm.real_dataset(ids)) == 2

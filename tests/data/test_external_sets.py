@@ -45,6 +45,7 @@ def test_external_set_without_a_heart_label_is_scored_on_the_lungs_and_says_so(t
     ext = _lungs_only(tmp_path / "hospital_b")
     with caplog.at_level(logging.INFO, logger="diffmask.data.datamodule"):
         dm = SegmentationDataModule(_phantom(), size=32, external_sets=[str(ext)])
+        dm.setup("fit")  # the test sets are opened and checked here, not at construction
     assert dm.test_set_names == ["phantom", "hospital_b"]
     assert dm.test_set_classes == {"phantom": ["left_lung", "right_lung", "heart"], "hospital_b": ["left_lung", "right_lung"]}
     assert "test set 'hospital_b' has no heart label: scored on left_lung, right_lung only" in caplog.text
@@ -70,7 +71,7 @@ def test_a_missing_external_folder_is_a_note_not_a_crash(tmp_path, caplog):
     assert dm.test_set_names == ["phantom"] and "data.test_split=val" in dm.missing_test_sets["c"]
     # asked for by name (data.test_sets), a missing folder stays an error
     with pytest.raises(FileNotFoundError, match="montgomery"):
-        SegmentationDataModule(_phantom(), size=32, test_sets={"other": str(gone)})
+        SegmentationDataModule(_phantom(), size=32, test_sets={"other": str(gone)}).setup("fit")
     ext = _lungs_only(tmp_path / "b")
     with pytest.raises(ValueError, match="the name 'b' is taken"):
         SegmentationDataModule(_phantom(), size=32, external_sets=[str(ext)], test_sets={"b": str(ext)})
@@ -94,7 +95,7 @@ def test_synthetic_images_are_normalised_once_and_a_mismatch_is_refused(tmp_path
     # made on another normalisation: refused
     other = write_synthetic_folder(tmp_path / "other", n=4, made_with="percentile")
     with pytest.raises(ValueError, match=rf"data.intensity={mode}, but the synthetic images .* data.intensity=percentile"):
-        SegmentationDataModule(_phantom(), size=32, real_fraction=0.0, synthetic_dir=str(other), intensity=mode)
+        SegmentationDataModule(_phantom(), size=32, real_fraction=0.0, synthetic_dir=str(other), intensity=mode).setup("fit")
 
 
 def _burn(img):

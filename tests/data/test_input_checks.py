@@ -86,7 +86,7 @@ def test_every_test_set_is_opened_and_checked_before_the_fit(tmp_path):
     (bad / "images" / f"{ids[1]}.png").write_bytes(b"not a png")      # unreadable image
     Image.fromarray(np.full((32, 32), 7, np.uint8)).save(bad / "masks" / f"{ids[2]}.png")  # labels out of range
     with pytest.raises(ValueError) as err:
-        SegmentationDataModule(_phantom(), size=32, test_sets={"good": str(good), "other": str(bad)})
+        SegmentationDataModule(_phantom(), size=32, test_sets={"good": str(good), "other": str(bad)}).setup("fit")
     text = str(err.value)
     assert "test set 'other'" in text and "3 of 4 test samples are bad (checked before the fit)" in text
     assert f"{ids[0]}.png: mask file not found" in text
@@ -109,7 +109,7 @@ def test_a_manifest_test_set_without_masks_is_refused(tmp_path):
     rows = [ManifestRow(r, f"images/{r}.png", None, "p", "real") for r in sorted(p.stem for p in (syn / "images").iterdir())]
     write_manifest(syn, rows)
     with pytest.raises(ValueError, match="no mask"):
-        SegmentationDataModule(_phantom(), size=32, test_sets={"m": str(syn)})
+        SegmentationDataModule(_phantom(), size=32, test_sets={"m": str(syn)}).setup("fit")
 
 
 # 2. synthetic sets whose masks are mostly background ----------------------------------------------
@@ -123,7 +123,7 @@ def test_class_presence_recorded_and_a_background_only_set_refused(tmp_path, cap
     assert "undertrained" in caplog.text
     # measured on the masks when the set has no stage.json ...
     with pytest.raises(ValueError, match=r"class\(es\) present in too few masks \(left_lung in 0%.*=null"):
-        SegmentationDataModule(_phantom(), size=32, real_fraction=0.5, synthetic_dir=str(empty), synthetic_count=4)
+        SegmentationDataModule(_phantom(), size=32, real_fraction=0.5, synthetic_dir=str(empty), synthetic_count=4).setup("fit")
     # ... told otherwise, it trains on it
     dm = SegmentationDataModule(_phantom(), size=32, real_fraction=0.5, synthetic_dir=str(empty), synthetic_count=4,
                                 synthetic_min_class_presence=None)
@@ -135,7 +135,7 @@ def test_class_presence_recorded_and_a_background_only_set_refused(tmp_path, cap
     SegmentationDataModule(_phantom(), size=32, synthetic_dir=str(good), real_fraction=0.0)
     (good / "stage.json").write_text(json.dumps({"status": "complete", "class_presence": {"heart": 0.2}}))
     with pytest.raises(ValueError, match="heart in 20%"):
-        SegmentationDataModule(_phantom(), size=32, synthetic_dir=str(good), real_fraction=0.0)
+        SegmentationDataModule(_phantom(), size=32, synthetic_dir=str(good), real_fraction=0.0).setup("fit")
 
 
 # 6. data=auto that falls back to the phantom says so ----------------------------------------------
