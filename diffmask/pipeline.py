@@ -7,6 +7,10 @@ Hydra overrides, launchers and resumability work exactly as when the stage is ru
 of each stage is logged so it can be rerun by hand. Before the first one starts (and in a dry run),
 every stage's config is composed with its overrides, so a misspelt key or group option in the last
 stage fails in seconds, not when that stage starts.
+
+:func:`stage_commands` wires the stages (which overrides each gets, the order they need, the runs a
+resumed invocation skips), :func:`check_stage_configs` composes them, :func:`run` runs them; the
+``diffmask-pipeline`` entry point is :mod:`diffmask.cli.pipeline`.
 """
 
 from __future__ import annotations
@@ -21,15 +25,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from diffmask.config import CONFIG_PATH
@@ -46,6 +50,118 @@ MODULES = {"generate_control": "generate", "baseline": "train", "finetune": "tra
 SEGMENTATION = ("baseline", "train", "finetune")
 
 
+@dataclass(frozen=True)
+class _Folders:
+    """Where an invocation's stages read and write (see :func:`stage_commands`)."""
+
+    artifacts: Path
+    log_dir: Path
+    seg_dir: Path  # <log_dir>/pipeline/<name>/<stamp>: the segmentation stages' runs
+
+
+def _folders(cfg: DictConfig, stamp: str | None) -> _Folders:
+    """The invocation's folders; ``stamp`` (else ``cfg.stamp``, else the time now) names its segmentation folder."""
+    log_dir = Path(cfg.paths.log_dir)
+    stamp = str(stamp or cfg.get("stamp") or time.strftime("%Y-%m-%d_%H-%M-%S"))
+    return _Folders(Path(cfg.paths.artifact_dir), log_dir, log_dir / "pipeline" / str(cfg.name) / stamp)
+
+
+def _checked_stages(cfg: DictConfig) -> tuple[list[str], list[int]]:
+    """The stages (known, in an order that can be wired) and the training seeds ([] without ``seeds``)."""
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"stages: unknown stage(s) {unknown}; expected a subset of {list(STAGES)}")
+    stages = list(cfg.stages)
+    _check_order(stages, cfg)
+    seeds = _seeds(cfg)
+    if cfg.get("launcher") and not seeds:
+        raise ValueError(f"launcher={cfg.launcher} runs the seeds of the segmentation stages; set seeds, e.g. seeds=[0,1,2]")
+    return stages, seeds
+
+
+def _synthetic_overrides(cfg: DictConfig, stages: list[str], artifacts: Path) -> list[str]:
+    """``data.synthetic_dir=`` for the segmentation stages: the sets made by this invocation or by an earlier one."""
+    synth_dirs = {"generate": artifacts / "synthesis" / cfg.name,
+                  "generate_control": artifacts / "synthesis" / f"{cfg.name}_control"}
+    sets = [str(d) for s, d in synth_dirs.items() if s in stages or d.exists()]
+    if not sets:
+        return []
+    return [f"data.synthetic_dir={sets[0]}" if len(sets) == 1 else f"data.synthetic_dir=[{','.join(sets)}]"]
+
+
+def _wiring(cfg: DictConfig, stages: list[str], seeds: list[int], folders: _Folders) -> dict[str, list[str]]:
+    """The overrides that wire each stage to the folders the stages before it write."""
+    artifacts, seg_dir = folders.artifacts, folders.seg_dir
+    model_dir = artifacts / "diffusion" / cfg.name
+    autoencoder_dir = artifacts / "autoencoder" / cfg.name
+    synthetic = _synthetic_overrides(cfg, stages, artifacts)
+    per_seed = "/seed${seed}" if seeds else ""
+    return {
+        "fit_autoencoder": [f"name={cfg.name}"],
+        # the visual codebook of the pipeline's autoencoder's patch features
+        "fit_codebook": [f"name={cfg.name}", f"codebook.autoencoder_dir={autoencoder_dir}"],
+        # a latent diffusion model (diffusion=latent in its overrides) on the pipeline's autoencoder
+        "fit_diffusion": [f"name={cfg.name}",
+                          *([f"diffusion.components.autoencoder_dir={autoencoder_dir}"] if _latent(cfg) else []),
+                          *([f"diffusion.codebook_dir={artifacts / 'codebook' / cfg.name}"] if _clued(cfg) else [])],
+        "fit_control": [f"name={cfg.name}", f"input_dir={model_dir}"],
+        "generate": [f"name={cfg.name}", f"input_dir={model_dir}"],
+        # EMIT-Diff: the pipeline's ControlNet steers the pipeline's diffusion model
+        "generate_control": [f"name={cfg.name}_control", f"input_dir={model_dir}", "synthesis=controlled",
+                             f"synthesis.control_dir={artifacts / 'control' / cfg.name}"],
+        "evaluate_masks": [f"input_dir={model_dir}"],
+        "baseline": [],
+        "train": [*synthetic],
+        "finetune": [*synthetic, f"segmentation.init_weights={seg_dir}/train{per_seed}"],
+    }
+
+
+def _compare_command(stages: list[str], seg_dir: Path) -> list[str]:
+    """The ``compare`` stage's command: the fine-tuned (else trained) runs against the baseline's."""
+    tuned = next((s for s in ("finetune", "train") if s in stages), None)
+    return [sys.executable, "-m", "diffmask.cli.compare", "--a", f"{seg_dir}/{tuned}", "--b", f"{seg_dir}/baseline",
+            "--name-a", tuned, "--name-b", "baseline", "--out", f"{seg_dir}/compare.md"]
+
+
+def _segmentation_flags(cfg: DictConfig, stage: str, seeds: list[int], seg_dir: Path) -> tuple[list[str], list[str]] | None:
+    """A segmentation stage's (flags, overrides added last); None when its runs have all finished.
+
+    An invocation resumed (``stamp=<its folder>``) runs only what it has not finished; with seeds, one run per
+    training seed not finished (last, so that it wins), the labelled subset staying the one the generator was
+    fitted with.
+    """
+    todo = [s for s in seeds if not _finished(seg_dir / stage / f"seed{s}")] if seeds else []
+    if _finished(seg_dir / stage) or (seeds and not todo):
+        log.info("stage %s: %s holds finished runs; skipping", stage, seg_dir / stage)
+        return None
+    if not seeds:
+        return [], []
+    return ["--multirun"], [f"seed={','.join(map(str, todo))}", f"data.seed={_data_seed(cfg)}",
+                            *([f"hydra/launcher={cfg.launcher}"] if cfg.get("launcher") else [])]
+
+
+def _stage_command(cfg: DictConfig, stage: str, wiring: list[str], seeds: list[int],
+                   folders: _Folders) -> list[str] | None:
+    """One Hydra stage's command line (None: a segmentation stage whose runs have all finished)."""
+    segmentation = stage in SEGMENTATION
+    overrides = [
+        f"paths.artifact_dir={folders.artifacts}",
+        f"paths.log_dir={folders.log_dir}",
+        *wiring,
+        *(_run_dirs(folders.seg_dir / stage, seeds) if segmentation else []),
+        *[str(o) for o in cfg.common],
+        *[str(o) for o in cfg.get(stage, [])],
+    ]
+    flags: list[str] = []
+    if segmentation:
+        extra = _segmentation_flags(cfg, stage, seeds, folders.seg_dir)
+        if extra is None:
+            return None
+        flags, added = extra
+        overrides += added
+    return [sys.executable, "-m", f"diffmask.cli.{MODULES.get(stage, stage)}", *flags, *overrides]
+
+
 def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str, list[str]]]:
     """The command line of each configured stage, with the artifact folders wired between them.
 
@@ -56,80 +172,29 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
     else ``cfg.stamp``, else the time now) names that folder: given an interrupted invocation's, the
     runs that finished (their ``metrics.json`` written) are not run again.
 
+    Args:
+        cfg: the pipeline config.
+        stamp: the invocation's folder name (None: ``cfg.stamp``, else the time now).
+
+    Returns:
+        ``(stage, command)`` per stage to run, in order.
+
     Raises:
         ValueError: an unknown stage, stages in an order that cannot be wired, ``generate`` asked
             for controlled samples, a ``seeds`` list that is empty or not of integers, or a
             ``launcher`` without seeds.
     """
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"stages: unknown stage(s) {unknown}; expected a subset of {list(STAGES)}")
-    stages = list(cfg.stages)
-    _check_order(stages, cfg)
-    seeds = _seeds(cfg)
-    if cfg.get("launcher") and not seeds:
-        raise ValueError(f"launcher={cfg.launcher} runs the seeds of the segmentation stages; set seeds, e.g. seeds=[0,1,2]")
-    artifacts = Path(cfg.paths.artifact_dir)
-    model_dir = artifacts / "diffusion" / cfg.name
-    autoencoder_dir = artifacts / "autoencoder" / cfg.name
-    codebook_dir = artifacts / "codebook" / cfg.name
-    control_dir = artifacts / "control" / cfg.name
-    synth_dirs = {"generate": artifacts / "synthesis" / cfg.name,
-                  "generate_control": artifacts / "synthesis" / f"{cfg.name}_control"}
-    log_dir = Path(cfg.paths.log_dir)
-    seg_dir = log_dir / "pipeline" / str(cfg.name) / str(stamp or cfg.get("stamp") or time.strftime("%Y-%m-%d_%H-%M-%S"))
-    # the sets the segmentation stages read: made by this invocation or by an earlier one
-    sets = [str(d) for s, d in synth_dirs.items() if s in stages or d.exists()]
-    synthetic = [] if not sets else [f"data.synthetic_dir={sets[0]}" if len(sets) == 1 else f"data.synthetic_dir=[{','.join(sets)}]"]
-    per_seed = "/seed${seed}" if seeds else ""
-    tuned = next((s for s in ("finetune", "train") if s in stages), None)
-    wiring = {
-        "fit_autoencoder": [f"name={cfg.name}"],
-        # the visual codebook of the pipeline's autoencoder's patch features
-        "fit_codebook": [f"name={cfg.name}", f"codebook.autoencoder_dir={autoencoder_dir}"],
-        # a latent diffusion model (diffusion=latent in its overrides) on the pipeline's autoencoder
-        "fit_diffusion": [f"name={cfg.name}",
-                          *([f"diffusion.components.autoencoder_dir={autoencoder_dir}"] if _latent(cfg) else []),
-                          *([f"diffusion.codebook_dir={codebook_dir}"] if _clued(cfg) else [])],
-        "fit_control": [f"name={cfg.name}", f"input_dir={model_dir}"],
-        "generate": [f"name={cfg.name}", f"input_dir={model_dir}"],
-        # EMIT-Diff: the pipeline's ControlNet steers the pipeline's diffusion model
-        "generate_control": [f"name={cfg.name}_control", f"input_dir={model_dir}", "synthesis=controlled",
-                             f"synthesis.control_dir={control_dir}"],
-        "evaluate_masks": [f"input_dir={model_dir}"],
-        "baseline": [],
-        "train": [*synthetic],
-        "finetune": [*synthetic, f"segmentation.init_weights={seg_dir}/train{per_seed}"],
-    }
+    stages, seeds = _checked_stages(cfg)
+    folders = _folders(cfg, stamp)
+    wiring = _wiring(cfg, stages, seeds, folders)
     commands = []
     for stage in stages:
         if stage == "compare":
-            commands.append((stage, [sys.executable, "-m", "diffmask.cli.compare",
-                                     "--a", f"{seg_dir}/{tuned}", "--b", f"{seg_dir}/baseline",
-                                     "--name-a", tuned, "--name-b", "baseline", "--out", f"{seg_dir}/compare.md"]))
+            commands.append((stage, _compare_command(stages, folders.seg_dir)))
             continue
-        overrides = [
-            f"paths.artifact_dir={artifacts}",
-            f"paths.log_dir={log_dir}",
-            *wiring[stage],
-            *(_run_dirs(seg_dir / stage, seeds) if stage in SEGMENTATION else []),
-            *[str(o) for o in cfg.common],
-            *[str(o) for o in cfg.get(stage, [])],
-        ]
-        flags = []
-        if stage in SEGMENTATION:
-            # an invocation resumed (stamp=<its folder>) runs only what it has not finished
-            todo = [s for s in seeds if not _finished(seg_dir / stage / f"seed{s}")] if seeds else []
-            if _finished(seg_dir / stage) or (seeds and not todo):
-                log.info("stage %s: %s holds finished runs; skipping", stage, seg_dir / stage)
-                continue
-            if seeds:
-                # one run per training seed (last, so that it wins); the labelled subset stays the one the
-                # generator was fitted with
-                flags = ["--multirun"]
-                overrides += [f"seed={','.join(map(str, todo))}", f"data.seed={_data_seed(cfg)}",
-                              *([f"hydra/launcher={cfg.launcher}"] if cfg.get("launcher") else [])]
-        commands.append((stage, [sys.executable, "-m", f"diffmask.cli.{MODULES.get(stage, stage)}", *flags, *overrides]))
+        cmd = _stage_command(cfg, stage, wiring[stage], seeds, folders)
+        if cmd is not None:
+            commands.append((stage, cmd))
     return commands
 
 
@@ -449,6 +514,9 @@ def run(cfg: DictConfig) -> None:
     ``<log_dir>/pipeline/<name>/<stamp>``) and ``DIFFMASK_WANDB_JOB_TYPE`` (the stage), so the W&B runs
     of one invocation (``logger=wandb`` in its stages) share a group and say their stage.
 
+    Args:
+        cfg: the pipeline config.
+
     Raises:
         ValueError: a stage's config does not compose (see ``check_stage_configs``); nothing has run.
         SystemExit: a stage's process failed; the message holds the command to rerun it.
@@ -471,13 +539,3 @@ def run(cfg: DictConfig) -> None:
         if result.returncode != 0:
             raise SystemExit(f"pipeline: stage {stage} failed (exit {result.returncode}); rerun it with:\n  {printable}")
     log.info("pipeline %s finished", cfg.name)
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="pipeline")
-def main(cfg: DictConfig) -> None:
-    log.debug(OmegaConf.to_yaml(cfg))
-    run(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from diffmask.cli.pipeline import stage_commands
+from diffmask.pipeline import stage_commands
 from tests.cli.test_cli import ENV
 from tests.conftest import REPO, compose_config
 
@@ -244,7 +244,7 @@ def _recorded_run(cfg, monkeypatch):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from diffmask.cli import pipeline
+    from diffmask import pipeline
     from diffmask.config import CONFIG_PATH
 
     started = []
@@ -291,7 +291,7 @@ def test_bad_group_option_and_common_typo_fail_in_a_dry_run(tmp_path, monkeypatc
 
 
 def test_stage_configs_compose_with_hydra_add_forms_and_each_swept_value(tmp_path):
-    from diffmask.cli.pipeline import check_stage_configs
+    from diffmask.pipeline import check_stage_configs
 
     def check(*overrides):
         cfg = compose_config("pipeline", ["name=x", "stages=[generate,train]", *overrides], tmp_path, quiet_trainer=False)
@@ -309,7 +309,7 @@ def test_stage_configs_compose_with_hydra_add_forms_and_each_swept_value(tmp_pat
 
 
 def test_override_reader_follows_hydra_grammar(tmp_path):
-    from diffmask.cli.pipeline import _chooses, _data_seed, _override_values
+    from diffmask.pipeline import _chooses, _data_seed, _override_values
 
     def pipeline(common, extra=(), **stages):
         lists = [f"{k}=[" + ",".join(f"'{o}'" for o in v) + "]" for k, v in {"common": common, **stages}.items()]
