@@ -86,7 +86,8 @@ class CheckReport:
         splits: number of images per split (images listed in ``metadata.csv``, or every image without one).
         num_images: image files found in ``images/``.
         sizes: ``min_h``, ``max_h``, ``min_w``, ``max_w``, ``non_square`` over readable images.
-        channels_found: readable images per kind: ``grey``, ``colour``, ``rgb_equal`` (RGB with three equal channels).
+        channels_found: readable images per kind: ``grey``, ``colour``, ``rgb_equal`` (RGB with
+            three equal channels).
         presence: split (and ``all``) -> foreground class -> share of that split's masks holding it.
         masks_checked: split (and ``all``) -> number of masks whose labels were read.
         absent: foreground class -> number of masks without it.
@@ -226,7 +227,9 @@ def _stems(folder: Path, suffixes: tuple[str, ...], what: str, report: CheckRepo
         chosen[stem] = pick
         if len(files) > 1:
             others = ", ".join(f.name for f in files if f != pick)
-            report.add(WARNING, pick, f"several {what} files for id {stem!r}: {pick.name} is read, {others} ignored")
+            report.add(
+                WARNING, pick, f"several {what} files for id {stem!r}: {pick.name} is read, {others} ignored"
+            )
     return chosen
 
 
@@ -252,11 +255,15 @@ def _read_metadata(root: Path, report: CheckReport) -> tuple[dict[str, str] | No
                 if not sid:
                     report.add(ERROR, meta, f"line {line}: empty id")
                 elif sid in rows:
-                    report.add(ERROR, meta, f"line {line}: id {sid!r} is listed twice; expected one row per image")
+                    report.add(
+                        ERROR, meta, f"line {line}: id {sid!r} is listed twice; expected one row per image"
+                    )
                 else:
                     rows[sid] = (row.get("split") or "").strip()
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        report.add(ERROR, meta, f"unreadable ({type(e).__name__}: {e}); expected a UTF-8 CSV with a column 'id'")
+        report.add(
+            ERROR, meta, f"unreadable ({type(e).__name__}: {e}); expected a UTF-8 CSV with a column 'id'"
+        )
         return None, False
     return rows, "split" in columns
 
@@ -292,16 +299,29 @@ def _image_info(path: Path, info: _ImageInfo, report: CheckReport) -> None:
     info.digest = _digest(arr)
     want = report.channels
     if kind == COLOUR and want == 1:
-        report.add(ERROR, path, "colour image (3 different channels) where grey images (channels 1) are expected; "
-                                "the loader would drop its colour (set data.channels=3 if the data is colour)")
+        report.add(
+            ERROR,
+            path,
+            "colour image (3 different channels) where grey images (channels 1) are expected; "
+            "the loader would drop its colour (set data.channels=3 if the data is colour)",
+        )
     elif kind != COLOUR and want == 3:
-        what = "RGB image with three equal channels (counts as grey)" if kind == RGB_EQUAL else f"grey image ({mode})"
-        report.add(ERROR, path, f"{what} where colour images (channels 3) are expected (set data.channels=1 "
-                                "if the data is grey)")
+        if kind == RGB_EQUAL:
+            what = "RGB image with three equal channels (counts as grey)"
+        else:
+            what = f"grey image ({mode})"
+        report.add(
+            ERROR,
+            path,
+            f"{what} where colour images (channels 3) are expected (set data.channels=1 if the data is grey)",
+        )
 
 
 def _mask_info(path: Path, info: _ImageInfo, num_classes: int, report: CheckReport) -> np.ndarray | None:
-    """Read one mask's label values (counts per value); errors name it when unreadable, off-size or off-range."""
+    """Read one mask's label values (counts per value).
+
+    Errors name the mask when it is unreadable, off-size or off-range.
+    """
     try:
         with Image.open(path) as im:
             if im.mode not in MASK_MODES:
@@ -323,8 +343,12 @@ def _mask_info(path: Path, info: _ImageInfo, num_classes: int, report: CheckRepo
     bad = [int(v) for v in values if v < 0 or v >= num_classes]
     if bad:
         hint = " (0/255 masks? store class k as value k)" if 255 in bad else ""
-        report.add(ERROR, path, f"label values {bad[:10]} outside 0..{num_classes - 1}; expected one value per "
-                                f"class of {report.class_names}{hint}")
+        report.add(
+            ERROR,
+            path,
+            f"label values {bad[:10]} outside 0..{num_classes - 1}; expected one value per "
+            f"class of {report.class_names}{hint}",
+        )
     info.classes = frozenset(int(v) for v in values)
     info.mask_digest = _digest(arr)
     return values
@@ -338,7 +362,8 @@ def _split_checks(rows: dict[str, str] | None, has_split: bool, required: Sequen
             what = "split column" if rows is not None else "metadata.csv"
             report.add(WARNING, meta if rows is not None else root,
                        f"no {what}: every image is in split {DEFAULT_SPLIT!r}; expected a 'split' column "
-                       f"({'/'.join(required)}) to train on this folder (fine for a test-only set: splits=[test])")
+                       f"({'/'.join(required)}) to train on this folder "
+                       "(fine for a test-only set: splits=[test])")
         return
     by_value: dict[str, list[str]] = defaultdict(list)
     for sid, split in rows.items():
@@ -349,7 +374,11 @@ def _split_checks(rows: dict[str, str] | None, has_split: bool, required: Sequen
             report.add(ERROR, meta, f"unknown split {value!r} in {len(ids)} rows (ids {_listed(ids)}); "
                                     f"expected one of {sorted(known)}")
         else:
-            report.add(WARNING, meta, f"empty split in {len(ids)} rows (ids {_listed(ids)}), read as {DEFAULT_SPLIT!r}")
+            report.add(
+                WARNING,
+                meta,
+                f"empty split in {len(ids)} rows (ids {_listed(ids)}), read as {DEFAULT_SPLIT!r}",
+            )
     for split in required:
         if not report.splits.get(split):
             report.add(ERROR, meta, f"split {split!r} is empty (splits present: {sorted(report.splits)}); "
@@ -362,7 +391,8 @@ def _class_checks(infos: dict[str, _ImageInfo], masks: dict[str, Path], report: 
     by_split: dict[str, list[_ImageInfo]] = defaultdict(list)
     for inf in checked.values():
         by_split[inf.split or "unlisted"].append(inf)
-    for split, group in [*sorted(by_split.items(), key=lambda kv: _split_order(kv[0])), ("all", list(checked.values()))]:
+    groups = [*sorted(by_split.items(), key=lambda kv: _split_order(kv[0])), ("all", list(checked.values()))]
+    for split, group in groups:
         report.masks_checked[split] = len(group)
         report.presence[split] = {
             n: (sum(k in inf.classes for inf in group) / len(group) if group else 0.0)
@@ -376,13 +406,17 @@ def _class_checks(infos: dict[str, _ImageInfo], masks: dict[str, Path], report: 
         if not checked:
             continue
         if len(without) == len(checked):
-            report.add(ERROR, f"data.class_names[{k}]", f"class {name!r} (label {k}) is in no mask; the config asks for "
-                                                   "a class the masks never hold (check data.class_names)")
+            report.add(
+                ERROR,
+                f"data.class_names[{k}]",
+                f"class {name!r} (label {k}) is in no mask; the config asks for "
+                "a class the masks never hold (check data.class_names)",
+            )
         elif without and name not in report.optional_classes:
             files = [masks[sid].name for sid in without]
             report.add(WARNING, masks[without[0]].parent,
-                       f"class {name!r} is absent from {len(without)} of {len(checked)} masks ({_listed(files)}); "
-                       f"expected in every mask unless listed in data.optional_classes")
+                       f"class {name!r} is absent from {len(without)} of {len(checked)} masks "
+                       f"({_listed(files)}); expected in every mask unless listed in data.optional_classes")
 
 
 def _split_order(split: str) -> tuple[int, str]:
@@ -409,7 +443,9 @@ def _duplicate_checks(infos: dict[str, _ImageInfo], images: dict[str, Path], tra
             report.add(ERROR, first, f"leak: exact duplicate images straddle {train} and {test}: {files}; "
                                      "expected each image (or its twin) in one split only")
         elif len(splits) > 1:
-            report.add(WARNING, first, f"leak: exact duplicate images across splits {', '.join(splits)}: {files}")
+            report.add(
+                WARNING, first, f"leak: exact duplicate images across splits {', '.join(splits)}: {files}"
+            )
         else:
             report.add(WARNING, first, f"exact duplicate images (same pixels): {files}")
 
@@ -467,12 +503,18 @@ def check_folder(
     infos: dict[str, _ImageInfo] = {}
     for sid in sorted(images):
         split = (rows.get(sid, None) if rows is not None else "")
-        infos[sid] = _ImageInfo(split=None if split is None else (split if has_split and split else DEFAULT_SPLIT))
+        if split is not None:
+            split = split if has_split and split else DEFAULT_SPLIT
+        infos[sid] = _ImageInfo(split=split)
     if rows is not None:
         for sid in rows:
             if sid not in images:
-                report.add(ERROR, root / "metadata.csv", f"id {sid!r} has no image; expected "
-                                                         f"{root / 'images' / sid}.png (or {', '.join(IMAGE_SUFFIXES[1:])})")
+                report.add(
+                    ERROR,
+                    root / "metadata.csv",
+                    f"id {sid!r} has no image; expected "
+                    f"{root / 'images' / sid}.png (or {', '.join(IMAGE_SUFFIXES[1:])})",
+                )
         unlisted = sorted(set(images) - set(rows))
         if unlisted:
             report.add(WARNING, root / "metadata.csv",
