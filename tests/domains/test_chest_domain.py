@@ -24,11 +24,16 @@ from diffmask.prompts import PromptBuilder, prompt_builder_from_dict
 from tests.conftest import compose_config
 
 PACKAGE = Path(diffmask.__file__).parent
-GENERIC = [PACKAGE / "labels.py", *sorted((PACKAGE / "data").glob("*.py")), *sorted((PACKAGE / "prompts").glob("*.py"))]
+GENERIC = [
+    PACKAGE / "labels.py",
+    *sorted((PACKAGE / "data").glob("*.py")),
+    *sorted((PACKAGE / "prompts").glob("*.py")),
+]
 CHEST_NAMES = {
     "DEFAULT_CLASS_NAMES", "CHEST_CLASS_NAMES", "SCR_CLASS_NAMES", "DEFAULT_TEMPLATES", "DEFAULT_MODALITY",
-    "DEFAULT_FIELDS", "CHEST_PROMPT", "SEX_WORDS", "JSRTSource", "PhantomSource", "draw_phantom", "auto_source",
-    "RandBurnInd", "AnatomyPathologyPrompts", "FindingRules", "FindingsSource", "measure_mask", "derive_findings",
+    "DEFAULT_FIELDS", "CHEST_PROMPT", "SEX_WORDS", "JSRTSource", "PhantomSource", "draw_phantom",
+    "auto_source", "RandBurnInd", "AnatomyPathologyPrompts", "FindingRules", "FindingsSource", "measure_mask",
+    "derive_findings",
 }
 
 
@@ -70,7 +75,9 @@ def test_the_sex_words_are_defined_once():
     copies = []
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Dict) and {"female", "f"} <= {k.value for k in node.keys if isinstance(k, ast.Constant)}:
+            if not isinstance(node, ast.Dict):
+                continue
+            if {"female", "f"} <= {k.value for k in node.keys if isinstance(k, ast.Constant)}:
                 copies.append(str(path.relative_to(PACKAGE)))
     assert copies == ["domains/chest/prompt.py"]
     assert SEX_WORDS["f"] == "female" and chest_prompt_builder().fields["sex"]["words"] == SEX_WORDS
@@ -107,7 +114,12 @@ def test_a_model_saved_before_dataset_prompts_reads_as_the_chest_prompt():
     legacy = {
         "templates": ["a chest x-ray of a {age} {sex}, {finding}, showing the {classes}"],
         "class_names": list(CHEST_CLASS_NAMES),
-        "neutral": {"sex": "patient", "age": "adult", "finding": "unspecified finding", "diagnosis": "unknown diagnosis"},
+        "neutral": {
+            "sex": "patient",
+            "age": "adult",
+            "finding": "unspecified finding",
+            "diagnosis": "unknown diagnosis",
+        },
         "sex_words": {"m": "male", "f": "female"},
         "age_format": "{age} year old",
         "class_joiner": ", ",

@@ -57,10 +57,17 @@ def test_heart_size_word_from_a_phantom_mask_with_a_known_heart_width(width, wor
 
 def test_reports_name_every_class_once_and_are_the_same_for_the_same_seed():
     a, b, c = _builder(), _builder(), _builder(seed=1)
-    meta = {"sex": "M", "age": "45", "finding": "no nodule", "heart_size": "enlarged", "lung_symmetry": "symmetric"}
+    meta = {
+        "sex": "M",
+        "age": "45",
+        "finding": "no nodule",
+        "heart_size": "enlarged",
+        "lung_symmetry": "symmetric",
+    }
     reports_a = [a.build(meta, rng=random.Random(i)).text for i in range(6)]
     assert reports_a == [b.build(meta, rng=random.Random(i)).text for i in range(6)]
-    assert [r.sentences for r in a.candidates(a.findings(meta))] != [r.sentences for r in c.candidates(c.findings(meta))]
+    sentences_a = [r.sentences for r in a.candidates(a.findings(meta))]
+    assert sentences_a != [r.sentences for r in c.candidates(c.findings(meta))]
     for i in range(6):
         built = a.build(meta, rng=random.Random(i))
         assert [built.text[s:e] for s, e in built.class_spans] == CLASSES
@@ -75,8 +82,10 @@ def test_dropout_at_one_gives_the_neutral_prompt_and_no_metadata_is_the_neutral_
     assert neutral == builder.build({"sex": "", "age": "", "finding": ""}).text  # a folder without metadata
     meta = {"sex": "F", "age": "30", "finding": "lung nodule", "heart_position": "midline"}
     rng = random.Random(0)
+    all_dropped = {f: True for f in builder.findings(meta)}
     assert {builder.build(meta, rng=rng, drop_fields=1.0).text for _ in range(20)} <= {
-        builder._text(r, {f: True for f in builder.findings(meta)})[0] for r in builder.candidates(builder.findings(meta))}
+        builder._text(r, all_dropped)[0] for r in builder.candidates(builder.findings(meta))
+    }
     for _ in range(5):
         dropped = builder.build(meta, rng=rng, drop_fields=1.0).text
         assert "female" not in dropped and "woman" not in dropped and "nodul" not in dropped
@@ -174,7 +183,8 @@ def test_fit_with_anatomy_prompts_then_generate_with_asked_findings(tmp_path):
             cfg.paths.artifact_dir = str(tmp_path / "artifacts")
             cfg.paths.output_dir = str(tmp_path / "run")
     fit_diffusion(fit_cfg)
-    spec = json.loads((tmp_path / "artifacts" / "diffusion" / "ap" / "diffmask.json").read_text())["prompt_builder"]
+    exported = tmp_path / "artifacts" / "diffusion" / "ap" / "diffmask.json"
+    spec = json.loads(exported.read_text())["prompt_builder"]
     assert spec["type"] == "anatomy_pathology" and spec["mask_findings"] == "labelled"
     # the masks of the 2 labelled images (label_fraction 0.5 of 4) gave findings; the others metadata only
     assert len(spec["findings_table"]) == 4 and sum("heart_size" in f for f in spec["findings_table"]) == 2

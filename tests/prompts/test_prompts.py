@@ -13,7 +13,9 @@ def _decoded(tokenizer, text, positions):
 def test_prompt_from_metadata_names_each_class_at_its_span():
     builder = chest_prompt_builder()
     p = builder.build({"sex": "M", "age": "53", "finding": "lung nodule", "diagnosis": "lung cancer"})
-    assert p.text == "a chest x-ray of a 53 year old male, lung nodule, showing the left lung, right lung and heart"
+    assert p.text == (
+        "a chest x-ray of a 53 year old male, lung nodule, showing the left lung, right lung and heart"
+    )
     assert [p.text[a:b] for a, b in p.class_spans] == ["left lung", "right lung", "heart"]
 
 
@@ -26,14 +28,16 @@ def test_missing_or_odd_metadata_gives_neutral_words():
 
 
 def test_real_jsrt_metadata_builds_prompts_that_fit_the_tokenizer(jsrt_dir):
-    """JSRT's own words (its findings and diagnoses, e.g. 'pulmonary he matoma') keep the class phrases whole."""
+    """JSRT's own words (its findings and diagnoses, e.g. 'pulmonary he matoma') keep the class phrases
+    whole."""
     src = JSRTSource(jsrt_dir)
     metas = [src._rows[i] for i in src.ids("train")]
     builder = chest_prompt_builder()
     tok = build_prompt_tokenizer(prompt_vocabulary(builder.words(), metas), model_max_length=64)
     for meta in metas[:40]:
         built = builder.build(meta)
-        assert _decoded(tok, built.text, class_token_positions(tok, built)) == ["left lung", "right lung", "heart"]
+        decoded = _decoded(tok, built.text, class_token_positions(tok, built))
+        assert decoded == ["left lung", "right lung", "heart"]
 
 
 def test_scratch_tokenizer_keeps_words_whole_and_reloads(tmp_path):
@@ -56,7 +60,8 @@ def test_multi_token_class_phrase_gives_all_its_positions():
     pos = class_token_positions(tok, built)
     assert len(pos[0]) == 2 and len(pos[1]) == 2
     assert len(pos[2]) > 1
-    assert "".join(tok.convert_ids_to_tokens([tok(built.text)["input_ids"][i] for i in pos[2]])) == "heart</w>"
+    ids = tok(built.text)["input_ids"]
+    assert "".join(tok.convert_ids_to_tokens([ids[i] for i in pos[2]])) == "heart</w>"
 
 
 def test_prompt_longer_than_tokenizer_is_a_clear_error():
@@ -72,13 +77,16 @@ def test_bad_templates_and_missing_class_phrases_are_errors():
     with pytest.raises(ValueError, match="unknown field"):
         chest_prompt_builder(templates=["{weight} {classes}"])
     builder = chest_prompt_builder()
-    assert [s for s in builder.locate("Heart and LEFT lung, right lung").class_spans] == [(10, 19), (21, 31), (0, 5)]
+    spans = builder.locate("Heart and LEFT lung, right lung").class_spans
+    assert list(spans) == [(10, 19), (21, 31), (0, 5)]
     with pytest.raises(ValueError, match="'heart' not found"):
         builder.locate("left lung and right lung")
 
 
 def test_random_template_choice_and_custom_classes():
-    builder = chest_prompt_builder(templates=["x-ray: {classes}", "{classes} on a chest x-ray"], class_names=["background", "heart"])
+    builder = chest_prompt_builder(
+        templates=["x-ray: {classes}", "{classes} on a chest x-ray"], class_names=["background", "heart"]
+    )
     import random
 
     texts = {builder.build({}, rng=random.Random(s)).text for s in range(20)}
@@ -97,19 +105,29 @@ def test_a_class_the_metadata_says_is_absent_is_not_named_and_has_no_token():
     )
     ill, normal = builder.build({"pathology": "Benign"}), builder.build({"pathology": "normal"})
     assert ill.text == "a breast ultrasound image, benign, showing the organ and lesion"
-    assert normal.text == "a breast ultrasound image, normal, showing the organ" and normal.class_spans[1] is None
+    assert normal.text == "a breast ultrasound image, normal, showing the organ"
+    assert normal.class_spans[1] is None
     # a dropped field does not make the lesion reappear: absence is the image's own fact
     import random
-    assert all(builder.build({"pathology": "normal"}, rng=random.Random(i), drop_fields=1.0).class_spans[1] is None
-               for i in range(5))
+    assert all(
+        builder.build({"pathology": "normal"}, rng=random.Random(i), drop_fields=1.0).class_spans[1] is None
+        for i in range(5)
+    )
     assert builder.locate(normal.text).class_spans == normal.class_spans  # generation finds the same spans
     with pytest.raises(ValueError, match="'organ' not found"):
-        builder.locate("a breast ultrasound image showing the lesion")  # a class that is always there must be named
+        # a class that is always there must be named
+        builder.locate("a breast ultrasound image showing the lesion")
     tokenizer = build_prompt_tokenizer(builder.words())
     organ, lesion = class_token_positions(tokenizer, normal)
     assert organ and lesion == []
-    only = PromptBuilder(["{modality} with {classes}"], ["background", "lesion"], modality="a scan", fields={},
-                         absent_when={"lesion": {"finding": ["normal"]}}, none_phrase="clear tissue")
+    only = PromptBuilder(
+        ["{modality} with {classes}"],
+        ["background", "lesion"],
+        modality="a scan",
+        fields={},
+        absent_when={"lesion": {"finding": ["normal"]}},
+        none_phrase="clear tissue",
+    )
     assert only.build({"finding": "normal"}).text == "a scan with clear tissue"
     with pytest.raises(ValueError, match="none_phrase"):
         PromptBuilder(["{classes}"], ["background", "lesion"], "a scan", none_phrase="no lesion")

