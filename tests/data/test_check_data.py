@@ -161,7 +161,9 @@ def test_metadata_and_class_presence_problems(tmp_path):
     warnings = [(Path(p.file).name, p.message) for p in report.warnings]
     assert any(f == "metadata.csv" and "extra.png" in m for f, m in warnings)  # image without a row
     assert any(f == "orphan.png" and "mask without an image" in m for f, m in warnings)
-    assert any("'lesion' is absent from 4 of 7 masks" in m and "data.optional_classes" in m for _, m in warnings)
+    assert any(
+        "'lesion' is absent from 4 of 7 masks" in m and "data.optional_classes" in m for _, m in warnings
+    )
 
 
 def test_empty_split_is_an_error_and_no_split_column_a_warning(tmp_path):

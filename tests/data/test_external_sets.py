@@ -1,4 +1,5 @@
-"""Other hospitals' test sets in every run; normalisation the same at every stage; burnt-in marks (issue 14)."""
+"""Other hospitals' test sets in every run; normalisation the same at every stage; burnt-in marks
+(issue 14)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _lungs_only(root, n=4):
     for sid in src.ids("test"):
         s = src.load(sid)
         Image.fromarray(s.image).save(root / "images" / f"{sid}.png")
-        Image.fromarray(np.where(s.label == 3, 0, s.label).astype(np.uint8)).save(root / "masks" / f"{sid}.png")
+        lungs = np.where(s.label == 3, 0, s.label).astype(np.uint8)
+        Image.fromarray(lungs).save(root / "masks" / f"{sid}.png")
     return root
 
 
@@ -47,14 +49,19 @@ def test_external_set_without_a_heart_label_is_scored_on_the_lungs_and_says_so(t
         dm = SegmentationDataModule(_phantom(), size=32, external_sets=[str(ext)])
         dm.setup("fit")  # the test sets are opened and checked here, not at construction
     assert dm.test_set_names == ["phantom", "hospital_b"]
-    assert dm.test_set_classes == {"phantom": ["left_lung", "right_lung", "heart"], "hospital_b": ["left_lung", "right_lung"]}
+    assert dm.test_set_classes == {
+        "phantom": ["left_lung", "right_lung", "heart"], "hospital_b": ["left_lung", "right_lung"]
+    }
     assert "test set 'hospital_b' has no heart label: scored on left_lung, right_lung only" in caplog.text
     train(compose_config("train", [*TINY, f"paths.external_sets=[{ext}]"], tmp_path / "run"))
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     keys = written["metrics"]
-    assert {"test/hospital_b/iou_left_lung", "test/hospital_b/iou_right_lung", "test/hospital_b/miou"} <= set(keys)
+    hospital_b = {"test/hospital_b/iou_left_lung", "test/hospital_b/iou_right_lung", "test/hospital_b/miou"}
+    assert hospital_b <= set(keys)
     assert "test/hospital_b/iou_heart" not in keys and "test/phantom/iou_heart" in keys
-    assert written["test_sets"]["hospital_b"] == {"path": str(ext), "n_images": 4, "classes": ["left_lung", "right_lung"]}
+    assert written["test_sets"]["hospital_b"] == {
+        "path": str(ext), "n_images": 4, "classes": ["left_lung", "right_lung"]
+    }
     assert written["missing_test_sets"] == {}
 
 
@@ -67,7 +74,8 @@ def test_a_missing_external_folder_is_a_note_not_a_crash(tmp_path, caplog):
     assert written["missing_test_sets"] == {"montgomery": f"{gone}: folder not found"}
     assert list(written["test_sets"]) == ["phantom"] and "test/phantom/miou" in written["metrics"]
     # scoring the validation split (tuning): other hospitals stay unseen
-    dm = SegmentationDataModule(_phantom(), size=32, external_sets=[str(_lungs_only(tmp_path / "c"))], test_split="val")
+    external = [str(_lungs_only(tmp_path / "c"))]
+    dm = SegmentationDataModule(_phantom(), size=32, external_sets=external, test_split="val")
     assert dm.test_set_names == ["phantom"] and "data.test_split=val" in dm.missing_test_sets["c"]
     # asked for by name (data.test_sets), a missing folder stays an error
     with pytest.raises(FileNotFoundError, match="montgomery"):
@@ -83,19 +91,32 @@ def test_a_missing_external_folder_is_a_note_not_a_crash(tmp_path, caplog):
 def test_synthetic_images_are_normalised_once_and_a_mismatch_is_refused(tmp_path, mode):
     # made by a generator trained on normalised images: served as they are (normalised once)
     same = write_synthetic_folder(tmp_path / "same", n=4, made_with=mode)
-    dm = SegmentationDataModule(_phantom(), size=32, real_fraction=0.0, synthetic_dir=str(same), intensity=mode,
-                                augment=None, synthetic_augment=None)
+    dm = SegmentationDataModule(
+        _phantom(),
+        size=32,
+        real_fraction=0.0,
+        synthetic_dir=str(same),
+        intensity=mode,
+        augment=None,
+        synthetic_augment=None,
+    )
     raw_image = np.asarray(Image.open(same / "images" / "train0000.png"), dtype=np.float32) / 255
     assert torch.allclose(dm.train_dataset()[0]["image"][0], torch.from_numpy(raw_image))
     # made by a raw generator: normalised like the real images
     raw = write_synthetic_folder(tmp_path / "raw", n=4, made_with="raw")
-    dm = SegmentationDataModule(_phantom(), size=32, real_fraction=0.0, synthetic_dir=str(raw), intensity=mode)
+    dm = SegmentationDataModule(
+        _phantom(), size=32, real_fraction=0.0, synthetic_dir=str(raw), intensity=mode
+    )
     expected = normalize_intensity(np.asarray(Image.open(raw / "images" / "train0000.png")), mode)
-    assert torch.allclose(dm.train_dataset()[0]["image"][0], torch.from_numpy(expected.astype(np.float32) / 255))
+    expected = torch.from_numpy(expected.astype(np.float32) / 255)
+    assert torch.allclose(dm.train_dataset()[0]["image"][0], expected)
     # made on another normalisation: refused
     other = write_synthetic_folder(tmp_path / "other", n=4, made_with="percentile")
-    with pytest.raises(ValueError, match=rf"data.intensity={mode}, but the synthetic images .* data.intensity=percentile"):
-        SegmentationDataModule(_phantom(), size=32, real_fraction=0.0, synthetic_dir=str(other), intensity=mode).setup("fit")
+    refused = rf"data.intensity={mode}, but the synthetic images .* data.intensity=percentile"
+    with pytest.raises(ValueError, match=refused):
+        SegmentationDataModule(
+            _phantom(), size=32, real_fraction=0.0, synthetic_dir=str(other), intensity=mode
+        ).setup("fit")
 
 
 def _burn(img):

@@ -84,9 +84,11 @@ def test_every_test_set_is_opened_and_checked_before_the_fit(tmp_path):
     ids = sorted(p.stem for p in (bad / "images").iterdir())
     (bad / "masks" / f"{ids[0]}.png").unlink()                         # missing mask
     (bad / "images" / f"{ids[1]}.png").write_bytes(b"not a png")      # unreadable image
-    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(bad / "masks" / f"{ids[2]}.png")  # labels out of range
+    # labels out of range
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(bad / "masks" / f"{ids[2]}.png")
+    test_sets = {"good": str(good), "other": str(bad)}
     with pytest.raises(ValueError) as err:
-        SegmentationDataModule(_phantom(), size=32, test_sets={"good": str(good), "other": str(bad)}).setup("fit")
+        SegmentationDataModule(_phantom(), size=32, test_sets=test_sets).setup("fit")
     text = str(err.value)
     assert "test set 'other'" in text and "3 of 4 test samples are bad (checked before the fit)" in text
     assert f"{ids[0]}.png: mask file not found" in text
@@ -99,14 +101,17 @@ def test_a_bad_test_set_fails_the_run_before_fitting(tmp_path):
     next((bad / "masks").iterdir()).unlink()
     cfg = compose_config("train", [*TINY, f"data.test_sets={{ext: {bad}}}"], tmp_path / "run")
     # Hydra wraps the datamodule's ValueError; the message is the datamodule's
-    with pytest.raises((ValueError, InstantiationException), match="test set 'ext'.*1 of 4 test samples are bad"):
+    with pytest.raises(
+        (ValueError, InstantiationException), match="test set 'ext'.*1 of 4 test samples are bad"
+    ):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()  # no fit was spent on it
 
 
 def test_a_manifest_test_set_without_masks_is_refused(tmp_path):
     syn = write_synthetic_folder(tmp_path / "m", n=6)
-    rows = [ManifestRow(r, f"images/{r}.png", None, "p", "real") for r in sorted(p.stem for p in (syn / "images").iterdir())]
+    ids = sorted(p.stem for p in (syn / "images").iterdir())
+    rows = [ManifestRow(r, f"images/{r}.png", None, "p", "real") for r in ids]
     write_manifest(syn, rows)
     with pytest.raises(ValueError, match="no mask"):
         SegmentationDataModule(_phantom(), size=32, test_sets={"m": str(syn)}).setup("fit")
@@ -123,10 +128,18 @@ def test_class_presence_recorded_and_a_background_only_set_refused(tmp_path, cap
     assert "undertrained" in caplog.text
     # measured on the masks when the set has no stage.json ...
     with pytest.raises(ValueError, match=r"class\(es\) present in too few masks \(left_lung in 0%.*=null"):
-        SegmentationDataModule(_phantom(), size=32, real_fraction=0.5, synthetic_dir=str(empty), synthetic_count=4).setup("fit")
+        SegmentationDataModule(
+            _phantom(), size=32, real_fraction=0.5, synthetic_dir=str(empty), synthetic_count=4
+        ).setup("fit")
     # ... told otherwise, it trains on it
-    dm = SegmentationDataModule(_phantom(), size=32, real_fraction=0.5, synthetic_dir=str(empty), synthetic_count=4,
-                                synthetic_min_class_presence=None)
+    dm = SegmentationDataModule(
+        _phantom(),
+        size=32,
+        real_fraction=0.5,
+        synthetic_dir=str(empty),
+        synthetic_count=4,
+        synthetic_min_class_presence=None,
+    )
     assert len(dm.synthetic_ids) == 4
     # a healthy set passes; its recorded stage.json presence is what the datamodule reads
     good = write_synthetic_folder(tmp_path / "good", n=6)
@@ -145,7 +158,8 @@ def test_auto_fallback_is_loud_and_recorded_in_metrics(tmp_path, caplog):
         assert auto_source(tmp_path / "no_jsrt", phantom_size=32).name == "phantom"
     assert "THIS RUN USES THE BUILT-IN PHANTOM" in caplog.text and "no_jsrt" in caplog.text
     tiny = [o for o in TINY if not o.startswith(("data=", "data.real."))]
-    cfg = compose_config("train", [*tiny, "data=auto", f"paths.jsrt_dir={tmp_path / 'no_jsrt'}"], tmp_path / "run")
+    overrides = [*tiny, "data=auto", f"paths.jsrt_dir={tmp_path / 'no_jsrt'}"]
+    cfg = compose_config("train", overrides, tmp_path / "run")
     train(cfg)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]["real"] == "phantom"
 

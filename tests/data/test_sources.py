@@ -48,7 +48,8 @@ def test_phantom_folder_stands_in_for_jsrt(tmp_path):
     because with the data, as in CI, ``real_dir`` is JSRT and the phantom folder is never written)."""
     src = JSRTSource(write_phantom_folder(tmp_path / "phantom"))
     assert src.name == "jsrt"
-    assert [len(src.ids(s)) for s in ("train", "val", "test")] == [PHANTOM_SPLITS[s] for s in ("train", "val", "test")]
+    splits = ("train", "val", "test")
+    assert [len(src.ids(s)) for s in splits] == [PHANTOM_SPLITS[s] for s in splits]
     assert not set(src.ids("train")) & set(src.ids("test"))
     for sid in (src.ids("train")[0], src.ids("test")[-1]):
         s = src.load(sid)
@@ -90,7 +91,9 @@ def test_mask_labels_out_of_range(real_dir, tmp_path):
 def test_mask_size_mismatch(real_dir, tmp_path):
     sid = _copy_jsrt_subset(real_dir, tmp_path)[0]
     Image.fromarray(np.zeros((100, 100), np.uint8)).save(tmp_path / "masks" / f"{sid}.png")
-    with pytest.raises(ValueError, match=rf"{sid}\.png: mask size \(100, 100\) does not match its image size"):
+    with pytest.raises(
+        ValueError, match=rf"{sid}\.png: mask size \(100, 100\) does not match its image size"
+    ):
         JSRTSource(tmp_path).load(sid)
 
 
@@ -107,7 +110,9 @@ def test_manifest_roundtrip_and_errors(tmp_path):
     (tmp_path / "masks").mkdir()
     Image.fromarray(img).save(tmp_path / "images" / "a.png")
     Image.fromarray(lab).save(tmp_path / "masks" / "a.png")
-    row = ManifestRow("a", "images/a.png", "masks/a.png", prompt="x", source="synthetic", seed=3, scores={"heart": 0.9})
+    row = ManifestRow(
+        "a", "images/a.png", "masks/a.png", prompt="x", source="synthetic", seed=3, scores={"heart": 0.9}
+    )
     write_manifest(tmp_path, [row])
     back = read_manifest(tmp_path)[0]
     assert back == row
@@ -118,7 +123,8 @@ def test_manifest_roundtrip_and_errors(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "b", "source": "synthetic"}) + "\n")
     with pytest.raises(ValueError, match=r"manifest.jsonl, row 1: missing required field 'file_name'"):
         read_manifest(tmp_path)
-    (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "b", "file_name": "x.png", "source": "fake"}) + "\n")
+    fake = {"id": "b", "file_name": "x.png", "source": "fake"}
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(fake) + "\n")
     with pytest.raises(ValueError, match="field 'source' must be one of"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.jsonl").write_text("{oops\n")
@@ -164,8 +170,10 @@ def test_folder_test_set_without_metadata(real_dir, tmp_path):
     a, b = JSRTSource(real_dir).ids("test")[:2]
     for i in (a, b):
         label = np.asarray(Image.open(real_dir / "masks" / f"{i}.png"))
-        Image.fromarray(np.where(label == 3, 0, label).astype(np.uint8)).save(ext / "masks" / f"case_{i}.png")
-        Image.open(real_dir / "images" / f"{i}.png").convert("L").save(ext / "images" / f"case_{i}.jpg", quality=95)
+        lungs = np.where(label == 3, 0, label).astype(np.uint8)
+        Image.fromarray(lungs).save(ext / "masks" / f"case_{i}.png")
+        grey = Image.open(real_dir / "images" / f"{i}.png").convert("L")
+        grey.save(ext / "images" / f"case_{i}.jpg", quality=95)
     src = open_test_set(ext, CHEST, name="hospital_b")
     assert isinstance(src, FolderSource) and src.name == "hospital_b"
     assert src.ids("test") == [f"case_{a}", f"case_{b}"]
@@ -197,7 +205,8 @@ def test_a_folder_without_splits_is_divided_reproducibly_with_auto_split(tmp_pat
     assert sizes == {"train": 14, "val": 2, "test": 4}
     again = FolderSource(tmp_path, ["background", "lesion"], auto_split=[0.7, 0.1, 0.2])
     assert again.ids("test") == src.ids("test") and not set(src.ids("test")) & set(src.ids("train"))
-    assert FolderSource(tmp_path, ["background", "lesion"]).ids("test") == sorted(f"{i:02d}" for i in range(20))
+    unsplit = FolderSource(tmp_path, ["background", "lesion"])
+    assert unsplit.ids("test") == sorted(f"{i:02d}" for i in range(20))
     with pytest.raises(ValueError, match="auto_split"):
         FolderSource(tmp_path, ["background", "lesion"], auto_split=[0.5, 0.5])
 
@@ -216,4 +225,5 @@ def test_grey_and_colour_images_are_never_converted_silently(tmp_path):
     with pytest.raises(ValueError, match=r"grey.png: a grey image in a colour dataset \(data.channels=3\)"):
         read_image(tmp_path / "grey.png", channels=3)
     assert read_image(tmp_path / "colour.png", channels=3).shape == (6, 6, 3)
-    np.testing.assert_array_equal(read_image(tmp_path / "grey_rgb.png"), grey_as_rgb[..., 0])  # equal channels: grey
+    # equal channels: grey
+    np.testing.assert_array_equal(read_image(tmp_path / "grey_rgb.png"), grey_as_rgb[..., 0])
