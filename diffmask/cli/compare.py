@@ -5,20 +5,21 @@
 
 Each side is one or more run folders (searched for ``per_image.csv``; several seeds are averaged
 per image). See :mod:`diffmask.evaluation.paired` for the method.
+
+Why argparse, not Hydra: it reads finished run folders and composes no config (no model, data or
+trainer to instantiate, nothing to sweep), its sides are lists of shell-expanded folders, and the
+pipeline's ``compare`` stage and the READMEs call it with these flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from pathlib import Path
 
-from diffmask.artifacts import atomic_write_text
-from diffmask.evaluation.paired import compare_recipes, comparison_markdown, comparison_rows
+from diffmask.evaluation.paired import compare_recipes, comparison_markdown, write_comparison
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffmask-compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--a", nargs="+", required=True, help="recipe A: run folders (or per_image.csv files)")
@@ -31,20 +32,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", choices=("iou", "dice"), default="iou",
                         help="the per-image score compared (default iou; dice: the ultrasound literature's)")
     parser.add_argument("--out", default=None, help="also write the table here (.md) and beside it as .json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``diffmask-compare`` entry point: print the comparison table (and write it with ``--out``).
+
+    Args:
+        argv: the arguments (None: the command line's).
+    """
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.n_boot < 100:
         parser.error(f"--n-boot: expected at least 100 draws, got {args.n_boot}")
     results = compare_recipes(args.a, args.b, args.test_set, args.n_boot, args.seed, metric=args.metric)
-    table = comparison_markdown(results, args.name_a, args.name_b)
-    print(table, end="")
+    print(comparison_markdown(results, args.name_a, args.name_b), end="")
     if args.out:
-        out = Path(args.out)
-        atomic_write_text(out, f"# {args.name_a} vs {args.name_b}\n\npaired bootstrap over test images, "
-                               f"{args.n_boot} draws, per-image {args.metric}; runs averaged per image\n\n" + table)
-        atomic_write_text(out.with_suffix(".json"), json.dumps(
-            {"a": args.a, "b": args.b, "name_a": args.name_a, "name_b": args.name_b, "metric": args.metric,
-             "results": comparison_rows(results)}, indent=2) + "\n")
+        out = write_comparison(args.out, results, args.a, args.b, args.name_a, args.name_b, args.n_boot, args.metric)
         print(f"written: {out}")
 
 

@@ -7,6 +7,9 @@ figures compare runs of this project, not published Inception FIDs. Anatomical a
 network segments each image; its cardiothoracic ratio is compared with the heart size the image's
 prompt asked for (see :mod:`diffmask.evaluation.synthesis_quality`). The set and the real images are
 read with the run's ``data.channels`` (grey or colour); a set of the other kind is an error.
+
+Why argparse, not Hydra: it reads a finished generated set and a finished training run (whose saved
+config gives the data settings) and composes no config; it writes one JSON file, no run folder.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from diffmask.artifacts import atomic_write_json
 from diffmask.evaluation.synthesis_quality import synthesis_quality
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffmask-evaluate-synthesis", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("synthetic_dir", help="the generated set (manifest.jsonl, images/)")
@@ -30,7 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attribute", default="sex",
                         help="metadata field judged by a classifier trained on the real images ('' = skip)")
     parser.add_argument("--out", default=None, help="write the result as JSON here (default: <set>/synthesis_quality.json)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``diffmask-evaluate-synthesis`` entry point: write the scores as JSON and print them.
+
+    Args:
+        argv: the arguments (None: the command line's).
+    """
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = synthesis_quality(args.synthetic_dir, args.model, batch_size=args.batch_size, device=args.device,
                                attribute=args.attribute or None)

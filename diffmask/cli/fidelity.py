@@ -5,6 +5,10 @@
 
 Prints the per-class IoU between the model's predictions on the generated images and the masks
 they were generated from (see :mod:`diffmask.evaluation.fidelity`).
+
+Why argparse, not Hydra: it reads a finished generated set and a finished training run (whose saved
+config gives the classes, size and intensity) and composes no config; the flags only override what
+the run recorded.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 from diffmask.evaluation.fidelity import FIDELITY_KEY, format_fidelity, label_fidelity, record_label_fidelity
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffmask-fidelity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("synthetic_dir", help="the generated set (manifest.jsonl, images/, masks/)")
@@ -30,7 +34,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     parser.add_argument("--write", action="store_true", help="record the result in the set's stage.json (label_fidelity)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``diffmask-fidelity`` entry point: print the label fidelity (and record it with ``--write``).
+
+    Args:
+        argv: the arguments (None: the command line's).
+    """
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = label_fidelity(args.synthetic_dir, args.model, args.class_names, size=args.size,
                             intensity=args.intensity, batch_size=args.batch_size, device=args.device)

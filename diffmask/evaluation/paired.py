@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 from collections import defaultdict
@@ -41,8 +42,11 @@ __all__ = [
     "PER_IMAGE_FILE",
     "PairedComparison",
     "compare_recipes",
+    "comparison_markdown",
+    "comparison_rows",
     "paired_bootstrap",
     "read_per_image",
+    "write_comparison",
     "write_per_image",
     "write_rows_csv",
 ]
@@ -245,7 +249,13 @@ def compare_recipes(
 
 
 def comparison_markdown(results: list[PairedComparison], name_a: str = "A", name_b: str = "B") -> str:
-    """A table: one row per test set, the difference A - B with its 95 % interval and whether it is real."""
+    """A table: one row per test set, the difference A - B with its 95 % interval and whether it is real.
+
+    Args:
+        results: :func:`compare_recipes`'s results.
+        name_a: recipe A's name.
+        name_b: recipe B's name.
+    """
     lines = [
         f"| test set | images | {name_a} (runs) | {name_b} (runs) | {name_a} - {name_b} | 95 % interval | p | real? |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -259,4 +269,37 @@ def comparison_markdown(results: list[PairedComparison], name_a: str = "A", name
 
 
 def comparison_rows(results: list[PairedComparison]) -> list[dict]:
+    """The results as JSON-ready rows (every field and ``real``).
+
+    Args:
+        results: :func:`compare_recipes`'s results.
+    """
     return [{**asdict(r), "real": r.real} for r in results]
+
+
+def write_comparison(out: str | os.PathLike, results: list[PairedComparison], a: Sequence[str], b: Sequence[str],
+                     name_a: str, name_b: str, n_boot: int, metric: str) -> Path:
+    """Write a comparison as markdown (a heading, the method, :func:`comparison_markdown`'s table) and,
+    beside it with the suffix ``.json``, its sides and :func:`comparison_rows`.
+
+    Args:
+        out: the markdown file.
+        results: :func:`compare_recipes`'s results.
+        a: recipe A's run folders (or ``per_image.csv`` files).
+        b: recipe B's.
+        name_a: recipe A's name.
+        name_b: recipe B's name.
+        n_boot: the bootstrap draws the results were made with.
+        metric: the per-image score compared (``iou`` or ``dice``).
+
+    Returns:
+        The markdown file's path.
+    """
+    out = Path(out)
+    table = comparison_markdown(results, name_a, name_b)
+    atomic_write_text(out, f"# {name_a} vs {name_b}\n\npaired bootstrap over test images, "
+                           f"{n_boot} draws, per-image {metric}; runs averaged per image\n\n" + table)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(
+        {"a": a, "b": b, "name_a": name_a, "name_b": name_b, "metric": metric,
+         "results": comparison_rows(results)}, indent=2) + "\n")
+    return out

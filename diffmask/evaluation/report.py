@@ -46,7 +46,7 @@ INIT_KEY = "segmentation.init_weights"
 # where Hydra keeps a run's composed config
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 # Settings that do not change a segmentation result, on top of RUN_ONLY_SETTINGS
-# (diffmask/cli/common.py, the list the stages' skip check uses). Patterns are dotted prefixes; '*'
+# (diffmask/config.py, the list the stages' skip check uses). Patterns are dotted prefixes; '*'
 # stands for one key.
 REPORT_RUN_ONLY = (
     "task_name", "optimized_metric",
