@@ -22,7 +22,14 @@ __all__ = ["main", "run"]
 
 
 def run(cfg: DictConfig) -> int:
-    """Check ``cfg.folder`` (or ``cfg.data.real.root``), print the summary, write ``cfg.out``; returns the exit code."""
+    """Check ``cfg.folder`` (or ``cfg.data.real.root``), print the summary, write ``cfg.out``.
+
+    Args:
+        cfg: the ``check_data`` config.
+
+    Returns:
+        The exit code: 1 on a config error or a problem in the folder, else 0.
+    """
     data = cfg.data
     folder = cfg.get("folder") or (data.get("real") or {}).get("root")
     if not folder:

@@ -75,7 +75,16 @@ def write_per_image(path: str | os.PathLike, rows: list[dict], class_names: Sequ
 
 def write_rows_csv(path: str | os.PathLike, rows: Sequence[Mapping], fields: Sequence[str]) -> Path:
     """Atomically write ``rows`` as CSV with the columns ``fields`` (other keys left out; a NaN or
-    a missing value as an empty cell): the per-image files of training and of the mask stage."""
+    a missing value as an empty cell): the per-image files of training and of the mask stage.
+
+    Args:
+        path: the file.
+        rows: the rows (mappings of column -> value).
+        fields: the columns, in order.
+
+    Returns:
+        The path written.
+    """
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -162,8 +171,9 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: in
     """Bootstrap of ``mIoU(a) - mIoU(b)`` over images, both resampled with the same draws.
 
     Args:
-        a, b: (N, C) per-image, per-class scores (IoU or Dice) of two recipes on the same N
-            images; NaN where a class is not scored on an image (counted where neither is NaN).
+        a: (N, C) per-image, per-class scores (IoU or Dice) of one recipe on N images; NaN where a
+            class is not scored on an image (counted where neither ``a`` nor ``b`` is NaN).
+        b: the other recipe's, on the same N images.
         n_boot: bootstrap draws.
         seed: seed of the draws.
 
@@ -219,7 +229,8 @@ def compare_recipes(
     Only images scored by both recipes count; a test set one recipe lacks is left out.
 
     Args:
-        runs_a, runs_b: each recipe's run folders or ``per_image.csv`` files.
+        runs_a: recipe A's run folders or ``per_image.csv`` files.
+        runs_b: recipe B's.
         test_sets: compare only these sets (default: every set both recipes scored).
         n_boot: bootstrap draws.
         seed: seed of the draws.
@@ -236,16 +247,19 @@ def compare_recipes(
     names = [s for s in (test_sets or sorted(sets_a & sets_b)) if s in sets_a and s in sets_b]
     if not names:
         raise ValueError(f"no test set scored by both recipes (A: {sorted(sets_a)}, B: {sorted(sets_b)})")
-    out = []
-    for name in names:
-        a, b = _seed_mean(files_a, name, metric), _seed_mean(files_b, name, metric)
-        ids = sorted(set(a) & set(b))
-        classes = sorted({c for sid in ids for c in (*a[sid], *b[sid])})
-        arr_a = np.array([[a[sid].get(c, np.nan) for c in classes] for sid in ids])
-        arr_b = np.array([[b[sid].get(c, np.nan) for c in classes] for sid in ids])
-        stats = paired_bootstrap(arr_a, arr_b, n_boot, seed)
-        out.append(PairedComparison(name, len(ids), len(files_a), len(files_b), **stats))
-    return out
+    return [_compare_set(name, files_a, files_b, n_boot, seed, metric) for name in names]
+
+
+def _compare_set(name: str, files_a: list[Path], files_b: list[Path], n_boot: int, seed: int,
+                 metric: str) -> PairedComparison:
+    """One test set's comparison: the images both recipes scored, seeds averaged per image."""
+    a, b = _seed_mean(files_a, name, metric), _seed_mean(files_b, name, metric)
+    ids = sorted(set(a) & set(b))
+    classes = sorted({c for sid in ids for c in (*a[sid], *b[sid])})
+    arr_a = np.array([[a[sid].get(c, np.nan) for c in classes] for sid in ids])
+    arr_b = np.array([[b[sid].get(c, np.nan) for c in classes] for sid in ids])
+    stats = paired_bootstrap(arr_a, arr_b, n_boot, seed)
+    return PairedComparison(name, len(ids), len(files_a), len(files_b), **stats)
 
 
 def comparison_markdown(results: list[PairedComparison], name_a: str = "A", name_b: str = "B") -> str:
