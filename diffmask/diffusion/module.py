@@ -19,7 +19,6 @@ from diffmask.artifacts import atomic_write_json
 from diffmask.attention import AttentionRecorder, capture_cross_attention
 from diffmask.autoencoder.channels import channel_word, check_datamodule_channels, to_autoencoder_channels
 from diffmask.data.datamodule import select_fraction
-from diffmask.data.dataset import SegmentationDataset
 from diffmask.data.image_cache import ImageCache
 from diffmask.diffusion.alignment import (
     AttentionAlignment,
@@ -88,6 +87,14 @@ def encode_images(image: torch.Tensor, vae: torch.nn.Module | None, resolution: 
         return _check_size(image, resolution)
     mean, std = encode_posterior(image, vae, resolution)
     return (mean + std * torch.randn_like(mean)) * vae.config.scaling_factor
+
+
+def _check_clues(clues: str, codebook_dir) -> None:
+    """The clue settings' values (the codebook itself is read in :meth:`DiffusionLitModule.load_clues`)."""
+    if clues not in ("none", "codebook"):
+        raise ValueError(f"clues: expected none or codebook, got {clues!r}")
+    if clues == "codebook" and not codebook_dir:
+        raise ValueError("codebook_dir: clues=codebook needs a diffmask-fit-codebook stage folder")
 
 
 class DiffusionLitModule(pl.LightningModule):
@@ -195,8 +202,10 @@ class DiffusionLitModule(pl.LightningModule):
             raise ValueError(f"latent_cache: expected a number of images >= 0 (0 = off), got {latent_cache}")
         self.latent_cache = latent_cache
         self._posteriors = ImageCache(latent_cache)
-        self.clues = self._build_clues(clues, codebook_dir, clue_tokens)
-        components.clues = self.clues
+        _check_clues(clues, codebook_dir)
+        self._clue_settings = (codebook_dir, clue_tokens) if clues == "codebook" else None
+        self.clues = None  # loaded from codebook_dir in setup (no file is read here): load_clues()
+        components.clues = None  # a loaded model's own clues are not fitted on (clues=none)
         if self.vae is not None:
             self.vae.requires_grad_(False).eval()
         self.text_encoder.requires_grad_(train_text_encoder)
@@ -211,23 +220,34 @@ class DiffusionLitModule(pl.LightningModule):
                 f"prediction_type: the scheduler's {self.prediction_type!r} is not supported (epsilon, v_prediction)"
             )
 
-    def _build_clues(self, clues: str, codebook_dir, clue_tokens: int):
-        if clues == "none":
-            return None
-        if clues != "codebook":
-            raise ValueError(f"clues: expected none or codebook, got {clues!r}")
-        if not codebook_dir:
-            raise ValueError("codebook_dir: clues=codebook needs a diffmask-fit-codebook stage folder")
+    def load_clues(self) -> None:
+        """Load the visual clues of ``codebook_dir`` (``clues=codebook``; once, at the first call).
+
+        :meth:`setup` calls it, so the clue encoder exists before the optimizer is configured and
+        a checkpoint is restored; nothing happens with ``clues=none``.
+
+        Raises:
+            ValueError: the codebook was built at another resolution or channels than this model's.
+        """
+        if self._clue_settings is None or self.clues is not None:
+            return
         from diffmask.codebook import VisualCodebook  # noqa: PLC0415
         from diffmask.codebook.clues import VisualClues  # noqa: PLC0415
 
+        codebook_dir, clue_tokens = self._clue_settings
         codebook = VisualCodebook.load(codebook_dir, resolution=self.resolution, channels=self.channels)
-        return VisualClues(codebook, int(self.unet.config.cross_attention_dim), clue_tokens, codebook_dir=codebook_dir)
+        dim = int(self.unet.config.cross_attention_dim)
+        self.clues = VisualClues(codebook, dim, clue_tokens, codebook_dir=codebook_dir)
+        self.components.clues = self.clues
 
     def fit_clue_alignment(self, dm) -> None:
-        """The word-code PMI of the training images' reports (this model's prompts) and codes."""
+        """The word-code PMI of the training images' reports (this model's prompts) and codes.
+
+        Args:
+            dm: the :class:`~diffmask.data.SegmentationDataModule` (its selected real training images).
+        """
         ids = list(dm.real_train_ids)
-        dataset = SegmentationDataset(dm.real, ids, dm.size, intensity=dm.intensity, channels=self.channels)
+        dataset = dm.real_dataset(ids)
         items = [dataset[i] for i in range(len(ids))]
         reports = [self.prompt_builder.build(it["meta"]).text for it in items]
         pmi = self.clues.fit_alignment(reports, [it["image"] for it in items])
@@ -235,23 +255,46 @@ class DiffusionLitModule(pl.LightningModule):
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        """Seed the prompt draws, check the data's channels, load the clues; when fitting, fit the
+        clues' word-code PMI and draw the alignment's labelled images.
+
+        Args:
+            stage: Lightning's stage; the data work is done for ``fit`` only.
+
+        Raises:
+            ValueError: the datamodule serves other channels, is no
+                :class:`~diffmask.data.SegmentationDataModule` where clues or alignment need one, or
+                ``labelled_ids`` are not real training ids.
+        """
         # templates and prompt dropout differ per rank (and follow the run's seed)
         self._prompt_rng = random.Random(torch.initial_seed() * 1009 + self.global_rank)
         check_datamodule_channels(self.trainer if self._trainer is not None else None, self.channels,
                                   "the diffusion model")
+        self.load_clues()
         if stage == "fit" and self.clues is not None and self.clues.pmi is None:
             dm = getattr(self.trainer, "datamodule", None)
-            if dm is None or not hasattr(dm, "real"):
+            if dm is None or not hasattr(dm, "real_dataset"):
                 raise ValueError("clues=codebook needs a SegmentationDataModule (the training images and their reports)")
             self.fit_clue_alignment(dm)
         if stage != "fit" or not self.align.enabled:
             return
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "real"):
+        if dm is None or not hasattr(dm, "real_dataset"):
             raise ValueError(
                 "align.label_fraction > 0 needs a SegmentationDataModule (its real source holds the labelled images)"
             )
-        train_ids = dm.real.ids(dm.splits["train"])
+        self._labelled = self.labelled_batches(dm)
+
+    def labelled_batches(self, dm) -> LabelledBatches:
+        """Batches of the alignment's labelled images (drawn now when ``labelled_ids`` is None).
+
+        Args:
+            dm: the :class:`~diffmask.data.SegmentationDataModule` whose real training split holds them.
+
+        Raises:
+            ValueError: ``labelled_ids`` are not in the real training split.
+        """
+        train_ids = dm.real_ids("train")
         if self.labelled_ids is None:
             self.labelled_ids = set(self.draw_labelled_ids(dm))
             log.info("align: %d labelled images (fraction %.3g)", len(self.labelled_ids), self.align.label_fraction)
@@ -259,23 +302,23 @@ class DiffusionLitModule(pl.LightningModule):
         if unknown:
             raise ValueError(
                 f"labelled_ids: {unknown[:5]} are not in the {dm.real.name} source's "
-                f"{dm.splits['train']!r} split ({len(unknown)} unknown)"
+                f"{dm.split_name('train')!r} split ({len(unknown)} unknown)"
             )
-        dataset = SegmentationDataset(dm.real, sorted(self.labelled_ids), dm.size, intensity=dm.intensity,
-                                      channels=self.channels)
-        self._labelled = LabelledBatches(
-            dataset, self.align.batch_size, seed=torch.initial_seed() * 1013 + self.global_rank
-        )
+        dataset = dm.real_dataset(sorted(self.labelled_ids))
+        return LabelledBatches(dataset, self.align.batch_size, seed=torch.initial_seed() * 1013 + self.global_rank)
 
     def draw_labelled_ids(self, dm) -> list[str]:
         """The real training images whose masks this fit may use (the alignment's labelled images).
 
         ``labelled_ids`` when given, else ``align.label_fraction`` of the datamodule's real training
         split drawn with ``align.seed`` (None = the datamodule's seed: the segmentation stage's draw).
+
+        Args:
+            dm: the :class:`~diffmask.data.SegmentationDataModule` (its ``real_ids`` and ``seed``).
         """
         if self.labelled_ids is not None:
             return sorted(self.labelled_ids)
-        train_ids = dm.real.ids(dm.splits["train"])
+        train_ids = dm.real_ids("train")
         seed = dm.seed if self.align.seed is None else self.align.seed
         return select_fraction(train_ids, self.align.label_fraction, seed, field="align.label_fraction")
 

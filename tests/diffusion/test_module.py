@@ -48,11 +48,16 @@ def test_v_prediction_trains_with_ema_and_clipping(phantom_dm, make_module):
     assert not all(torch.equal(a, b) for a, b in zip(module.ema_unet.parameters(), module.unet.parameters(), strict=True))
 
 
-def test_alignment_loss_drops_after_overfit_on_one_labelled_image(phantom_dm, make_module):
+def test_alignment_loss_drops_after_overfit_on_one_labelled_image(make_module):
+    from diffmask.data import SegmentationDataModule
+    from diffmask.domains.chest import PhantomSource
+
     torch.manual_seed(0)
-    phantom_dm.batch_size = 1
-    phantom_dm.real_train_ids = phantom_dm.real_train_ids[:1]
+    # one training phantom of four (real_fraction), one per batch
+    phantom_dm = SegmentationDataModule(PhantomSource(size=32, num_train=4, num_val=2, num_test=2), size=32,
+                                        batch_size=1, real_fraction=0.25)
     labelled = phantom_dm.real_train_ids
+    assert len(labelled) == 1
     module = make_module(lr=3e-3, align=AttentionAlignment(label_fraction=1.0, weight=1.0), labelled_ids=labelled)
     batch = next(iter(phantom_dm.train_dataloader()))
     before = _fixed_loss(module, batch, align_all=True)
@@ -67,7 +72,7 @@ def test_labelled_subset_is_the_segmentation_stages_real_fraction_draw(phantom_d
     module = make_module(align=AttentionAlignment(label_fraction=0.5, weight=0.1))
     trainer = _trainer(1)
     trainer.fit(module, datamodule=phantom_dm)
-    ids = phantom_dm.real.ids("train")
+    ids = phantom_dm.real_ids("train")
     assert module.labelled_ids == set(select_fraction(ids, 0.5, phantom_dm.seed))
     assert len(module.labelled_ids) == 2
 
