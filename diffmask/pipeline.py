@@ -1,6 +1,7 @@
-"""diffmask-pipeline: (autoencoder fit -> codebook ->) diffusion fit (-> ControlNet fit) -> synthetic generation with masks
-(DiffMask's attention-mask pairs and/or EMIT-Diff's controlled pairs) -> segmentation (-> fine-tuning on the real
-images) -> a paired comparison with a real-data baseline, over several training seeds.
+"""diffmask-pipeline: (autoencoder fit -> codebook ->) diffusion fit (-> ControlNet fit) -> synthetic
+generation with masks (DiffMask's attention-mask pairs and/or EMIT-Diff's controlled pairs) ->
+segmentation (-> fine-tuning on the real images) -> a paired comparison with a real-data baseline,
+over several training seeds.
 
 Each stage runs as its own process (``python -m diffmask.cli.<stage>``), so DDP trainer configs,
 Hydra overrides, launchers and resumability work exactly as when the stage is run alone; the command
@@ -60,7 +61,8 @@ class _Folders:
 
 
 def _folders(cfg: DictConfig, stamp: str | None) -> _Folders:
-    """The invocation's folders; ``stamp`` (else ``cfg.stamp``, else the time now) names its segmentation folder."""
+    """The invocation's folders; ``stamp`` (else ``cfg.stamp``, else the time now) names its segmentation
+    folder."""
     log_dir = Path(cfg.paths.log_dir)
     stamp = str(stamp or cfg.get("stamp") or time.strftime("%Y-%m-%d_%H-%M-%S"))
     return _Folders(Path(cfg.paths.artifact_dir), log_dir, log_dir / "pipeline" / str(cfg.name) / stamp)
@@ -75,12 +77,14 @@ def _checked_stages(cfg: DictConfig) -> tuple[list[str], list[int]]:
     _check_order(stages, cfg)
     seeds = _seeds(cfg)
     if cfg.get("launcher") and not seeds:
-        raise ValueError(f"launcher={cfg.launcher} runs the seeds of the segmentation stages; set seeds, e.g. seeds=[0,1,2]")
+        raise ValueError(f"launcher={cfg.launcher} runs the seeds of the segmentation stages; set seeds, "
+                         "e.g. seeds=[0,1,2]")
     return stages, seeds
 
 
 def _synthetic_overrides(cfg: DictConfig, stages: list[str], artifacts: Path) -> list[str]:
-    """``data.synthetic_dir=`` for the segmentation stages: the sets made by this invocation or by an earlier one."""
+    """``data.synthetic_dir=`` for the segmentation stages: the sets made by this invocation or by an earlier
+    one."""
     synth_dirs = {"generate": artifacts / "synthesis" / cfg.name,
                   "generate_control": artifacts / "synthesis" / f"{cfg.name}_control"}
     sets = [str(d) for s, d in synth_dirs.items() if s in stages or d.exists()]
@@ -94,6 +98,8 @@ def _wiring(cfg: DictConfig, stages: list[str], seeds: list[int], folders: _Fold
     artifacts, seg_dir = folders.artifacts, folders.seg_dir
     model_dir = artifacts / "diffusion" / cfg.name
     autoencoder_dir = artifacts / "autoencoder" / cfg.name
+    latent = [f"diffusion.components.autoencoder_dir={autoencoder_dir}"] if _latent(cfg) else []
+    clued = [f"diffusion.codebook_dir={artifacts / 'codebook' / cfg.name}"] if _clued(cfg) else []
     synthetic = _synthetic_overrides(cfg, stages, artifacts)
     per_seed = "/seed${seed}" if seeds else ""
     return {
@@ -101,9 +107,7 @@ def _wiring(cfg: DictConfig, stages: list[str], seeds: list[int], folders: _Fold
         # the visual codebook of the pipeline's autoencoder's patch features
         "fit_codebook": [f"name={cfg.name}", f"codebook.autoencoder_dir={autoencoder_dir}"],
         # a latent diffusion model (diffusion=latent in its overrides) on the pipeline's autoencoder
-        "fit_diffusion": [f"name={cfg.name}",
-                          *([f"diffusion.components.autoencoder_dir={autoencoder_dir}"] if _latent(cfg) else []),
-                          *([f"diffusion.codebook_dir={artifacts / 'codebook' / cfg.name}"] if _clued(cfg) else [])],
+        "fit_diffusion": [f"name={cfg.name}", *latent, *clued],
         "fit_control": [f"name={cfg.name}", f"input_dir={model_dir}"],
         "generate": [f"name={cfg.name}", f"input_dir={model_dir}"],
         # EMIT-Diff: the pipeline's ControlNet steers the pipeline's diffusion model
@@ -119,11 +123,13 @@ def _wiring(cfg: DictConfig, stages: list[str], seeds: list[int], folders: _Fold
 def _compare_command(stages: list[str], seg_dir: Path) -> list[str]:
     """The ``compare`` stage's command: the fine-tuned (else trained) runs against the baseline's."""
     tuned = next((s for s in ("finetune", "train") if s in stages), None)
-    return [sys.executable, "-m", "diffmask.cli.compare", "--a", f"{seg_dir}/{tuned}", "--b", f"{seg_dir}/baseline",
-            "--name-a", tuned, "--name-b", "baseline", "--out", f"{seg_dir}/compare.md"]
+    return [sys.executable, "-m", "diffmask.cli.compare", "--a", f"{seg_dir}/{tuned}",
+            "--b", f"{seg_dir}/baseline", "--name-a", tuned, "--name-b", "baseline",
+            "--out", f"{seg_dir}/compare.md"]
 
 
-def _segmentation_flags(cfg: DictConfig, stage: str, seeds: list[int], seg_dir: Path) -> tuple[list[str], list[str]] | None:
+def _segmentation_flags(cfg: DictConfig, stage: str, seeds: list[int],
+                        seg_dir: Path) -> tuple[list[str], list[str]] | None:
     """A segmentation stage's (flags, overrides added last); None when its runs have all finished.
 
     An invocation resumed (``stamp=<its folder>``) runs only what it has not finished; with seeds, one run per
@@ -199,22 +205,24 @@ def stage_commands(cfg: DictConfig, stamp: str | None = None) -> list[tuple[str,
 
 
 def _check_order(stages: list[str], cfg: DictConfig) -> None:
-    def before(first: str, then: str) -> bool:
+    def _before(first: str, then: str) -> bool:
         return first in stages and stages.index(first) < stages.index(then)
 
-    if "finetune" in stages and not before("train", "finetune"):
-        raise ValueError(f"stages: finetune starts from the train stage's model; put train before it, got {stages}")
+    if "finetune" in stages and not _before("train", "finetune"):
+        raise ValueError(
+            f"stages: finetune starts from the train stage's model; put train before it, got {stages}"
+        )
     if "compare" in stages:
-        if not before("baseline", "compare") or not any(before(s, "compare") for s in ("train", "finetune")):
+        if not _before("baseline", "compare") or not any(_before(s, "compare") for s in ("train", "finetune")):
             raise ValueError(
-                "stages: compare sets this invocation's fine-tuned (or trained) model against its baseline; put "
-                f"baseline and train (and finetune) before it, got {stages}"
+                "stages: compare sets this invocation's fine-tuned (or trained) model against its "
+                f"baseline; put baseline and train (and finetune) before it, got {stages}"
             )
     if _chooses(cfg, "generate", "synthesis=controlled"):
         raise ValueError(
-            "generate: synthesis=controlled is the generate_control stage (it reads the pipeline's ControlNet and "
-            "writes <name>_control beside generate's attention-mask set); use stages=[..., fit_control, "
-            "generate_control, ...] and give its settings as generate_control=[...]"
+            "generate: synthesis=controlled is the generate_control stage (it reads the pipeline's "
+            "ControlNet and writes <name>_control beside generate's attention-mask set); use "
+            "stages=[..., fit_control, generate_control, ...] and give its settings as generate_control=[...]"
         )
 
 
@@ -234,8 +242,12 @@ def _seeds(cfg: DictConfig) -> list[int]:
     seeds = cfg.get("seeds")
     if seeds is None:
         return []
-    if isinstance(seeds, int | str) or not len(seeds) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seeds: expected null or a non-empty list of integer training seeds, e.g. [0,1,2]; got {seeds}")
+    def _integer(s: object) -> bool:
+        return isinstance(s, int) and not isinstance(s, bool)
+
+    if isinstance(seeds, int | str) or not len(seeds) or not all(map(_integer, seeds)):
+        raise ValueError(f"seeds: expected null or a non-empty list of integer training seeds, e.g. [0,1,2]; "
+                         f"got {seeds}")
     return [int(s) for s in seeds]
 
 
@@ -281,7 +293,8 @@ def _parse(override: str, where: str) -> Override:
 
 
 def _override_values(cfg: DictConfig, stage: str | None = None) -> dict[str, Override]:
-    """The override in force for each key after the common overrides (and ``stage``'s after them), as Hydra reads them.
+    """The override in force for each key after the common overrides (and ``stage``'s after them), as Hydra
+    reads them.
 
     ``key=v``, ``+key=v`` and ``++key=v`` set ``key`` (the last one wins); ``~key`` and ``~key=v`` delete it
     and everything below it (``key.x``, ``key/x``), so a deleted key has no value.
@@ -291,7 +304,8 @@ def _override_values(cfg: DictConfig, stage: str | None = None) -> dict[str, Ove
         stage: the stage whose overrides follow the common ones; None for the common ones alone.
 
     Returns:
-        ``key -> Override`` (``key`` without its ``+``/``++`` prefix, ``group@package`` for a package override).
+        ``key -> Override`` (``key`` without its ``+``/``++`` prefix, ``group@package`` for a package
+        override).
 
     Raises:
         ValueError: an override Hydra's grammar rejects, naming its list.
@@ -302,14 +316,16 @@ def _override_values(cfg: DictConfig, stage: str | None = None) -> dict[str, Ove
             parsed = _parse(str(o), where)
             key = parsed.get_key_element().lstrip("~+")
             if parsed.is_delete():
-                values = {k: v for k, v in values.items() if k != key and not k.startswith((f"{key}.", f"{key}/"))}
+                below = (f"{key}.", f"{key}/")
+                values = {k: v for k, v in values.items() if k != key and not k.startswith(below)}
             else:
                 values[key] = parsed
     return values
 
 
 def _chooses(cfg: DictConfig, stage: str, choice: str) -> bool:
-    """True when ``stage``'s overrides (or the common ones) end up with ``choice``, e.g. ``synthesis=controlled``."""
+    """True when ``stage``'s overrides (or the common ones) end up with ``choice``, e.g.
+    ``synthesis=controlled``."""
     wanted = _parse(choice, "pipeline")
     got = _override_values(cfg, stage).get(wanted.get_key_element())
     return got is not None and not got.is_sweep_override() and got.value() == wanted.value()
@@ -356,7 +372,8 @@ def check_stage_configs(cfg: DictConfig, commands: list[tuple[str, list[str]]]) 
                 problems.setdefault(problem, []).append(stage)
     if problems:
         lines = [f"stage{'s' if len(st) > 1 else ''} {', '.join(st)}: {p}" for p, st in problems.items()]
-        raise ValueError(f"pipeline: {sum(map(len, problems.values()))} stage config(s) do not compose; no stage "
+        raise ValueError(f"pipeline: {sum(map(len, problems.values()))} stage config(s) do not compose; "
+                         "no stage "
                          "was run:\n  " + "\n  ".join(lines))
 
 
@@ -382,7 +399,8 @@ def _stage_problem(stage: str, cmd: list[str], cfg: DictConfig) -> str | None:
     """Why ``stage``'s command would fail to compose its config (None: it composes)."""
     config_name = cmd[2].rsplit(".", 1)[-1]  # each stage module's hydra.main config_name is its module name
     overrides = [a for a in cmd[3:] if not a.startswith("--")]
-    # the pipeline's own sweep (seed=0,1,2, checked by _seeds) is composed with its first value; the user's with each
+    # the pipeline's own sweep (seed=0,1,2, checked by _seeds) is composed with its first value; the user's
+    # with each
     origins = [_origin(o, stage, cfg) for o in overrides]
     own = [origin == "pipeline" for origin in origins]
     for job in _sweep_jobs(overrides, multirun="--multirun" in cmd, first_only=own):
@@ -392,14 +410,16 @@ def _stage_problem(stage: str, cmd: list[str], cfg: DictConfig) -> str | None:
         culprit, error = _first_breaking(config_name, job, error)
         if culprit is None:
             return f"its config {config_name}.yaml does not compose: {_reason(error)}"
-        where = {stage: "", "common": " (from common)", "pipeline": " (set by the pipeline)"}[origins[culprit]]
+        wheres = {stage: "", "common": " (from common)", "pipeline": " (set by the pipeline)"}
+        where = wheres[origins[culprit]]
         return f"override {overrides[culprit]!r}{where}: {_reason(error)}"
     return None
 
 
 def _sweep_jobs(overrides: list[str], multirun: bool, first_only: list[bool]) -> list[list[str]]:
     """The override lists to compose for a command: itself, or for a multirun job ``i`` the ``i``-th value of
-    every sweep (so each value is composed once, not their whole product); override ``k`` stays at place ``k``.
+    every sweep (so each value is composed once, not their whole product); override ``k`` stays at place
+    ``k``.
 
     Args:
         overrides: the command's overrides.
@@ -411,13 +431,15 @@ def _sweep_jobs(overrides: list[str], multirun: bool, first_only: list[bool]) ->
     """
     if not multirun:
         return [overrides]
-    values = [_sweep_values(o)[:1] if first else _sweep_values(o) for o, first in zip(overrides, first_only, strict=True)]
+    values = [_sweep_values(o)[:1] if first else _sweep_values(o)
+              for o, first in zip(overrides, first_only, strict=True)]
     n = max((len(v) for v in values), default=1)
     return [[v[i % len(v)] for v in values] for i in range(n)]
 
 
 def _sweep_values(override: str) -> list[str]:
-    """A sweep as one override per value (``seed=0,1`` -> ``seed=0``, ``seed=1``; ``interval(a,b)`` -> its start);
+    """A sweep as one override per value (``seed=0,1`` -> ``seed=0``, ``seed=1``; ``interval(a,b)`` -> its
+    start);
     anything else as it is (an unparsable one too, for composition to report)."""
     try:
         (parsed,) = _parser().parse_overrides([override])
@@ -454,10 +476,11 @@ def _first_breaking(config_name: str, overrides: list[str], error: Exception) ->
         ``(index, error)``: the override whose addition makes the composition fail, and how it fails;
         ``(None, error)`` when the config fails with no override at all.
     """
-    def key(o: str) -> str:
+    def _key(o: str) -> str:
         return o.lstrip("~+").split("=", 1)[0]
 
-    order = sorted(range(len(overrides)), key=lambda i: "." in key(overrides[i]))  # stable: order kept within each
+    # stable: order kept within each
+    order = sorted(range(len(overrides)), key=lambda i: "." in _key(overrides[i]))
     good, bad = 0, len(order)  # the first `bad` fail together; the first `good` are taken to compose
     while bad - good > 1:
         mid = (good + bad) // 2
@@ -472,7 +495,8 @@ def _first_breaking(config_name: str, overrides: list[str], error: Exception) ->
 
 
 def _origin(override: str, stage: str, cfg: DictConfig) -> str:
-    """Where ``override`` of ``stage``'s command comes from: ``stage`` (its own list), ``common`` or ``pipeline``."""
+    """Where ``override`` of ``stage``'s command comes from: ``stage`` (its own list), ``common`` or
+    ``pipeline``."""
     if override in [str(o) for o in cfg.get(stage, []) or []]:
         return stage
     return "common" if override in [str(o) for o in cfg.common] else "pipeline"
@@ -485,7 +509,8 @@ def _reason(error: Exception) -> str:
     text = re.split(r"\n(?:Config search path:|See https://hydra\.cc)", text)[0]
     text = re.sub(r":\n\t", ": ", text).replace("\n\t", ", ")
     lines = [line.strip() for line in text.splitlines()]
-    return "; ".join(line for line in lines if line and not line.startswith(("full_key:", "object_type=", "reference_type=")))
+    noise = ("full_key:", "object_type=", "reference_type=")
+    return "; ".join(line for line in lines if line and not line.startswith(noise))
 
 
 @contextlib.contextmanager
@@ -524,18 +549,21 @@ def run(cfg: DictConfig) -> None:
     stamp = str(cfg.get("stamp") or time.strftime("%Y-%m-%d_%H-%M-%S"))
     commands = stage_commands(cfg, stamp)
     # every stage's W&B run in one group, the invocation's folder (an outer DIFFMASK_WANDB_GROUP wins)
-    group = os.environ.get(GROUP_ENV) or folder_label(Path(cfg.paths.log_dir) / "pipeline" / str(cfg.name) / stamp)
+    group = os.environ.get(GROUP_ENV) or folder_label(
+        Path(cfg.paths.log_dir) / "pipeline" / str(cfg.name) / stamp)
     started = time.perf_counter()
     check_stage_configs(cfg, commands)
     log.info("stage configs: all %d compose (%.1f s)", sum(s not in NOT_HYDRA for s, _ in commands),
              time.perf_counter() - started)
     for stage, cmd in commands:
-        printable = " ".join(shlex.quote(c) for c in [f"diffmask-{cmd[2].rsplit('.', 1)[-1].replace('_', '-')}", *cmd[3:]])
+        program = f"diffmask-{cmd[2].rsplit('.', 1)[-1].replace('_', '-')}"
+        printable = " ".join(shlex.quote(c) for c in [program, *cmd[3:]])
         log.info("stage %s: %s", stage, printable)
         if cfg.dry_run:
             continue
         with _environment({GROUP_ENV: group, JOB_TYPE_ENV: stage}):  # the stage process inherits them
             result = subprocess.run(cmd)
         if result.returncode != 0:
-            raise SystemExit(f"pipeline: stage {stage} failed (exit {result.returncode}); rerun it with:\n  {printable}")
+            raise SystemExit(f"pipeline: stage {stage} failed (exit {result.returncode}); rerun it with:\n"
+                             f"  {printable}")
     log.info("pipeline %s finished", cfg.name)

@@ -49,13 +49,17 @@ def _instantiate_group(cfg: DictConfig | None, what: str,
     if not cfg:
         return objects
     if not isinstance(cfg, DictConfig):
-        raise TypeError(f"{what} config must be a mapping of name -> {{_target_: ...}}, got {type(cfg).__name__}")
+        raise TypeError(
+            f"{what} config must be a mapping of name -> {{_target_: ...}}, got {type(cfg).__name__}"
+        )
     for name, node in cfg.items():
         if isinstance(node, DictConfig) and "_target_" in node:
             log.info("instantiating %s <%s>", what, node._target_)
             objects.append(hydra.utils.instantiate(prepare(node) if prepare else node))
         elif node is not None:
-            raise ValueError(f"{what}.{name}: expected a node with a _target_, got {OmegaConf.to_yaml(node)!r}")
+            raise ValueError(
+                f"{what}.{name}: expected a node with a _target_, got {OmegaConf.to_yaml(node)!r}"
+            )
     return objects
 
 
@@ -71,7 +75,8 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
     return _instantiate_group(cfg, "callbacks")
 
 
-def instantiate_loggers(cfg: DictConfig | None, identity: RunIdentity | None = None) -> list[pl.loggers.Logger]:
+def instantiate_loggers(cfg: DictConfig | None,
+                        identity: RunIdentity | None = None) -> list[pl.loggers.Logger]:
     """Instantiate the ``logger`` group's loggers.
 
     Args:
@@ -84,11 +89,14 @@ def instantiate_loggers(cfg: DictConfig | None, identity: RunIdentity | None = N
     Returns:
         The loggers, in the group's order.
     """
-    prepare = None if identity is None else (lambda node: fill_wandb_node(node, identity) if is_wandb_node(node) else node)
-    return _instantiate_group(cfg, "logger", prepare)
+    def _prepare(node: DictConfig) -> DictConfig:
+        return fill_wandb_node(node, identity) if is_wandb_node(node) else node
+
+    return _instantiate_group(cfg, "logger", None if identity is None else _prepare)
 
 
-def log_config(cfg: DictConfig, loggers: list[pl.loggers.Logger], identity: RunIdentity | None = None) -> None:
+def log_config(cfg: DictConfig, loggers: list[pl.loggers.Logger],
+               identity: RunIdentity | None = None) -> None:
     """Send the resolved config to every logger (W&B config, TensorBoard hparams, CSV hparams.yaml).
 
     W&B's config also gets ``overrides``, ``job_num``, ``run_group``, ``sweep_dir`` and ``dataset``
@@ -132,8 +140,8 @@ def require_training(trainer: pl.Trainer) -> None:
 
     ``trainer.max_epochs=0``, ``trainer.max_steps=0`` or ``trainer.limit_train_batches=0``
     make ``fit`` return at once, and a run would write an untrained model's metrics, in the
-    normal files, that a sweep could take for results. To score a model without training, say so: ``train=false``
-    with ``segmentation.init_weights=<run dir>``.
+    normal files, that a sweep could take for results. To score a model without training, say so:
+    ``train=false`` with ``segmentation.init_weights=<run dir>``.
 
     Args:
         trainer: the trainer about to fit.
@@ -153,7 +161,8 @@ def require_training(trainer: pl.Trainer) -> None:
     if zero:
         raise ValueError(
             f"{', '.join(zero)}: the fit would train nothing and score an untrained model; expected at least "
-            "one training step (to score a trained model without fitting: train=false segmentation.init_weights=...)"
+            "one training step (to score a trained model without fitting: train=false "
+            "segmentation.init_weights=...)"
         )
 
 
@@ -214,9 +223,12 @@ def job_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def _fit_trainer(cfg: DictConfig, datamodule: pl.LightningDataModule, callbacks: list[pl.Callback]) -> pl.Trainer:
-    """The generative stage's trainer with its loggers (the config sent to them), refusing one that would not train."""
-    identity = run_identity(cfg, dataset=getattr(getattr(datamodule, "real", None), "name", None))  # W&B group, name
+def _fit_trainer(cfg: DictConfig, datamodule: pl.LightningDataModule,
+                 callbacks: list[pl.Callback]) -> pl.Trainer:
+    """The generative stage's trainer with its loggers (the config sent to them); refuses one that would not
+    train."""
+    dataset = getattr(getattr(datamodule, "real", None), "name", None)
+    identity = run_identity(cfg, dataset=dataset)  # W&B group, name
     loggers = instantiate_loggers(cfg.get("logger"), identity)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     require_training(trainer)

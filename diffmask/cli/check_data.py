@@ -1,4 +1,5 @@
-"""Check a dataset folder before training: ``diffmask-check-data data=busi`` or ``diffmask-check-data <folder>``.
+"""Check a dataset folder before training: ``diffmask-check-data data=busi`` or
+``diffmask-check-data <folder>``.
 
     diffmask-check-data /data/busi 'data.class_names=[background,lesion]' 'data.optional_classes=[lesion]'
 
@@ -41,7 +42,8 @@ def run(cfg: DictConfig) -> int:
     try:
         report = check_folder(folder, list(data.class_names), channels=int(data.get("channels", 1)),
                               optional_classes=list(data.get("optional_classes") or []), splits=list(splits),
-                              train_split=data.get("train_split", "train"), test_split=data.get("test_split", "test"))
+                              train_split=data.get("train_split", "train"),
+                              test_split=data.get("test_split", "test"))
     except ValueError as e:  # a config error
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -71,7 +71,7 @@ def stage_task(fn: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConf
     """
 
     @functools.wraps(fn)
-    def wrapper(cfg: DictConfig) -> dict[str, Any]:
+    def _wrapper(cfg: DictConfig) -> dict[str, Any]:
         start = time.time()
         try:
             return fn(cfg)
@@ -82,7 +82,7 @@ def stage_task(fn: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConf
             log.info("stage %s took %.1f s", cfg.get("task_name"), time.time() - start)
             _finish_wandb()
 
-    return wrapper
+    return _wrapper
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:

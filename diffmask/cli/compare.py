@@ -22,8 +22,10 @@ from diffmask.evaluation.paired import compare_recipes, comparison_markdown, wri
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffmask-compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--a", nargs="+", required=True, help="recipe A: run folders (or per_image.csv files)")
-    parser.add_argument("--b", nargs="+", required=True, help="recipe B: run folders (or per_image.csv files)")
+    parser.add_argument("--a", nargs="+", required=True,
+                        help="recipe A: run folders (or per_image.csv files)")
+    parser.add_argument("--b", nargs="+", required=True,
+                        help="recipe B: run folders (or per_image.csv files)")
     parser.add_argument("--name-a", default="A")
     parser.add_argument("--name-b", default="B")
     parser.add_argument("--test-set", action="append", default=None, help="only these test sets (repeatable)")
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     results = compare_recipes(args.a, args.b, args.test_set, args.n_boot, args.seed, metric=args.metric)
     print(comparison_markdown(results, args.name_a, args.name_b), end="")
     if args.out:
-        out = write_comparison(args.out, results, args.a, args.b, args.name_a, args.name_b, args.n_boot, args.metric)
+        out = write_comparison(args.out, results, args.a, args.b, args.name_a, args.name_b, args.n_boot,
+                               args.metric)
         print(f"written: {out}")
 
 

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attribute", default="sex",
                         help="metadata field judged by a classifier trained on the real images ('' = skip)")
-    parser.add_argument("--out", default=None, help="write the result as JSON here (default: <set>/synthesis_quality.json)")
+    parser.add_argument("--out", default=None,
+                        help="write the result as JSON here (default: <set>/synthesis_quality.json)")
     return parser
 
 

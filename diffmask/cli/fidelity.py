@@ -25,14 +25,18 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("synthetic_dir", help="the generated set (manifest.jsonl, images/, masks/)")
     parser.add_argument("--model", required=True,
-                        help="a diffmask-train run folder trained on real images (or a checkpoint in its checkpoints/)")
+                        help="a diffmask-train run folder trained on real images "
+                             "(or a checkpoint in its checkpoints/)")
     parser.add_argument("--class-names", nargs="+", default=None,
                         help="class names, background first (default: the run's data.class_names)")
-    parser.add_argument("--size", type=int, default=None, help="working side in pixels (default: the run's data.size)")
-    parser.add_argument("--intensity", default=None, help="input normalisation (default: the run's data.intensity)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="working side in pixels (default: the run's data.size)")
+    parser.add_argument("--intensity", default=None,
+                        help="input normalisation (default: the run's data.intensity)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    parser.add_argument("--write", action="store_true", help="record the result in the set's stage.json (label_fidelity)")
+    parser.add_argument("--write", action="store_true",
+                        help="record the result in the set's stage.json (label_fidelity)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     return parser
 
@@ -47,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = label_fidelity(args.synthetic_dir, args.model, args.class_names, size=args.size,
                             intensity=args.intensity, batch_size=args.batch_size, device=args.device)
-    print(json.dumps(result, indent=2) if args.json else format_fidelity(result), end="\n" if args.json else "")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_fidelity(result), end="")
     if args.write:
         print(f"written: {record_label_fidelity(args.synthetic_dir, result)} ({FIDELITY_KEY})")
 

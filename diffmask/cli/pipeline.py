@@ -1,6 +1,7 @@
-"""diffmask-pipeline: (autoencoder fit -> codebook ->) diffusion fit (-> ControlNet fit) -> synthetic generation with masks
-(DiffMask's attention-mask pairs and/or EMIT-Diff's controlled pairs) -> segmentation (-> fine-tuning on the real
-images) -> a paired comparison with a real-data baseline, over several training seeds.
+"""diffmask-pipeline: (autoencoder fit -> codebook ->) diffusion fit (-> ControlNet fit) -> synthetic
+generation with masks (DiffMask's attention-mask pairs and/or EMIT-Diff's controlled pairs) ->
+segmentation (-> fine-tuning on the real images) -> a paired comparison with a real-data baseline,
+over several training seeds.
 
     diffmask-pipeline experiment=pipeline_demo name=demo
     diffmask-pipeline experiment=pipeline_demo name=demo dry_run=true     # print each stage's command

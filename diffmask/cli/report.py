@@ -21,14 +21,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffmask-report", description=__doc__)
     parser.add_argument("sweep_dir", help="folder with the runs' metrics.json files (searched recursively)")
     parser.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
-    parser.add_argument("--test-set", default=None, help="only plot this test set's mIoU (default: one pair of plots per test set)")
+    parser.add_argument("--test-set", default=None,
+                        help="only plot this test set's mIoU (default: one pair of plots per test set)")
     parser.add_argument("--wandb-project", default=None,
-                        help="also log table + plots to this W&B project, in the sweep's group (its runs' run_group), "
-                             "W&B's files under --out")
+                        help="also log table + plots to this W&B project, in the sweep's group "
+                             "(its runs' run_group), W&B's files under --out")
     parser.add_argument("--skip-bad", action="store_true",
-                        help="leave out corrupt metrics.json files (listed in the log and report.md) instead of stopping")
+                        help="leave out corrupt metrics.json files (listed in the log and report.md) "
+                             "instead of stopping")
     parser.add_argument("--ignore", action="append", default=[], metavar="KEY",
-                        help="leave this setting (a dotted key or prefix, '*' for one key) out of the conditions, "
+                        help="leave this setting (a dotted key or prefix, '*' for one key) "
+                             "out of the conditions, "
                              "e.g. --ignore data.prompt; repeatable")
     return parser
 
@@ -41,8 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    written = write_report(args.sweep_dir, args.out, args.test_set, args.wandb_project, skip_bad=args.skip_bad,
-                           ignore=args.ignore)
+    written = write_report(args.sweep_dir, args.out, args.test_set, args.wandb_project,
+                           skip_bad=args.skip_bad, ignore=args.ignore)
     for kind, path in written.items():
         print(f"{kind}: {path}")
 

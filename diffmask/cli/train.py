@@ -28,7 +28,8 @@ from diffmask.segmentation.stage import train_segmentation
 
 @stage_task
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit and test the segmentation stage described by ``cfg`` (:func:`~diffmask.segmentation.stage.train_segmentation`).
+    """Fit and test the segmentation stage described by ``cfg``
+    (:func:`~diffmask.segmentation.stage.train_segmentation`).
 
     Args:
         cfg: the ``train`` config.

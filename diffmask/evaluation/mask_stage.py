@@ -1,4 +1,5 @@
-"""The mask-quality stage: a diffusion model's attention masks scored on real test images, per refinement step.
+"""The mask-quality stage: a diffusion model's attention masks scored on real test images, per refinement
+step.
 
 ``diffmask-evaluate-masks`` (:mod:`diffmask.cli.evaluate_masks`) seeds the run and calls
 :func:`evaluate_masks`: it loads the model (:func:`load_mask_model`, which sets ``data.size`` and
@@ -48,14 +49,16 @@ def load_mask_model(cfg: DictConfig) -> tuple[StageDir, Any, dict[str, Any]]:
     meta = components.metadata or {}
     if "prompt_builder" not in meta or "resolution" not in meta:
         raise ValueError(
-            f"input_dir: {model_stage.path}/diffmask.json lacks prompt_builder/resolution; export it with the fit stage"
+            f"input_dir: {model_stage.path}/diffmask.json lacks prompt_builder/resolution; "
+            "export it with the fit stage"
         )
     with open_dict(cfg):
         # attention maps and masks are compared at the resolution the model was trained at, on
         # real images normalised as its training images were (models from before: raw)
         cfg.data.size = int(meta["resolution"])
         if cfg.data.get("intensity", "raw") != components.intensity:
-            log.info("data.intensity=%s: the model at %s was trained on it", components.intensity, model_stage.path)
+            log.info("data.intensity=%s: the model at %s was trained on it", components.intensity,
+                     model_stage.path)
         cfg.data.intensity = components.intensity
     return model_stage, components, meta
 

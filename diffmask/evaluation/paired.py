@@ -145,7 +145,9 @@ def _find_runs(folders: Sequence[str | os.PathLike]) -> list[Path]:
             raise FileNotFoundError(f"{folder}: run folder not found")
         found = sorted(folder.rglob(PER_IMAGE_FILE))
         if not found:
-            raise FileNotFoundError(f"{folder}: no {PER_IMAGE_FILE} below this folder (runs from before it was written?)")
+            raise FileNotFoundError(
+                f"{folder}: no {PER_IMAGE_FILE} below this folder (runs from before it was written?)"
+            )
         files.extend(found)
     return files
 
@@ -191,7 +193,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: in
     miou_a, miou_b = float(_miou(a0, present)), float(_miou(b0, present))
     lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
     p = 2 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0)))
-    return {"miou_a": miou_a, "miou_b": miou_b, "diff": miou_a - miou_b, "ci_low": float(lo), "ci_high": float(hi),
+    return {"miou_a": miou_a, "miou_b": miou_b, "diff": miou_a - miou_b, "ci_low": float(lo),
+            "ci_high": float(hi),
             "p": min(1.0, p)}
 
 
@@ -271,12 +274,14 @@ def comparison_markdown(results: list[PairedComparison], name_a: str = "A", name
         name_b: recipe B's name.
     """
     lines = [
-        f"| test set | images | {name_a} (runs) | {name_b} (runs) | {name_a} - {name_b} | 95 % interval | p | real? |",
+        f"| test set | images | {name_a} (runs) | {name_b} (runs) | {name_a} - {name_b} | 95 % interval "
+        "| p | real? |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
-            f"| {r.test_set} | {r.n_images} | {r.miou_a:.4f} ({r.n_runs_a}) | {r.miou_b:.4f} ({r.n_runs_b}) | "
+            f"| {r.test_set} | {r.n_images} | {r.miou_a:.4f} ({r.n_runs_a}) "
+            f"| {r.miou_b:.4f} ({r.n_runs_b}) | "
             f"{r.diff:+.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | {r.p:.3f} | {'yes' if r.real else 'no'} |"
         )
     return "\n".join(lines) + "\n"
@@ -291,8 +296,8 @@ def comparison_rows(results: list[PairedComparison]) -> list[dict]:
     return [{**asdict(r), "real": r.real} for r in results]
 
 
-def write_comparison(out: str | os.PathLike, results: list[PairedComparison], a: Sequence[str], b: Sequence[str],
-                     name_a: str, name_b: str, n_boot: int, metric: str) -> Path:
+def write_comparison(out: str | os.PathLike, results: list[PairedComparison], a: Sequence[str],
+                     b: Sequence[str], name_a: str, name_b: str, n_boot: int, metric: str) -> Path:
     """Write a comparison as markdown (a heading, the method, :func:`comparison_markdown`'s table) and,
     beside it with the suffix ``.json``, its sides and :func:`comparison_rows`.
 

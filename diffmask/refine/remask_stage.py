@@ -3,7 +3,8 @@
 ``diffmask-remask`` (:mod:`diffmask.cli.remask`) seeds the run, reads the source's settings into its
 config (:func:`adopt_source_settings`), skips a complete output, builds the refinement from the
 ``synthesis`` group and calls :func:`remask_stage`; the folder work itself is
-:func:`diffmask.synthesis.remask.remask_folder` (and :func:`~diffmask.synthesis.affinity_pass.refine_with_affinity`).
+:func:`diffmask.synthesis.remask.remask_folder` (and
+:func:`~diffmask.synthesis.affinity_pass.refine_with_affinity`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ log = logging.getLogger("diffmask.remask")
 
 def _source_channels(cfg: DictConfig, source: StageDir) -> int:
     """The source images' channels; ``data.channels``, when given, must agree."""
-    channels = set_channels(source.path)  # the source images' channels (1 for a set made before they were recorded)
+    # the source images' channels (1 for a set made before they were recorded)
+    channels = set_channels(source.path)
     asked = cfg.data.get("channels")
     if asked is not None and int(asked) != channels:
         raise ValueError(
-            f"data.channels={asked}, but the set in {source.path} holds {channels}-channel images (its stage.json "
-            f"channels); grey and colour are never converted silently (leave data.channels unset to follow the set)"
+            f"data.channels={asked}, but the set in {source.path} holds {channels}-channel images "
+            f"(its stage.json channels); grey and colour are never converted silently (leave data.channels "
+            f"unset to follow the set)"
         )
     return channels
 
@@ -84,7 +87,8 @@ def _remask(cfg: DictConfig, source: StageDir, work, channels: int, mask_maker, 
 
 
 def remask_stage(cfg: DictConfig, source: StageDir, stage: StageDir, channels: int, mask_maker,
-                 quality_filter=None, affinity: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+                 quality_filter=None, affinity: dict[str, Any] | None = None,
+                 device: str = "cpu") -> dict[str, Any]:
     """Re-mask ``source`` into ``stage`` (resuming its work folder) and commit it.
 
     Args:
@@ -111,7 +115,8 @@ def remask_stage(cfg: DictConfig, source: StageDir, stage: StageDir, channels: i
     counts = _remask(cfg, source, work, channels, mask_maker, quality_filter, affinity, device)
     seconds = time.time() - start
     info = {**counts, "seconds": round(seconds, 1)}
-    presence = class_presence_record(work, list(cfg.data.class_names), cfg.synthesis.get("min_class_presence"),
+    presence = class_presence_record(work, list(cfg.data.class_names),
+                                     cfg.synthesis.get("min_class_presence"),
                                      optional_classes=list(cfg.data.get("optional_classes") or []))
     stage.commit(config=OmegaConf.to_container(cfg, resolve=True), inputs={"synthesis": str(source.path)},
                  counts=info, extra={"intensity": source.info().get("intensity", "raw"), "channels": channels,

@@ -1,4 +1,5 @@
-"""The segmentation stage: fit a backbone on real (+ synthetic) data, test the best checkpoint, write the results.
+"""The segmentation stage: fit a backbone on real (+ synthetic) data, test the best checkpoint, write the
+results.
 
 :func:`train_segmentation` is what ``diffmask-train`` runs (:mod:`diffmask.cli.train`, which seeds the run
 first): :func:`build_segmentation` instantiates the data, model, callbacks, loggers and trainer,
@@ -39,7 +40,14 @@ from diffmask.stages import (
     write_metrics,
 )
 
-__all__ = ["SegmentationRun", "build_segmentation", "fit_and_test", "run_facts", "train_segmentation", "write_results"]
+__all__ = [
+    "SegmentationRun",
+    "build_segmentation",
+    "fit_and_test",
+    "run_facts",
+    "train_segmentation",
+    "write_results",
+]
 
 # the stage's messages keep the logger name of diffmask-train
 log = logging.getLogger("diffmask.train")
@@ -67,7 +75,8 @@ class SegmentationRun:
 
 
 def build_segmentation(cfg: DictConfig) -> SegmentationRun:
-    """Instantiate the data, model, callbacks, loggers and trainer ``cfg`` describes; send the config to the loggers.
+    """Instantiate the data, model, callbacks, loggers and trainer ``cfg`` describes; send the config to the
+    loggers.
 
     Args:
         cfg: the ``train`` config.
@@ -76,7 +85,8 @@ def build_segmentation(cfg: DictConfig) -> SegmentationRun:
         The run's objects.
 
     Raises:
-        ValueError: ``train`` is on and the trainer would train nothing (:func:`~diffmask.stages.require_training`).
+        ValueError: ``train`` is on and the trainer would train nothing
+            (:func:`~diffmask.stages.require_training`).
     """
     # random merging masks need (real, synthetic variant) pairs: the merge setting decides the pairing
     paired = (cfg.segmentation.get("merge") or {}).get("alpha") is not None
@@ -95,7 +105,8 @@ def build_segmentation(cfg: DictConfig) -> SegmentationRun:
 
 
 def _test(run: SegmentationRun, best_path: str) -> dict[str, Any]:
-    """Test the best checkpoint (else ``ckpt_path`` with ``train=false``, else the current weights); the test metrics."""
+    """Test the best checkpoint (else ``ckpt_path`` with ``train=false``, else the current weights); the test
+    metrics."""
     cfg, trainer = run.cfg, run.trainer
     ckpt = best_path or (cfg.get("ckpt_path") if not cfg.get("train", True) else None)
     init = cfg.segmentation.get("init_weights")
@@ -138,7 +149,8 @@ def _data_facts(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
         "n_real_train": len(datamodule.real_train_ids),
         "real_train_ids": list(datamodule.real_train_ids),  # which labelled images: the same across seeds?
         "n_synthetic_train": len(datamodule.synthetic_ids),
-        "synthetic_dir": OmegaConf.to_container(cfg.data, resolve=True).get("synthetic_dir"),  # a folder or a list
+        # a folder or a list
+        "synthetic_dir": OmegaConf.to_container(cfg.data, resolve=True).get("synthetic_dir"),
         # paired (segmentation.merge.alpha): n_pairs, n_real_with_variants, n_real_self_paired, ...
         **({"paired": datamodule.pair_info} if datamodule.paired else {}),
     }
@@ -166,7 +178,8 @@ def run_facts(run: SegmentationRun, fit_seconds: float, best_path: str) -> dict[
         "best_val_miou": None if score is None else float(score),
         "fit_seconds": round(fit_seconds, 1),
         "epochs": trainer.current_epoch,
-        "run_group": run.identity.group,  # its sweep / pipeline invocation (diffmask-report --wandb-project logs there)
+        # its sweep / pipeline invocation (diffmask-report --wandb-project logs there)
+        "run_group": run.identity.group,
     }
 
 
@@ -188,7 +201,8 @@ def write_results(run: SegmentationRun, metrics: dict[str, Any], fit_seconds: fl
     facts = run_facts(run, fit_seconds, best_path)
     write_metrics(out, metrics, extra=facts)
     log.info("metrics written to %s", out)
-    if wandb_runs(run.loggers):  # summary (test scores per set and class, run facts), per-image table, overlays
+    # W&B: a summary (test scores per set and class, run facts), the per-image table, overlays
+    if wandb_runs(run.loggers):
         overlays = prediction_overlays(model, datamodule) if tested else {}
         log_test_results(run.loggers, metrics, facts, per_image if tested else None, overlays,
                          step=run.trainer.global_step)
