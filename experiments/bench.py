@@ -70,7 +70,7 @@ def bench_nets(size: int, batch: int = 8) -> None:
 def bench_control(size: int = 64, batch: int = 8, steps: int = 10) -> None:
     """Images/s of the same pixel model sampling with and without a ControlNet beside it."""
     from diffmask.control import ConditionBuilder, build_controlnet
-    from diffmask.diffusion import DiffusionSampler, build_scratch_components
+    from diffmask.diffusion import ControlledSampler, TextToImageSampler, build_scratch_components
 
     # pipeline_cpu's generator shape (1.7 M parameters, cross-attention only)
     comps = build_scratch_components(
@@ -79,9 +79,9 @@ def bench_control(size: int = 64, batch: int = 8, steps: int = 10) -> None:
         text_intermediate_size=128,
     )
     prompts, seeds = ["left lung, right lung and heart"] * batch, list(range(batch))
-    plain = DiffusionSampler(comps, size)
+    plain = TextToImageSampler(comps, size)
     condition = ConditionBuilder("mask", 4)
-    controlled = DiffusionSampler(comps, size, controlnet=build_controlnet(comps.unet, condition.channels))
+    controlled = ControlledSampler(comps, size, build_controlnet(comps.unet, condition.channels))
     cond = torch.rand(batch, condition.channels, size, size)
     for g in (1.0, 3.0):  # 1 = no classifier-free guidance (the EMIT-Diff CPU recipe), 3 = DiffMask's default
         for name, run in (
@@ -147,8 +147,9 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
     a first run, shortens it."""
     import torch.nn.functional as F
 
+    from diffmask.attention import capture_cross_attention
     from diffmask.attention.store import CrossAttentionStore
-    from diffmask.diffusion import DiffusionSampler
+    from diffmask.diffusion import TextToImageSampler
     from diffmask.diffusion.module import encode_prompts
     from diffmask.domains.chest import chest_prompt_builder
     from diffmask.refine.mask_maker import AttentionMaskMaker
@@ -164,7 +165,7 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
     def sampler_of(unet=None, vae=None):
         c = copy.copy(comps)
         c.unet, c.vae = unet if unet is not None else comps.unet, vae if vae is not None else comps.vae
-        return DiffusionSampler(c, size, scheduler="dpmpp", prompt_builder=builder)
+        return TextToImageSampler(c, size, scheduler="dpmpp", prompt_builder=builder)
 
     def sample(sampler, context=contextlib.nullcontext, maker=None, num_threads=None):
         sink = None
@@ -173,8 +174,12 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         try:
-            with context():
-                out = sampler(prompts, seeds, num_inference_steps=steps, guidance_scale=guidance, attention_sink=sink)
+            # as the generate stage captures: every cross-attention layer into the store
+            unet = sampler.components.unet
+            capture = contextlib.nullcontext() if sink is None else capture_cross_attention(unet, sink)
+            with context(), capture:
+                out = sampler(prompts, seeds, num_inference_steps=steps, guidance_scale=guidance,
+                              on_step_begin=None if sink is None else sink.begin_step)
             if sink is not None:
                 sink.result()
         finally:

@@ -208,7 +208,13 @@ class CrossAttentionStore:
         self._timestep = None if timestep is None else float(timestep)
 
     def begin_step(self, step_index: int, timestep: float | None = None) -> None:
-        """Alias of :meth:`set_step`: the name :class:`~diffmask.diffusion.sampler.DiffusionSampler` calls."""
+        """Alias of :meth:`set_step`, to pass as a sampler's ``on_step_begin`` hook
+        (:mod:`diffmask.diffusion.sampler`).
+
+        Args:
+            step_index: the sampling step the next UNet call belongs to.
+            timestep: its timestep (needed with ``timestep_window``).
+        """
         self.set_step(step_index, timestep)
 
     def validate_layers(self, unet: torch.nn.Module) -> list[str]:

@@ -1,4 +1,4 @@
-"""Text-conditioned diffusion: model parts, training module with attention alignment, sampler."""
+"""Text-conditioned diffusion: model parts, training module with attention alignment, samplers."""
 
 from diffmask.diffusion.alignment import AttentionAlignment, attention_alignment_loss, class_token_index
 from diffmask.diffusion.components import (
@@ -8,7 +8,13 @@ from diffmask.diffusion.components import (
     load_components,
 )
 from diffmask.diffusion.module import DiffusionLitModule, encode_prompts
-from diffmask.diffusion.sampler import DiffusionSampler, GenerationOutput
+from diffmask.diffusion.sampler import (
+    ControlledSampler,
+    GenerationOutput,
+    Sampler,
+    TextToImageSampler,
+    VariationSampler,
+)
 
 __all__ = [
     "AttentionAlignment",
@@ -20,6 +26,9 @@ __all__ = [
     "load_components",
     "DiffusionLitModule",
     "encode_prompts",
-    "DiffusionSampler",
     "GenerationOutput",
+    "Sampler",
+    "TextToImageSampler",
+    "ControlledSampler",
+    "VariationSampler",
 ]

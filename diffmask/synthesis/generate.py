@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
-from diffmask.diffusion.sampler import DiffusionSampler
+from diffmask.diffusion.sampler import Sampler
 from diffmask.synthesis.module import MaskMaker, SynthesisLitModule
 from diffmask.synthesis.requests import GenerationRequest, RequestDataset, collate_requests
 from diffmask.synthesis.writer import SyntheticWriter, read_dropped
@@ -19,7 +19,7 @@ __all__ = ["generate_samples"]
 
 def generate_samples(
     trainer_factory,
-    sampler: DiffusionSampler,
+    sampler: Sampler,
     requests: Sequence[GenerationRequest] | Dataset,
     output_dir: str | os.PathLike,
     class_names: Sequence[str],

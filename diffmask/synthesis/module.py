@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from diffmask.attention import AttentionSink
-from diffmask.diffusion.sampler import DiffusionSampler
+from diffmask.attention import AttentionSink, capture_cross_attention
+from diffmask.diffusion.sampler import Sampler
 from diffmask.refine.images import to_uint8_images
 
 __all__ = ["MaskMaker", "SynthesisLitModule", "attention_agreement"]
@@ -53,7 +54,10 @@ class SynthesisLitModule(pl.LightningModule):
     """Generates the images of a batch of requests in ``predict_step``.
 
     Args:
-        sampler: the diffusion sampler (its models become submodules, so Lightning places them).
+        sampler: the sampler (its models become submodules, so Lightning places them): a
+            :class:`~diffmask.diffusion.TextToImageSampler` for plain requests, a
+            :class:`~diffmask.diffusion.ControlledSampler` for batches with ``condition`` images, a
+            :class:`~diffmask.diffusion.VariationSampler` for batches with ``init`` images.
         num_inference_steps: denoising steps.
         guidance_scale: classifier-free guidance scale.
         eta: DDIM noise (0 = deterministic).
@@ -81,7 +85,7 @@ class SynthesisLitModule(pl.LightningModule):
 
     def __init__(
         self,
-        sampler: DiffusionSampler,
+        sampler: Sampler,
         num_inference_steps: int = 50,
         guidance_scale: float = 3.0,
         eta: float = 0.0,
@@ -100,6 +104,7 @@ class SynthesisLitModule(pl.LightningModule):
         self.unet = sampler.components.unet
         self.text_encoder = sampler.components.text_encoder
         self.vae = sampler.components.vae
+        self.controlnet = getattr(sampler, "controlnet", None)  # placed by Lightning with the UNet
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.eta = eta
@@ -126,12 +131,7 @@ class SynthesisLitModule(pl.LightningModule):
             if not positions:
                 raise ValueError("mask_maker: the sampler has no prompt builder, so class tokens cannot be found")
             sink = self.mask_maker.new_sink(rows["prompt"], positions, self.sampler.resolution)
-        out = self.sampler(
-            rows["prompt"], rows["seed"], num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale, attention_sink=sink, eta=self.eta,
-            **({} if control is None else {"control": control, "control_scale": self.control_scale}),
-            **({} if init is None else {"init_images": init, "strength": self.strength}),
-        )
+        out = self._sample(rows["prompt"], rows["seed"], sink, control=control, init=init)
         pred: dict[str, Any] = dict(rows)
         pred["images"] = to_uint8_images(out.images)  # (B, S, S) grey, (B, S, S, 3) RGB
         if cond_masks is not None:
@@ -165,3 +165,26 @@ class SynthesisLitModule(pl.LightningModule):
                     raise ValueError(f"save_class_maps: the sink {type(sink).__name__} has no result() to read maps from")
                 pred["class_maps"] = sink.result().to(torch.float16).cpu().numpy()
         return pred
+
+    def _sample(self, prompts: list[str], seeds: list[int], sink: AttentionSink | None,
+                control: torch.Tensor | None, init: torch.Tensor | None):
+        """Run the sampler on one batch, with ``sink`` capturing cross-attention when given.
+
+        Args:
+            prompts: the batch's prompts.
+            seeds: the batch's seeds.
+            sink: receives every cross-attention layer's probabilities (told each step through its
+                ``begin_step`` when it has one); None = no capture.
+            control: condition images (a ``ControlledSampler``'s batch), or None.
+            init: init images (a ``VariationSampler``'s batch), or None.
+        """
+        kwargs: dict[str, Any] = {"num_inference_steps": self.num_inference_steps,
+                                  "guidance_scale": self.guidance_scale, "eta": self.eta,
+                                  "on_step_begin": getattr(sink, "begin_step", None)}
+        if control is not None:  # controlled generation
+            kwargs.update(control=control, control_scale=self.control_scale)
+        if init is not None:  # variations of real images
+            kwargs.update(init_images=init, strength=self.strength)
+        unet = self.sampler.components.unet
+        with contextlib.nullcontext() if sink is None else capture_cross_attention(unet, sink):
+            return self.sampler(prompts, seeds, **kwargs)

@@ -13,7 +13,7 @@ from diffmask.autoencoder import AutoencoderLitModule, build_autoencoder, load_a
 from diffmask.codebook import VisualCodebook, WordCodePMI, codebook_usage, kmeans
 from diffmask.config import CONFIG_PATH
 from diffmask.data.dataset import SegmentationDataset
-from diffmask.diffusion import DiffusionSampler
+from diffmask.diffusion import TextToImageSampler
 from diffmask.domains.chest import PhantomSource
 
 
@@ -121,14 +121,15 @@ def test_codebook_stage_then_a_unet_with_clue_tokens_trains_and_its_capture_retu
     model = tmp_path / "artifacts" / "diffusion" / "clued"
     meta = json.loads((model / "diffmask.json").read_text())
     assert meta["clues"] == "clues" and (model / "clues" / "pmi.json").is_file()
-    sampler = DiffusionSampler.from_pretrained(model)
+    sampler = TextToImageSampler.from_pretrained(model)
     assert sampler.components.clues is not None and sampler.components.clues.pmi.n_images == 4
     prompt = sampler.prompt_builder.neutral_prompt().text
     tokens = sampler.components.clues.prompt_tokens([prompt, ""])
     assert tokens.shape == (2, 4, 32)
     store = CrossAttentionStore(output_size=32)
     store.set_tokens(sampler.token_positions([prompt]))
-    out = sampler([prompt], [0], num_inference_steps=2, guidance_scale=2.0, attention_sink=store)
+    with store.capture(sampler.components.unet):
+        out = sampler([prompt], [0], num_inference_steps=2, guidance_scale=2.0, on_step_begin=store.begin_step)
     maps = store.result()
     assert out.images.shape == (1, 1, 32, 32) and maps.shape == (1, 3, 32, 32) and torch.isfinite(maps).all()
     # a ControlNet on a clued model is refused up front

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 
 from diffmask.data import select_fraction
-from diffmask.diffusion import AttentionAlignment, DiffusionSampler, load_components
+from diffmask.diffusion import AttentionAlignment, TextToImageSampler, load_components
 from diffmask.diffusion.tiny_models import tiny_scratch_components
 from diffmask.domains.chest import chest_prompt_builder
 
@@ -86,10 +86,10 @@ def test_export_reloads_in_diffusers_format_with_identical_outputs(tmp_path, pha
     assert meta["space"] == "pixel" and meta["resolution"] == 32 and meta["class_names"][1] == "left_lung"
 
     prompts = [chest_prompt_builder().build({"sex": "F"}).text] * 2
-    reloaded = DiffusionSampler.from_pretrained(out)
+    reloaded = TextToImageSampler.from_pretrained(out)
     comps = module.components
     comps.unet = module.ema_unet  # the export holds the EMA weights
-    here = DiffusionSampler(comps, 32, prompt_builder=chest_prompt_builder())
+    here = TextToImageSampler(comps, 32, prompt_builder=chest_prompt_builder())
     a = here(prompts, [1, 2], num_inference_steps=2, guidance_scale=2.0)
     b = reloaded(prompts, [1, 2], num_inference_steps=2, guidance_scale=2.0)
     assert torch.equal(a.images, b.images)
@@ -172,8 +172,8 @@ def test_a_model_fitted_on_one_kind_of_image_refuses_the_other_by_name(tmp_path,
     assert json.loads((colour / "diffmask.json").read_text())["channels"] == 3
     with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {colour} was fitted on "
                                          r"3-channel \(colour\)"):
-        DiffusionSampler.from_pretrained(colour, channels=1)
-    out = DiffusionSampler.from_pretrained(colour, channels=3)(["a lesion"], [0], num_inference_steps=2)
+        TextToImageSampler.from_pretrained(colour, channels=1)
+    out = TextToImageSampler.from_pretrained(colour, channels=3)(["a lesion"], [0], num_inference_steps=2)
     assert out.images.shape == (1, 3, 32, 32)
     # a grey model fitting on colour batches (and the reverse) fails before its first step
     with pytest.raises(ValueError, match=r"data.channels=3 \(colour\), but the diffusion model takes 1-channel"):

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 from diffusers import StableDiffusionPipeline
 
-from diffmask.diffusion import DiffusionSampler, check_resolution, load_components
+from diffmask.diffusion import TextToImageSampler, check_resolution, load_components
 
 
 def test_tiny_stable_diffusion_folder_fine_tunes_exports_and_reloads(tmp_path, tiny_sd_dir, phantom_dm, make_module):
@@ -28,8 +28,8 @@ def test_tiny_stable_diffusion_folder_fine_tunes_exports_and_reloads(tmp_path, t
                output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 32, 32, 3)
     # and so does our sampler: grayscale out
-    gen = DiffusionSampler.from_pretrained(out)(["a chest x-ray of the left lung, right lung and heart"], [0],
-                                                 num_inference_steps=2, guidance_scale=2.0)
+    gen = TextToImageSampler.from_pretrained(out)(["a chest x-ray of the left lung, right lung and heart"], [0],
+                                                   num_inference_steps=2, guidance_scale=2.0)
     assert gen.images.shape == (1, 1, 32, 32)
     assert len(gen.token_positions[0]) == 3
 
@@ -44,8 +44,8 @@ def test_pretrained_errors_name_the_problem(tmp_path, tiny_sd_dir, make_module):
     with pytest.raises(FileNotFoundError, match=r"\['text_encoder', 'tokenizer', 'scheduler'\]"):
         load_components(tmp_path / "partial")
     with pytest.raises(ValueError, match="resolution"):
-        DiffusionSampler.from_pretrained(tiny_sd_dir)  # a bare SD folder has no diffmask.json
-    assert DiffusionSampler.from_pretrained(tiny_sd_dir, resolution=32).latent_size == 16
+        TextToImageSampler.from_pretrained(tiny_sd_dir)  # a bare SD folder has no diffmask.json
+    assert TextToImageSampler.from_pretrained(tiny_sd_dir, resolution=32).latent_size == 16
     v = load_components(tiny_sd_dir, prediction_type="v_prediction")
     assert v.noise_scheduler.config.prediction_type == "v_prediction"
 
@@ -58,8 +58,8 @@ def test_a_stable_diffusion_folder_serves_grey_and_colour_data_through_the_one_c
     grey, colour = load_components(tiny_sd_dir, channels=1), load_components(tiny_sd_dir, channels=3)
     assert grey.channels == 1 and colour.channels == 3 and load_components(tiny_sd_dir).channels == 1  # grey default
     prompt = ["a lesion"]
-    g = DiffusionSampler(grey, 32)(prompt, [0], num_inference_steps=1, guidance_scale=1.0).images
-    c = DiffusionSampler(colour, 32)(prompt, [0], num_inference_steps=1, guidance_scale=1.0).images
+    g = TextToImageSampler(grey, 32)(prompt, [0], num_inference_steps=1, guidance_scale=1.0).images
+    c = TextToImageSampler(colour, 32)(prompt, [0], num_inference_steps=1, guidance_scale=1.0).images
     assert g.shape == (1, 1, 32, 32) and c.shape == (1, 3, 32, 32)
     inside = ((c > 0) & (c < 1)).all(1, keepdim=True)  # pixels no channel was clipped at
     assert inside.float().mean() > 0.5  # grey = the VAE's channels averaged back (then clipped)

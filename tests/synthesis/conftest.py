@@ -5,14 +5,14 @@ import pytest
 import pytorch_lightning as pl
 
 from diffmask.attention import AttentionRecorder
-from diffmask.diffusion import DiffusionSampler, class_token_index
+from diffmask.diffusion import TextToImageSampler, class_token_index
 from diffmask.diffusion.tiny_models import tiny_scratch_components
 from diffmask.domains.chest import chest_prompt_builder
 
 
 @pytest.fixture
 def sampler():
-    return DiffusionSampler(tiny_scratch_components(32, seed=1), 32, prompt_builder=chest_prompt_builder())
+    return TextToImageSampler(tiny_scratch_components(32, seed=1), 32, prompt_builder=chest_prompt_builder())
 
 
 @pytest.fixture

@@ -63,14 +63,14 @@ def _assert_rgb_set(folder, n):
 
 def test_colour_model_generates_rgb_sets_with_attention_masks_and_remasks_them(colour_model):
     from diffmask.cli import remask
-    from diffmask.diffusion import DiffusionSampler
+    from diffmask.diffusion import TextToImageSampler
 
     root, model, tmp = colour_model
     meta = json.loads((model / "diffmask.json").read_text())
     assert meta["channels"] == 3 and meta["class_names"] == COLOUR_CLASSES
     assert json.loads((model / "stage.json").read_text())["counts"]["channels"] == 3
-    out = DiffusionSampler.from_pretrained(model, channels=3)(["a breast ultrasound image, benign, showing the lesion"],
-                                                              [0], num_inference_steps=2)
+    out = TextToImageSampler.from_pretrained(model, channels=3)(["a breast ultrasound image, benign, showing the lesion"],
+                                                                [0], num_inference_steps=2)
     assert out.images.shape == (1, 3, 32, 32)
 
     info, folder = _generate(root, model, tmp, "masks", "num_samples=3", "synthesis=attention_masks",

@@ -126,7 +126,7 @@ def test_generate_cli_extends_a_complete_stage_with_more_samples(tmp_path, model
     (out / "stage.json").write_text(json.dumps(info))
     # data settings that generation does not read (the segmentation mix) do not stop it
     grow = compose_generate(tmp_path, *common, "num_samples=4", "name=grow", "data.real_share=0.5")
-    with patch("diffmask.cli.generate.generate_samples", side_effect=RuntimeError("killed")):
+    with patch("diffmask.synthesis.stage.generate_samples", side_effect=RuntimeError("killed")):
         with pytest.raises(RuntimeError, match="killed"):
             run(grow)
     # a crash while growing leaves the complete set in place, readable

@@ -55,15 +55,15 @@ def test_two_ranks_write_controlled_samples_with_their_condition_masks(tmp_path)
     from PIL import Image
 
     from diffmask.control import ConditionBuilder, build_controlnet
-    from diffmask.diffusion import DiffusionSampler
+    from diffmask.diffusion import ControlledSampler
     from diffmask.diffusion.tiny_models import tiny_scratch_components
     from diffmask.domains.chest import PhantomSource
     from diffmask.synthesis.controlled import ConditionDataset, controlled_requests
 
     comps = tiny_scratch_components(32, seed=1)
     builder = ConditionBuilder("mask", 4)
-    sampler = DiffusionSampler(comps, 32, prompt_builder=chest_prompt_builder(),
-                               controlnet=build_controlnet(comps.unet, builder.channels))
+    sampler = ControlledSampler(comps, 32, build_controlnet(comps.unet, builder.channels),
+                                prompt_builder=chest_prompt_builder())
     src = PhantomSource(size=32, num_train=3)
     requests = controlled_requests(src, src.ids("train"), 2, seed=0, prompt_builder=chest_prompt_builder())
     out = tmp_path / "ddp_control"
