@@ -20,6 +20,10 @@ otherwise); a colour model writes RGB PNGs, and ``stage.json`` records ``channel
 ``logger=wandb`` logs the finished set to W&B: a grid of
 its first pairs (image with its mask as an overlay) and its counts, in the run's group
 (:mod:`diffmask.evaluation.wandb_logging`).
+
+This module only opens the stage (skip, resume or grow it); what is sampled is planned by
+:mod:`diffmask.synthesis.kinds` (one function per kind: prompts, variations, controlled) and run
+into the stage by :func:`diffmask.synthesis.stage.run_generation`.
 """
 
 from __future__ import annotations

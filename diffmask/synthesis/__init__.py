@@ -1,4 +1,10 @@
-"""Synthesis: sample a trained diffusion model into a dataset folder (PNGs + manifest)."""
+"""Synthesis: sample a trained diffusion model into a dataset folder (PNGs + manifest).
+
+The generate stage's logic lives here: :mod:`~diffmask.synthesis.kinds` plans a run (sampler +
+requests, one function per kind), :mod:`~diffmask.synthesis.labels` builds its mask maker, quality
+filter and affinity pass, :mod:`~diffmask.synthesis.stage` samples it into the stage folder
+(:func:`~diffmask.synthesis.generate.generate_samples`) and commits it.
+"""
 
 from diffmask.synthesis.generate import generate_samples
 from diffmask.synthesis.module import MaskMaker, SynthesisLitModule

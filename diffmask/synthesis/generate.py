@@ -39,14 +39,21 @@ def generate_samples(
     Args:
         trainer_factory: called as ``trainer_factory(callbacks=[writer])`` → a ``pl.Trainer``
             (e.g. a partially instantiated trainer config).
-        sampler, requests, class_names: what to generate and with which model; ``requests`` may
-            also be a dataset of items with condition images (controlled generation,
-            :class:`~diffmask.synthesis.controlled.ConditionDataset`, collated by its ``collate``) or
-            of items with init images (:class:`~diffmask.synthesis.variations.VariationDataset`).
+        sampler: the sampler of the requests' kind (:mod:`diffmask.diffusion.sampler`): a
+            ``ControlledSampler`` for condition images, a ``VariationSampler`` for init images, a
+            ``TextToImageSampler`` otherwise.
+        requests: what to generate; may also be a dataset of items with condition images
+            (controlled generation, :class:`~diffmask.synthesis.controlled.ConditionDataset`,
+            collated by its ``collate``) or of items with init images
+            (:class:`~diffmask.synthesis.variations.VariationDataset`).
         output_dir: the work folder (a ``StageDir``'s ``.tmp``); resumable.
+        class_names: the label classes, background first.
         batch_size: images per device per step.
-        num_inference_steps, guidance_scale, eta: sampling settings.
+        num_inference_steps: denoising steps.
+        guidance_scale: classifier-free guidance scale.
+        eta: DDIM noise (0 = deterministic).
         mask_maker: optional masks + scores from recorded attention.
+        num_workers: data loader workers.
         save_class_maps: also write each sample's class maps (``attn/<id>.npz``, ``attn_file``).
         quality_filter: optional ``reason(mask, scores)``; dropped samples are recorded, not written.
         control_scale: the ControlNet's residual multiplier (controlled generation).

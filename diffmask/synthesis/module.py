@@ -20,7 +20,13 @@ def attention_agreement(
     attention_mask: np.ndarray, condition_mask: np.ndarray, class_names: tuple[str, ...]
 ) -> dict[str, float]:
     """Per foreground class, the IoU of a controlled image's attention mask with its condition mask
-    (1.0 when the class is in neither): how far DiffMask's labels would agree with the true ones."""
+    (1.0 when the class is in neither): how far DiffMask's labels would agree with the true ones.
+
+    Args:
+        attention_mask: (S, S) label map made from the image's attention.
+        condition_mask: (S, S) label map the image was conditioned on.
+        class_names: the label classes, background first (background is not scored).
+    """
     out = {}
     for c, name in enumerate(class_names):
         if c == 0:
@@ -41,13 +47,24 @@ class MaskMaker(Protocol):
     """
 
     def new_sink(self, prompts: list[str], token_positions: list[list[list[int]]], resolution: int) -> AttentionSink:
-        """A fresh sink for one batch of ``prompts``; ``token_positions[i][k]`` = token positions
-        of class k in prompt i (BOS at 0); ``resolution`` = image side in pixels."""
+        """A fresh sink for one batch of prompts.
+
+        Args:
+            prompts: the batch's prompts.
+            token_positions: ``token_positions[i][k]`` = token positions of class k in prompt i (BOS at 0).
+            resolution: image side in pixels.
+        """
 
     def __call__(
         self, images: torch.Tensor, sink: AttentionSink, token_positions: list[list[list[int]]]
     ) -> tuple[np.ndarray, list[dict[str, float]]]:
-        """Label maps (B, S, S) uint8 (0 = background) and per-image ``{class_name: score in [0, 1]}``."""
+        """Label maps (B, S, S) uint8 (0 = background) and per-image ``{class_name: score in [0, 1]}``.
+
+        Args:
+            images: (B, C, S, S) generated images in [0, 1].
+            sink: the sink from :meth:`new_sink`, after sampling.
+            token_positions: as given to :meth:`new_sink`.
+        """
 
 
 class SynthesisLitModule(pl.LightningModule):
@@ -116,6 +133,14 @@ class SynthesisLitModule(pl.LightningModule):
         self.skip_ids: set[str] = set()
 
     def predict_step(self, batch: dict[str, list], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
+        """Generate the batch's requests not in :attr:`skip_ids` (None when there are none).
+
+        Args:
+            batch: collated requests (``id``, ``prompt``, ``seed``, ``meta``; ``condition`` and
+                ``mask`` for controlled generation, ``init`` for variations).
+            batch_idx: the batch's index (unused).
+            dataloader_idx: the loader's index (unused).
+        """
         keep = [i for i, sid in enumerate(batch["id"]) if sid not in self.skip_ids]
         if not keep:
             return None
