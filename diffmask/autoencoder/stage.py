@@ -25,15 +25,24 @@ from diffmask.data.manifest import ManifestRow, write_manifest
 from diffmask.refine.images import to_uint8_images
 from diffmask.stages import commit_fit_stage, resumable_fit
 
-__all__ = ["build_autoencoder_fit", "evaluate", "export_autoencoder", "fit_autoencoder", "write_reconstructions"]
+__all__ = [
+    "build_autoencoder_fit",
+    "evaluate",
+    "export_autoencoder",
+    "fit_autoencoder",
+    "write_reconstructions",
+]
 
 # the stage's messages keep the logger name of diffmask-fit-autoencoder
 log = logging.getLogger("diffmask.fit_autoencoder")
 
 
 @torch.no_grad()
-def evaluate(vae, loaders: list, names: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
-    """PSNR / SSIM (mean, std, n) of each test set's reconstructions and a few (original, reconstruction) pairs.
+def evaluate(
+    vae, loaders: list, names: list[str]
+) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """PSNR / SSIM (mean, std, n) of each test set's reconstructions, and a few (original,
+    reconstruction) pairs.
 
     Args:
         vae: the autoencoder.
@@ -52,9 +61,13 @@ def evaluate(vae, loaders: list, names: list[str]) -> tuple[dict[str, dict[str, 
                 originals.append(image)
                 recons.append(recon)
         p_all, s_all = torch.cat(p), torch.cat(s)
-        results[name] = {"psnr": float(p_all.mean()), "psnr_std": float(p_all.std()) if len(p_all) > 1 else 0.0,
-                         "ssim": float(s_all.mean()), "ssim_std": float(s_all.std()) if len(s_all) > 1 else 0.0,
-                         "n": len(p_all)}
+        results[name] = {
+            "psnr": float(p_all.mean()),
+            "psnr_std": float(p_all.std()) if len(p_all) > 1 else 0.0,
+            "ssim": float(s_all.mean()),
+            "ssim_std": float(s_all.std()) if len(s_all) > 1 else 0.0,
+            "n": len(p_all),
+        }
         examples[name] = torch.stack([torch.cat(originals), torch.cat(recons)])
     return results, examples
 
@@ -85,8 +98,16 @@ def write_reconstructions(vae, datamodule: SegmentationDataModule, folder: Path,
             sid = str(item["id"])
             atomic_write_bytes(folder / "images" / f"{sid}.png", _png_bytes(r))
             atomic_write_bytes(folder / "masks" / f"{sid}.png", _png_bytes(item["label"][0].numpy()))
-            rows.append(ManifestRow(id=sid, file_name=f"images/{sid}.png", sem_seg_file_name=f"masks/{sid}.png",
-                                    source="synthetic", meta=dict(item["meta"]), pair_id=sid))
+            rows.append(
+                ManifestRow(
+                    id=sid,
+                    file_name=f"images/{sid}.png",
+                    sem_seg_file_name=f"masks/{sid}.png",
+                    source="synthetic",
+                    meta=dict(item["meta"]),
+                    pair_id=sid,
+                )
+            )
     write_manifest(folder, rows)
     return len(rows)
 
@@ -102,14 +123,16 @@ def build_autoencoder_fit(cfg: DictConfig) -> tuple[SegmentationDataModule, Auto
     model = hydra.utils.instantiate(cfg.autoencoder)
     if int(model.vae.config.in_channels) != datamodule.channels:
         raise ValueError(
-            f"autoencoder.vae.in_channels={model.vae.config.in_channels}, but data.channels={datamodule.channels}; "
+            f"autoencoder.vae.in_channels={model.vae.config.in_channels}, "
+            f"but data.channels={datamodule.channels}; "
             "the autoencoder reads the data's images as they are (set both from data.channels)"
         )
     return datamodule, model
 
 
-def export_autoencoder(cfg: DictConfig, model: AutoencoderLitModule, datamodule: SegmentationDataModule,
-                       work: Path) -> tuple[dict[str, dict[str, float]], int]:
+def export_autoencoder(
+    cfg: DictConfig, model: AutoencoderLitModule, datamodule: SegmentationDataModule, work: Path
+) -> tuple[dict[str, dict[str, float]], int]:
     """Write the autoencoder, its test scores, ``grid.png`` and (``reconstructions=true``) the
     reconstructions set into ``work``.
 
@@ -134,9 +157,15 @@ def export_autoencoder(cfg: DictConfig, model: AutoencoderLitModule, datamodule:
         recon_dir = work / "reconstructions"
         n_recon = write_reconstructions(model.vae, datamodule, recon_dir)
         # a set's stage.json: the datamodule reads the intensity its images were made with
-        atomic_write_json(recon_dir / "stage.json", {"status": "complete", "intensity": datamodule.intensity,
-                                                     "channels": datamodule.channels,
-                                                     "counts": {"n_samples": n_recon}})
+        atomic_write_json(
+            recon_dir / "stage.json",
+            {
+                "status": "complete",
+                "intensity": datamodule.intensity,
+                "channels": datamodule.channels,
+                "counts": {"n_samples": n_recon},
+            },
+        )
     return results, n_recon
 
 
@@ -156,7 +185,9 @@ def fit_autoencoder(cfg: DictConfig, stage: StageDir) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return metrics
     results, n_recon = export_autoencoder(cfg, model, datamodule, work)
-    test = {f"test/{name}/{k}": v for name, r in results.items() for k, v in r.items() if k in ("psnr", "ssim")}
+    test = {
+        f"test/{name}/{k}": v for name, r in results.items() for k, v in r.items() if k in ("psnr", "ssim")
+    }
     counts = {
         "n_real_train": len(datamodule.real_train_ids),
         "resolution": model.resolution,
@@ -165,10 +196,26 @@ def fit_autoencoder(cfg: DictConfig, stage: StageDir) -> dict[str, Any]:
         "n_reconstructions": n_recon,
         "channels": datamodule.channels,
     }
-    commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule, "autoencoder_dir", counts,
-                     extra={"test": results, "intensity": datamodule.intensity, "channels": datamodule.channels},
-                     extra_metrics=test)
+    commit_fit_stage(
+        cfg,
+        stage,
+        work,
+        trainer,
+        metrics,
+        fit_seconds,
+        datamodule,
+        "autoencoder_dir",
+        counts,
+        extra={"test": results, "intensity": datamodule.intensity, "channels": datamodule.channels},
+        extra_metrics=test,
+    )
     for name, r in results.items():
-        log.info("autoencoder %s: PSNR %.2f dB, SSIM %.4f on %d %s test images", stage.path, r["psnr"], r["ssim"],
-                 r["n"], name)
+        log.info(
+            "autoencoder %s: PSNR %.2f dB, SSIM %.4f on %d %s test images",
+            stage.path,
+            r["psnr"],
+            r["ssim"],
+            r["n"],
+            name,
+        )
     return metrics

@@ -30,7 +30,8 @@ from diffmask.config import CONFIG_PATH
 
 @stage_task
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the autoencoder described by ``cfg`` and export it (:func:`~diffmask.autoencoder.stage.fit_autoencoder`).
+    """Fit the autoencoder described by ``cfg`` and export it
+    (:func:`~diffmask.autoencoder.stage.fit_autoencoder`).
 
     Args:
         cfg: the ``fit_autoencoder`` config.

@@ -5,7 +5,8 @@
 
 Writes a diffusers ``ControlNetModel`` folder (``config.json`` + weights), ``control.json`` (the
 base model and its fingerprint, the condition settings) and ``stage.json`` to
-``${paths.artifact_dir}/control/<name>``; ``metrics.json`` into the run dir. Resumable. The stage itself is :mod:`diffmask.control.stage`.
+``${paths.artifact_dir}/control/<name>``; ``metrics.json`` into the run dir. Resumable.
+The stage itself is :mod:`diffmask.control.stage`.
 """
 
 from __future__ import annotations

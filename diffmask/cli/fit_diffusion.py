@@ -4,7 +4,8 @@
     diffmask-fit-diffusion diffusion=pretrained diffusion.components.model_path=/models/sd-v1-5 data.size=256
 
 Writes the model in diffusers format (+ ``diffmask.json``, ``stage.json``) to
-``${paths.artifact_dir}/diffusion/<name>`` and ``metrics.json`` into the run dir. The stage itself is :mod:`diffmask.diffusion.stage`.
+``${paths.artifact_dir}/diffusion/<name>`` and ``metrics.json`` into the run dir.
+The stage itself is :mod:`diffmask.diffusion.stage`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from diffmask.diffusion.stage import fit_diffusion
 
 @stage_task
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the diffusion model described by ``cfg`` and export it (:func:`~diffmask.diffusion.stage.fit_diffusion`).
+    """Fit the diffusion model described by ``cfg`` and export it
+    (:func:`~diffmask.diffusion.stage.fit_diffusion`).
 
     Args:
         cfg: the ``fit_diffusion`` config.

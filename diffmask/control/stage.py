@@ -42,7 +42,9 @@ def load_base_model(base_dir: Path, channels: int) -> DiffusionComponents:
     return load_components(base_dir, channels=channels)
 
 
-def check_base_model(components: DiffusionComponents, datamodule: SegmentationDataModule, base_dir: Path) -> None:
+def check_base_model(
+    components: DiffusionComponents, datamodule: SegmentationDataModule, base_dir: Path
+) -> None:
     """A ValueError when the base model was fitted on other data settings, or with visual clues.
 
     Args:
@@ -58,12 +60,14 @@ def check_base_model(components: DiffusionComponents, datamodule: SegmentationDa
         )
     if components.clues is not None:
         raise ValueError(
-            f"input_dir: {base_dir} was fitted with diffusion.clues=codebook; a ControlNet on a model with visual "
-            "clue tokens is not supported (fit the base model with clues=none)"
+            f"input_dir: {base_dir} was fitted with diffusion.clues=codebook; a ControlNet on a model "
+            "with visual clue tokens is not supported (fit the base model with clues=none)"
         )
     class_names = list(datamodule.class_names)
     if meta.get("class_names") and list(meta["class_names"]) != class_names:
-        raise ValueError(f"data.class_names {class_names} differ from the diffusion model's {meta['class_names']}")
+        raise ValueError(
+            f"data.class_names {class_names} differ from the diffusion model's {meta['class_names']}"
+        )
 
 
 def build_control(cfg: DictConfig, components: DiffusionComponents) -> ControlLitModule:
@@ -79,8 +83,9 @@ def build_control(cfg: DictConfig, components: DiffusionComponents) -> ControlLi
     embedding = node.pop("conditioning_embedding_out_channels", None)
     condition = hydra.utils.instantiate(node.pop("condition"))
     controlnet = build_controlnet(components.unet, condition.channels, components.vae_scale_factor, embedding)
-    return hydra.utils.instantiate(node, components=components, controlnet=controlnet, condition=condition,
-                                   prompt_builder=builder)
+    return hydra.utils.instantiate(
+        node, components=components, controlnet=controlnet, condition=condition, prompt_builder=builder
+    )
 
 
 def fit_control(cfg: DictConfig, stage: StageDir) -> dict[str, Any]:
@@ -104,12 +109,38 @@ def fit_control(cfg: DictConfig, stage: StageDir) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return metrics
     labelled = sorted(datamodule.real_train_ids)
-    model.export(work, base_dir, extra={"labelled_ids": labelled, "intensity": datamodule.intensity,
-                                        "class_names": list(datamodule.class_names)})
-    counts = {"n_labelled": len(labelled), "condition": model.condition.type, "resolution": model.resolution,
-              "channels": model.channels}
-    info = commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule, "control_dir", counts,
-                            inputs={"diffusion": str(base_dir)})
-    log.info("ControlNet (%s) written to %s (%d steps on %d labelled images)", model.condition.type, stage.path,
-             info["steps"], len(labelled))
+    model.export(
+        work,
+        base_dir,
+        extra={
+            "labelled_ids": labelled,
+            "intensity": datamodule.intensity,
+            "class_names": list(datamodule.class_names),
+        },
+    )
+    counts = {
+        "n_labelled": len(labelled),
+        "condition": model.condition.type,
+        "resolution": model.resolution,
+        "channels": model.channels,
+    }
+    info = commit_fit_stage(
+        cfg,
+        stage,
+        work,
+        trainer,
+        metrics,
+        fit_seconds,
+        datamodule,
+        "control_dir",
+        counts,
+        inputs={"diffusion": str(base_dir)},
+    )
+    log.info(
+        "ControlNet (%s) written to %s (%d steps on %d labelled images)",
+        model.condition.type,
+        stage.path,
+        info["steps"],
+        len(labelled),
+    )
     return metrics

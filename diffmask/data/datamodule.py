@@ -35,7 +35,11 @@ log = logging.getLogger(__name__)
 
 def collate_samples(items: list[dict]) -> dict:
     """Stack tensors (``image``, ``label``, and in paired mode ``pair_image``, ``pair_label``); keep
-    strings and metadata dicts as lists (their keys may differ)."""
+    strings and metadata dicts as lists (their keys may differ).
+
+    Args:
+        items: the dataset items of one batch.
+    """
     out: dict = {}
     for key in items[0]:
         values = [it[key] for it in items]
@@ -49,6 +53,12 @@ def select_fraction(ids: list[str], fraction: float, seed: int, field: str = "re
     0 gives none, 1 gives all; 0.1 of the 173 JSRT training images gives 17.
 
     Subsets are nested: for one seed, the ids of a smaller fraction are inside a larger one.
+
+    Args:
+        ids: the ids to draw from.
+        fraction: the share to keep, in [0, 1].
+        seed: seed of the draw.
+        field: the setting named in the error message.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"{field}: expected a fraction in [0, 1], got {fraction}")
@@ -63,8 +73,14 @@ def _check_channels(channels: int) -> int:
     return int(channels)
 
 
-def _check_counts(batch_size: int, synthetic_ratio: float, synthetic_count: int | None, real_share: float | None,
-                  synthetic_ignore_margin: int, synthetic_min_class_presence: float | None) -> None:
+def _check_counts(
+    batch_size: int,
+    synthetic_ratio: float,
+    synthetic_count: int | None,
+    real_share: float | None,
+    synthetic_ignore_margin: int,
+    synthetic_min_class_presence: float | None,
+) -> None:
     """Value checks of the datamodule's numeric settings (named errors)."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -78,7 +94,8 @@ def _check_counts(batch_size: int, synthetic_ratio: float, synthetic_count: int 
         raise ValueError(f"synthetic_ignore_margin: expected >= 0 pixels, got {synthetic_ignore_margin}")
     if synthetic_min_class_presence is not None and not 0.0 <= synthetic_min_class_presence <= 1.0:
         raise ValueError(
-            f"synthetic_min_class_presence: expected a share in [0, 1] or null, got {synthetic_min_class_presence}"
+            "synthetic_min_class_presence: expected a share in [0, 1] or null, got "
+            f"{synthetic_min_class_presence}"
         )
 
 
@@ -91,7 +108,9 @@ def _check_paired(synthetic_dir, real_fraction: float, real_share: float | None)
             "training image each was made from"
         )
     if real_fraction == 0:
-        raise ValueError(f"{why} pairs real training images with their variants: data.real_fraction=0 leaves none")
+        raise ValueError(
+            f"{why} pairs real training images with their variants: data.real_fraction=0 leaves none"
+        )
     if real_share is not None:
         raise ValueError(
             f"data.real_share={real_share} has no meaning with {why}: every item is a real image and a "
@@ -119,8 +138,9 @@ def _check_real_source(real: SampleSource, class_names: tuple[str, ...], channel
         )
 
 
-def _check_test_set_names(real_name: str, external_sets: Sequence[str] | None,
-                          test_sets: Mapping[str, str] | None) -> list[str]:
+def _check_test_set_names(
+    real_name: str, external_sets: Sequence[str] | None, test_sets: Mapping[str, str] | None
+) -> list[str]:
     """The external set folders, once their names (folder names) and ``test_sets``' names are unique."""
     if isinstance(external_sets, str | Mapping):
         raise ValueError(f"external_sets: expected a list of folders, got {external_sets!r}")
@@ -132,7 +152,9 @@ def _check_test_set_names(real_name: str, external_sets: Sequence[str] | None,
         names.add(name)
     for name in test_sets or {}:
         if name in names or name == real_name:
-            raise ValueError(f"test_sets: the name {name!r} is taken (real data or paths.external_sets); rename it")
+            raise ValueError(
+                f"test_sets: the name {name!r} is taken (real data or paths.external_sets); rename it"
+            )
     return [str(p) for p in external_sets or []]
 
 
@@ -183,7 +205,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             padded with black and background first, keeping the aspect ratio).
         num_workers: DataLoader workers.
         seed: seed of the real/synthetic subset draws.
-        train_split, val_split, test_split: split names.
+        train_split: the real source's split to train on.
+        val_split: the real source's split to validate on.
+        test_split: the real source's split to test on (external sets are scored only when it is ``test``).
         paired: serve the selected real training images only, each with a synthetic variant of
             it drawn afresh at every fetch (:class:`~diffmask.data.dataset.PairedDataset`): the
             selected synthetic samples whose ``pair_id`` is its id; real images without one are
@@ -257,8 +281,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         prompt: Mapping | None = None,
     ):
         super().__init__()
-        _check_counts(batch_size, synthetic_ratio, synthetic_count, real_share, synthetic_ignore_margin,
-                      synthetic_min_class_presence)
+        _check_counts(
+            batch_size,
+            synthetic_ratio,
+            synthetic_count,
+            real_share,
+            synthetic_ignore_margin,
+            synthetic_min_class_presence,
+        )
         self.channels = _check_channels(channels)
         self.prompt = dict(prompt or {})
         self.paired = bool(paired)
@@ -321,8 +351,13 @@ class SegmentationDataModule(pl.LightningDataModule):
             return
         real = self._real
         if self.synthetic_dir:
-            self._synthetic = ManifestSource(self.synthetic_dir, self.class_names, "train",
-                                             min_score=self.synthetic_min_score, channels=self.channels)
+            self._synthetic = ManifestSource(
+                self.synthetic_dir,
+                self.class_names,
+                "train",
+                min_score=self.synthetic_min_score,
+                channels=self.channels,
+            )
         self._open_test_sets()
         self._check_test_sets()
         self._real_train_ids = select_fraction(real.ids(self._splits["train"]), self.real_fraction, self.seed)
@@ -361,23 +396,32 @@ class SegmentationDataModule(pl.LightningDataModule):
         for path in self._external_sets:
             name = Path(path).name
             if test_split != "test":  # e.g. tuning on the validation split: other hospitals stay unseen
-                self._missing_test_sets[name] = f"not scored: data.test_split={test_split} (external sets are test-only)"
+                self._missing_test_sets[name] = (
+                    f"not scored: data.test_split={test_split} (external sets are test-only)"
+                )
                 log.info("external test set %r not scored: data.test_split=%s", name, test_split)
                 continue
             if not Path(path).exists():
                 self._missing_test_sets[name] = f"{path}: folder not found"
-                log.warning("external test set %r not found at %s: not scored (paths.external_sets)", name, path)
+                log.warning(
+                    "external test set %r not found at %s: not scored (paths.external_sets)", name, path
+                )
                 continue
-            self._extra_test_sets[name] = open_test_set(path, self.class_names, name=name, channels=self.channels)
+            self._extra_test_sets[name] = open_test_set(
+                path, self.class_names, name=name, channels=self.channels
+            )
         for name, path in self._test_sets.items():
-            self._extra_test_sets[name] = open_test_set(path, self.class_names, name=name, channels=self.channels)
+            self._extra_test_sets[name] = open_test_set(
+                path, self.class_names, name=name, channels=self.channels
+            )
 
     def _check_synthetic_sets(self) -> str:
         """The intensity that serves the synthetic images (one for every folder of the set)."""
         served = {self._check_synthetic_set(folder) for folder in self._synthetic.folders}
         if len(served) > 1:
             raise ValueError(
-                f"data.synthetic_dir: {[str(f) for f in self._synthetic.folders]} come from generators fitted on "
+                f"data.synthetic_dir: {[str(f) for f in self._synthetic.folders]} come from generators "
+                "fitted on "
                 "different data.intensity settings (their stage.json); list sets made alike"
             )
         return served.pop()
@@ -432,7 +476,8 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     @property
     def real_train_ids(self) -> list[str]:
-        """The selected real training ids (``real_fraction`` of the train split); runs :meth:`setup` if needed."""
+        """The selected real training ids (``real_fraction`` of the train split); runs :meth:`setup`
+        if needed."""
         return self._set_up()._real_train_ids
 
     @property
@@ -491,10 +536,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         if not with_variants:
             n_tagged = sum(pair_of.get(sid) is not None for sid in self._synthetic_ids)
             raise ValueError(
-                f"data.synthetic_dir={synthetic_dir}: none of the {len(self._synthetic_ids)} selected synthetic samples "
-                f"({n_tagged} with a pair_id) is a variant of one of the {len(self._real_train_ids)} selected real "
-                f"training images ({self._real.name}): paired data (segmentation.merge.alpha) needs manifest rows whose "
-                "pair_id is a real training id (data.real_fraction, data.synthetic_count / synthetic_ratio select both)"
+                f"data.synthetic_dir={synthetic_dir}: none of the {len(self._synthetic_ids)} selected "
+                "synthetic samples "
+                f"({n_tagged} with a pair_id) is a variant of one of the {len(self._real_train_ids)} "
+                "selected real "
+                f"training images ({self._real.name}): paired data (segmentation.merge.alpha) needs "
+                "manifest rows whose "
+                "pair_id is a real training id (data.real_fraction, data.synthetic_count / "
+                "synthetic_ratio select both)"
             )
         self_paired = len(self._variants) - with_variants
         self._pair_info = {
@@ -506,10 +555,15 @@ class SegmentationDataModule(pl.LightningDataModule):
         if self_paired:
             log.warning(
                 "data: %d of %d real training images have no variant among the selected synthetic samples: "
-                "paired with themselves (their plain loss)", self_paired, len(self._variants),
+                "paired with themselves (their plain loss)",
+                self_paired,
+                len(self._variants),
             )
         if unmatched:
-            log.info("data: %d selected synthetic samples are no variant of a selected real image: unused", unmatched)
+            log.info(
+                "data: %d selected synthetic samples are no variant of a selected real image: unused",
+                unmatched,
+            )
 
     def _check_synthetic_set(self, folder: Path) -> str:
         """The normalisation that serves ``folder``'s images like the real ones; when synthetic
@@ -529,8 +583,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             served = self.intensity
         else:
             raise ValueError(
-                f"data.intensity={self.intensity}, but the synthetic images in {stage_file.parent} come from a "
-                f"diffusion model trained on data.intensity={made_from} images (its stage.json): give every stage "
+                f"data.intensity={self.intensity}, but the synthetic images in {stage_file.parent} come "
+                "from a "
+                f"diffusion model trained on data.intensity={made_from} images (its stage.json): give "
+                "every stage "
                 "the same setting (pipeline: in its common list)"
             )
         if self.synthetic_min_class_presence is None or not self._synthetic_ids:
@@ -539,7 +595,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         if presence is None:  # a set made before stage.json recorded it, or by hand
             presence = self._synthetic.class_presence()
         sparse = {
-            name: share for name, share in presence.items()
+            name: share
+            for name, share in presence.items()
             if share < self.synthetic_min_class_presence and name not in self.optional_classes
         }
         if sparse:
@@ -579,32 +636,47 @@ class SegmentationDataModule(pl.LightningDataModule):
                     f"test set {name!r} ({where}): {len(problems)} of {len(ids)} test samples are bad "
                     f"(checked before the fit):\n  {shown}"
                 )
-            self._test_set_classes[name] = [c for c, there in zip(self.class_names[1:], seen[1:], strict=True) if there]
+            self._test_set_classes[name] = [
+                c for c, there in zip(self.class_names[1:], seen[1:], strict=True) if there
+            ]
             absent = [c for c in self.class_names[1:] if c not in self._test_set_classes[name]]
-            if absent and source is self._real:  # the dataset's own masks: a class it never holds is a config error
+            if (
+                absent and source is self._real
+            ):  # the dataset's own masks: a class it never holds is a config error
                 where = getattr(source, "root", name)
                 raise ValueError(
-                    f"data.class_names asks for {absent} (labels {[self.class_names.index(c) for c in absent]}), but no "
-                    f"mask of the {name} test split ({where}) holds them: check the class list against the masks' "
+                    f"data.class_names asks for {absent} (labels "
+                    f"{[self.class_names.index(c) for c in absent]}), but no "
+                    f"mask of the {name} test split ({where}) holds them: check the class list against the "
+                    "masks' "
                     "label values (diffmask-check-data)"
                 )
             if absent:
-                log.info("test set %r has no %s label: scored on %s only", name, ", ".join(absent),
-                         ", ".join(self._test_set_classes[name]))
+                log.info(
+                    "test set %r has no %s label: scored on %s only",
+                    name,
+                    ", ".join(absent),
+                    ", ".join(self._test_set_classes[name]),
+                )
 
     def test_set_info(self) -> dict[str, dict]:
         """Per test set: its folder, image count and the classes it is scored on (for ``metrics.json``)."""
         sources = self.test_sources()
         return {
-            name: {"path": str(getattr(src, "root", "")) or None, "n_images": len(src.ids(self._splits["test"])),
-                   "classes": self.test_set_classes.get(name)}
+            name: {
+                "path": str(getattr(src, "root", "")) or None,
+                "n_images": len(src.ids(self._splits["test"])),
+                "classes": self.test_set_classes.get(name),
+            }
             for name, src in sources.items()
         }
 
     def _select_synthetic(self) -> list[str]:
         if self._synthetic is None:
             if self.synthetic_count:
-                raise ValueError(f"synthetic_count={self.synthetic_count} but no synthetic data is configured")
+                raise ValueError(
+                    f"synthetic_count={self.synthetic_count} but no synthetic data is configured"
+                )
             return []
         pool = self._synthetic.ids(self._splits["train"])
         if self.synthetic_count is not None:
@@ -645,9 +717,17 @@ class SegmentationDataModule(pl.LightningDataModule):
             parts.append(self._synthetic_dataset())
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
-    def _real_dataset(self, source: SampleSource, ids: list[str], transform: Callable | None = None) -> SegmentationDataset:
+    def _real_dataset(
+        self, source: SampleSource, ids: list[str], transform: Callable | None = None
+    ) -> SegmentationDataset:
         return SegmentationDataset(
-            source, ids, self.size, transform, intensity=self.intensity, resize=self.resize, channels=self.channels
+            source,
+            ids,
+            self.size,
+            transform,
+            intensity=self.intensity,
+            resize=self.resize,
+            channels=self.channels,
         )
 
     def _synthetic_dataset(self, seed_offset: int = 0) -> SegmentationDataset:
@@ -680,12 +760,16 @@ class SegmentationDataModule(pl.LightningDataModule):
         n_real, n_syn = len(self.real_train_ids), len(self.synthetic_ids)
         if self.real_share is None or self.paired or not n_real or not n_syn:
             return None
-        weights = torch.cat([
-            torch.full((n_real,), self.real_share / n_real, dtype=torch.double),
-            torch.full((n_syn,), (1.0 - self.real_share) / n_syn, dtype=torch.double),
-        ])
+        weights = torch.cat(
+            [
+                torch.full((n_real,), self.real_share / n_real, dtype=torch.double),
+                torch.full((n_syn,), (1.0 - self.real_share) / n_syn, dtype=torch.double),
+            ]
+        )
         # one generator per datamodule: successive epochs (and reloaded loaders) draw afresh
-        return WeightedRandomSampler(weights, num_samples=n_real + n_syn, replacement=True, generator=self._draws)
+        return WeightedRandomSampler(
+            weights, num_samples=n_real + n_syn, replacement=True, generator=self._draws
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (or ``real_share``-weighted) batches of :meth:`train_dataset`."""

@@ -34,7 +34,9 @@ __all__ = ["DiffusionLitModule", "encode_conditioning", "encode_images", "encode
 log = logging.getLogger(__name__)
 
 
-def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+def encode_prompts(
+    tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str], device: torch.device
+) -> torch.Tensor:
     """CLIP text states (B, T, D) of prompts padded to the tokenizer's ``model_max_length``.
 
     Raises:
@@ -71,9 +73,12 @@ def _check_size(image: torch.Tensor, resolution: int) -> torch.Tensor:
     return image * 2.0 - 1.0
 
 
-def encode_posterior(image: torch.Tensor, vae: torch.nn.Module, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_posterior(
+    image: torch.Tensor, vae: torch.nn.Module, resolution: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, S, S) in [0, 1] → the VAE posterior's mean and std (unscaled latents, fp32); grey
-    images are repeated to a 3-channel VAE's channels (:func:`~diffmask.autoencoder.to_autoencoder_channels`)."""
+    images are repeated to a 3-channel VAE's channels
+    (:func:`~diffmask.autoencoder.to_autoencoder_channels`)."""
     x = to_autoencoder_channels(_check_size(image, resolution), int(vae.config.in_channels))
     with torch.no_grad():
         dist = vae.encode(x.to(vae.dtype)).latent_dist
@@ -142,7 +147,8 @@ class DiffusionLitModule(pl.LightningModule):
     Examples::
 
         comps = build_scratch_components(resolution=64)
-        module = DiffusionLitModule(comps, chest_prompt_builder(), functools.partial(torch.optim.AdamW, lr=1e-4), resolution=64)
+        optimizer = functools.partial(torch.optim.AdamW, lr=1e-4)
+        module = DiffusionLitModule(comps, chest_prompt_builder(), optimizer, resolution=64)
         pl.Trainer(max_steps=1000).fit(module, datamodule=dm)
         module.export("artifacts/diffusion/run1")
     """
@@ -172,7 +178,9 @@ class DiffusionLitModule(pl.LightningModule):
             raise ValueError(f"cond_dropout: expected a probability in [0, 1), got {cond_dropout}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay: expected 0 (off) or a decay in (0, 1), got {ema_decay}")
-        self.save_hyperparameters(ignore=["components", "prompt_builder", "optimizer", "lr_scheduler", "align"])
+        self.save_hyperparameters(
+            ignore=["components", "prompt_builder", "optimizer", "lr_scheduler", "align"]
+        )
         self.latent_size = check_resolution(components, resolution)
         self.components = components
         self.channels = int(components.channels)
@@ -217,7 +225,8 @@ class DiffusionLitModule(pl.LightningModule):
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
-                f"prediction_type: the scheduler's {self.prediction_type!r} is not supported (epsilon, v_prediction)"
+                f"prediction_type: the scheduler's {self.prediction_type!r} is not supported (epsilon, "
+                "v_prediction)"
             )
 
     def load_clues(self) -> None:
@@ -251,7 +260,12 @@ class DiffusionLitModule(pl.LightningModule):
         items = [dataset[i] for i in range(len(ids))]
         reports = [self.prompt_builder.build(it["meta"]).text for it in items]
         pmi = self.clues.fit_alignment(reports, [it["image"] for it in items])
-        log.info("clues: word-code PMI of %d images, %d words, %d codes", pmi.n_images, len(pmi.vocabulary), pmi.size)
+        log.info(
+            "clues: word-code PMI of %d images, %d words, %d codes",
+            pmi.n_images,
+            len(pmi.vocabulary),
+            pmi.size,
+        )
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -268,20 +282,24 @@ class DiffusionLitModule(pl.LightningModule):
         """
         # templates and prompt dropout differ per rank (and follow the run's seed)
         self._prompt_rng = random.Random(torch.initial_seed() * 1009 + self.global_rank)
-        check_datamodule_channels(self.trainer if self._trainer is not None else None, self.channels,
-                                  "the diffusion model")
+        check_datamodule_channels(
+            self.trainer if self._trainer is not None else None, self.channels, "the diffusion model"
+        )
         self.load_clues()
         if stage == "fit" and self.clues is not None and self.clues.pmi is None:
             dm = getattr(self.trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "real_dataset"):
-                raise ValueError("clues=codebook needs a SegmentationDataModule (the training images and their reports)")
+                raise ValueError(
+                    "clues=codebook needs a SegmentationDataModule (the training images and their reports)"
+                )
             self.fit_clue_alignment(dm)
         if stage != "fit" or not self.align.enabled:
             return
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "real_dataset"):
             raise ValueError(
-                "align.label_fraction > 0 needs a SegmentationDataModule (its real source holds the labelled images)"
+                "align.label_fraction > 0 needs a SegmentationDataModule (its real source holds the "
+                "labelled images)"
             )
         self._labelled = self.labelled_batches(dm)
 
@@ -297,7 +315,9 @@ class DiffusionLitModule(pl.LightningModule):
         train_ids = dm.real_ids("train")
         if self.labelled_ids is None:
             self.labelled_ids = set(self.draw_labelled_ids(dm))
-            log.info("align: %d labelled images (fraction %.3g)", len(self.labelled_ids), self.align.label_fraction)
+            log.info(
+                "align: %d labelled images (fraction %.3g)", len(self.labelled_ids), self.align.label_fraction
+            )
         unknown = sorted(self.labelled_ids - set(train_ids))
         if unknown:
             raise ValueError(
@@ -305,7 +325,9 @@ class DiffusionLitModule(pl.LightningModule):
                 f"{dm.split_name('train')!r} split ({len(unknown)} unknown)"
             )
         dataset = dm.real_dataset(sorted(self.labelled_ids))
-        return LabelledBatches(dataset, self.align.batch_size, seed=torch.initial_seed() * 1013 + self.global_rank)
+        return LabelledBatches(
+            dataset, self.align.batch_size, seed=torch.initial_seed() * 1013 + self.global_rank
+        )
 
     def draw_labelled_ids(self, dm) -> list[str]:
         """The real training images whose masks this fit may use (the alignment's labelled images).
@@ -347,10 +369,12 @@ class DiffusionLitModule(pl.LightningModule):
         if image.shape[1] != self.channels:
             raise ValueError(
                 f"image: {image.shape[1]} channel(s), the diffusion model takes {self.channels} "
-                f"({channel_word(self.channels)}; data.channels); grey and colour are never converted silently"
+                f"({channel_word(self.channels)}; data.channels); grey and colour are never converted "
+                "silently"
             )
         if self.vae is None or self.latent_cache == 0:
             return encode_images(image, self.vae, self.resolution)
+
         def posterior(images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
             return list(zip(*encode_posterior(images, self.vae, self.resolution), strict=True))
 
@@ -365,7 +389,9 @@ class DiffusionLitModule(pl.LightningModule):
         texts, positions = [], []
         for meta in metas:
             built = self.prompt_builder.build(
-                meta, rng=self._prompt_rng if train else None, drop_fields=self.field_dropout if train else 0.0
+                meta,
+                rng=self._prompt_rng if train else None,
+                drop_fields=self.field_dropout if train else 0.0,
             )
             if train and dropout and self.cond_dropout > 0 and self._prompt_rng.random() < self.cond_dropout:
                 texts.append("")
@@ -401,7 +427,11 @@ class DiffusionLitModule(pl.LightningModule):
         num_classes = len(self.prompt_builder.class_names)
         # items whose label map is real (unlabelled items are all ignore_index)
         labelled = (batch["label"].flatten(1) < num_classes).all(1).tolist()
-        aligned = [i for i, (pos, ok) in enumerate(zip(positions, labelled, strict=True)) if align_all and ok and pos is not None]
+        aligned = [
+            i
+            for i, (pos, ok) in enumerate(zip(positions, labelled, strict=True))
+            if align_all and ok and pos is not None
+        ]
         images, labels = batch["image"], batch["label"]
         if align_batch is not None:
             a_texts, a_positions = self.make_prompts(align_batch["meta"], train, dropout=False)
@@ -413,10 +443,17 @@ class DiffusionLitModule(pl.LightningModule):
         b = clean.shape[0]
         noise = torch.randn(clean.shape, generator=generator, device="cpu" if generator else clean.device)
         noise = noise.to(clean)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
-                          device="cpu" if generator else clean.device).to(clean.device)
+        t = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (b,),
+            generator=generator,
+            device="cpu" if generator else clean.device,
+        ).to(clean.device)
         noisy = self.noise_scheduler.add_noise(clean, noise, t)
-        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(clean, noise, t)
+        target = (
+            noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(clean, noise, t)
+        )
 
         text_ctx = torch.enable_grad() if (train and self.train_text_encoder) else torch.no_grad()
         with text_ctx:
@@ -427,7 +464,9 @@ class DiffusionLitModule(pl.LightningModule):
             states = torch.cat([states, tokens.to(states)], dim=1)
         out: dict[str, torch.Tensor] = {}
         if aligned:
-            index, weight = class_token_index([positions[i] if i in aligned else positions[aligned[0]] for i in range(b)])
+            index, weight = class_token_index(
+                [positions[i] if i in aligned else positions[aligned[0]] for i in range(b)]
+            )
             recorder = AttentionRecorder(aspect=(1, 1))
             recorder.set_tokens(index.to(clean.device))
             with capture_cross_attention(self.unet, recorder):
@@ -435,7 +474,11 @@ class DiffusionLitModule(pl.LightningModule):
             keep = torch.as_tensor(aligned, device=clean.device)
             maps = {k: v[keep] for k, v in recorder.maps.items()}
             align_loss, _ = attention_alignment_loss(
-                maps, weight[keep.cpu()], labels[keep], self.align.resolutions, classes=self.align_class_values
+                maps,
+                weight[keep.cpu()],
+                labels[keep],
+                self.align.resolutions,
+                classes=self.align_class_values,
             )
             out["align_loss"] = align_loss
         else:
@@ -492,18 +535,21 @@ class DiffusionLitModule(pl.LightningModule):
         self.noise_scheduler.save_pretrained(path / "scheduler")
         if self.vae is not None:
             self.vae.save_pretrained(path / "vae")
-            atomic_write_json(path / "model_index.json", {
-                "_class_name": "StableDiffusionPipeline",
-                "_diffusers_version": __import__("diffusers").__version__,
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
-                "safety_checker": [None, None],
-                "scheduler": ["diffusers", type(self.noise_scheduler).__name__],
-                "text_encoder": ["transformers", type(self.text_encoder).__name__],
-                "tokenizer": ["transformers", type(self.tokenizer).__name__],
-                "unet": ["diffusers", type(unet).__name__],
-                "vae": ["diffusers", type(self.vae).__name__],
-            })
+            atomic_write_json(
+                path / "model_index.json",
+                {
+                    "_class_name": "StableDiffusionPipeline",
+                    "_diffusers_version": __import__("diffusers").__version__,
+                    "feature_extractor": [None, None],
+                    "requires_safety_checker": False,
+                    "safety_checker": [None, None],
+                    "scheduler": ["diffusers", type(self.noise_scheduler).__name__],
+                    "text_encoder": ["transformers", type(self.text_encoder).__name__],
+                    "tokenizer": ["transformers", type(self.tokenizer).__name__],
+                    "unet": ["diffusers", type(unet).__name__],
+                    "vae": ["diffusers", type(self.vae).__name__],
+                },
+            )
         meta = {
             "format": 1,
             "space": "latent" if self.vae is not None else "pixel",
@@ -514,7 +560,8 @@ class DiffusionLitModule(pl.LightningModule):
             "prediction_type": self.prediction_type,
             "ema": self.ema_unet is not None,
             # which classes the attention was aligned to (the rest are zero-shot)
-            "align_classes": list(self.align.classes) if self.align.classes is not None
+            "align_classes": list(self.align.classes)
+            if self.align.classes is not None
             else list(self.prompt_builder.class_names[1:]),
             "global_step": int(self.global_step),
             **(extra or {}),

@@ -95,15 +95,17 @@ def build_diffusion(cfg: DictConfig) -> DiffusionRun:
     extra: dict[str, Any] = {}
     if "vocabulary" in inspect.signature(components_target).parameters:
         extra["vocabulary"] = prompt_vocabulary(
-            [*prompt_builder.words(), *cfg.diffusion.components.get("vocabulary", [])], train_metas(datamodule)
+            [*prompt_builder.words(), *cfg.diffusion.components.get("vocabulary", [])],
+            train_metas(datamodule),
         )
     components = hydra.utils.instantiate(cfg.diffusion.components, **extra)
     model = hydra.utils.instantiate(cfg.diffusion, components=components, prompt_builder=prompt_builder)
     return DiffusionRun(datamodule, prompt_builder, components, model)
 
 
-def add_mask_findings(builder: AnatomyPathologyPrompts, datamodule: SegmentationDataModule,
-                      model: DiffusionLitModule) -> None:
+def add_mask_findings(
+    builder: AnatomyPathologyPrompts, datamodule: SegmentationDataModule, model: DiffusionLitModule
+) -> None:
     """Put the mask-derived findings of the images the fit may use into their metadata.
 
     ``prompts.mask_findings``: ``labelled`` = the alignment's labelled images (none when alignment
@@ -164,8 +166,14 @@ def fit_diffusion(cfg: DictConfig, stage) -> dict[str, Any]:
     model, datamodule = run.model, run.datamodule
     # the input normalisation the model learnt; evaluate-masks feeds real images the same way
     autoencoder_dir = cfg.diffusion.components.get("autoencoder_dir")
-    model.export(work, extra={"labelled_ids": sorted(model.labelled_ids or []), "intensity": datamodule.intensity,
-                              **({"autoencoder_dir": str(autoencoder_dir)} if autoencoder_dir else {})})
+    model.export(
+        work,
+        extra={
+            "labelled_ids": sorted(model.labelled_ids or []),
+            "intensity": datamodule.intensity,
+            **({"autoencoder_dir": str(autoencoder_dir)} if autoencoder_dir else {}),
+        },
+    )
     counts = {
         "n_real_train": len(datamodule.real_train_ids),
         "n_labelled": len(model.labelled_ids or []),
@@ -173,8 +181,22 @@ def fit_diffusion(cfg: DictConfig, stage) -> dict[str, Any]:
         "resolution": model.resolution,
         "channels": run.components.channels,
     }
-    info = commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule, "model_dir", counts,
-                            inputs={"autoencoder": str(autoencoder_dir)} if autoencoder_dir else None)
-    log.info("diffusion model written to %s (%d steps, %s images/s)", stage.path, info["steps"],
-             "n/a" if info["images_per_s"] is None else f"{info['images_per_s']:.1f}")
+    info = commit_fit_stage(
+        cfg,
+        stage,
+        work,
+        trainer,
+        metrics,
+        fit_seconds,
+        datamodule,
+        "model_dir",
+        counts,
+        inputs={"autoencoder": str(autoencoder_dir)} if autoencoder_dir else None,
+    )
+    log.info(
+        "diffusion model written to %s (%d steps, %s images/s)",
+        stage.path,
+        info["steps"],
+        "n/a" if info["images_per_s"] is None else f"{info['images_per_s']:.1f}",
+    )
     return metrics

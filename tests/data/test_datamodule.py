@@ -66,10 +66,12 @@ def test_a_list_of_synthetic_sets_is_read_as_one(tmp_path, monkeypatch):
     items = [data[0], data[len(data) - 1]]  # one of each set
     assert all(it["image"].shape == (1, 32, 32) and it["source"] == "synthetic" for it in items)
     with pytest.raises(ValueError, match="has only 12"):
-        SegmentationDataModule(real, size=32, synthetic_dir=dirs, synthetic_count=13, intensity="equalize").setup("fit")
+        SegmentationDataModule(real, size=32, synthetic_dir=dirs, synthetic_count=13,
+                               intensity="equalize").setup("fit")
     raw = write_synthetic_folder(tmp_path / "raw", n=3, made_with="raw")
     with pytest.raises(ValueError, match="different data.intensity"):
-        SegmentationDataModule(real, size=32, synthetic_dir=[str(a), str(raw)], synthetic_count=4, intensity="equalize").setup("fit")
+        SegmentationDataModule(real, size=32, synthetic_dir=[str(a), str(raw)], synthetic_count=4,
+                               intensity="equalize").setup("fit")
     with pytest.raises(ValueError, match="share a name"):
         SegmentationDataModule(real, size=32, synthetic_dir=[str(a), str(a)], synthetic_count=4).setup("fit")
 
