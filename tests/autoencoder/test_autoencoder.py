@@ -21,7 +21,7 @@ from diffmask.autoencoder import (
 from diffmask.config import CONFIG_PATH
 from diffmask.data import ManifestSource
 from diffmask.data.dataset import SegmentationDataset
-from diffmask.diffusion import DiffusionSampler, build_scratch_components
+from diffmask.diffusion import TextToImageSampler, VariationSampler, build_scratch_components
 from diffmask.diffusion.components import DiffusionComponents
 from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
 from diffmask.domains.chest import PhantomSource, chest_prompt_builder
@@ -145,18 +145,20 @@ def test_autoencoder_stage_then_a_latent_diffusion_model_with_capture_at_the_ima
     meta = json.loads((model / "diffmask.json").read_text())
     assert meta["space"] == "latent" and meta["autoencoder_dir"] == str(ae)
     assert (model / "vae" / "config.json").is_file()
-    sampler = DiffusionSampler.from_pretrained(model, scheduler="dpmpp")
+    sampler = TextToImageSampler.from_pretrained(model, scheduler="dpmpp")
     assert sampler.latent_size == 8 and sampler.components.unet.config.in_channels == 4
     prompt = "a chest x-ray of an adult patient, left lung, right lung and heart"
     store = CrossAttentionStore(output_size=32)
     store.set_tokens(sampler.token_positions([prompt]))
-    out = sampler([prompt], [0], num_inference_steps=2, guidance_scale=1.0, attention_sink=store)
+    with store.capture(sampler.components.unet):
+        out = sampler([prompt], [0], num_inference_steps=2, guidance_scale=1.0, on_step_begin=store.begin_step)
     assert out.images.shape == (1, 1, 32, 32)
     maps = store.result()
     assert maps.shape == (1, 3, 32, 32) and torch.isfinite(maps).all()
     # a variation of a real image (SDEdit) starts from the autoencoder's latent of it
     init = torch.linspace(0, 1, 32)[None, None, :, None].expand(1, 1, 32, 32)
-    out = sampler([prompt], [0], num_inference_steps=4, guidance_scale=1.0, init_images=init, strength=0.5)
+    variations = VariationSampler.from_pretrained(model, scheduler="dpmpp")
+    out = variations([prompt], [0], init_images=init, strength=0.5, num_inference_steps=4, guidance_scale=1.0)
     assert out.images.shape == (1, 1, 32, 32) and torch.isfinite(out.images).all()
 
 
@@ -181,7 +183,7 @@ def test_stable_diffusion_vae_fits_the_same_slot_and_f8_composes(tmp_path):
                                      cross_attention_dim=32, norm_num_groups=8, text_hidden_size=32, text_layers=1,
                                      text_heads=2, text_intermediate_size=32, autoencoder_dir=tiny_sd_dir / "vae")
     assert comps.latent and comps.unet.config.in_channels == 4 and comps.unet.config.sample_size == 16
-    sampler = DiffusionSampler(comps, 32)
+    sampler = TextToImageSampler(comps, 32)
     assert sampler(["left lung, right lung and heart"], [0], num_inference_steps=1).images.shape == (1, 1, 32, 32)
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         cfg = compose("fit_autoencoder", overrides=["autoencoder=f8", "data.size=64"])
@@ -278,12 +280,12 @@ def test_colour_autoencoder_round_trip_writes_rgb_and_refuses_grey_data(tmp_path
                                   "trainer.max_steps=1", f"diffusion.components.autoencoder_dir={ae}", "name=latent"))
     model = tmp_path / "artifacts" / "diffusion" / "latent"
     assert json.loads((model / "diffmask.json").read_text())["channels"] == 3
-    sampler = DiffusionSampler.from_pretrained(model, channels=3)
+    sampler = TextToImageSampler.from_pretrained(model, channels=3)
     out = sampler(["a breast ultrasound image, benign, showing the lesion"], [0], num_inference_steps=1,
                   guidance_scale=1.0)
     assert out.images.shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match=f"data.channels=1 .*{model}.* 3-channel"):
-        DiffusionSampler.from_pretrained(model, channels=1)
+        TextToImageSampler.from_pretrained(model, channels=1)
 
 
 def test_the_grey_to_autoencoder_channel_helper_round_trips_and_refuses_colour_into_grey():

@@ -11,7 +11,7 @@ from PIL import Image
 from diffmask.artifacts import StageDir
 from diffmask.control import ConditionBuilder, ControlLitModule, build_controlnet
 from diffmask.data import ManifestRow, read_manifest, write_manifest
-from diffmask.diffusion import DiffusionSampler
+from diffmask.diffusion import ControlledSampler
 from diffmask.diffusion.tiny_models import tiny_scratch_components
 from diffmask.domains.chest import PhantomSource, chest_prompt_builder
 from diffmask.synthesis.writer import SyntheticWriter
@@ -204,7 +204,7 @@ def test_controlled_generation_bad_input(tmp_path, model_dir):
                   f"synthesis.condition_dir={folder}")
     # a sampler with a ControlNet refuses to run without conditions
     comps = tiny_scratch_components(32)
-    sampler = DiffusionSampler(comps, 32, controlnet=build_controlnet(comps.unet, 3))
+    sampler = ControlledSampler(comps, 32, build_controlnet(comps.unet, 3))
     with pytest.raises(ValueError, match="needs condition images"):
         sampler(["p"], [0], num_inference_steps=1)
 
@@ -221,7 +221,7 @@ def test_control_on_a_local_stable_diffusion_folder(tmp_path):
     assert meta["prompt"] == "Lung, Xray" and meta["base_model"] == str(sd.resolve())
     comps, net, _ = load_controlled(control_dir, sd)
     assert comps.vae is not None and tuple(net.config.conditioning_embedding_out_channels) == (16, 32)
-    sampler = DiffusionSampler(comps, 32, controlnet=net)
+    sampler = ControlledSampler(comps, 32, net)
     out = sampler(["Lung, Xray"] * 2, [0, 1], num_inference_steps=2, control=torch.rand(2, 1, 32, 32))
     assert out.images.shape == (2, 1, 32, 32) and torch.isfinite(out.images).all()
 

@@ -8,7 +8,7 @@ from omegaconf import open_dict
 
 from diffmask.cli.fit_diffusion import run
 from diffmask.config import CONFIG_PATH
-from diffmask.diffusion import DiffusionSampler
+from diffmask.diffusion import TextToImageSampler
 from diffmask.diffusion.throughput import TrainingThroughput
 
 TINY = [
@@ -47,7 +47,7 @@ def test_fit_diffusion_cli_writes_a_complete_diffusers_model(tmp_path):
     assert meta["prompt_builder"]["known_values"]["finding"]
     assert "train/align_loss" in metrics or "train/mse" in metrics
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
-    images = DiffusionSampler.from_pretrained(out)([meta["prompt_builder"]["templates"][0].format(
+    images = TextToImageSampler.from_pretrained(out)([meta["prompt_builder"]["templates"][0].format(
         modality="a chest x-ray", age="adult", sex="patient", finding="none", diagnosis="",
         classes="left lung, right lung and heart")], [0],
         num_inference_steps=1).images
