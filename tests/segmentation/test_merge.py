@@ -202,13 +202,15 @@ def test_paired_datamodule_errors(phantom_real, tmp_path):
     with pytest.raises(ValueError, match="real_share"):
         SegmentationDataModule(real, synthetic_dir=str(syn), real_share=0.5, **common)
     unpaired = _write_variants(tmp_path / "unpaired", phantom_real, {}, extra_unpaired=3)
-    with pytest.raises(ValueError, match="synthetic_dir.*pair_id"):
-        SegmentationDataModule(real, synthetic_dir=str(unpaired), **common)
+    dm = SegmentationDataModule(real, synthetic_dir=str(unpaired), **common)
+    with pytest.raises(ValueError, match="synthetic_dir.*pair_id"):  # the sets are opened in setup
+        dm.setup("fit")
     # the only variant belongs to a real image left out by real_fraction
     left_out = next(i for i in ids if i not in SegmentationDataModule(real, size=32, real_fraction=0.5).real_train_ids)
     other = _write_variants(tmp_path / "other", phantom_real, {left_out: 2})
+    dm = SegmentationDataModule(real, real_fraction=0.5, synthetic_dir=str(other), **common)
     with pytest.raises(ValueError, match="pair_id"):
-        SegmentationDataModule(real, real_fraction=0.5, synthetic_dir=str(other), **common)
+        dm.setup("fit")
 
 
 def test_train_run_with_random_merging_masks(phantom_real, tmp_path):
