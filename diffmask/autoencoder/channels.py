@@ -43,8 +43,9 @@ def check_datamodule_channels(trainer, channels: int, model: str) -> None:
     data_channels = getattr(dm, "channels", None)
     if data_channels is not None and int(data_channels) != int(channels):
         raise ValueError(
-            f"data.channels={data_channels} ({channel_word(data_channels)}), but {model} takes {channels}-channel "
-            f"({channel_word(channels)}) images; grey and colour are never converted silently"
+            f"data.channels={data_channels} ({channel_word(data_channels)}), but {model} takes "
+            f"{channels}-channel ({channel_word(channels)}) images; grey and colour are never converted "
+            "silently"
         )
 
 

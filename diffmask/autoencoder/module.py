@@ -61,7 +61,9 @@ def build_autoencoder(
     mid_block_attention: bool = False,
     out_channels: int | None = None,
 ) -> AutoencoderKL:
-    """A randomly initialised ``AutoencoderKL`` that downsamples ``factor`` times (grey or colour in, the same out).
+    """A randomly initialised ``AutoencoderKL`` that downsamples ``factor`` times.
+
+    Grey or colour images in, the same out.
 
     Args:
         factor: image side / latent side, a power of two (4: 128 px -> 32 x 32; 8 as SD).
@@ -79,8 +81,8 @@ def build_autoencoder(
         raise ValueError(f"autoencoder.vae.in_channels: expected 1 (grey) or 3 (colour), got {in_channels}")
     if out_channels is not None and int(out_channels) != int(in_channels):
         raise ValueError(
-            f"autoencoder.vae.out_channels: {out_channels} differs from in_channels {in_channels}; the autoencoder "
-            "reconstructs its input (both are data.channels)"
+            f"autoencoder.vae.out_channels: {out_channels} differs from in_channels {in_channels}; "
+            "the autoencoder reconstructs its input (both are data.channels)"
         )
     levels = int(round(math.log2(factor))) + 1 if factor >= 1 else 0
     if factor < 2 or 2 ** (levels - 1) != factor:
@@ -92,7 +94,9 @@ def build_autoencoder(
         )
     bad = [c for c in block_out_channels if c % norm_num_groups]
     if bad:
-        raise ValueError(f"autoencoder.block_out_channels: {bad} not divisible by norm_num_groups={norm_num_groups}")
+        raise ValueError(
+            f"autoencoder.block_out_channels: {bad} not divisible by norm_num_groups={norm_num_groups}"
+        )
     return AutoencoderKL(
         in_channels=in_channels,
         out_channels=in_channels,
@@ -120,7 +124,9 @@ def autoencoder_channels(path: str | os.PathLike, vae: AutoencoderKL | None = No
     return int(vae.config.in_channels)
 
 
-def load_autoencoder(path: str | os.PathLike, resolution: int | None = None, channels: int | None = None) -> AutoencoderKL:
+def load_autoencoder(
+    path: str | os.PathLike, resolution: int | None = None, channels: int | None = None
+) -> AutoencoderKL:
     """Load an autoencoder folder (this stage's export, or a Stable Diffusion folder's ``vae/``).
 
     Args:
@@ -150,21 +156,27 @@ def load_autoencoder(path: str | os.PathLike, resolution: int | None = None, cha
         fitted = autoencoder_channels(root, vae)
         if fitted is not None and fitted != int(channels):
             raise ValueError(
-                f"autoencoder_dir: {root} was fitted on {fitted}-channel ({channel_word(fitted)}) images, but "
-                f"data.channels={channels} ({channel_word(channels)}); grey and colour are never converted "
-                "silently: fit an autoencoder on this data (diffmask-fit-autoencoder with the same data)"
+                f"autoencoder_dir: {root} was fitted on {fitted}-channel ({channel_word(fitted)}) "
+                f"images, but data.channels={channels} ({channel_word(channels)}); grey and colour are "
+                "never converted silently: fit an autoencoder on this data (diffmask-fit-autoencoder "
+                "with the same data)"
             )
-        check_autoencoder_channels(int(vae.config.in_channels), int(channels), where=f"autoencoder_dir {root}")
+        check_autoencoder_channels(
+            int(vae.config.in_channels), int(channels), where=f"autoencoder_dir {root}"
+        )
     if resolution is not None:
         info_file = root / AUTOENCODER_FILE
         trained = json.loads(info_file.read_text()).get("resolution") if info_file.is_file() else None
         if trained is not None and int(trained) != int(resolution):
             raise ValueError(
-                f"autoencoder_dir: {root} was trained at {trained} px, the diffusion model is at {resolution} px "
+                f"autoencoder_dir: {root} was trained at {trained} px, the diffusion model is at "
+                f"{resolution} px "
                 f"(data.size); train an autoencoder at data.size={resolution} or set data.size={trained}"
             )
         if resolution % factor:
-            raise ValueError(f"data.size: {resolution} px is not divisible by the autoencoder's factor {factor}")
+            raise ValueError(
+                f"data.size: {resolution} px is not divisible by the autoencoder's factor {factor}"
+            )
     return vae
 
 
@@ -260,7 +272,9 @@ class AutoencoderLitModule(pl.LightningModule):
             raise ValueError(f"kl_weight, gradient_weight: expected >= 0, got {kl_weight}, {gradient_weight}")
         factor = downsampling_factor(vae)
         if resolution % factor:
-            raise ValueError(f"resolution: {resolution} px is not divisible by the autoencoder's factor {factor}")
+            raise ValueError(
+                f"resolution: {resolution} px is not divisible by the autoencoder's factor {factor}"
+            )
         self.save_hyperparameters(ignore=["vae", "optimizer", "lr_scheduler"])
         self.vae = vae
         self.optimizer_factory = optimizer
@@ -271,7 +285,8 @@ class AutoencoderLitModule(pl.LightningModule):
         self.gradient_weight = gradient_weight
         if crop is not None and (crop % factor or not factor <= crop <= resolution):
             raise ValueError(
-                f"crop: expected null or a multiple of the factor {factor} in [{factor}, {resolution}], got {crop}"
+                f"crop: expected null or a multiple of the factor {factor} in [{factor}, {resolution}], "
+                f"got {crop}"
             )
         self.crop = crop
 
@@ -281,9 +296,12 @@ class AutoencoderLitModule(pl.LightningModule):
             return image
         b, size = image.shape[0], image.shape[-1]
         offsets = torch.randint(0, size - self.crop + 1, (b, 2)).tolist()
-        return torch.stack([image[i, :, y : y + self.crop, x : x + self.crop] for i, (y, x) in enumerate(offsets)])
+        return torch.stack(
+            [image[i, :, y : y + self.crop, x : x + self.crop] for i, (y, x) in enumerate(offsets)]
+        )
 
     def configure_optimizers(self):
+        """The optimizer over the VAE's parameters, with the LR scheduler stepped every step if one is set."""
         optimizer = self.optimizer_factory(self.vae.parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
@@ -299,6 +317,17 @@ class AutoencoderLitModule(pl.LightningModule):
         return to_autoencoder_channels(image * 2.0 - 1.0, int(self.vae.config.in_channels))
 
     def losses(self, image: torch.Tensor, sample: bool = True, crop: bool = False) -> dict[str, torch.Tensor]:
+        """The reconstruction losses of a batch of images.
+
+        Args:
+            image: (B, C, S, S) in [0, 1], at the autoencoder's resolution.
+            sample: decode a sample of the posterior (training); False decodes its mode.
+            crop: code a random ``crop`` window of each image (:meth:`random_crop`).
+
+        Returns:
+            ``l1``, ``kl`` (per latent element), ``gradient`` (L1 of the image gradients) and the
+            weighted total ``loss``.
+        """
         x = self._inputs(image)
         if crop:
             x = self.random_crop(x)
@@ -314,6 +343,15 @@ class AutoencoderLitModule(pl.LightningModule):
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Losses on random crops of the batch's images, sampling the posterior; logs ``train/*``.
+
+        Args:
+            batch: a datamodule batch (its ``image``).
+            batch_idx: the batch's index (unused).
+
+        Returns:
+            The total loss.
+        """
         out = self.losses(batch["image"], crop=True)
         b = batch["image"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=b)
@@ -322,6 +360,12 @@ class AutoencoderLitModule(pl.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Logs the loss (posterior mode, whole images) and the reconstructions' PSNR and SSIM.
+
+        Args:
+            batch: a datamodule batch (its ``image``).
+            batch_idx: the batch's index (unused).
+        """
         image = batch["image"]
         out = self.losses(image, sample=False)
         recon = self.reconstruct(image)
@@ -352,8 +396,23 @@ class AutoencoderLitModule(pl.LightningModule):
         std = math.sqrt(max(total_sq / count - mean * mean, 1e-12))
         return {"latent_mean": mean, "latent_std": std}
 
-    def export(self, path: str | os.PathLike, stats: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
-        """Save a plain ``AutoencoderKL`` folder with ``scaling_factor = 1 / latent_std`` (+ ``autoencoder.json``)."""
+    def export(
+        self, path: str | os.PathLike, stats: dict[str, float], extra: dict[str, Any] | None = None
+    ) -> Path:
+        """Save a plain ``AutoencoderKL`` folder with ``scaling_factor = 1 / latent_std``.
+
+        Next to the diffusers weights and config it writes ``autoencoder.json``: the resolution,
+        factor, latent and image channels, the scaling factor, ``stats``, the global step and
+        ``extra``.
+
+        Args:
+            path: the folder to write (created by ``save_pretrained``).
+            stats: :meth:`latent_statistics` (``latent_mean``, ``latent_std``).
+            extra: further JSON-able entries for ``autoencoder.json``.
+
+        Returns:
+            ``path``.
+        """
         path = Path(path)
         self.vae.register_to_config(scaling_factor=float(1.0 / stats["latent_std"]))
         self.vae.save_pretrained(path)
@@ -377,5 +436,6 @@ class AutoencoderLitModule(pl.LightningModule):
 def reconstruct(vae: AutoencoderKL, image: torch.Tensor) -> torch.Tensor:
     """(B, C, S, S) in [0, 1] -> the autoencoder's reconstruction (posterior mean), C channels, in [0, 1]."""
     x = to_autoencoder_channels(image * 2.0 - 1.0, int(vae.config.in_channels)).to(vae.dtype)
-    recon = from_autoencoder_channels(vae.decode(vae.encode(x).latent_dist.mode()).sample.float(), image.shape[1])
+    decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
+    recon = from_autoencoder_channels(decoded, image.shape[1])
     return ((recon.clamp(-1, 1) + 1) / 2).to(image.dtype)
