@@ -63,10 +63,15 @@ class WordCodePMI:
         self.cells = np.zeros((v, k, cells), np.float32)
 
     @classmethod
-    def fit(cls, reports: Sequence[str], codes: Sequence[np.ndarray], size: int, smoothing: float = 0.5) -> WordCodePMI:
+    def fit(
+        cls, reports: Sequence[str], codes: Sequence[np.ndarray], size: int, smoothing: float = 0.5
+    ) -> WordCodePMI:
         """PMI of the words of ``reports`` and the (G, G) code grids ``codes`` of the same images."""
         if len(reports) != len(codes) or not reports:
-            raise ValueError(f"reports and codes: expected the same non-zero number of images, got {len(reports)}, {len(codes)}")
+            raise ValueError(
+                "reports and codes: expected the same non-zero number of images, got "
+                f"{len(reports)}, {len(codes)}"
+            )
         words = [report_words(r) for r in reports]
         vocab = sorted({w for ws in words for w in ws})
         grid = int(np.asarray(codes[0]).shape[-1])
@@ -74,7 +79,10 @@ class WordCodePMI:
         for ws, grid_codes in zip(words, codes, strict=True):
             flat = np.asarray(grid_codes).ravel()
             if flat.size != grid * grid or flat.min() < 0 or flat.max() >= size:
-                raise ValueError(f"codes: expected ({grid}, {grid}) grids of codes in [0, {size}), got {np.asarray(grid_codes).shape}")
+                raise ValueError(
+                    f"codes: expected ({grid}, {grid}) grids of codes in [0, {size}), "
+                    f"got {np.asarray(grid_codes).shape}"
+                )
             present = np.unique(flat)
             rows = [pmi.index[w] for w in ws]
             pmi.n_images += 1
@@ -88,7 +96,8 @@ class WordCodePMI:
     def table(self) -> np.ndarray:
         """(V, K) PMI."""
         a = self.smoothing
-        return np.log((self.n_joint + a) * self.n_images / ((self.n_word[:, None] + a) * (self.n_code[None, :] + a)))
+        marginals = (self.n_word[:, None] + a) * (self.n_code[None, :] + a)
+        return np.log((self.n_joint + a) * self.n_images / marginals)
 
     def scores(self, text: str) -> np.ndarray:
         """(K,) mean PMI of each code with the known words of ``text`` (zeros when none is known)."""
@@ -119,6 +128,14 @@ class WordCodePMI:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the counts to ``path`` (created): ``pmi.json`` (vocabulary, sizes) and ``pmi.npz``.
+
+        Args:
+            path: the folder (a codebook-conditioned model's clues folder).
+
+        Returns:
+            ``path``.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path / PMI_FILE, {
@@ -126,12 +143,22 @@ class WordCodePMI:
             "n_images": self.n_images,
         })
         buf = io.BytesIO()
-        np.savez_compressed(buf, n_word=self.n_word, n_code=self.n_code, n_joint=self.n_joint, cells=self.cells)
+        np.savez_compressed(
+            buf, n_word=self.n_word, n_code=self.n_code, n_joint=self.n_joint, cells=self.cells
+        )
         atomic_write_bytes(path / "pmi.npz", buf.getvalue())
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> WordCodePMI:
+        """The PMI that :meth:`save` wrote to ``path``.
+
+        Args:
+            path: the folder holding ``pmi.json`` and ``pmi.npz``.
+
+        Raises:
+            FileNotFoundError: ``path`` has no ``pmi.json``.
+        """
         path = Path(path)
         if not (path / PMI_FILE).is_file():
             raise FileNotFoundError(f"{path}: no {PMI_FILE} (the word-code alignment of a codebook stage)")
@@ -139,5 +166,6 @@ class WordCodePMI:
         pmi = cls(info["vocabulary"], info["size"], info["grid"], info["smoothing"])
         pmi.n_images = int(info["n_images"])
         with np.load(path / "pmi.npz") as z:
-            pmi.n_word, pmi.n_code, pmi.n_joint, pmi.cells = z["n_word"], z["n_code"], z["n_joint"], z["cells"]
+            pmi.n_word, pmi.n_code = z["n_word"], z["n_code"]
+            pmi.n_joint, pmi.cells = z["n_joint"], z["cells"]
         return pmi

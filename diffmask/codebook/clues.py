@@ -48,6 +48,15 @@ class ClueEncoder(nn.Module):
         nn.init.normal_(self.cell.weight, std=0.02)
 
     def forward(self, codes: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Embed (code, cell) pairs as clue tokens.
+
+        Args:
+            codes: (B, M) code indices in [0, K] (K: the null clue).
+            cells: (B, M) cell indices in [0, G * G), the same shape.
+
+        Returns:
+            (B, M, D) tokens.
+        """
         return self.norm(self.code(codes) + self.cell(cells))
 
 
@@ -64,8 +73,14 @@ class VisualClues(nn.Module):
 
     CACHE_LIMIT = 4096  # distinct images whose codes are kept
 
-    def __init__(self, codebook: VisualCodebook, dim: int, num_tokens: int = 8, pmi: WordCodePMI | None = None,
-                 codebook_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        codebook: VisualCodebook,
+        dim: int,
+        num_tokens: int = 8,
+        pmi: WordCodePMI | None = None,
+        codebook_dir: str | os.PathLike | None = None,
+    ):
         super().__init__()
         if not 1 <= num_tokens <= codebook.grid * codebook.grid:
             raise ValueError(
@@ -81,24 +96,36 @@ class VisualClues(nn.Module):
     # ---- codes -----------------------------------------------------------------------------
     def image_codes(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> (B, G*G) patch codes (each distinct image assigned once, then cached)."""
-        return torch.stack(self._codes.get(images, lambda x: self.codebook.assign(x.detach().cpu().float()).flatten(1)))
+        return torch.stack(
+            self._codes.get(images, lambda x: self.codebook.assign(x.detach().cpu().float()).flatten(1))
+        )
 
-    def fit_alignment(self, reports: Sequence[str], images: Sequence[torch.Tensor], batch_size: int = 32) -> WordCodePMI:
+    def fit_alignment(
+        self, reports: Sequence[str], images: Sequence[torch.Tensor], batch_size: int = 32
+    ) -> WordCodePMI:
         """Fit the word-code PMI from the training images' reports and their codes."""
         grids = []
         for start in range(0, len(images), batch_size):
             batch = torch.stack(list(images[start:start + batch_size]))
-            grids += [c.reshape(self.codebook.grid, self.codebook.grid).numpy() for c in self.image_codes(batch)]
+            g = self.codebook.grid
+            grids += [c.reshape(g, g).numpy() for c in self.image_codes(batch)]
         self.pmi = WordCodePMI.fit(list(reports), grids, self.codebook.size)
         return self.pmi
 
     # ---- tokens ------------------------------------------------------------------------------
     def null(self, n: int, device) -> torch.Tensor:
+        """(n, M, D) null clue tokens (the null code at cell 0 in every slot), for dropped prompts.
+
+        Args:
+            n: how many token sets.
+            device: where the codes are made (the encoder's device).
+        """
         codes = torch.full((n, self.num_tokens), self.codebook.size, dtype=torch.long, device=device)
         return self.encoder(codes, torch.zeros_like(codes))
 
-    def training_tokens(self, images: torch.Tensor, keep: Sequence[bool], generator: torch.Generator | None = None
-                        ) -> torch.Tensor:
+    def training_tokens(
+        self, images: torch.Tensor, keep: Sequence[bool], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(B, M, D) clue tokens of images' own codes at M random cells; null where ``keep`` is False."""
         codes = self.image_codes(images)  # (B, G*G) on the CPU
         b, cells = codes.shape
@@ -126,6 +153,14 @@ class VisualClues(nn.Module):
 
     # ---- export ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the encoder weights, the PMI (if fitted) and ``clues.json`` to ``path`` (created).
+
+        Args:
+            path: the folder (a diffusion stage's ``clues/``).
+
+        Returns:
+            ``path``.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         torch.save(self.encoder.state_dict(), path / "clue_encoder.pt")
@@ -138,13 +173,23 @@ class VisualClues(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, resolution: int | None = None, channels: int | None = None) -> VisualClues:
-        """Saved clues; ``channels`` (the model's image channels) are checked against the codebook's autoencoder."""
+    def load(
+        cls, path: str | os.PathLike, resolution: int | None = None, channels: int | None = None
+    ) -> VisualClues:
+        """Saved clues, with the codebook they were fitted with (from the recorded ``codebook_dir``).
+
+        Args:
+            path: the folder :meth:`save` wrote.
+            resolution: the model's image side, checked against the codebook's (None: not checked).
+            channels: the model's image channels, checked against the codebook's autoencoder
+                (None: not checked).
+        """
         path = Path(path)
         info = json.loads((path / "clues.json").read_text())
         codebook = VisualCodebook.load(info["codebook_dir"], resolution=resolution, channels=channels)
         pmi = WordCodePMI.load(path) if (path / "pmi.json").is_file() else None
         clues = cls(codebook, int(info["dim"]), int(info["num_tokens"]), pmi, info["codebook_dir"])
-        clues.encoder.load_state_dict(torch.load(path / "clue_encoder.pt", map_location="cpu", weights_only=True))
+        state = torch.load(path / "clue_encoder.pt", map_location="cpu", weights_only=True)
+        clues.encoder.load_state_dict(state)
         return clues
 

@@ -44,7 +44,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Ten
     """
     n = x.shape[0]
     if n < k:
-        raise ValueError(f"codebook.size: {k} codes need at least {k} patches, got {n} (fewer images or a larger patch?)")
+        raise ValueError(
+            f"codebook.size: {k} codes need at least {k} patches, got {n} (fewer images or a larger patch?)"
+        )
     gen = torch.Generator().manual_seed(seed)
     centroids = [x[torch.randint(n, (1,), generator=gen)].squeeze(0)]
     d2 = _sq_dist(x, centroids[0][None])[:, 0]
@@ -109,6 +111,7 @@ class VisualCodebook:
 
     @property
     def size(self) -> int:
+        """The number of codes K."""
         return int(self.centroids.shape[0])
 
     @torch.no_grad()
@@ -128,6 +131,7 @@ class VisualCodebook:
         return z.permute(0, 2, 3, 1, 4, 5).reshape(b, self.grid * self.grid, c * cell * cell)
 
     def standardise(self, feats: torch.Tensor) -> torch.Tensor:
+        """Patch features scaled by the fitted per-dimension mean and standard deviation."""
         return (feats - self.mean) / self.std
 
     @torch.no_grad()
@@ -144,13 +148,24 @@ class VisualCodebook:
         """K-means codebook of the patches of ``images`` (N, C, S, S)."""
         resolution = int(images.shape[-1])
         book = cls(vae, torch.zeros(1, 1), torch.zeros(1), torch.ones(1), patch, resolution, autoencoder_dir)
-        feats = torch.cat([book.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        feats = torch.cat(
+            [book.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        )
         feats = feats.reshape(-1, feats.shape[-1])
         book.mean, book.std = feats.mean(0), feats.std(0).clamp_min(1e-6)
         book.centroids = kmeans(book.standardise(feats), size, iters=iters, seed=seed)
         return book
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write the centroids and feature statistics and ``codebook.json`` to ``path`` (created).
+
+        Args:
+            path: the folder (the codebook stage's folder).
+            extra: further JSON-able entries for ``codebook.json``.
+
+        Returns:
+            ``path``.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
@@ -158,12 +173,15 @@ class VisualCodebook:
         atomic_write_bytes(path / CENTROIDS_FILE, buf.getvalue())
         atomic_write_json(path / CODEBOOK_FILE, {
             "size": self.size, "patch": self.patch, "resolution": self.resolution, "grid": self.grid,
-            "feature_dim": int(self.centroids.shape[1]), "autoencoder_dir": self.autoencoder_dir, **(extra or {}),
+            "feature_dim": int(self.centroids.shape[1]), "autoencoder_dir": self.autoencoder_dir,
+            **(extra or {}),
         })
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, resolution: int | None = None, channels: int | None = None) -> VisualCodebook:
+    def load(
+        cls, path: str | os.PathLike, resolution: int | None = None, channels: int | None = None
+    ) -> VisualCodebook:
         """A saved codebook (its autoencoder from the recorded ``autoencoder_dir``).
 
         Raises:
@@ -173,27 +191,42 @@ class VisualCodebook:
         """
         path = Path(path)
         if not (path / CODEBOOK_FILE).is_file():
-            raise FileNotFoundError(f"codebook_dir: {path} has no {CODEBOOK_FILE}; run diffmask-fit-codebook first")
+            raise FileNotFoundError(
+                f"codebook_dir: {path} has no {CODEBOOK_FILE}; run diffmask-fit-codebook first"
+            )
         info = json.loads((path / CODEBOOK_FILE).read_text())
         if resolution is not None and int(info["resolution"]) != int(resolution):
             raise ValueError(
-                f"codebook_dir: {path} was built at {info['resolution']} px, the diffusion model is at {resolution} px; "
+                f"codebook_dir: {path} was built at {info['resolution']} px, the diffusion model is at "
+                f"{resolution} px; "
                 "build the codebook at the model's data.size"
             )
         if channels is not None and int(info.get("channels", channels)) != int(channels):
             raise ValueError(
-                f"codebook_dir: {path} was built on {info['channels']}-channel images, the diffusion model's data "
-                f"has {channels} (data.channels); build the codebook on the same data"
+                f"codebook_dir: {path} was built on {info['channels']}-channel images, the diffusion "
+                f"model's data has {channels} (data.channels); build the codebook on the same data"
             )
         state = torch.load(path / CENTROIDS_FILE, map_location="cpu", weights_only=True)
         vae = load_autoencoder(info["autoencoder_dir"], resolution=int(info["resolution"]), channels=channels)
-        return cls(vae, state["centroids"], state["mean"], state["std"], int(info["patch"]), int(info["resolution"]),
-                   info["autoencoder_dir"])
+        return cls(
+            vae, state["centroids"], state["mean"], state["std"], int(info["patch"]), int(info["resolution"]),
+            info["autoencoder_dir"],
+        )
 
 
 def check_patch(patch: int, resolution: int, factor: int) -> None:
+    """Check that the patch side is a multiple of the autoencoder's factor that divides the image side.
+
+    Args:
+        patch: ``codebook.patch``, the patch side in px.
+        resolution: the image side in px.
+        factor: the autoencoder's downsampling factor.
+
+    Raises:
+        ValueError: it is not.
+    """
     if patch < factor or patch % factor or resolution % patch:
         raise ValueError(
-            f"codebook.patch: expected a multiple of the autoencoder's factor {factor} that divides the image side "
-            f"{resolution}, got {patch}"
+            f"codebook.patch: expected a multiple of the autoencoder's factor {factor} that divides the "
+            f"image side {resolution}, got {patch}"
         )
