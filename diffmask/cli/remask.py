@@ -19,9 +19,9 @@ from omegaconf import DictConfig
 
 from diffmask.artifacts import StageDir
 from diffmask.cli.common import seed_run, skip_complete_stage, stage_task
-from diffmask.cli.generate import affinity_device, build_synthesis
 from diffmask.config import CONFIG_PATH
 from diffmask.refine.remask_stage import adopt_source_settings, remask_stage
+from diffmask.synthesis.labels import affinity_device, build_synthesis
 
 
 @stage_task
