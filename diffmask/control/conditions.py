@@ -77,15 +77,20 @@ class ConditionBuilder:
         if type not in CONDITION_TYPES:
             raise ValueError(f"control.condition.type: expected one of {list(CONDITION_TYPES)}, got {type!r}")
         if edge_method not in EDGE_METHODS:
-            raise ValueError(f"control.condition.edge_method: expected one of {list(EDGE_METHODS)}, got {edge_method!r}")
+            raise ValueError(
+                f"control.condition.edge_method: expected one of {list(EDGE_METHODS)}, got {edge_method!r}"
+            )
         if num_classes < 2:
             raise ValueError(f"num_classes: expected background + at least one class, got {num_classes}")
         if not 0.0 <= edge_low <= edge_high <= 1.0:
             raise ValueError(
-                f"control.condition.edge_low/edge_high: expected quantiles 0 <= low <= high <= 1, got {edge_low}, {edge_high}"
+                "control.condition.edge_low/edge_high: expected quantiles 0 <= low <= high <= 1, "
+                f"got {edge_low}, {edge_high}"
             )
         if not 0.0 <= ablate_prob < 1.0:
-            raise ValueError(f"control.condition.ablate_prob: expected a probability in [0, 1), got {ablate_prob}")
+            raise ValueError(
+                f"control.condition.ablate_prob: expected a probability in [0, 1), got {ablate_prob}"
+            )
         self.type = type
         self.num_classes = int(num_classes)
         self.edge_method = edge_method
@@ -96,30 +101,41 @@ class ConditionBuilder:
 
     @property
     def channels(self) -> int:
+        """Channels of a condition: 1 for edges, K - 1 for masks, K for edges+mask (K = ``num_classes``)."""
         return {"edges": 1, "mask": self.num_classes - 1, "edges+mask": self.num_classes}[self.type]
 
     @property
     def uses_image(self) -> bool:
+        """Whether a condition needs the image as well as the label map (the edge types)."""
         return "edges" in self.type
 
     def to_dict(self) -> dict:
+        """The constructor's arguments (``ConditionBuilder(**d)`` rebuilds it; kept in ``control.json``)."""
         return {"type": self.type, "num_classes": self.num_classes, "edge_method": self.edge_method,
                 "edge_sigma": self.edge_sigma, "edge_low": self.edge_low, "edge_high": self.edge_high,
                 "boundary_gain": self.boundary_gain, "ablate_prob": self.ablate_prob}
 
     # ---- parts -----------------------------------------------------------------------------
     def image_edges(self, image: np.ndarray) -> np.ndarray:
-        """(S, S) float32 edges in [0, 1] of an (S, S) grey or (S, S, 3) RGB image in [0, 1] (its luminance's)."""
+        """(S, S) float32 edges in [0, 1] of an (S, S) grey or (S, S, 3) RGB image in [0, 1].
+
+        The edges of an RGB image are its luminance's.
+        """
         image = luminance(image)
         if self.edge_method == "canny":
-            return canny(image, sigma=self.edge_sigma, low_threshold=self.edge_low, high_threshold=self.edge_high,
-                         use_quantiles=True).astype(np.float32)
+            return canny(
+                image, sigma=self.edge_sigma, low_threshold=self.edge_low, high_threshold=self.edge_high,
+                use_quantiles=True,
+            ).astype(np.float32)
         mag = sobel(ndimage.gaussian_filter(image, self.edge_sigma) if self.edge_sigma > 0 else image)
         scale = float(np.percentile(mag, 99)) or 1.0
         return np.clip(mag / scale, 0.0, 1.0).astype(np.float32)
 
     def boundaries(self, label: np.ndarray) -> np.ndarray:
-        """(S, S) float32: the Scharr magnitude of the one-hot label map (max over classes), clipped to [0, 1]."""
+        """(S, S) float32: the Scharr magnitude of the one-hot label map (max over classes).
+
+        Scaled by ``boundary_gain`` and clipped to [0, 1].
+        """
         out = np.zeros(label.shape, np.float32)
         for c in range(1, self.num_classes):
             if (label == c).any():
@@ -131,6 +147,15 @@ class ConditionBuilder:
         return np.stack([(label == c) for c in range(1, self.num_classes)]).astype(np.float32)
 
     def check_label(self, label: np.ndarray, where: str = "label") -> np.ndarray:
+        """The label map as an array, checked to be (S, S) with values in the classes 0..K-1.
+
+        Args:
+            label: an (S, S) label map.
+            where: what it is, named in the error (an item's id).
+
+        Raises:
+            ValueError: another shape, or values outside the classes.
+        """
         label = np.asarray(label)
         if label.ndim != 2:
             raise ValueError(f"{where}: expected an (S, S) label map, got shape {label.shape}")
@@ -173,8 +198,8 @@ class ConditionBuilder:
             image = np.asarray(image)
             if image.shape[:2] != label.shape or image.ndim not in (2, 3):
                 raise ValueError(
-                    f"{where}: image {image.shape} and label map {label.shape} differ in size; a condition needs both "
-                    "at the same size"
+                    f"{where}: image {image.shape} and label map {label.shape} differ in size; a condition "
+                    "needs both at the same size"
                 )
             parts.append(np.clip(self.image_edges(image) + self.boundaries(label), 0.0, 1.0)[None])
         if "mask" in self.type:
@@ -186,7 +211,8 @@ class ConditionBuilder:
         (B, S, S) label maps (numpy)."""
         ids = ids or [f"item {i}" for i in range(len(labels))]
         return np.stack([
-            self(None if images is None else images[i], labels[i], rng, where=str(ids[i])) for i in range(len(labels))
+            self(None if images is None else images[i], labels[i], rng, where=str(ids[i]))
+            for i in range(len(labels))
         ])
 
 
@@ -218,7 +244,8 @@ class Deformation:
 
     def coordinates(self, size: int, rng: np.random.Generator) -> np.ndarray:
         """(2, S, S) input coordinates each output pixel samples (row, col)."""
-        yy, xx = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing="ij")
+        axis = np.arange(size, dtype=np.float64)
+        yy, xx = np.meshgrid(axis, axis, indexing="ij")
         c = (size - 1) / 2.0
         angle = math.radians(rng.uniform(-self.rotate, self.rotate))
         sy, sx = rng.uniform(1 - self.scale, 1 + self.scale, size=2)
@@ -244,7 +271,9 @@ class Deformation:
         (nearest; outside = background); every channel of a colour image by the same warp."""
         image = np.asarray(image)
         if (image.shape[:2] != label.shape or image.ndim not in (2, 3) or image.shape[0] != image.shape[1]):
-            raise ValueError(f"deform: expected a square image and label map of one size, got {image.shape}, {label.shape}")
+            raise ValueError(
+                f"deform: expected a square image and label map of one size, got {image.shape}, {label.shape}"
+            )
         coords = self.coordinates(image.shape[0], rng)
         pixels = np.asarray(image, np.float64)
         if pixels.ndim == 2:

@@ -55,7 +55,9 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     unet = Path(model_dir) / "unet"
     files = sorted(p for p in unet.glob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
     if not files:
-        raise FileNotFoundError(f"{unet}: no UNet config or weights (expected a diffusers-format model folder)")
+        raise FileNotFoundError(
+            f"{unet}: no UNet config or weights (expected a diffusers-format model folder)"
+        )
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -85,12 +87,15 @@ def build_controlnet(
     if 2 ** (levels - 1) != vae_scale_factor:
         raise ValueError(f"vae_scale_factor: expected a power of two, got {vae_scale_factor}")
     if conditioning_embedding_out_channels is None:
-        conditioning_embedding_out_channels = (16, 32, 96, 256) if levels == 4 else tuple(16 * 2**i for i in range(levels))
+        conditioning_embedding_out_channels = (
+            (16, 32, 96, 256) if levels == 4 else tuple(16 * 2**i for i in range(levels))
+        )
     channels = tuple(int(c) for c in conditioning_embedding_out_channels)
     if len(channels) != levels:
         raise ValueError(
-            f"control.conditioning_embedding_out_channels: {list(channels)} has {len(channels)} levels; the condition "
-            f"must be downsampled {levels - 1} times (VAE factor {vae_scale_factor}), so it needs {levels}"
+            f"control.conditioning_embedding_out_channels: {list(channels)} has {len(channels)} levels; "
+            f"the condition must be downsampled {levels - 1} times (VAE factor {vae_scale_factor}), "
+            f"so it needs {levels}"
         )
     return ControlNetModel.from_unet(
         unet, conditioning_channels=int(conditioning_channels), conditioning_embedding_out_channels=channels
@@ -142,11 +147,12 @@ class ControlLitModule(pl.LightningModule):
             raise ValueError("control.prompt: give a fixed prompt or a prompt builder (the base model's)")
         if int(controlnet.config.conditioning_channels) != condition.channels:
             raise ValueError(
-                f"controlnet: it reads {controlnet.config.conditioning_channels} condition channels, but condition "
-                f"type {condition.type!r} makes {condition.channels}"
+                f"controlnet: it reads {controlnet.config.conditioning_channels} condition channels, but "
+                f"condition type {condition.type!r} makes {condition.channels}"
             )
-        self.save_hyperparameters(ignore=["components", "controlnet", "condition", "prompt_builder", "optimizer",
-                                          "lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=["components", "controlnet", "condition", "prompt_builder", "optimizer", "lr_scheduler"]
+        )
         check_resolution(components, resolution)
         self.components = components
         self.channels = int(components.channels)
@@ -178,6 +184,13 @@ class ControlLitModule(pl.LightningModule):
         self._np_rng = np.random.default_rng(0)
 
     def setup(self, stage: str) -> None:
+        """Check the datamodule's channels against the base model's, and seed the prompt and ablation RNGs.
+
+        The seed differs per process (``torch.initial_seed()`` and the global rank).
+
+        Args:
+            stage: the Lightning stage (``fit``, ``validate``, ...).
+        """
         check_datamodule_channels(self.trainer if self._trainer is not None else None, self.channels,
                                   "the base diffusion model")
         seed = torch.initial_seed() * 1009 + self.global_rank
@@ -185,12 +198,14 @@ class ControlLitModule(pl.LightningModule):
         self._np_rng = np.random.default_rng(seed % 2**63)
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """The ControlNet's parameters, plus the unfrozen base UNet's when ``sd_locked`` is False."""
         params = list(self.controlnet.parameters())
         if not self.sd_locked:
             params += [p for p in self.unet.parameters() if p.requires_grad]
         return params
 
     def configure_optimizers(self):
+        """The optimizer over :meth:`trained_parameters`, with the LR scheduler stepped every step if set."""
         optimizer = self.optimizer_factory(self.trained_parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
@@ -199,6 +214,16 @@ class ControlLitModule(pl.LightningModule):
 
     # ---- the loss ------------------------------------------------------------------------
     def prompts(self, metas: Sequence[dict], train: bool) -> list[str]:
+        """The prompt of each item: the fixed ``prompt``, or built from its metadata.
+
+        Args:
+            metas: the items' metadata (a batch's ``meta``).
+            train: while fitting: a prompt is emptied with probability ``cond_dropout`` and metadata
+                words are dropped with probability ``field_dropout``; otherwise neither.
+
+        Returns:
+            One prompt per item.
+        """
         out = []
         for meta in metas:
             if train and self.cond_dropout > 0 and self._rng.random() < self.cond_dropout:
@@ -220,7 +245,20 @@ class ControlLitModule(pl.LightningModule):
         cond = self.condition.batch(image, label, rng=self._np_rng if train else None, ids=batch.get("id"))
         return torch.from_numpy(cond).to(batch["image"].device)
 
-    def denoising_loss(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    def denoising_loss(
+        self, batch: dict, train: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The MSE of the controlled UNet's prediction (noise, or velocity) on noised latents of the batch.
+
+        Args:
+            batch: a datamodule batch (``image``, ``label``, ``meta``, ``id``).
+            train: draw the fitting randomness (prompt dropout, mask ablation) as while fitting.
+            generator: a CPU generator for the noise and timesteps (fixed noise for validation);
+                None draws on the batch's device.
+
+        Raises:
+            ValueError: the images' channels differ from the base model's.
+        """
         if batch["image"].shape[1] != self.channels:
             raise ValueError(
                 f"image: {batch['image'].shape[1]} channel(s), the base model takes {self.channels} "
@@ -231,30 +269,64 @@ class ControlLitModule(pl.LightningModule):
         b = clean.shape[0]
         dev = "cpu" if generator is not None else clean.device
         noise = torch.randn(clean.shape, generator=generator, device=dev).to(clean)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
-                          device=dev).to(clean.device)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=dev
+        ).to(clean.device)
         noisy = self.noise_scheduler.add_noise(clean, noise, t)
-        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(clean, noise, t)
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(clean, noise, t)
         with torch.no_grad():
-            states = encode_prompts(self.tokenizer, self.text_encoder, self.prompts(batch["meta"], train), clean.device)
-        down, mid = self.controlnet(noisy, t, encoder_hidden_states=states, controlnet_cond=cond, return_dict=False)
-        pred = self.unet(noisy, t, encoder_hidden_states=states, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid).sample
+            prompts = self.prompts(batch["meta"], train)
+            states = encode_prompts(self.tokenizer, self.text_encoder, prompts, clean.device)
+        down, mid = self.controlnet(
+            noisy, t, encoder_hidden_states=states, controlnet_cond=cond, return_dict=False
+        )
+        pred = self.unet(
+            noisy, t, encoder_hidden_states=states, down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
         return F.mse_loss(pred.float(), target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The denoising loss with the fitting randomness; logs ``train/loss``.
+
+        Args:
+            batch: a datamodule batch.
+            batch_idx: the batch's index (unused).
+        """
         loss = self.denoising_loss(batch, train=True)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Logs ``val/mse``, the denoising loss with noise fixed by ``batch_idx`` (comparable across epochs).
+
+        Args:
+            batch: a datamodule batch.
+            batch_idx: the batch's index, the noise seed.
+        """
         gen = torch.Generator().manual_seed(batch_idx)  # fixed noise: comparable across epochs
         loss = self.denoising_loss(batch, train=False, generator=gen)
         self.log("val/mse", loss, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
 
     # ---- export ----------------------------------------------------------------------------
-    def export(self, path: str | os.PathLike, base_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-        """Write the ControlNet (``ControlNetModel.from_pretrained(path)`` loads it) + ``control.json``."""
+    def export(
+        self, path: str | os.PathLike, base_dir: str | os.PathLike, extra: dict[str, Any] | None = None
+    ) -> Path:
+        """Write the ControlNet (``ControlNetModel.from_pretrained(path)`` loads it) + ``control.json``.
+
+        An unlocked base UNet is written to ``base_unet/``.
+
+        Args:
+            path: the folder (created).
+            base_dir: the base diffusion model's folder (recorded with its UNet fingerprint).
+            extra: further JSON-able entries for ``control.json``.
+
+        Returns:
+            ``path``.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.controlnet.save_pretrained(path)
@@ -289,7 +361,10 @@ def read_control_metadata(control_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_controlled(
-    control_dir: str | os.PathLike, base_dir: str | os.PathLike, check_base: bool = True, channels: int | None = None
+    control_dir: str | os.PathLike,
+    base_dir: str | os.PathLike,
+    check_base: bool = True,
+    channels: int | None = None,
 ) -> tuple[DiffusionComponents, ControlNetModel, dict[str, Any]]:
     """The base model (with its tuned UNet when it was unlocked), the ControlNet and ``control.json``.
 
@@ -303,14 +378,16 @@ def load_controlled(
     """
     meta = read_control_metadata(control_dir)
     if channels is not None:
-        check_model_channels(control_dir, int(meta.get("channels", 1)), channels, what="ControlNet", record=CONTROL_FILE)
+        check_model_channels(
+            control_dir, int(meta.get("channels", 1)), channels, what="ControlNet", record=CONTROL_FILE
+        )
     if check_base:
         found = model_fingerprint(base_dir)
         if found != meta.get("base_fingerprint"):
             raise ValueError(
-                f"input_dir: {base_dir} is not the diffusion model the ControlNet in {control_dir} was made from "
-                f"({meta.get('base_model')}; UNet fingerprint {str(meta.get('base_fingerprint'))[:12]}, this one "
-                f"{found[:12]}); pass that model as input_dir, or fit a ControlNet on this one"
+                f"input_dir: {base_dir} is not the diffusion model the ControlNet in {control_dir} was made "
+                f"from ({meta.get('base_model')}; UNet fingerprint {str(meta.get('base_fingerprint'))[:12]}, "
+                f"this one {found[:12]}); pass that model as input_dir, or fit a ControlNet on this one"
             )
     components = load_components(base_dir, channels=channels)
     if (Path(control_dir) / BASE_UNET).is_dir():
