@@ -1,4 +1,7 @@
-"""Where the configs are, and what every stage's config needs: the ``${len:...}`` resolver and the run-only settings.
+"""Where the configs are, and what every stage's config needs.
+
+What they need is the ``${len:...}`` resolver (:func:`register_resolvers`) and the run-only
+settings (:data:`RUN_ONLY_SETTINGS`).
 
 The configs live in ``conf/`` at the top of the checkout; ``diffmask/conf`` points there, so that an
 editable install reads the checkout's files and a wheel (``pip install .``) carries a copy of them
@@ -16,7 +19,9 @@ __all__ = ["CONFIG_PATH", "RUN_ONLY_SETTINGS", "register_resolvers"]
 CONFIG_PATH = str(Path(__file__).resolve().parent / "conf")
 
 # settings that do not change a stage's result: where logs go, how it is shown, how it is parallelised
-RUN_ONLY_SETTINGS = ("force", "paths", "hydra", "logger", "trainer", "tags", "data.num_workers", "num_workers", "ckpt_path")
+RUN_ONLY_SETTINGS = (
+    "force", "paths", "hydra", "logger", "trainer", "tags", "data.num_workers", "num_workers", "ckpt_path",
+)
 
 
 def register_resolvers() -> None:

@@ -1,6 +1,7 @@
-"""ControlNet stage (EMIT-Diff): fit a ControlNet beside a diffusion model on the labelled real images.
+r"""ControlNet stage (EMIT-Diff): fit a ControlNet beside a diffusion model on the labelled real images.
 
-    diffmask-fit-control input_dir=artifacts/diffusion/cpu64 data.real_fraction=0.1 control.condition.type=mask name=mask
+    diffmask-fit-control input_dir=artifacts/diffusion/cpu64 data.real_fraction=0.1 \
+        control.condition.type=mask name=mask
     diffmask-fit-control input_dir=/models/sd-v1-5 data.size=256 trainer=gpu
 
 Writes a diffusers ``ControlNetModel`` folder (``config.json`` + weights), ``control.json`` (the

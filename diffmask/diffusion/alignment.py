@@ -169,7 +169,9 @@ class AttentionAlignment:
         if resolutions is not None:
             resolutions = [int(r) for r in resolutions]
             if not resolutions or min(resolutions) < 1:
-                raise ValueError(f"align.resolutions: expected positive grid sides or null, got {resolutions}")
+                raise ValueError(
+                    f"align.resolutions: expected positive grid sides or null, got {resolutions}"
+                )
         if classes is not None:
             if isinstance(classes, str):
                 classes = [classes]
@@ -189,6 +191,7 @@ class AttentionAlignment:
 
     @property
     def enabled(self) -> bool:
+        """Whether the alignment loss is on (some labelled images and a positive weight)."""
         return self.label_fraction > 0 and self.weight > 0
 
     def class_values(self, class_names: Sequence[str]) -> list[int] | None:
@@ -228,6 +231,7 @@ class LabelledBatches:
         self._order: list[int] = []
 
     def next(self) -> dict:
+        """The next batch of ``batch_size`` items, collated; a new shuffled pass starts when one runs out."""
         items = []
         while len(items) < self.batch_size:
             if not self._order:

@@ -96,7 +96,10 @@ class DiffusionComponents:
             )
         recorded = model_channels(self.metadata)
         if channels is None:
-            channels = recorded if recorded is not None else (int(unet.config.in_channels) if vae is None else 1)
+            if recorded is not None:
+                channels = recorded
+            else:
+                channels = int(unet.config.in_channels) if vae is None else 1
         channels = int(channels)
         if channels not in (1, 3):
             raise ValueError(f"channels: expected 1 (grey) or 3 (colour), got {channels}")
@@ -116,6 +119,7 @@ class DiffusionComponents:
 
     @property
     def latent(self) -> bool:
+        """Whether the model is a latent one (it has a VAE); False for pixel space."""
         return self.vae is not None
 
     @property
@@ -125,6 +129,7 @@ class DiffusionComponents:
 
     @property
     def vae_scale_factor(self) -> int:
+        """Image side / UNet input side: the VAE's downsampling factor, 1 in pixel space."""
         return 1 if self.vae is None else downsampling_factor(self.vae)
 
     @property
@@ -149,8 +154,8 @@ def check_model_channels(model_dir: str | os.PathLike, recorded: int | None, cha
         raise ValueError(
             f"data.channels={channels} ({channel_word(channels)}), but the {what} in {model_dir} was "
             f"fitted on {recorded}-channel ({channel_word(recorded)}) images ({record} channels={recorded}); "
-            f"grey and colour are never converted silently: use data with channels={recorded}, or fit a model "
-            "on this data"
+            f"grey and colour are never converted silently: use data with channels={recorded}, or fit a "
+            "model on this data"
         )
 
 
@@ -271,13 +276,16 @@ def build_scratch_components(
     text_encoder = CLIPTextModel(text_config)
     if text_hidden_size != cross_attention_dim:
         raise ValueError(
-            f"cross_attention_dim: must equal text_hidden_size ({text_hidden_size}), got {cross_attention_dim}"
+            f"cross_attention_dim: must equal text_hidden_size ({text_hidden_size}), "
+            f"got {cross_attention_dim}"
         )
     scheduler = DDPMScheduler(
         num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type
     )
-    comps = DiffusionComponents(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler,
-                                vae=vae, channels=channels)
+    comps = DiffusionComponents(
+        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler,
+        vae=vae, channels=channels,
+    )
     check_resolution(comps, resolution)
     return comps
 
@@ -326,8 +334,8 @@ def load_components(
                         else UNet2DConditionModel.load_config(root / "unet"))["in_channels"]
             if not (root / "vae").is_dir() and int(image_in) != int(channels):
                 raise ValueError(
-                    f"data.channels={channels} ({channel_word(channels)}), but the pixel-space model in {root} takes "
-                    f"{image_in}-channel images"
+                    f"data.channels={channels} ({channel_word(channels)}), but the pixel-space model in "
+                    f"{root} takes {image_in}-channel images"
                 )
             check_autoencoder_channels(int(image_in), int(channels), where=f"model_path {root}")
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
@@ -337,7 +345,9 @@ def load_components(
     sched_cfg = DDPMScheduler.load_config(root / "scheduler")
     if prediction_type is not None:
         if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
+            raise ValueError(
+                f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}"
+            )
         sched_cfg["prediction_type"] = prediction_type
     noise_scheduler = DDPMScheduler.from_config(sched_cfg)
     vae = AutoencoderKL.from_pretrained(root / "vae", **kwargs) if (root / "vae").is_dir() else None

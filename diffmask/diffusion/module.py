@@ -345,6 +345,11 @@ class DiffusionLitModule(pl.LightningModule):
         return select_fraction(train_ids, self.align.label_fraction, seed, field="align.label_fraction")
 
     def configure_optimizers(self):
+        """The optimizer over the trained parameters, with the LR scheduler stepped every step if set.
+
+        The trained parameters are the UNet's, the text encoder's with ``train_text_encoder`` and the
+        clue encoder's with visual clues.
+        """
         params = list(self.unet.parameters())
         if self.train_text_encoder:
             params += list(self.text_encoder.parameters())
@@ -488,6 +493,18 @@ class DiffusionLitModule(pl.LightningModule):
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The denoising loss, plus the weighted attention-alignment loss when alignment is on.
+
+        The alignment loss comes from the next batch of labelled items, run in the same UNet call.
+        Logs ``train/loss``, ``train/mse`` and ``train/align_loss``.
+
+        Args:
+            batch: a datamodule batch.
+            batch_idx: the batch's index (unused).
+
+        Returns:
+            The total loss.
+        """
         align_batch = self._labelled.next() if self._labelled is not None else None
         out = self.denoising_loss(batch, train=True, align_batch=align_batch)
         b = batch["image"].shape[0]
@@ -498,6 +515,12 @@ class DiffusionLitModule(pl.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Logs ``val/mse`` and ``val/align_loss`` over the batch's labelled items (even without alignment).
+
+        Args:
+            batch: a datamodule batch.
+            batch_idx: the batch's index, the seed of its noise and timesteps.
+        """
         # fixed noise and timesteps per batch, so the validation loss is comparable across epochs
         gen = torch.Generator().manual_seed(batch_idx)
         # align_all: how well the class words' attention matches held-out masks (also without alignment)
@@ -509,6 +532,14 @@ class DiffusionLitModule(pl.LightningModule):
 
     # ---- EMA -------------------------------------------------------------------------------
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """Update the EMA UNet after each optimizer step (decay warmed up when ``ema_warmup``).
+
+        Args:
+            outputs: the training step's output (unused).
+            batch: the batch (unused).
+            batch_idx: the batch's index; with gradient accumulation only every
+                ``accumulate_grad_batches``-th batch ends an optimizer step.
+        """
         if self.ema_unet is None or (batch_idx + 1) % self.trainer.accumulate_grad_batches:
             return  # update only after optimizer steps (gradient accumulation)
         step = self.global_step
