@@ -10,6 +10,7 @@ The augmentation acts on the image as acquired, before the per-image intensity n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def build_augmentation(
     size: int | None = None,
     histogram_shift: int | None = None,
     bias_field: float | None = None,
-    burn_in_prob: float = 0.0,
+    extra: Sequence[Callable] | None = None,
     hflip_prob: float = 0.0,
     flip_swap: list[list[int]] | None = None,
 ) -> Compose:
@@ -101,8 +102,9 @@ def build_augmentation(
             ``RandHistogramShiftd``), or None to disable: another detector's response.
         bias_field: largest coefficient of a smooth multiplicative bias field (``RandBiasFieldd``),
             or None to disable: uneven exposure across the film.
-        burn_in_prob: probability of burnt-in film markers and black borders (chest films:
-            :class:`diffmask.domains.chest.transforms.RandBurnInd`).
+        extra: more dict transforms (built by Hydra from ``_target_`` nodes), played after the others and
+            before the noise: a domain's own, e.g. chest films' burnt-in markers
+            (:class:`diffmask.domains.chest.transforms.RandBurnInd`, in ``data/augment=strong``).
         hflip_prob: probability of a horizontal flip (0: never; chest X-rays with patient-sided
             labels flip only with ``flip_swap``).
         flip_swap: label-value pairs a flip exchanges (:class:`SwapLabelsOnFlipd`), e.g.
@@ -146,10 +148,7 @@ def build_augmentation(
         transforms.append(
             RandBiasFieldd(keys="image", degree=3, coeff_range=(0.0, float(bias_field)), prob=prob)
         )
-    if burn_in_prob:
-        from diffmask.domains.chest.transforms import RandBurnInd  # noqa: PLC0415 - chest films only
-
-        transforms.append(RandBurnInd(keys=("image",), prob=burn_in_prob))
+    transforms.extend(extra or [])
     if noise_std:
         transforms.append(RandGaussianNoised(keys="image", std=noise_std, prob=prob))
     return Compose(transforms)

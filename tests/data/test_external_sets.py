@@ -154,6 +154,20 @@ def test_burn_in_augmentation_draws_markers_and_borders_and_keeps_labels():
     assert all(o["image"][0, 24:40, 24:40].eq(0.5).all() for o in outs)  # the chest's centre is left alone
     burn.set_random_state(seed=0)
     assert torch.equal(burn(dict(item))["image"], outs[0]["image"])  # seeded: runs repeat
-    strong = build_augmentation(scale=0.25, histogram_shift=6, bias_field=0.2, burn_in_prob=0.3, size=64)
+    strong = build_augmentation(scale=0.25, histogram_shift=6, bias_field=0.2, size=64,
+                                extra=[RandBurnInd(keys=("image",), prob=0.3)])
     names = [type(t).__name__ for t in strong.transforms]
     assert {"RandHistogramShiftd", "RandBiasFieldd", "RandBurnInd"} <= set(names)
+
+
+def test_strong_augment_config_adds_the_chest_film_markers_as_an_extra_transform():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from diffmask.config import CONFIG_PATH
+
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        strong = instantiate(compose("train", overrides=["data=phantom", "data/augment=strong"]).data.augment)
+        plain = instantiate(compose("train", overrides=["data=phantom"]).data.augment)
+    assert [type(t).__name__ for t in strong.transforms][-2:] == ["RandBurnInd", "RandGaussianNoised"]
+    assert "RandBurnInd" not in [type(t).__name__ for t in plain.transforms]

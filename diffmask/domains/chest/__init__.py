@@ -1,7 +1,7 @@
 """Chest X-rays: everything in diffmask that is specific to chest radiographs (JSRT/SCR).
 
 Only the chest datasets (``data=jsrt|phantom|auto``, whose facts are ``conf/data/base/chest.yaml``)
-and the chest features (``prompts=anatomy_pathology``, ``data.augment.burn_in_prob``, the CTR check
+and the chest features (``prompts=anatomy_pathology``, ``data/augment=strong``'s ``extra``, the CTR check
 of ``diffmask-evaluate-synthesis``) use this package. The generic packages (data, prompts, labels,
 the stages) take class names and prompts from the dataset config; where they serve a chest feature
 (a burn-in augmentation, an anatomy-pathology model's saved builder) they import it on use.

@@ -1,4 +1,4 @@
-"""Chest-film augmentation: what hospitals burn into their X-ray films (``data.augment.burn_in_prob``)."""
+"""Chest-film augmentation: what hospitals burn into their X-ray films (``data/augment=strong``'s ``extra``)."""
 
 from __future__ import annotations
 
