@@ -45,7 +45,9 @@ AFFINITY_WEIGHTS = "affinity.pt"
 class _SeedDataset(Dataset):
     """(image (C, S, S) in [0, 1], seed (S, S) long) of the seed masks with an ignore band."""
 
-    def __init__(self, folder: Path, rows, ignore_margin: int, image_key: str, seed_key: str, channels: int = 1):
+    def __init__(
+        self, folder: Path, rows, ignore_margin: int, image_key: str, seed_key: str, channels: int = 1
+    ):
         self.folder, self.rows, self.margin = folder, rows, ignore_margin
         self.image_key, self.seed_key = image_key, seed_key
         self.channels = int(channels)
@@ -121,7 +123,9 @@ def refine_with_affinity(
         torch.save(refiner.state_dict(), buf)
         atomic_write_bytes(weights, buf.getvalue())
         trained = True
-        log.info("affinity: trained %d steps on %d images, last loss %.4f", train_steps, len(rows), final_loss)
+        log.info(
+            "affinity: trained %d steps on %d images, last loss %.4f", train_steps, len(rows), final_loss
+        )
     refiner.eval()
     done = skipped = 0
     new_rows = []

@@ -79,7 +79,9 @@ def controlled_requests(
         fixed_prompt: one prompt for every request (a ControlNet fitted with ``control.prompt``).
     """
     if augment_ratio < 1:
-        raise ValueError(f"synthesis.augment_ratio: expected >= 1 variants per condition, got {augment_ratio}")
+        raise ValueError(
+            f"synthesis.augment_ratio: expected >= 1 variants per condition, got {augment_ratio}"
+        )
     if not ids:
         raise ValueError(f"synthesis: no condition samples in {source.name}")
     out = []
@@ -152,7 +154,9 @@ class ConditionDataset(Dataset):
         if sample.label is None:
             raise ValueError(f"{where}: no mask (sem_seg_file_name); a condition needs a label map")
         if sample.image.shape[:2] != sample.label.shape:  # (S, S) grey or (S, S, 3) colour images
-            raise ValueError(f"{where}: image {sample.image.shape} and mask {sample.label.shape} differ in size")
+            raise ValueError(
+                f"{where}: image {sample.image.shape} and mask {sample.label.shape} differ in size"
+            )
         image, label = resize_sample(sample, self.size, self.resize)
         if self.intensity != "raw":
             image = normalize_intensity(image, self.intensity)

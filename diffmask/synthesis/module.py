@@ -46,7 +46,9 @@ class MaskMaker(Protocol):
     :meth:`__call__` makes the masks.
     """
 
-    def new_sink(self, prompts: list[str], token_positions: list[list[list[int]]], resolution: int) -> AttentionSink:
+    def new_sink(
+        self, prompts: list[str], token_positions: list[list[list[int]]], resolution: int
+    ) -> AttentionSink:
         """A fresh sink for one batch of prompts.
 
         Args:
@@ -116,7 +118,9 @@ class SynthesisLitModule(pl.LightningModule):
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps: expected >= 1, got {num_inference_steps}")
         if (save_class_maps or quality_filter is not None) and mask_maker is None:
-            raise ValueError("save_class_maps/quality_filter: need a mask_maker (they act on its masks and maps)")
+            raise ValueError(
+                "save_class_maps/quality_filter: need a mask_maker (they act on its masks and maps)"
+            )
         self.sampler = sampler
         self.unet = sampler.components.unet
         self.text_encoder = sampler.components.text_encoder
@@ -132,7 +136,9 @@ class SynthesisLitModule(pl.LightningModule):
         self.strength = float(strength)
         self.skip_ids: set[str] = set()
 
-    def predict_step(self, batch: dict[str, list], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
+    def predict_step(
+        self, batch: dict[str, list], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Any] | None:
         """Generate the batch's requests not in :attr:`skip_ids` (None when there are none).
 
         Args:
@@ -149,12 +155,16 @@ class SynthesisLitModule(pl.LightningModule):
         # controlled generation: condition images in, and the masks they were made from out
         control = torch.stack(rows.pop("condition")) if "condition" in rows else None
         init = torch.stack(rows.pop("init")) if "init" in rows else None
-        cond_masks = np.stack([np.asarray(m, dtype=np.uint8) for m in rows.pop("mask")]) if "mask" in rows else None
+        cond_masks = (
+            np.stack([np.asarray(m, dtype=np.uint8) for m in rows.pop("mask")]) if "mask" in rows else None
+        )
         sink = positions = None
         if self.mask_maker is not None:
             positions = self.sampler.token_positions(rows["prompt"])
             if not positions:
-                raise ValueError("mask_maker: the sampler has no prompt builder, so class tokens cannot be found")
+                raise ValueError(
+                    "mask_maker: the sampler has no prompt builder, so class tokens cannot be found"
+                )
             sink = self.mask_maker.new_sink(rows["prompt"], positions, self.sampler.resolution)
         out = self._sample(rows["prompt"], rows["seed"], sink, control=control, init=init)
         pred: dict[str, Any] = dict(rows)
@@ -177,8 +187,8 @@ class SynthesisLitModule(pl.LightningModule):
             masks = np.asarray(masks, dtype=np.uint8)
             if masks.shape != pred["images"].shape[:3] or len(scores) != len(keep):
                 raise ValueError(
-                    f"mask_maker: expected masks of shape {pred['images'].shape[:3]} and {len(keep)} score dicts, "
-                    f"got {masks.shape} and {len(scores)}"
+                    f"mask_maker: expected masks of shape {pred['images'].shape[:3]} and {len(keep)} "
+                    f"score dicts, got {masks.shape} and {len(scores)}"
                 )
             pred["masks"], pred["scores"] = masks, list(scores)
             pred["dropped"] = [
@@ -187,7 +197,9 @@ class SynthesisLitModule(pl.LightningModule):
             ]
             if self.save_class_maps:
                 if not hasattr(sink, "result"):
-                    raise ValueError(f"save_class_maps: the sink {type(sink).__name__} has no result() to read maps from")
+                    raise ValueError(
+                        f"save_class_maps: the sink {type(sink).__name__} has no result() to read maps from"
+                    )
                 pred["class_maps"] = sink.result().to(torch.float16).cpu().numpy()
         return pred
 

@@ -83,11 +83,15 @@ class MaskQualityFilter:
         optional_classes: Sequence[str] = (),
     ):
         if len(class_names) < 2:
-            raise ValueError(f"class_names: expected background plus at least one class, got {list(class_names)}")
+            raise ValueError(
+                f"class_names: expected background plus at least one class, got {list(class_names)}"
+            )
         if min_score is not None and not 0 <= min_score <= 1:
             raise ValueError(f"min_score: expected None or a score in [0, 1], got {min_score}")
         if min_largest_fraction is not None and not 0 < min_largest_fraction <= 1:
-            raise ValueError(f"min_largest_fraction: expected None or a fraction in (0, 1], got {min_largest_fraction}")
+            raise ValueError(
+                f"min_largest_fraction: expected None or a fraction in (0, 1], got {min_largest_fraction}"
+            )
         if max_components is not None and max_components < 1:
             raise ValueError(f"max_components: expected None or >= 1, got {max_components}")
         if min_component_pixels < 1:
@@ -96,7 +100,9 @@ class MaskQualityFilter:
         self.require_all_classes = bool(require_all_classes)
         unknown = [c for c in optional_classes if c not in self.class_names[1:]]
         if unknown:
-            raise ValueError(f"optional_classes: {unknown} are not foreground classes of {list(self.class_names)}")
+            raise ValueError(
+                f"optional_classes: {unknown} are not foreground classes of {list(self.class_names)}"
+            )
         self.optional_classes = tuple(optional_classes)
         self.min_score = min_score
         self.min_largest_fraction = min_largest_fraction
@@ -127,7 +133,10 @@ class MaskQualityFilter:
                 return f"{name}: {counted} components > max_components {self.max_components}"
             largest = float(sizes.max()) / total
             if self.min_largest_fraction is not None and largest < self.min_largest_fraction:
-                return f"{name}: largest component holds {largest:.2f} < min_largest_fraction {self.min_largest_fraction}"
+                return (
+                    f"{name}: largest component holds {largest:.2f} < min_largest_fraction "
+                    f"{self.min_largest_fraction}"
+                )
         return None
 
     def __call__(self, mask: np.ndarray, scores: Mapping[str, float] | None = None) -> bool:

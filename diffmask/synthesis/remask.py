@@ -78,8 +78,8 @@ def remask_folder(
         for r, m in zip(chunk, maps, strict=True):
             if m.ndim != 3 or m.shape[0] != k:
                 raise ValueError(
-                    f"{source / r.attn_file}: class maps of shape {m.shape}, expected ({k}, S, S) for the classes "
-                    f"{list(class_names[1:])}"
+                    f"{source / r.attn_file}: class maps of shape {m.shape}, expected ({k}, S, S) for the "
+                    f"classes {list(class_names[1:])}"
                 )
         todo = [i for i, r in enumerate(chunk) if not (work / f"masks/{r.id}.png").is_file()]
         labels: dict[int, np.ndarray] = {}

@@ -76,7 +76,9 @@ def draw_requests(
         prompt_builder.check_findings(findings or {})
     if retriever is not None:
         if anatomy:
-            raise ValueError("prompts=retrieval: not for anatomy-pathology models (their prompts are drawn from findings)")
+            raise ValueError(
+                "prompts=retrieval: not for anatomy-pathology models (their prompts are drawn from findings)"
+            )
         return retrieve_requests(num_samples, seed, prompt_builder, metas, retriever, id_prefix)
     rng = random.Random(seed)
     metas = [dict(m) for m in metas]
@@ -115,7 +117,8 @@ def retrieve_requests(
         meta = dict(d.meta)
         if d.query is not None:
             meta["retrieval_query"] = d.query
-        out.append(GenerationRequest(id=f"{id_prefix}{i:06d}", prompt=d.prompt.text, seed=rng.getrandbits(31), meta=meta))
+        seed_i = rng.getrandbits(31)
+        out.append(GenerationRequest(id=f"{id_prefix}{i:06d}", prompt=d.prompt.text, seed=seed_i, meta=meta))
     return out
 
 
@@ -124,7 +127,10 @@ def requests_from_prompts(
 ) -> list[GenerationRequest]:
     """``num_per_prompt`` requests for each given prompt, seeds ``seed, seed+1, ...`` in order."""
     if not prompts or num_per_prompt < 1:
-        raise ValueError(f"prompts/num_per_prompt: expected prompts and >= 1 per prompt, got {len(prompts)}, {num_per_prompt}")
+        raise ValueError(
+            "prompts/num_per_prompt: expected prompts and >= 1 per prompt, got "
+            f"{len(prompts)}, {num_per_prompt}"
+        )
     out, k = [], 0
     for p in prompts:
         for _ in range(num_per_prompt):
@@ -151,4 +157,5 @@ class RequestDataset(Dataset):
 
 
 def collate_requests(items: list[dict]) -> dict[str, list]:
+    """Collate :class:`RequestDataset` items into one list per key (no tensors: ids, prompts, seeds, meta)."""
     return {key: [it[key] for it in items] for key in items[0]}

@@ -81,7 +81,9 @@ class VariationDataset(Dataset):
             raise ValueError("requests: ids must be unique")
         missing = [r.id for r in requests if "source_id" not in r.meta]
         if missing:
-            raise ValueError(f"requests: {missing[:3]} have no meta['source_id'] (make them with variation_requests)")
+            raise ValueError(
+                f"requests: {missing[:3]} have no meta['source_id'] (make them with variation_requests)"
+            )
         self.requests = list(requests)
         self.source = source
         self.size = int(size)
@@ -100,8 +102,9 @@ class VariationDataset(Dataset):
         init = channels_first(np.asarray(image, dtype=np.float32) / 255.0)  # (C, S, S)
         if init.shape[0] != self.channels:
             raise ValueError(
-                f"init_images: {self.source.name} image {r.meta['source_id']} has {init.shape[0]} channel(s), the "
-                f"model generates {self.channels} (data.channels); grey and colour are never converted silently"
+                f"init_images: {self.source.name} image {r.meta['source_id']} has {init.shape[0]} "
+                f"channel(s), the model generates {self.channels} (data.channels); grey and colour are "
+                "never converted silently"
             )
         return {"id": r.id, "prompt": r.prompt, "seed": r.seed, "meta": dict(r.meta), "init": init}
 

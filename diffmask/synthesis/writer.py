@@ -30,8 +30,10 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from diffmask.artifacts import StageDir, atomic_write_bytes
 from diffmask.data.manifest import ManifestRow, append_manifest_row, write_manifest
 
-__all__ = ["SyntheticWriter", "read_done_rows", "read_dropped", "class_maps_npz", "load_class_maps", "read_gray",
-           "set_channels"]
+__all__ = [
+    "SyntheticWriter", "read_done_rows", "read_dropped", "class_maps_npz", "load_class_maps", "read_gray",
+    "set_channels",
+]
 
 log = logging.getLogger(__name__)
 SHARD_GLOB = "manifest.rank*.jsonl"
@@ -145,12 +147,22 @@ class SyntheticWriter(BasePredictionWriter):
         self.dropped = 0
 
     def shard_path(self, rank: int) -> Path:
+        """The manifest shard that process ``rank`` appends its rows to."""
         return self.output_dir / f"manifest.rank{rank}.jsonl"
 
     def dropped_path(self, rank: int) -> Path:
+        """The file where process ``rank`` records the samples the quality filter dropped."""
         return self.output_dir / f"dropped.rank{rank}.jsonl"
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Prepare the folders and resume: ids already written or dropped go to ``pl_module.skip_ids``.
+
+        A torn last line of this rank's shards (an interrupted write) is cut first.
+
+        Args:
+            trainer: the trainer (its global rank names the shards).
+            pl_module: the generating module; its ``skip_ids`` are set.
+        """
         (self.output_dir / "images").mkdir(parents=True, exist_ok=True)
         (self.output_dir / "masks").mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(self.shard_path(trainer.global_rank))
@@ -162,7 +174,26 @@ class SyntheticWriter(BasePredictionWriter):
         if done:
             log.info("synthesis: resuming, %d samples already written", len(done))
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
+        """Write a batch's images (+ masks, class maps) and append their manifest rows to this rank's shard.
+
+        Samples the quality filter dropped are recorded in the rank's dropped file instead.
+
+        Args:
+            trainer: the trainer (its global rank names the shards).
+            pl_module: the generating module (unused).
+            prediction: :meth:`~diffmask.synthesis.module.SynthesisLitModule.predict_step`'s output;
+                None when every request of the batch was skipped.
+            batch_indices: the batch's dataset indices (unused).
+            batch: the batch (unused).
+            batch_idx: the batch's index (unused).
+            dataloader_idx: the dataloader's index (unused).
+
+        Raises:
+            ValueError: a mask score names no class of ``class_names``.
+        """
         if prediction is None:
             return
         shard = self.shard_path(trainer.global_rank)
@@ -172,8 +203,11 @@ class SyntheticWriter(BasePredictionWriter):
         for i, sid in enumerate(prediction["id"]):
             if dropped[i] is not None:
                 with open(self.dropped_path(trainer.global_rank), "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"id": sid, "seed": int(prediction["seed"][i]), "prompt": prediction["prompt"][i],
-                                        "reason": dropped[i]}, sort_keys=True) + "\n")
+                    record = {
+                        "id": sid, "seed": int(prediction["seed"][i]), "prompt": prediction["prompt"][i],
+                        "reason": dropped[i],
+                    }
+                    f.write(json.dumps(record, sort_keys=True) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
                 self.dropped += 1
@@ -187,7 +221,9 @@ class SyntheticWriter(BasePredictionWriter):
                 scores = {str(k): float(v) for k, v in prediction["scores"][i].items()}
                 unknown = sorted(set(scores) - set(self.class_names))
                 if unknown:
-                    raise ValueError(f"mask_maker: score keys {unknown} are not class names {list(self.class_names)}")
+                    raise ValueError(
+                        f"mask_maker: score keys {unknown} are not class names {list(self.class_names)}"
+                    )
             attn_name = None
             if class_maps is not None:
                 attn_name = f"attn/{sid}.npz"
@@ -203,6 +239,12 @@ class SyntheticWriter(BasePredictionWriter):
             self.written += 1
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Merge the shards into ``manifest.jsonl`` on rank 0 once every rank has finished.
+
+        Args:
+            trainer: the trainer (its strategy's barriers).
+            pl_module: the generating module (unused).
+        """
         trainer.strategy.barrier("synthesis_merge")
         if trainer.is_global_zero:
             self.merge()
