@@ -12,12 +12,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "diffmask"
 # lowest first; a module's layer is the first rule its dotted name matches
 LAYERS = (
-    ("foundations", ("diffmask", "diffmask.artifacts", "diffmask.config", "diffmask.labels", "diffmask.seeds")),
+    ("foundations", ("diffmask", "diffmask.artifacts", "diffmask.config", "diffmask.labels",
+                     "diffmask.seeds")),
     ("building blocks", ("diffmask.data", "diffmask.prompts", "diffmask.attention")),
     ("domains", ("diffmask.domains",)),
-    ("models and algorithms", ("diffmask.autoencoder", "diffmask.codebook", "diffmask.diffusion", "diffmask.control",
-                               "diffmask.refine", "diffmask.synthesis", "diffmask.segmentation",
-                               "diffmask.evaluation")),
+    ("models and algorithms", ("diffmask.autoencoder", "diffmask.codebook", "diffmask.diffusion",
+                               "diffmask.control", "diffmask.refine", "diffmask.synthesis",
+                               "diffmask.segmentation", "diffmask.evaluation")),
     ("stage runs", ("diffmask.stages", "*.stage", "*_stage")),
     ("pipeline", ("diffmask.pipeline",)),
     ("entry points", ("diffmask.cli",)),
@@ -78,6 +79,6 @@ def test_imports_only_run_downwards():
         source = module_name(path)
         for line, target in imports(path):
             if layer(target) > layer(source):
-                upward.append(f"diffmask/{path.relative_to(PACKAGE)}:{line} {source} ({LAYERS[layer(source)][0]}) "
-                              f"imports {target} ({LAYERS[layer(target)][0]})")
+                upward.append(f"diffmask/{path.relative_to(PACKAGE)}:{line} {source} "
+                              f"({LAYERS[layer(source)][0]}) imports {target} ({LAYERS[layer(target)][0]})")
     assert not upward, "imports that run upwards (docs/ARCHITECTURE.md, Layers):\n" + "\n".join(upward)

@@ -1,4 +1,7 @@
-"""Chest-film augmentation: what hospitals burn into their X-ray films (``data/augment=strong``'s ``extra``)."""
+"""Chest-film augmentation: what hospitals burn into their X-ray films.
+
+Used through ``data/augment=strong``'s ``extra`` transforms.
+"""
 
 from __future__ import annotations
 
