@@ -1,4 +1,5 @@
-"""Shared fixtures: the JSRT folder (or a phantom one in its layout), config composition for the stage entry points."""
+"""Shared fixtures: the JSRT folder (or a phantom one in its layout), config composition for the stage
+entry points."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def require_jsrt() -> Path:
     if (JSRT_DIR / "metadata.csv").is_file():
         return JSRT_DIR
     if REQUIRE_JSRT:
-        pytest.fail(f"{JSRT_DIR}: {JSRT_MISSING}; DIFFMASK_REQUIRE_JSRT=1 forbids skipping for it", pytrace=False)
+        pytest.fail(
+            f"{JSRT_DIR}: {JSRT_MISSING}; DIFFMASK_REQUIRE_JSRT=1 forbids skipping for it", pytrace=False
+        )
     pytest.skip(JSRT_MISSING)  # "JSRT/SCR not found (set DIFFMASK_JSRT_DIR)"
 
 
@@ -48,7 +51,9 @@ def write_phantom_folder(root: Path, size: int = 256, splits: dict[str, int] = P
 
     from diffmask.domains.chest import PhantomSource
 
-    source = PhantomSource(size=size, num_train=splits["train"], num_val=splits["val"], num_test=splits["test"])
+    source = PhantomSource(
+        size=size, num_train=splits["train"], num_val=splits["val"], num_test=splits["test"]
+    )
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     columns = ["id", "split", *source.load(source.ids("train")[0]).meta]
@@ -130,7 +135,9 @@ def model_dir(tmp_path) -> Path:
     from diffmask.domains.chest import chest_prompt_builder
 
     stage = StageDir(tmp_path / "artifacts" / "diffusion" / "tiny")
-    module = DiffusionLitModule(tiny_scratch_components(32), chest_prompt_builder(), optimizer=None, resolution=32, ema_decay=0)
+    module = DiffusionLitModule(
+        tiny_scratch_components(32), chest_prompt_builder(), optimizer=None, resolution=32, ema_decay=0
+    )
     module.export(stage.begin())
     stage.commit(config={"test": True})
     return stage.path

@@ -15,7 +15,10 @@ from diffmask.artifacts import atomic_write_json, atomic_write_text
 def test_atomic_writes_get_the_mode_of_the_umask(tmp_path, umask, expected):
     old = os.umask(umask)
     try:
-        written = [atomic_write_text(tmp_path / "report.md", "x"), atomic_write_json(tmp_path / "m" / "metrics.json", {})]
+        written = [
+            atomic_write_text(tmp_path / "report.md", "x"),
+            atomic_write_json(tmp_path / "m" / "metrics.json", {}),
+        ]
         atomic_write_text(tmp_path / "report.md", "replaced")  # a rewrite keeps it so
     finally:
         os.umask(old)

@@ -20,10 +20,19 @@ def test_wheel_runs_a_stage_without_the_checkout(tmp_path):
     # built from a copy: setuptools writes build/ into the tree it builds
     for name in ("pyproject.toml", "README.md", "conf", "diffmask"):
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
-        kwargs = {"symlinks": True, "ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}
+        kwargs = (
+            {"symlinks": True, "ignore": shutil.ignore_patterns("__pycache__")}
+            if copy is shutil.copytree
+            else {}
+        )
         copy(REPO / name, source / name, **kwargs)
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
-                            "-q", "-w", str(dist)], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(dist)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = dist.glob("diffmask-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

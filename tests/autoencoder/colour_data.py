@@ -51,5 +51,11 @@ def write_colour_folder(root: Path, size: int = 32, splits: dict[str, int] = SPL
 
 def colour_overrides(root: Path, size: int = 32) -> list[str]:
     """Hydra overrides that serve the folder at ``root`` to a stage as colour data."""
-    return ["data=busi", "data.channels=3", f"data.real.root={root}", f"data.size={size}", "data.batch_size=4",
-            "data.num_workers=0"]
+    return [
+        "data=busi",
+        "data.channels=3",
+        f"data.real.root={root}",
+        f"data.size={size}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+    ]

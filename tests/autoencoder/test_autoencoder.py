@@ -26,10 +26,24 @@ from diffmask.diffusion.components import DiffusionComponents
 from diffmask.domains.chest import CHEST_CLASS_NAMES as CHEST
 from diffmask.domains.chest import PhantomSource, chest_prompt_builder
 
-TINY_AE = ["autoencoder.vae.block_out_channels=[16,32,32]", "autoencoder.vae.norm_num_groups=8", "autoencoder.crop=16"]
-TINY_DATA = ["data=phantom", "data.size=32", "data.batch_size=4", "data.num_workers=0", "data.real.num_train=4",
-             "data.real.num_val=2", "data.real.num_test=3", "trainer.enable_progress_bar=false", "logger=csv",
-             "trainer.limit_val_batches=1", "trainer.check_val_every_n_epoch=1"]
+TINY_AE = [
+    "autoencoder.vae.block_out_channels=[16,32,32]",
+    "autoencoder.vae.norm_num_groups=8",
+    "autoencoder.crop=16",
+]
+TINY_DATA = [
+    "data=phantom",
+    "data.size=32",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.real.num_train=4",
+    "data.real.num_val=2",
+    "data.real.num_test=3",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+    "trainer.limit_val_batches=1",
+    "trainer.check_val_every_n_epoch=1",
+]
 TINY_UNET = [
     "diffusion.components.block_out_channels=[16,32]", "diffusion.components.layers_per_block=1",
     "diffusion.components.attention_levels=[true,true]",
@@ -56,8 +70,9 @@ def test_metrics_on_known_images():
     assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)
     assert ssim(x, torch.rand(2, 1, 32, 32)).max() < 0.2
     # MSE 0.01 -> 20 dB
-    assert torch.allclose(psnr(torch.full((1, 1, 8, 8), 0.6), torch.full((1, 1, 8, 8), 0.5)), torch.tensor([20.0]),
-                          atol=1e-3)
+    assert torch.allclose(
+        psnr(torch.full((1, 1, 8, 8), 0.6), torch.full((1, 1, 8, 8), 0.5)), torch.tensor([20.0]), atol=1e-3
+    )
 
 
 def test_autoencoder_learns_to_round_trip_a_phantom():
@@ -87,7 +102,9 @@ def test_export_loads_with_plain_from_pretrained_and_records_the_scaling_factor(
         z0 = module.vae.encode(x).latent_dist.mean
         z1 = loaded.encode(x).latent_dist.mean
     assert torch.equal(z0, z1)
-    assert loaded.config.scaling_factor == pytest.approx(1.0 / float(z0.double().std(unbiased=False)), rel=1e-4)
+    assert loaded.config.scaling_factor == pytest.approx(
+        1.0 / float(z0.double().std(unbiased=False)), rel=1e-4
+    )
     info = json.loads((tmp_path / "ae" / "autoencoder.json").read_text())
     assert info["resolution"] == 32 and info["factor"] == 4 and info["latent_channels"] == 4
 
@@ -102,9 +119,17 @@ def test_sizes_that_do_not_fit_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="factor 8 needs 4 levels"):
         build_autoencoder(factor=8, block_out_channels=(16, 32, 32))
     # a UNet built for another autoencoder (8 latent channels) does not take these 4-channel latents
-    pixel = build_scratch_components(resolution=32, block_out_channels=(16, 32), attention_heads=2,
-                                     cross_attention_dim=32, norm_num_groups=8, text_hidden_size=32, text_layers=1,
-                                     text_heads=2, text_intermediate_size=32)
+    pixel = build_scratch_components(
+        resolution=32,
+        block_out_channels=(16, 32),
+        attention_heads=2,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        text_hidden_size=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate_size=32,
+    )
     other = build_autoencoder(factor=4, latent_channels=8, block_out_channels=(16, 32, 32))
     with pytest.raises(ValueError, match="latents have 8 channels, the UNet takes 1"):
         DiffusionComponents(pixel.unet, pixel.text_encoder, pixel.tokenizer, pixel.noise_scheduler, vae=other)
@@ -130,7 +155,9 @@ def test_autoencoder_stage_then_a_latent_diffusion_model_with_capture_at_the_ima
     assert info["status"] == "complete" and info["counts"]["steps"] == 4 and info["counts"]["factor"] == 4
     assert info["test"]["phantom"]["n"] == 3 and info["test"]["phantom"]["psnr"] > 0
     assert (ae / "grid.png").is_file() and (ae / "test_metrics.json").is_file()
-    assert AutoencoderKL.from_pretrained(ae).config.scaling_factor == pytest.approx(info["counts"]["scaling_factor"])
+    assert AutoencoderKL.from_pretrained(ae).config.scaling_factor == pytest.approx(
+        info["counts"]["scaling_factor"]
+    )
     # the reconstructions: a set a segmenter trains on, one per real training image, with its mask
     recon = ManifestSource(ae / "reconstructions", CHEST)
     assert len(recon.ids("train")) == 4 and recon.load(recon.ids("train")[0]).label is not None
@@ -151,7 +178,9 @@ def test_autoencoder_stage_then_a_latent_diffusion_model_with_capture_at_the_ima
     store = CrossAttentionStore(output_size=32)
     store.set_tokens(sampler.token_positions([prompt]))
     with store.capture(sampler.components.unet):
-        out = sampler([prompt], [0], num_inference_steps=2, guidance_scale=1.0, on_step_begin=store.begin_step)
+        out = sampler(
+            [prompt], [0], num_inference_steps=2, guidance_scale=1.0, on_step_begin=store.begin_step
+        )
     assert out.images.shape == (1, 1, 32, 32)
     maps = store.result()
     assert maps.shape == (1, 3, 32, 32) and torch.isfinite(maps).all()
@@ -179,12 +208,22 @@ def test_stable_diffusion_vae_fits_the_same_slot_and_f8_composes(tmp_path):
 
     # a Stable Diffusion folder's vae/ (RGB, 2x here) as diffusion.components.autoencoder_dir
     tiny_sd_dir = save_tiny_stable_diffusion(tmp_path / "sd")
-    comps = build_scratch_components(resolution=32, block_out_channels=(16, 32), attention_heads=2,
-                                     cross_attention_dim=32, norm_num_groups=8, text_hidden_size=32, text_layers=1,
-                                     text_heads=2, text_intermediate_size=32, autoencoder_dir=tiny_sd_dir / "vae")
+    comps = build_scratch_components(
+        resolution=32,
+        block_out_channels=(16, 32),
+        attention_heads=2,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        text_hidden_size=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate_size=32,
+        autoencoder_dir=tiny_sd_dir / "vae",
+    )
     assert comps.latent and comps.unet.config.in_channels == 4 and comps.unet.config.sample_size == 16
     sampler = TextToImageSampler(comps, 32)
-    assert sampler(["left lung, right lung and heart"], [0], num_inference_steps=1).images.shape == (1, 1, 32, 32)
+    out = sampler(["left lung, right lung and heart"], [0], num_inference_steps=1)
+    assert out.images.shape == (1, 1, 32, 32)
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         cfg = compose("fit_autoencoder", overrides=["autoencoder=f8", "data.size=64"])
     from hydra.utils import instantiate
@@ -199,11 +238,22 @@ def test_latent_fit_encodes_each_training_image_once_and_draws_from_its_posterio
     from diffmask.diffusion.module import encode_posterior
 
     _module().export(tmp_path / "ae", {"latent_mean": 0.0, "latent_std": 2.0})
-    comps = build_scratch_components(resolution=32, block_out_channels=(16, 32), attention_heads=2,
-                                     cross_attention_dim=32, norm_num_groups=8, text_hidden_size=32, text_layers=1,
-                                     text_heads=2, text_intermediate_size=32, autoencoder_dir=tmp_path / "ae")
+    comps = build_scratch_components(
+        resolution=32,
+        block_out_channels=(16, 32),
+        attention_heads=2,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        text_hidden_size=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate_size=32,
+        autoencoder_dir=tmp_path / "ae",
+    )
     vae, images = comps.vae, _phantoms(n=2)
-    module = DiffusionLitModule(comps, chest_prompt_builder(), torch.optim.Adam, resolution=32, latent_cache=4)
+    module = DiffusionLitModule(
+        comps, chest_prompt_builder(), torch.optim.Adam, resolution=32, latent_cache=4
+    )
     calls, encode = [], vae.encode
     vae.encode = lambda x: calls.append(len(x)) or encode(x)
     draws = torch.stack([module.encode_images(images) for _ in range(200)])
@@ -246,8 +296,17 @@ def test_colour_autoencoder_round_trip_writes_rgb_and_refuses_grey_data(tmp_path
     from tests.autoencoder.colour_data import COLOUR_CLASSES, write_colour_folder
 
     root = write_colour_folder(tmp_path / "colour")
-    fit_autoencoder(_compose_colour("fit_autoencoder", tmp_path, root, *TINY_AE, "trainer.max_steps=2", "name=rgb",
-                                    "reconstructions=true"))
+    fit_autoencoder(
+        _compose_colour(
+            "fit_autoencoder",
+            tmp_path,
+            root,
+            *TINY_AE,
+            "trainer.max_steps=2",
+            "name=rgb",
+            "reconstructions=true",
+        )
+    )
     ae = tmp_path / "artifacts" / "autoencoder" / "rgb"
     vae = AutoencoderKL.from_pretrained(ae)
     assert vae.config.in_channels == 3 and vae.config.out_channels == 3
@@ -273,11 +332,30 @@ def test_colour_autoencoder_round_trip_writes_rgb_and_refuses_grey_data(tmp_path
     with pytest.raises(ValueError, match=r"fitted on 3-channel \(colour\) images, but data.channels=1"):
         load_autoencoder(ae, 32, channels=1)
     with pytest.raises((ValueError, InstantiationException), match="data.channels=1"):
-        fit_diffusion(_compose("fit_diffusion", tmp_path, "diffusion=latent", *TINY_UNET, "trainer.max_steps=1",
-                               f"diffusion.components.autoencoder_dir={ae}", "name=grey_on_rgb"))
+        fit_diffusion(
+            _compose(
+                "fit_diffusion",
+                tmp_path,
+                "diffusion=latent",
+                *TINY_UNET,
+                "trainer.max_steps=1",
+                f"diffusion.components.autoencoder_dir={ae}",
+                "name=grey_on_rgb",
+            )
+        )
     # a latent diffusion model on it generates colour images
-    fit_diffusion(_compose_colour("fit_diffusion", tmp_path, root, "diffusion=latent", *TINY_UNET,
-                                  "trainer.max_steps=1", f"diffusion.components.autoencoder_dir={ae}", "name=latent"))
+    fit_diffusion(
+        _compose_colour(
+            "fit_diffusion",
+            tmp_path,
+            root,
+            "diffusion=latent",
+            *TINY_UNET,
+            "trainer.max_steps=1",
+            f"diffusion.components.autoencoder_dir={ae}",
+            "name=latent",
+        )
+    )
     model = tmp_path / "artifacts" / "diffusion" / "latent"
     assert json.loads((model / "diffmask.json").read_text())["channels"] == 3
     sampler = TextToImageSampler.from_pretrained(model, channels=3)
@@ -313,5 +391,6 @@ def test_the_grey_to_autoencoder_channel_helper_round_trips_and_refuses_colour_i
     vae = build_autoencoder(factor=2, block_out_channels=(8, 8), norm_num_groups=8, in_channels=3).eval()
     x = torch.rand(1, 1, 16, 16)
     with torch.no_grad():
-        expected = vae.decode(vae.encode(x.repeat(1, 3, 1, 1) * 2 - 1).latent_dist.mode()).sample.mean(1, keepdim=True)
+        latent = vae.encode(x.repeat(1, 3, 1, 1) * 2 - 1).latent_dist.mode()
+        expected = vae.decode(latent).sample.mean(1, keepdim=True)
     assert torch.allclose(reconstruct(vae, x), ((expected.clamp(-1, 1) + 1) / 2))

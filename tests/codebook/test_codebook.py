@@ -40,7 +40,9 @@ def test_codebook_assigns_every_patch_to_its_nearest_code_and_reports_usage(tmp_
     brute = torch.cdist(feats.double(), book.centroids.double()).argmin(1)
     assert torch.equal(codes.flatten(), brute)
     usage = codebook_usage(codes.numpy(), 8)
-    assert sum(usage["counts"]) == 64 and usage["n_dead"] == len(usage["dead_codes"]) and usage["perplexity"] > 1
+    assert (
+        sum(usage["counts"]) == 64 and usage["n_dead"] == len(usage["dead_codes"]) and usage["perplexity"] > 1
+    )
     # save / load round trip; another size is a clear error
     book.save(tmp_path / "cb")
     again = VisualCodebook.load(tmp_path / "cb", resolution=32)
@@ -112,12 +114,25 @@ def test_codebook_stage_then_a_unet_with_clue_tokens_trains_and_its_capture_retu
     info = json.loads((cb / "codebook.json").read_text())
     assert info["size"] == 8 and info["grid"] == 4 and "test/phantom" in info["usage"]
     assert len(json.loads((cb / "codes.json").read_text())) == 4
-    with pytest.raises((ValueError, InstantiationException), match="was built at 32 px, the diffusion model is at 64 px"):
+    with pytest.raises(
+        (ValueError, InstantiationException), match="was built at 32 px, the diffusion model is at 64 px"
+    ):
         fit_diffusion(_compose("fit_diffusion", tmp_path, *TINY, "data.size=64", "diffusion.clues=codebook",
                                f"diffusion.codebook_dir={cb}", "name=bad"))
-    fit_diffusion(_compose("fit_diffusion", tmp_path, *TINY, "diffusion.clues=codebook", f"diffusion.codebook_dir={cb}",
-                           "diffusion.clue_tokens=4", "prompts=anatomy_pathology", "prompts.embedder=null",
-                           "diffusion.align.label_fraction=0.5", "name=clued"))
+    fit_diffusion(
+        _compose(
+            "fit_diffusion",
+            tmp_path,
+            *TINY,
+            "diffusion.clues=codebook",
+            f"diffusion.codebook_dir={cb}",
+            "diffusion.clue_tokens=4",
+            "prompts=anatomy_pathology",
+            "prompts.embedder=null",
+            "diffusion.align.label_fraction=0.5",
+            "name=clued",
+        )
+    )
     model = tmp_path / "artifacts" / "diffusion" / "clued"
     meta = json.loads((model / "diffmask.json").read_text())
     assert meta["clues"] == "clues" and (model / "clues" / "pmi.json").is_file()
@@ -129,7 +144,9 @@ def test_codebook_stage_then_a_unet_with_clue_tokens_trains_and_its_capture_retu
     store = CrossAttentionStore(output_size=32)
     store.set_tokens(sampler.token_positions([prompt]))
     with store.capture(sampler.components.unet):
-        out = sampler([prompt], [0], num_inference_steps=2, guidance_scale=2.0, on_step_begin=store.begin_step)
+        out = sampler(
+            [prompt], [0], num_inference_steps=2, guidance_scale=2.0, on_step_begin=store.begin_step
+        )
     maps = store.result()
     assert out.images.shape == (1, 1, 32, 32) and maps.shape == (1, 3, 32, 32) and torch.isfinite(maps).all()
     # a ControlNet on a clued model is refused up front

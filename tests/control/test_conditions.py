@@ -32,7 +32,8 @@ def test_condition_types_channels_and_contents():
 def test_mask_ablation_removes_whole_classes_only_when_fitting():
     image, label = _phantom()
     builder = ConditionBuilder("mask", 4, ablate_prob=0.5)
-    assert np.array_equal(builder(image, label), ConditionBuilder("mask", 4)(image, label))  # no rng: whole mask
+    # no rng: the whole mask
+    assert np.array_equal(builder(image, label), ConditionBuilder("mask", 4)(image, label))
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(40):
@@ -98,7 +99,9 @@ def test_edge_condition_of_a_colour_image_is_that_of_its_luminance():
         assert grey.shape == (48, 48) and np.allclose(grey, rgb @ np.array([0.299, 0.587, 0.114]))
         assert np.array_equal(cond, builder(grey, label))
     # the disc's rim is an edge; masks are made from labels only, as for grey images
-    assert ConditionBuilder("edges", 2, edge_method="sobel")(rgb, np.zeros_like(label))[0][label > 0].max() > 0.3
+    assert (
+        ConditionBuilder("edges", 2, edge_method="sobel")(rgb, np.zeros_like(label))[0][label > 0].max() > 0.3
+    )
     assert np.array_equal(ConditionBuilder("mask", 2)(rgb, label), ConditionBuilder("mask", 2)(None, label))
     both = ConditionBuilder("edges+mask", 2).batch(np.stack([rgb, rgb]), np.stack([label, label]))
     assert both.shape == (2, 2, 48, 48)

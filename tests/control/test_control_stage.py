@@ -42,7 +42,9 @@ def test_zero_initialised_controlnet_leaves_the_base_output_unchanged():
     assert all(float(r.abs().max()) == 0.0 for r in (*down, mid))
     assert torch.equal(base, ctrl)
     # the encoder is a copy of the UNet's, the conditioning embedding keeps the pixel grid
-    assert torch.equal(controlnet.down_blocks[0].resnets[0].conv1.weight, comps.unet.down_blocks[0].resnets[0].conv1.weight)
+    assert torch.equal(
+        controlnet.down_blocks[0].resnets[0].conv1.weight, comps.unet.down_blocks[0].resnets[0].conv1.weight
+    )
     with pytest.raises(ValueError, match="conditioning_embedding_out_channels"):
         build_controlnet(comps.unet, 3, vae_scale_factor=8, conditioning_embedding_out_channels=[16, 32])
 
@@ -61,7 +63,9 @@ def test_tiny_controlnet_loss_falls_and_the_base_stays_frozen():
 
     def fixed_loss():
         with torch.no_grad():
-            return float(module.denoising_loss(batch, train=False, generator=torch.Generator().manual_seed(0)))
+            return float(
+                module.denoising_loss(batch, train=False, generator=torch.Generator().manual_seed(0))
+            )
 
     before = fixed_loss()
     for _ in range(25):
@@ -74,18 +78,37 @@ def test_tiny_controlnet_loss_falls_and_the_base_stays_frozen():
     for k, v in comps.unet.state_dict().items():
         assert torch.equal(v, base_before[k]), f"base UNet weight {k} changed"
     with pytest.raises(ValueError, match="condition channels"):
-        ControlLitModule(comps, build_controlnet(comps.unet, 1), condition, chest_prompt_builder(), optimizer=None,
-                         resolution=32)
+        ControlLitModule(
+            comps,
+            build_controlnet(comps.unet, 1),
+            condition,
+            chest_prompt_builder(),
+            optimizer=None,
+            resolution=32,
+        )
 
 
 def _fit_control(tmp_path, model_dir, name="ctl", *overrides):
     from diffmask.cli.fit_control import run
 
-    cfg = compose_config("fit_control", [
-        f"input_dir={model_dir}", f"name={name}", "data=phantom", "data.size=32", "data.intensity=raw", "data.real.num_train=8",
-        "data.real.num_val=2", "data.real.num_test=2", "data.batch_size=4", "data.real_fraction=0.5",
-        "trainer.max_steps=2", *overrides,
-    ], tmp_path / f"run_{name}")
+    cfg = compose_config(
+        "fit_control",
+        [
+            f"input_dir={model_dir}",
+            f"name={name}",
+            "data=phantom",
+            "data.size=32",
+            "data.intensity=raw",
+            "data.real.num_train=8",
+            "data.real.num_val=2",
+            "data.real.num_test=2",
+            "data.batch_size=4",
+            "data.real_fraction=0.5",
+            "trainer.max_steps=2",
+            *overrides,
+        ],
+        tmp_path / f"run_{name}",
+    )
     run(cfg)
     return cfg.output_dir
 
@@ -93,11 +116,25 @@ def _fit_control(tmp_path, model_dir, name="ctl", *overrides):
 def _generate(tmp_path, model_dir, control_dir, name, *overrides):
     from diffmask.cli.generate import run
 
-    cfg = compose_config("generate", [
-        f"input_dir={model_dir}", f"name={name}", "data=phantom", "data.size=32", "data.intensity=raw", "data.real.num_train=8",
-        "data.real.num_val=2", "data.real.num_test=2", "steps=2", "batch_size=3",
-        "synthesis=controlled", f"synthesis.control_dir={control_dir}", *overrides,
-    ], tmp_path / f"gen_{name}")
+    cfg = compose_config(
+        "generate",
+        [
+            f"input_dir={model_dir}",
+            f"name={name}",
+            "data=phantom",
+            "data.size=32",
+            "data.intensity=raw",
+            "data.real.num_train=8",
+            "data.real.num_val=2",
+            "data.real.num_test=2",
+            "steps=2",
+            "batch_size=3",
+            "synthesis=controlled",
+            f"synthesis.control_dir={control_dir}",
+            *overrides,
+        ],
+        tmp_path / f"gen_{name}",
+    )
     return run(cfg), cfg.output_dir
 
 
@@ -130,7 +167,9 @@ def test_fit_control_exports_a_plain_controlnet_and_generation_keeps_its_masks(t
     agreement = json.loads((StageDir(out_a).path / "stage.json").read_text())["attention_agreement"]
     assert set(agreement) == {"left_lung", "right_lung", "heart"}
     for r in rows_a:  # the written mask is still the condition's, not the attention's
-        assert np.array_equal(np.asarray(Image.open(f"{out_a}/{r.sem_seg_file_name}")), src.load(r.pair_id).label)
+        assert np.array_equal(
+            np.asarray(Image.open(f"{out_a}/{r.sem_seg_file_name}")), src.load(r.pair_id).label
+        )
 
     # deformed conditions: each variant's mask is a warp of its real mask, and differs between variants
     _, out_d = _generate(tmp_path, model_dir, control_dir, "deformed", "synthesis.source=deformed",
@@ -178,8 +217,13 @@ def test_controlled_generation_bad_input(tmp_path, model_dir):
     from diffmask.diffusion import DiffusionLitModule
 
     stage = StageDir(other)
-    DiffusionLitModule(tiny_scratch_components(32, seed=9), chest_prompt_builder(), optimizer=None, resolution=32,
-                       ema_decay=0).export(stage.begin())
+    DiffusionLitModule(
+        tiny_scratch_components(32, seed=9),
+        chest_prompt_builder(),
+        optimizer=None,
+        resolution=32,
+        ema_decay=0,
+    ).export(stage.begin())
     stage.commit(config={"test": True})
     with pytest.raises(ValueError, match="is not the diffusion model the ControlNet"):
         _generate(tmp_path, other, control_dir, "wrong_base")
@@ -216,7 +260,9 @@ def test_control_on_a_local_stable_diffusion_folder(tmp_path):
     from diffmask.diffusion.tiny_models import save_tiny_stable_diffusion
 
     sd = save_tiny_stable_diffusion(tmp_path / "sd")
-    control_dir = _fit_control(tmp_path, sd, "sd", "control.prompt='Lung, Xray'", "control.condition.type=edges")
+    control_dir = _fit_control(
+        tmp_path, sd, "sd", "control.prompt='Lung, Xray'", "control.condition.type=edges"
+    )
     meta = json.loads((StageDir(control_dir).path / "control.json").read_text())
     assert meta["prompt"] == "Lung, Xray" and meta["base_model"] == str(sd.resolve())
     comps, net, _ = load_controlled(control_dir, sd)
@@ -247,10 +293,15 @@ def test_colour_controlnet_fits_on_rgb_batches_and_refuses_grey_data(tmp_path):
     with pytest.raises(ValueError, match="image: 1 channel"):
         module.denoising_loss(grey_batch, train=False)
     # exported with its base; loading them for grey data is a named error
-    base = DiffusionLitModule(comps, chest_prompt_builder(), optimizer=None, resolution=32, ema_decay=0).export(tmp_path / "b")
+    base = DiffusionLitModule(
+        comps, chest_prompt_builder(), optimizer=None, resolution=32, ema_decay=0
+    ).export(tmp_path / "b")
     module.export(tmp_path / "c", base)
     assert json.loads((tmp_path / "c" / "control.json").read_text())["channels"] == 3
     assert load_controlled(tmp_path / "c", base, channels=3)[0].channels == 3
-    with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the ControlNet in {tmp_path / 'c'} was "
-                                         r"fitted on 3-channel \(colour\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"data.channels=1 \(grey\), but the ControlNet in {tmp_path / 'c'} was "
+        r"fitted on 3-channel \(colour\)",
+    ):
         load_controlled(tmp_path / "c", base, channels=1)

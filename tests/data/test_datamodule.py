@@ -28,7 +28,9 @@ def test_real_fraction_and_synthetic_ratio(real_dir, tmp_path):
     syn = write_synthetic_folder(tmp_path / "syn")
     real = JSRTSource(real_dir)
     three = 3 / len(real.ids("train"))  # 3 of JSRT's 173 training images, or of the phantom folder's
-    dm = SegmentationDataModule(real, size=32, batch_size=4, real_fraction=three, synthetic_dir=str(syn), synthetic_ratio=2)
+    dm = SegmentationDataModule(
+        real, size=32, batch_size=4, real_fraction=three, synthetic_dir=str(syn), synthetic_ratio=2
+    )
     assert len(dm.real_train_ids) == 3 and len(dm.synthetic_ids) == 6
     assert set(dm.real_train_ids) <= set(real.ids("train"))
     assert len(dm.train_dataset()) == 9
@@ -82,7 +84,11 @@ def test_external_test_set_by_path(real_dir, tmp_path):
     dm = SegmentationDataModule(real, size=32, test_sets={"other": str(ext)})
     assert dm.test_set_names == ["jsrt", "other"]
     loaders = dm.test_dataloader()
-    assert len(loaders) == 2 and len(loaders[0].dataset) == len(real.ids("test")) and len(loaders[1].dataset) == 12
+    assert (
+        len(loaders) == 2
+        and len(loaders[0].dataset) == len(real.ids("test"))
+        and len(loaders[1].dataset) == 12
+    )
 
 
 @pytest.mark.parametrize("size", [64, 128])
@@ -99,7 +105,12 @@ def test_augmentation_keeps_sides():
     for sid in src.ids("train"):
         s = src.load(sid)
         for _ in range(5):
-            out = aug({"image": torch.from_numpy(s.image[None] / 255.0).float(), "label": torch.from_numpy(s.label[None]).float()})
+            out = aug(
+                {
+                    "image": torch.from_numpy(s.image[None] / 255.0).float(),
+                    "label": torch.from_numpy(s.label[None]).float(),
+                }
+            )
             lab = np.asarray(out["label"])[0].round()
             assert np.nonzero(lab == 1)[1].mean() > np.nonzero(lab == 2)[1].mean()
 
@@ -166,7 +177,8 @@ def test_synthetic_ignore_margin_masks_borders_of_synthetic_labels_only(tmp_path
 
 
 def test_equalize_removes_a_monotone_grey_level_change(real_dir):
-    """``data.intensity=equalize``: the same X-ray under another window/gamma gives (almost) the same input."""
+    """``data.intensity=equalize``: the same X-ray under another window/gamma gives (almost) the same
+    input."""
     from diffmask.data.dataset import normalize_intensity
 
     real = JSRTSource(real_dir)
@@ -197,7 +209,8 @@ def test_equalize_removes_a_monotone_grey_level_change(real_dir):
     dm = SegmentationDataModule(real, size=32, intensity="equalize")
     item = dm.test_dataloader()[0].dataset[0]
     assert item["image"].min() == 0.0 and item["image"].max() == 1.0
-    assert abs(float(item["image"][:, 8:24, 8:24].mean()) - 0.5) < 0.05  # the centre's grey levels spread evenly
+    # the centre's grey levels spread evenly
+    assert abs(float(item["image"][:, 8:24, 8:24].mean()) - 0.5) < 0.05
     with pytest.raises(ValueError, match="intensity: expected one of"):
         SegmentationDataModule(real, size=32, intensity="none")
 

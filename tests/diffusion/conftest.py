@@ -12,7 +12,9 @@ from diffmask.domains.chest import PhantomSource, chest_prompt_builder
 @pytest.fixture
 def phantom_dm():
     """4 training phantoms at 32 px, one batch."""
-    return SegmentationDataModule(PhantomSource(size=32, num_train=4, num_val=2, num_test=2), size=32, batch_size=4)
+    return SegmentationDataModule(
+        PhantomSource(size=32, num_train=4, num_val=2, num_test=2), size=32, batch_size=4
+    )
 
 
 @pytest.fixture
@@ -22,7 +24,9 @@ def make_module():
         kwargs.setdefault("resolution", 32)
         kwargs.setdefault("ema_decay", 0.0)
         kwargs.setdefault("cond_dropout", 0.0)
-        return DiffusionLitModule(components, chest_prompt_builder(), functools.partial(torch.optim.AdamW, lr=lr), **kwargs)
+        return DiffusionLitModule(
+            components, chest_prompt_builder(), functools.partial(torch.optim.AdamW, lr=lr), **kwargs
+        )
 
     return make
 

@@ -71,7 +71,9 @@ def test_fit_diffusion_cli_measures_a_run_shorter_than_the_warm_up(tmp_path, cap
     info = json.loads((tmp_path / "artifacts" / "diffusion" / "warm" / "stage.json").read_text(), **strict)
     assert info["counts"]["images_per_s"] > 0
     written = json.loads((tmp_path / "run" / "metrics.json").read_text(), **strict)
-    assert written["images_per_s"] == info["counts"]["images_per_s"] == written["metrics"]["train/images_per_s"]
+    assert (
+        written["images_per_s"] == info["counts"]["images_per_s"] == written["metrics"]["train/images_per_s"]
+    )
     assert written["data"]["real"] == info["data"]["real"] == "phantom"
     assert "nan" not in caplog.text.lower()
 

@@ -12,16 +12,27 @@ from diffmask.domains.chest import chest_prompt_builder
 
 def _trainer(steps, **kw):
     return pl.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **kw,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **kw,
     )
 
 
 def _fixed_loss(module, batch, align_all=False):
     module.eval()
     with torch.no_grad():
-        losses = [module.denoising_loss(batch, train=False, generator=torch.Generator().manual_seed(s), align_all=align_all)
-                  for s in range(4)]
+        losses = [
+            module.denoising_loss(
+                batch, train=False, generator=torch.Generator().manual_seed(s), align_all=align_all
+            )
+            for s in range(4)
+        ]
     module.train()
     key = "align_loss" if align_all else "mse"
     return float(torch.stack([out[key] for out in losses]).mean())
@@ -39,13 +50,17 @@ def test_short_overfit_lowers_a_finite_denoising_loss(phantom_dm, make_module):
 
 
 def test_v_prediction_trains_with_ema_and_clipping(phantom_dm, make_module):
-    module = make_module(tiny_scratch_components(32, prediction_type="v_prediction"), ema_decay=0.9, cond_dropout=0.5)
+    module = make_module(
+        tiny_scratch_components(32, prediction_type="v_prediction"), ema_decay=0.9, cond_dropout=0.5
+    )
     start = [p.clone() for p in module.ema_unet.parameters()]
     _trainer(3, gradient_clip_val=1.0).fit(module, datamodule=phantom_dm)
     assert module.prediction_type == "v_prediction"
     moved = sum(not torch.equal(a, b) for a, b in zip(start, module.ema_unet.parameters(), strict=True))
     assert moved > 0  # the EMA copy follows the trained weights
-    assert not all(torch.equal(a, b) for a, b in zip(module.ema_unet.parameters(), module.unet.parameters(), strict=True))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(module.ema_unet.parameters(), module.unet.parameters(), strict=True)
+    )
 
 
 def test_alignment_loss_drops_after_overfit_on_one_labelled_image(make_module):
@@ -58,7 +73,9 @@ def test_alignment_loss_drops_after_overfit_on_one_labelled_image(make_module):
                                         batch_size=1, real_fraction=0.25)
     labelled = phantom_dm.real_train_ids
     assert len(labelled) == 1
-    module = make_module(lr=3e-3, align=AttentionAlignment(label_fraction=1.0, weight=1.0), labelled_ids=labelled)
+    module = make_module(
+        lr=3e-3, align=AttentionAlignment(label_fraction=1.0, weight=1.0), labelled_ids=labelled
+    )
     batch = next(iter(phantom_dm.train_dataloader()))
     before = _fixed_loss(module, batch, align_all=True)
     trainer = _trainer(40)
@@ -81,7 +98,13 @@ def test_export_reloads_in_diffusers_format_with_identical_outputs(tmp_path, pha
     module = make_module(ema_decay=0.5)
     _trainer(2).fit(module, datamodule=phantom_dm)
     out = module.export(tmp_path / "model")
-    assert sorted(p.name for p in out.iterdir()) == ["diffmask.json", "scheduler", "text_encoder", "tokenizer", "unet"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "diffmask.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+    ]
     meta = json.loads((out / "diffmask.json").read_text())
     assert meta["space"] == "pixel" and meta["resolution"] == 32 and meta["class_names"][1] == "left_lung"
 
@@ -124,12 +147,17 @@ def test_labelled_batches_visit_every_item_before_repeating(phantom_dm):
     assert stream.next()["image"].shape == (3, 1, 32, 32)
 
 
-def test_every_step_gets_an_alignment_signal_and_labelled_items_skip_the_denoising_loss(phantom_dm, make_module):
+def test_every_step_gets_an_alignment_signal_and_labelled_items_skip_the_denoising_loss(
+    phantom_dm, make_module
+):
     # one labelled phantom of four: without its own stream most batches of 1 would not hold it
     phantom_dm.batch_size = 1
     ids = phantom_dm.real.ids("train")
-    module = make_module(tiny_scratch_components(32, prediction_type="v_prediction"),
-                         align=AttentionAlignment(label_fraction=1.0, weight=1.0, batch_size=2), labelled_ids=ids[:1])
+    module = make_module(
+        tiny_scratch_components(32, prediction_type="v_prediction"),
+        align=AttentionAlignment(label_fraction=1.0, weight=1.0, batch_size=2),
+        labelled_ids=ids[:1],
+    )
     steps = []
 
     class Spy(pl.Callback):
@@ -159,24 +187,39 @@ def test_a_model_fitted_on_one_kind_of_image_refuses_the_other_by_name(tmp_path,
 
     grey = make_module().export(tmp_path / "grey")
     assert json.loads((grey / "diffmask.json").read_text())["channels"] == 1
-    with pytest.raises(ValueError, match=rf"data.channels=3 \(colour\), but the diffusion model in {grey} was fitted on "
-                                         r"1-channel \(grey\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"data.channels=3 \(colour\), but the diffusion model in {grey} was fitted on "
+        r"1-channel \(grey\)",
+    ):
         load_components(grey, channels=3)
     # a colour model, fitted two steps on RGB discs, the reverse
     root = write_colour_folder(tmp_path / "colour")
-    dm = SegmentationDataModule(FolderSource(root, COLOUR_CLASSES, channels=3), size=32, batch_size=4, channels=3,
-                                class_names=COLOUR_CLASSES, augment=None, num_workers=0)
+    dm = SegmentationDataModule(
+        FolderSource(root, COLOUR_CLASSES, channels=3),
+        size=32,
+        batch_size=4,
+        channels=3,
+        class_names=COLOUR_CLASSES,
+        augment=None,
+        num_workers=0,
+    )
     module = make_module(tiny_scratch_components(32, channels=3))
     _trainer(2).fit(module, datamodule=dm)
     colour = module.export(tmp_path / "colour_model")
     assert json.loads((colour / "diffmask.json").read_text())["channels"] == 3
-    with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {colour} was fitted on "
-                                         r"3-channel \(colour\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"data.channels=1 \(grey\), but the diffusion model in {colour} was fitted on "
+        r"3-channel \(colour\)",
+    ):
         TextToImageSampler.from_pretrained(colour, channels=1)
     out = TextToImageSampler.from_pretrained(colour, channels=3)(["a lesion"], [0], num_inference_steps=2)
     assert out.images.shape == (1, 3, 32, 32)
     # a grey model fitting on colour batches (and the reverse) fails before its first step
-    with pytest.raises(ValueError, match=r"data.channels=3 \(colour\), but the diffusion model takes 1-channel"):
+    with pytest.raises(
+        ValueError, match=r"data.channels=3 \(colour\), but the diffusion model takes 1-channel"
+    ):
         _trainer(1).fit(make_module(), datamodule=dm)
     with pytest.raises(ValueError, match="image: 1 channel"):
         module.encode_images(torch.zeros(1, 1, 32, 32))

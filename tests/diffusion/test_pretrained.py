@@ -8,15 +8,24 @@ from diffusers import StableDiffusionPipeline
 from diffmask.diffusion import TextToImageSampler, check_resolution, load_components
 
 
-def test_tiny_stable_diffusion_folder_fine_tunes_exports_and_reloads(tmp_path, tiny_sd_dir, phantom_dm, make_module):
+def test_tiny_stable_diffusion_folder_fine_tunes_exports_and_reloads(
+    tmp_path, tiny_sd_dir, phantom_dm, make_module
+):
     comps = load_components(tiny_sd_dir)
     assert comps.latent and comps.vae_scale_factor == 2
     assert check_resolution(comps, 32) == 16
     module = make_module(comps, train_text_encoder=False, ema_decay=0.9)
     text_before = [p.clone() for p in module.text_encoder.parameters()]
     unet_before = [p.clone() for p in module.unet.parameters()]
-    pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=phantom_dm)
+    pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    ).fit(module, datamodule=phantom_dm)
     assert all(torch.equal(a, b) for a, b in zip(text_before, module.text_encoder.parameters(), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(unet_before, module.unet.parameters(), strict=True))
 
@@ -24,12 +33,22 @@ def test_tiny_stable_diffusion_folder_fine_tunes_exports_and_reloads(tmp_path, t
     assert json.loads((out / "diffmask.json").read_text())["space"] == "latent"
     # a plain diffusers pipeline loads the export
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
-    img = pipe("a chest x-ray showing the left lung, right lung and heart", num_inference_steps=2, height=32, width=32,
-               output_type="np", generator=torch.Generator().manual_seed(0)).images
+    img = pipe(
+        "a chest x-ray showing the left lung, right lung and heart",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert img.shape == (1, 32, 32, 3)
     # and so does our sampler: grayscale out
-    gen = TextToImageSampler.from_pretrained(out)(["a chest x-ray of the left lung, right lung and heart"], [0],
-                                                   num_inference_steps=2, guidance_scale=2.0)
+    gen = TextToImageSampler.from_pretrained(out)(
+        ["a chest x-ray of the left lung, right lung and heart"],
+        [0],
+        num_inference_steps=2,
+        guidance_scale=2.0,
+    )
     assert gen.images.shape == (1, 1, 32, 32)
     assert len(gen.token_positions[0]) == 3
 
@@ -50,13 +69,15 @@ def test_pretrained_errors_name_the_problem(tmp_path, tiny_sd_dir, make_module):
     assert v.noise_scheduler.config.prediction_type == "v_prediction"
 
 
-def test_a_stable_diffusion_folder_serves_grey_and_colour_data_through_the_one_channel_helper(tmp_path, tiny_sd_dir,
-                                                                                              make_module):
+def test_a_stable_diffusion_folder_serves_grey_and_colour_data_through_the_one_channel_helper(
+    tmp_path, tiny_sd_dir, make_module
+):
     from diffmask.data import FolderSource, SegmentationDataModule
     from tests.autoencoder.colour_data import COLOUR_CLASSES, write_colour_folder
 
     grey, colour = load_components(tiny_sd_dir, channels=1), load_components(tiny_sd_dir, channels=3)
-    assert grey.channels == 1 and colour.channels == 3 and load_components(tiny_sd_dir).channels == 1  # grey default
+    # grey by default
+    assert grey.channels == 1 and colour.channels == 3 and load_components(tiny_sd_dir).channels == 1
     prompt = ["a lesion"]
     g = TextToImageSampler(grey, 32)(prompt, [0], num_inference_steps=1, guidance_scale=1.0).images
     c = TextToImageSampler(colour, 32)(prompt, [0], num_inference_steps=1, guidance_scale=1.0).images
@@ -66,11 +87,25 @@ def test_a_stable_diffusion_folder_serves_grey_and_colour_data_through_the_one_c
     assert torch.allclose(g[inside], c.mean(1, keepdim=True)[inside], atol=1e-5)
     # fine-tuned on colour images, the export records it and refuses grey data by name
     root = write_colour_folder(tmp_path / "colour")
-    dm = SegmentationDataModule(FolderSource(root, COLOUR_CLASSES, channels=3), size=32, batch_size=4, channels=3,
-                                class_names=COLOUR_CLASSES, augment=None, num_workers=0)
+    dm = SegmentationDataModule(
+        FolderSource(root, COLOUR_CLASSES, channels=3),
+        size=32,
+        batch_size=4,
+        channels=3,
+        class_names=COLOUR_CLASSES,
+        augment=None,
+        num_workers=0,
+    )
     module = make_module(colour, train_text_encoder=False)
-    pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=dm)
+    pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    ).fit(module, datamodule=dm)
     out = module.export(tmp_path / "export")
     assert json.loads((out / "diffmask.json").read_text())["channels"] == 3
     with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {out}"):

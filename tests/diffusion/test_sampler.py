@@ -20,12 +20,17 @@ def sampler():
     return TextToImageSampler(tiny_scratch_components(32, seed=3), 32, prompt_builder=chest_prompt_builder())
 
 
-PROMPTS = [chest_prompt_builder().build({"sex": "M", "age": "40"}).text, chest_prompt_builder().build({"sex": "F"}).text]
+PROMPTS = [
+    chest_prompt_builder().build({"sex": "M", "age": "40"}).text,
+    chest_prompt_builder().build({"sex": "F"}).text,
+]
 
 
 def captured(sampler, sink, *args, **kwargs):
     """A sampler call with the sink capturing cross-attention, told each step by its begin_step."""
-    capture = contextlib.nullcontext() if sink is None else capture_cross_attention(sampler.components.unet, sink)
+    capture = (
+        contextlib.nullcontext() if sink is None else capture_cross_attention(sampler.components.unet, sink)
+    )
     with capture:
         return sampler(*args, on_step_begin=getattr(sink, "begin_step", None), **kwargs)
 
@@ -70,7 +75,10 @@ def test_attention_sink_sees_the_conditional_half(sampler):
         assert m.shape[0] == 2 and m.shape[1] == index.shape[1]
         assert float(m.min()) >= 0 and float(m.max()) <= 1
     # the processors are restored afterwards
-    assert all(type(p).__name__ != "CrossAttentionCaptureProcessor" for p in sampler.components.unet.attn_processors.values())
+    assert all(
+        type(p).__name__ != "CrossAttentionCaptureProcessor"
+        for p in sampler.components.unet.attn_processors.values()
+    )
 
 
 def test_bad_calls_are_clear_errors(sampler):
@@ -139,7 +147,7 @@ def test_variations_start_from_the_init_image_and_run_the_last_share_of_the_step
     sampler = VariationSampler(comps, 32, scheduler=scheduler, prompt_builder=chest_prompt_builder())
     plain = TextToImageSampler(comps, 32, scheduler=scheduler, prompt_builder=chest_prompt_builder())
     yy = torch.linspace(0, 1, 32)
-    init = torch.stack([yy[None, :, None].expand(1, 32, 32), yy[None, None, :].expand(1, 32, 32)])  # two ramps
+    init = torch.stack([yy[None, :, None].expand(1, 32, 32), yy[None, None, :].expand(1, 32, 32)])  # ramps
     rec = AttentionRecorder()
     rec.set_tokens(class_token_index(sampler.token_positions(PROMPTS))[0])
     steps = []
@@ -160,10 +168,14 @@ def test_variations_start_from_the_init_image_and_run_the_last_share_of_the_step
 
     assert distance(0.1) < 0.08 and distance(0.1) < float((a.images - init).abs().mean()) < distance(None)
     # each image from its own init and seed, whatever the batch
-    alone = sampler(PROMPTS[1:], [2], init_images=init[1:], strength=0.3, num_inference_steps=10, guidance_scale=2.0)
+    alone = sampler(
+        PROMPTS[1:], [2], init_images=init[1:], strength=0.3, num_inference_steps=10, guidance_scale=2.0
+    )
     assert torch.allclose(alone.images[0], a.images[1], atol=1e-5)
     # the sampler is reused: the next call sets its schedule afresh
-    again = sampler(PROMPTS, [1, 2], init_images=init, strength=0.3, num_inference_steps=10, guidance_scale=2.0)
+    again = sampler(
+        PROMPTS, [1, 2], init_images=init, strength=0.3, num_inference_steps=10, guidance_scale=2.0
+    )
     assert torch.equal(again.images, b.images)
     with pytest.raises(ValueError, match="strength"):
         sampler(PROMPTS, [1, 2], init_images=init, strength=0.0, num_inference_steps=10)
@@ -190,7 +202,9 @@ def _perturbed_controlnet(unet, seed=0):
 def test_controlled_sampler_follows_its_conditions_and_checks_them():
     comps = tiny_scratch_components(32, seed=3)
     plain = TextToImageSampler(comps, 32, prompt_builder=chest_prompt_builder())
-    controlled = ControlledSampler(comps, 32, _perturbed_controlnet(comps.unet), prompt_builder=chest_prompt_builder())
+    controlled = ControlledSampler(
+        comps, 32, _perturbed_controlnet(comps.unet), prompt_builder=chest_prompt_builder()
+    )
     cond = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     kw = {"num_inference_steps": 3, "guidance_scale": 2.0}
     a = controlled(PROMPTS, [1, 2], cond, **kw)
@@ -203,7 +217,9 @@ def test_controlled_sampler_follows_its_conditions_and_checks_them():
     assert torch.allclose(alone.images[0], a.images[1], atol=1e-5)
     with pytest.raises(ValueError, match="control: a sampler with a ControlNet needs condition images"):
         controlled(PROMPTS, [1, 2], **kw)
-    with pytest.raises(ValueError, match=r"control: expected \(2, C, 32, 32\) condition images, got \(1, 1, 32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"control: expected \(2, C, 32, 32\) condition images, got \(1, 1, 32, 32\)"
+    ):
         controlled(PROMPTS, [1, 2], cond[:1], **kw)
     with pytest.raises(ValueError, match="control: only a ControlledSampler"):
         plain.check_inputs(PROMPTS, [1, 2], 3, control=cond)

@@ -27,7 +27,10 @@ def _maps(requires_grad: bool = True) -> dict[str, torch.Tensor]:
     # (B, K*M, h, w) with K=3 classes, M=2 tokens (heart's phrase is one token: its second is a pad)
     probs = torch.softmax(torch.randn(2, 8, 4, 4), dim=1)[:, :6]
     small = torch.softmax(torch.randn(2, 8, 2, 2), dim=1)[:, :6]
-    return {"l4": probs.clone().requires_grad_(requires_grad), "l2": small.clone().requires_grad_(requires_grad)}
+    return {
+        "l4": probs.clone().requires_grad_(requires_grad),
+        "l2": small.clone().requires_grad_(requires_grad),
+    }
 
 
 def _weight() -> torch.Tensor:
@@ -81,16 +84,18 @@ def test_module_resolves_held_out_classes_and_ignores_the_heart_mask(make_module
     losses = []
     for label in (batch["label"], torch.where(batch["label"] == HEART, 0, batch["label"])):
         torch.manual_seed(0)
-        out = module.denoising_loss({**batch, "label": label}, train=False, generator=torch.Generator().manual_seed(0),
-                                    align_all=True)
+        out = module.denoising_loss(
+            {**batch, "label": label}, train=False, generator=torch.Generator().manual_seed(0), align_all=True
+        )
         losses.append(out["align_loss"].detach())
     assert torch.isfinite(losses[0]) and torch.allclose(losses[0], losses[1])
     # with every class aligned the heart's mask matters
     full = make_module(align=AttentionAlignment(label_fraction=1.0))
     full.load_state_dict(module.state_dict())
     full_losses = [
-        full.denoising_loss({**batch, "label": label}, train=False, generator=torch.Generator().manual_seed(0),
-                            align_all=True)["align_loss"].detach()
+        full.denoising_loss(
+            {**batch, "label": label}, train=False, generator=torch.Generator().manual_seed(0), align_all=True
+        )["align_loss"].detach()
         for label in (batch["label"], torch.where(batch["label"] == HEART, 0, batch["label"]))
     ]
     assert not torch.allclose(full_losses[0], full_losses[1])

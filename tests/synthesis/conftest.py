@@ -18,7 +18,12 @@ def sampler():
 @pytest.fixture
 def trainer_factory():
     return functools.partial(
-        pl.Trainer, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+        pl.Trainer,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
 
 

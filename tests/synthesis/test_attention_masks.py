@@ -30,14 +30,21 @@ STEPS = dict(num_inference_steps=2, guidance_scale=2.0)
 def attention_maker() -> AttentionMaskMaker:
     return AttentionMaskMaker(
         functools.partial(CrossAttentionStore, upsample="bilinear"),
-        RefinementChain({"threshold": ThresholdRefiner(ignore_band=0.1), "densecrf": DenseCRFRefiner(iterations=3,
-                                                                                                      reference_size=512)}),
+        RefinementChain(
+            {
+                "threshold": ThresholdRefiner(ignore_band=0.1),
+                "densecrf": DenseCRFRefiner(iterations=3, reference_size=512),
+            }
+        ),
         class_names=CHEST,
     )
 
 
 class CrashAfter:
-    """Wraps a mask maker; raises on call number ``n`` (a crash mid-run, after earlier batches were written)."""
+    """Wraps a mask maker; raises on call number ``n``.
+
+    A crash mid-run, after earlier batches were written.
+    """
 
     def __init__(self, inner, n: int):
         self.inner, self.n, self.calls = inner, n, 0
@@ -72,7 +79,8 @@ def test_capture_then_masks_scores_class_maps_and_manifest(tmp_path, sampler, tr
         maps = load_class_maps(out / r.attn_file)
         assert maps.shape == (3, 32, 32) and np.isfinite(maps).all() and 0 <= maps.min() and maps.max() <= 1
     raw = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
-    assert {"score_left_lung", "score_right_lung", "score_heart", "sem_seg_file_name", "attn_file"} <= set(raw)
+    expected_keys = {"score_left_lung", "score_right_lung", "score_heart", "sem_seg_file_name", "attn_file"}
+    assert expected_keys <= set(raw)
     assert ManifestSource(out, CHEST).load(rows[0].id).label.shape == (32, 32)
 
 
@@ -84,7 +92,8 @@ def test_crash_mid_run_resumes_without_duplicates_or_partial_files(tmp_path, sam
         generate_samples(trainer_factory, sampler, requests, out, CHEST, batch_size=2,
                          mask_maker=crashing, save_class_maps=True, **STEPS)
     files = _files(out)
-    assert not [f for f in files if f.endswith(".tmp") or os.path.basename(f).startswith(".")]  # no partial files
+    # no partial files
+    assert not [f for f in files if f.endswith(".tmp") or os.path.basename(f).startswith(".")]
     assert sum(f.startswith("images/") for f in files) == 2 and sum(f.startswith("attn/") for f in files) == 2
     assert len((out / "manifest.rank0.jsonl").read_text().splitlines()) == 2
 
@@ -103,7 +112,9 @@ def test_quality_filter_rules():
     mask[2:8, 2:8], mask[2:8, 12:18], mask[12:16, 8:12] = 1, 2, 3
     keep = MaskQualityFilter(names, min_score=0.2, min_largest_fraction=0.9, max_components=2)
     assert keep.reason(mask, {"left_lung": 0.5, "right_lung": 0.5, "heart": 0.5}) is None
-    assert keep.reason(mask, {"left_lung": 0.5, "right_lung": 0.1, "heart": 0.5}).startswith("right_lung: score")
+    assert keep.reason(mask, {"left_lung": 0.5, "right_lung": 0.1, "heart": 0.5}).startswith(
+        "right_lung: score"
+    )
     no_heart = mask.copy()
     no_heart[no_heart == 3] = 0
     assert keep.reason(no_heart) == "missing class heart"
@@ -163,8 +174,15 @@ def test_quality_filter_and_presence_record_let_an_optional_class_be_missing(tmp
     for i in range(4):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / f"{i}.png")
         Image.fromarray(organ_only).save(tmp_path / "masks" / f"{i}.png")
-        rows.append(ManifestRow(id=str(i), file_name=f"images/{i}.png", sem_seg_file_name=f"masks/{i}.png", prompt="p",
-                                source="synthetic"))
+        rows.append(
+            ManifestRow(
+                id=str(i),
+                file_name=f"images/{i}.png",
+                sem_seg_file_name=f"masks/{i}.png",
+                prompt="p",
+                source="synthetic",
+            )
+        )
     write_manifest(tmp_path, rows)
     names = ["background", "organ", "lesion"]
     assert class_presence_record(tmp_path, names, 0.5)["warnings"]  # a lesion in no mask: warned by default

@@ -69,8 +69,9 @@ def test_colour_model_generates_rgb_sets_with_attention_masks_and_remasks_them(c
     meta = json.loads((model / "diffmask.json").read_text())
     assert meta["channels"] == 3 and meta["class_names"] == COLOUR_CLASSES
     assert json.loads((model / "stage.json").read_text())["counts"]["channels"] == 3
-    out = TextToImageSampler.from_pretrained(model, channels=3)(["a breast ultrasound image, benign, showing the lesion"],
-                                                                [0], num_inference_steps=2)
+    out = TextToImageSampler.from_pretrained(model, channels=3)(
+        ["a breast ultrasound image, benign, showing the lesion"], [0], num_inference_steps=2
+    )
     assert out.images.shape == (1, 3, 32, 32)
 
     info, folder = _generate(root, model, tmp, "masks", "num_samples=3", "synthesis=attention_masks",
@@ -83,8 +84,12 @@ def test_colour_model_generates_rgb_sets_with_attention_masks_and_remasks_them(c
 
     # re-masked offline from the saved class maps: the set's channels follow it
     def compose_remask(name, *overrides):
-        return compose_config("remask", [f"input_dir={folder}", f"name={name}", *overrides], tmp / f"re_{name}",
-                              quiet_trainer=False)
+        return compose_config(
+            "remask",
+            [f"input_dir={folder}", f"name={name}", *overrides],
+            tmp / f"re_{name}",
+            quiet_trainer=False,
+        )
 
     cfg = compose_remask("re", "synthesis.refine=[threshold,densecrf]")
     remask.run(cfg)
@@ -93,14 +98,21 @@ def test_colour_model_generates_rgb_sets_with_attention_masks_and_remasks_them(c
         remask.run(compose_remask("re_grey", "synthesis.refine=[threshold]", "data.channels=1"))
 
     # the colour model refuses grey data, by name: generation and the mask evaluation on real images
-    with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {model} was fitted"):
+    with pytest.raises(
+        ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {model} was fitted"
+    ):
         _generate(root, model, tmp, "grey", "num_samples=1", "synthesis=none",
                   data=["data=phantom", "data.size=32"])
     from diffmask.cli.evaluate_masks import run as evaluate_masks
 
-    with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {model} was fitted"):
-        evaluate_masks(compose_config("evaluate_masks", ["data=phantom", "data.size=32", f"input_dir={model}"],
-                                      tmp / "eval_grey"))
+    with pytest.raises(
+        ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {model} was fitted"
+    ):
+        evaluate_masks(
+            compose_config(
+                "evaluate_masks", ["data=phantom", "data.size=32", f"input_dir={model}"], tmp / "eval_grey"
+            )
+        )
 
 
 def test_colour_variations_and_controlnet_variants_are_rgb(colour_model):
@@ -119,8 +131,16 @@ def test_colour_variations_and_controlnet_variants_are_rgb(colour_model):
     fit_control(cfg)
     control = json.loads((Path(cfg.output_dir) / "control.json").read_text())
     assert control["channels"] == 3 and len(control["labelled_ids"]) == 2
-    info, folder = _generate(root, model, tmp, "ctl", "synthesis=controlled", f"synthesis.control_dir={cfg.output_dir}",
-                             "synthesis.augment_ratio=2", "synthesis.source=deformed")
+    info, folder = _generate(
+        root,
+        model,
+        tmp,
+        "ctl",
+        "synthesis=controlled",
+        f"synthesis.control_dir={cfg.output_dir}",
+        "synthesis.augment_ratio=2",
+        "synthesis.source=deformed",
+    )
     assert info["rows"] == 4
     source = _assert_rgb_set(folder, 4)
     row = read_manifest(folder)[0]
@@ -128,7 +148,9 @@ def test_colour_variations_and_controlnet_variants_are_rgb(colour_model):
     # a grey fit of a ControlNet on the colour model is refused by name
     grey = compose_config("fit_control", ["data=phantom", "data.size=32", f"input_dir={model}", "name=grey",
                                           "trainer.max_steps=1"], tmp / "run_grey")
-    with pytest.raises(ValueError, match=r"data.channels=1 \(grey\), but the diffusion model in .* 3-channel"):
+    with pytest.raises(
+        ValueError, match=r"data.channels=1 \(grey\), but the diffusion model in .* 3-channel"
+    ):
         fit_control(grey)
 
 
@@ -139,11 +161,16 @@ def test_fid_features_need_a_segmenter_of_the_sets_channels(tmp_path):
     from diffmask.evaluation.synthesis_quality import check_feature_channels, small_classifier
 
     def run_cfg(channels, in_channels="${data.channels}"):
-        return OmegaConf.create({"data": {"channels": channels}, "segmentation": {"net": {"in_channels": in_channels}}})
+        return OmegaConf.create(
+            {"data": {"channels": channels}, "segmentation": {"net": {"in_channels": in_channels}}}
+        )
 
     assert check_feature_channels("run", run_cfg(3), tmp_path, 3) == 3
-    assert check_feature_channels("run", OmegaConf.create({"data": {}, "segmentation": {"net": {}}}), tmp_path, 1) == 1
-    with pytest.raises(ValueError, match=rf"{tmp_path}: the set holds 1-channel .* model run reads 3-channel"):
+    unrecorded = OmegaConf.create({"data": {}, "segmentation": {"net": {}}})
+    assert check_feature_channels("run", unrecorded, tmp_path, 1) == 1
+    with pytest.raises(
+        ValueError, match=rf"{tmp_path}: the set holds 1-channel .* model run reads 3-channel"
+    ):
         check_feature_channels("run", run_cfg(3), tmp_path, 1)
     with pytest.raises(ValueError, match="reads 1-channel"):
         check_feature_channels("run", run_cfg(1), tmp_path, 3)

@@ -37,8 +37,9 @@ def test_generate_cli_writes_a_complete_synthetic_stage(tmp_path, model_dir, cap
     assert len(ManifestSource(out, CHEST).ids("train")) == 3
     assert run(cfg) == {}  # complete: skipped
     # a complete stage is not redone with other settings, but the run says so
-    changed = compose_generate(tmp_path, f"input_dir={model_dir}", "num_samples=3", "name=s1", "synthesis=none",
-                               "guidance_scale=2.0")
+    changed = compose_generate(
+        tmp_path, f"input_dir={model_dir}", "num_samples=3", "name=s1", "synthesis=none", "guidance_scale=2.0"
+    )
     with caplog.at_level("WARNING"):
         assert run(changed) == {}
     assert "NOT redone" in caplog.text and "guidance_scale: 3.0 -> 2.0" in caplog.text
@@ -61,18 +62,29 @@ def test_generate_cli_with_given_prompts_and_bad_input(tmp_path, model_dir):
     with pytest.raises(FileNotFoundError, match="not a complete stage folder"):
         run(compose_generate(tmp_path, f"input_dir={tmp_path / 'missing'}", "name=s3"))
     # a prompt without a class word cannot give attention masks
-    with pytest.raises(ValueError, match=r"prompt_list\[1\]: prompt 'a chest x-ray': class phrase 'left lung' not found"):
+    with pytest.raises(
+        ValueError, match=r"prompt_list\[1\]: prompt 'a chest x-ray': class phrase 'left lung' not found"
+    ):
         run(compose_generate(tmp_path, f"input_dir={model_dir}", "name=s4", "synthesis=attention_masks",
                              "prompt_list=['heart, left lung and right lung','a chest x-ray']"))
 
 
 def test_generate_cli_attention_masks_with_affinity_second_pass(tmp_path, model_dir):
     cfg = compose_generate(
-        tmp_path, f"input_dir={model_dir}", "num_samples=3", "name=m1", "synthesis=attention_masks",
-        "synthesis.refine=[threshold,densecrf,affinity]", "synthesis.mask_maker.refiner.steps.densecrf.iterations=2",
-        "synthesis.affinity.train_steps=2", "synthesis.affinity.batch_size=2", "synthesis.affinity.refiner.t=4",
-        "synthesis.affinity.refiner.backbone.channels=[8,16]", "synthesis.affinity.refiner.radius=3",
-        "synthesis.filter_masks=true", "synthesis.quality_filter.require_all_classes=false",
+        tmp_path,
+        f"input_dir={model_dir}",
+        "num_samples=3",
+        "name=m1",
+        "synthesis=attention_masks",
+        "synthesis.refine=[threshold,densecrf,affinity]",
+        "synthesis.mask_maker.refiner.steps.densecrf.iterations=2",
+        "synthesis.affinity.train_steps=2",
+        "synthesis.affinity.batch_size=2",
+        "synthesis.affinity.refiner.t=4",
+        "synthesis.affinity.refiner.backbone.channels=[8,16]",
+        "synthesis.affinity.refiner.radius=3",
+        "synthesis.filter_masks=true",
+        "synthesis.quality_filter.require_all_classes=false",
     )
     info = run(cfg)
     out = tmp_path / "artifacts" / "synthesis" / "m1"
@@ -153,8 +165,15 @@ def test_generate_cli_variations_of_the_real_training_images(tmp_path, model_dir
     """init_images=train: each sample is a real training image noised part-way and denoised with its
     own prompt; its labels are attention masks, and the source is named but not paired (its mask is
     never read)."""
-    common = [f"input_dir={model_dir}", "synthesis=attention_masks", "synthesis.refine=[threshold]", "steps=4"]
-    info = run(compose_generate(tmp_path, *common, "init_images=train", "strength=0.5", "num_samples=3", "name=var"))
+    common = [
+        f"input_dir={model_dir}",
+        "synthesis=attention_masks",
+        "synthesis.refine=[threshold]",
+        "steps=4",
+    ]
+    info = run(
+        compose_generate(tmp_path, *common, "init_images=train", "strength=0.5", "num_samples=3", "name=var")
+    )
     out = tmp_path / "artifacts" / "synthesis" / "var"
     rows = read_manifest(out)
     assert info["rows"] == 3 and [r.id for r in rows] == ["syn000000", "syn000001", "syn000002"]

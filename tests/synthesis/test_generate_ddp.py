@@ -39,7 +39,10 @@ def test_two_ranks_with_attention_masks_write_disjoint_ids_and_every_file(tmp_pa
                               save_class_maps=True)
     assert counts["rows"] == 4
     per_rank = [
-        {line.split('"id": "')[1].split('"')[0] for line in (out / f"manifest.rank{r}.jsonl").read_text().splitlines()}
+        {
+            line.split('"id": "')[1].split('"')[0]
+            for line in (out / f"manifest.rank{r}.jsonl").read_text().splitlines()
+        }
         for r in (0, 1)
     ]
     assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]  # disjoint ids

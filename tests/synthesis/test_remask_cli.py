@@ -40,7 +40,9 @@ def _mask(folder, row):
 
 
 def test_remask_with_the_same_chain_reproduces_the_masks_and_links_the_images(tmp_path, source):
-    info = remask.run(compose_remask(tmp_path, f"input_dir={source}", "name=same", "synthesis.refine=[threshold]"))
+    info = remask.run(
+        compose_remask(tmp_path, f"input_dir={source}", "name=same", "synthesis.refine=[threshold]")
+    )
     out = tmp_path / "artifacts" / "synthesis" / "same"
     assert StageDir(out).is_complete() and info["rows"] == 4 and info["written"] == 4
     src_rows, rows = read_manifest(source), read_manifest(out)
@@ -87,7 +89,9 @@ def test_remask_bad_input(tmp_path, source, model_dir):
         remask.run(compose_remask(tmp_path, f"input_dir={tmp_path / 'nothing'}", "name=x"))
     with pytest.raises(ValueError, match="is the input_dir"):
         remask.run(compose_remask(tmp_path, f"input_dir={source}", "name=src"))
-    plain = compose_generate(tmp_path, f"input_dir={model_dir}", "num_samples=2", "name=plain", "synthesis=none")
+    plain = compose_generate(
+        tmp_path, f"input_dir={model_dir}", "num_samples=2", "name=plain", "synthesis=none"
+    )
     generate(plain)
     with pytest.raises(ValueError, match="no attn_file"):
         remask.run(compose_remask(tmp_path, f"input_dir={tmp_path / 'artifacts/synthesis/plain'}", "name=y"))
