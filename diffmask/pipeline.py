@@ -213,7 +213,8 @@ def _check_order(stages: list[str], cfg: DictConfig) -> None:
             f"stages: finetune starts from the train stage's model; put train before it, got {stages}"
         )
     if "compare" in stages:
-        if not _before("baseline", "compare") or not any(_before(s, "compare") for s in ("train", "finetune")):
+        trained_before = any(_before(s, "compare") for s in ("train", "finetune"))
+        if not _before("baseline", "compare") or not trained_before:
             raise ValueError(
                 "stages: compare sets this invocation's fine-tuned (or trained) model against its "
                 f"baseline; put baseline and train (and finetune) before it, got {stages}"

@@ -116,11 +116,13 @@ def load_run_config(model: str | Path) -> DictConfig:
         ValueError: naming the file when it holds no ``segmentation.net`` or ``data`` node.
     """
     run = _run_dir(Path(model))
-    candidates = [run / ".hydra" / "config.yaml", *sorted(run.glob("csv/version_*/hparams.yaml"), reverse=True)]
+    hparams = sorted(run.glob("csv/version_*/hparams.yaml"), reverse=True)
+    candidates = [run / ".hydra" / "config.yaml", *hparams]
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise FileNotFoundError(
-            f"{run}: no .hydra/config.yaml (nor csv/version_*/hparams.yaml); expected the folder of a diffmask-train "
+            f"{run}: no .hydra/config.yaml (nor csv/version_*/hparams.yaml); "
+            f"expected the folder of a diffmask-train "
             "run, whose config rebuilds the backbone"
         )
     cfg = OmegaConf.load(found)
@@ -218,13 +220,15 @@ def label_fidelity(
     size = int(size if size is not None else cfg.data.size)
     intensity = check_intensity(intensity if intensity is not None else str(cfg.data.get("intensity", "raw")))
     with torch.inference_mode():  # before any mask is read against class_names
-        outputs = module(torch.zeros(1, int(cfg.segmentation.net.get("in_channels", 1)), size, size, device=device)).shape[1]
+        probe = torch.zeros(1, int(cfg.segmentation.net.get("in_channels", 1)), size, size, device=device)
+        outputs = module(probe).shape[1]
     if outputs != len(names):
         raise ValueError(
             f"{model}: the model outputs {outputs} classes but class_names has {len(names)} ({list(names)}); "
             "expected the classes the model was trained on"
         )
-    channels = check_feature_channels(model, cfg, folder, set_channels(folder))  # the judge reads the set's kind of image
+    # the judge reads the set's kind of image
+    channels = check_feature_channels(model, cfg, folder, set_channels(folder))
     source = ManifestSource(folder, names, default_split="train", channels=channels)
     rows = {r.id: r for r in source.rows()}
     chosen = list(rows) if ids is None else [str(i) for i in ids]
@@ -236,12 +240,13 @@ def label_fidelity(
     unlabelled = [i for i in chosen if not rows[i].sem_seg_file_name]
     if unlabelled:
         raise ValueError(
-            f"{source.root}: {len(unlabelled)} of {len(chosen)} rows have no mask (manifest field sem_seg_file_name, "
+            f"{source.root}: {len(unlabelled)} of {len(chosen)} rows have no mask "
+            f"(manifest field sem_seg_file_name, "
             f"e.g. {unlabelled[:3]}); label fidelity compares each image with its mask"
         )
     served = served_intensity(set_intensity(folder), intensity, source.root)
-    dataset = SegmentationDataset(source, chosen, size, intensity=served, resize=str(cfg.data.get("resize", "stretch")),
-                                  channels=channels)
+    dataset = SegmentationDataset(source, chosen, size, intensity=served,
+                                  resize=str(cfg.data.get("resize", "stretch")), channels=channels)
     totals = SegmentationScores(names, module.ignore_index).to(device)
     scores = []
     with torch.inference_mode():
@@ -269,7 +274,8 @@ def label_fidelity(
         "agg_miou": values["agg_miou"],
         "per_image_miou_mean": float(image_means.mean()) if len(image_means) else math.nan,
     }
-    log.info("label fidelity of %s (model %s): mIoU %.4f on %d images", folder, model, result["miou"], len(chosen))
+    log.info("label fidelity of %s (model %s): mIoU %.4f on %d images",
+             folder, model, result["miou"], len(chosen))
     return result
 
 

@@ -78,7 +78,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = _sqrtm_psd(ca)
     cross = np.linalg.eigvalsh(root @ cb @ root)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+    trace_root = np.sqrt(np.clip(cross, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * trace_root)
 
 
 def kernel_distance(a: np.ndarray, b: np.ndarray, subsets: int = 50, subset_size: int = 100, seed: int = 0
@@ -110,12 +111,15 @@ def small_classifier(num_classes: int, width: int = 16, in_channels: int = 1) ->
     for w in (width, width * 2, width * 4, width * 4):
         layers += [torch.nn.Conv2d(c, w, 3, stride=2, padding=1), torch.nn.GroupNorm(4, w), torch.nn.SiLU()]
         c = w
-    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c, num_classes))
+    return torch.nn.Sequential(
+        *layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c, num_classes)
+    )
 
 
-def attribute_accuracy(train: tuple[torch.Tensor, Sequence[Mapping]], test: tuple[torch.Tensor, Sequence[Mapping]],
-                       synthetic: tuple[torch.Tensor, Sequence[Mapping]], field: str = "sex", epochs: int = 40,
-                       seed: int = 0) -> dict:
+def attribute_accuracy(train: tuple[torch.Tensor, Sequence[Mapping]],
+                       test: tuple[torch.Tensor, Sequence[Mapping]],
+                       synthetic: tuple[torch.Tensor, Sequence[Mapping]], field: str = "sex",
+                       epochs: int = 40, seed: int = 0) -> dict:
     """Train a small classifier of ``field`` on real images, report its real test accuracy and its
     accuracy on synthetic images against the value each was generated for.
 
@@ -129,7 +133,9 @@ def attribute_accuracy(train: tuple[torch.Tensor, Sequence[Mapping]], test: tupl
     x, y = keep(*train)
     classes = sorted(set(y))
     if len(classes) < 2:
-        raise ValueError(f"attribute {field!r}: the real training images have fewer than 2 values ({classes})")
+        raise ValueError(
+            f"attribute {field!r}: the real training images have fewer than 2 values ({classes})"
+        )
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = small_classifier(len(classes), in_channels=int(x.shape[1]))
@@ -189,8 +195,10 @@ def check_feature_channels(model, cfg, folder, set_channels: int) -> int:
         )
     if int(set_channels) != channels:
         raise ValueError(
-            f"{folder}: the set holds {set_channels}-channel images (its stage.json channels), but the model {model} "
-            f"reads {channels}-channel ones (its data.channels); grey and colour are never converted silently: "
+            f"{folder}: the set holds {set_channels}-channel images (its stage.json channels), "
+            f"but the model {model} "
+            f"reads {channels}-channel ones (its data.channels); "
+            "grey and colour are never converted silently: "
             "score the set with a model trained on its kind of image"
         )
     return channels
@@ -205,6 +213,9 @@ def synthesis_quality(synthetic_dir, model, rules: FindingRules | None = None, b
         synthetic_dir: a generated set (``manifest.jsonl`` + ``images/``).
         model: a ``diffmask-train`` run trained on real images (features and segmentations).
         rules: heart-size intervals (default: ``conf/prompts/anatomy_pathology.yaml``).
+        batch_size: images per forward pass of the segmenter (features and segmentations).
+        device: torch device the segmenter runs on.
+        kid_subsets: number of random subsets the KID mean and std are taken over.
         attribute: a metadata field (e.g. ``sex``): a small classifier trained on the real training
             images judges whether each synthetic image shows the value it was generated for
             (:func:`attribute_accuracy`); None = skipped.
@@ -215,7 +226,11 @@ def synthesis_quality(synthetic_dir, model, rules: FindingRules | None = None, b
 
     from diffmask.data.dataset import SegmentationDataset  # noqa: PLC0415
     from diffmask.data.sources import ManifestSource  # noqa: PLC0415
-    from diffmask.evaluation.fidelity import load_segmentation_model, served_intensity, set_intensity  # noqa: PLC0415
+    from diffmask.evaluation.fidelity import (  # noqa: PLC0415
+        load_segmentation_model,
+        served_intensity,
+        set_intensity,
+    )
     from diffmask.synthesis.writer import set_channels  # noqa: PLC0415
 
     rules = rules or default_rules()
@@ -229,11 +244,17 @@ def synthesis_quality(synthetic_dir, model, rules: FindingRules | None = None, b
     if not rows:
         raise ValueError(f"{folder / 'manifest.jsonl'}: no rows to score")
     served = served_intensity(set_intensity(folder), intensity, folder)
-    synthetic = _images(SegmentationDataset(source, [r.id for r in rows], size, intensity=served, channels=channels))
+    synthetic = _images(
+        SegmentationDataset(source, [r.id for r in rows], size, intensity=served, channels=channels)
+    )
     real_source = hydra.utils.instantiate(cfg.data.real)
-    real_ds = SegmentationDataset(real_source, real_source.ids("train"), size, intensity=intensity, channels=channels)
+    real_ds = SegmentationDataset(
+        real_source, real_source.ids("train"), size, intensity=intensity, channels=channels
+    )
     real = _images(real_ds)
-    test_ds = SegmentationDataset(real_source, real_source.ids("test"), size, intensity=intensity, channels=channels)
+    test_ds = SegmentationDataset(
+        real_source, real_source.ids("test"), size, intensity=intensity, channels=channels
+    )
     net = module.net
     with torch.inference_mode():
         f_syn = segmenter_features(net, synthetic.to(device), batch_size)
@@ -252,6 +273,6 @@ def synthesis_quality(synthetic_dir, model, rules: FindingRules | None = None, b
         metas = lambda ds: [ds[i]["meta"] for i in range(len(ds))]  # noqa: E731
         result["attribute"] = attribute_accuracy((real, metas(real_ds)), (_images(test_ds), metas(test_ds)),
                                                  (synthetic, [r.meta for r in rows]), field=attribute)
-    log.info("synthesis quality of %s: FID %.3f, KID %.4f, CTR error median %.4f (%d asked)", folder, result["fid"],
-             kid, result["anatomy"]["ctr_error_median"], result["anatomy"]["n_asked"])
+    log.info("synthesis quality of %s: FID %.3f, KID %.4f, CTR error median %.4f (%d asked)", folder,
+             result["fid"], kid, result["anatomy"]["ctr_error_median"], result["anatomy"]["n_asked"])
     return result

@@ -35,7 +35,8 @@ __all__ = ["MergeSettings", "merge_pair", "patch_merge_mask"]
 def _check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(
-            f"segmentation.merge.alpha: expected a probability in [0, 1] (the share of patches taken from the "
+            f"segmentation.merge.alpha: expected a probability in [0, 1] "
+            f"(the share of patches taken from the "
             f"real image; 0.6 in EMIT-Diff) or null for off, got {alpha!r}"
         )
     return float(alpha)
@@ -70,6 +71,7 @@ class MergeSettings:
 
     @property
     def enabled(self) -> bool:
+        """Whether merging is on (``alpha`` is not None)."""
         return self.alpha is not None
 
     @classmethod
@@ -84,7 +86,9 @@ class MergeSettings:
         if isinstance(value, cls):
             return value
         if not isinstance(value, Mapping):
-            raise ValueError(f"segmentation.merge: expected a mapping {{alpha, patch}} or null, got {value!r}")
+            raise ValueError(
+                f"segmentation.merge: expected a mapping {{alpha, patch}} or null, got {value!r}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
@@ -161,13 +165,18 @@ def merge_pair(
         )
     if real_label.shape != syn_label.shape:
         raise ValueError(
-            f"merge: real and synthetic labels differ in shape: {tuple(real_label.shape)} and {tuple(syn_label.shape)}"
+            f"merge: real and synthetic labels differ in shape: "
+            f"{tuple(real_label.shape)} and {tuple(syn_label.shape)}"
         )
     b, _, h, w = real_logits.shape
     if mask.dtype != torch.bool or tuple(mask.shape) != (b, 1, h, w):
-        raise ValueError(f"merge: expected a bool mask of shape {(b, 1, h, w)}, got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"merge: expected a bool mask of shape {(b, 1, h, w)}, got {mask.dtype} {tuple(mask.shape)}"
+        )
     if real_label.shape not in ((b, 1, h, w), (b, h, w)):
-        raise ValueError(f"merge: labels must be (B, 1, H, W) or (B, H, W) at {(b, h, w)}, got {tuple(real_label.shape)}")
+        raise ValueError(
+            f"merge: labels must be (B, 1, H, W) or (B, H, W) at {(b, h, w)}, got {tuple(real_label.shape)}"
+        )
     mask = mask.to(real_logits.device)
     logits = torch.where(mask, real_logits, syn_logits)
     label_mask = mask if real_label.dim() == 4 else mask[:, 0]

@@ -49,12 +49,17 @@ class DiceCELossWithIgnore(torch.nn.Module):
         lambda_dice: weight of the Dice term.
         lambda_ce: weight of the cross-entropy term.
         ignore_index: label value of pixels without a label.
+        smooth: additive smoothing of the Dice numerator and denominator.
     """
 
-    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, ignore_index: int = 255, smooth: float = 1e-5):
+    def __init__(
+        self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, ignore_index: int = 255, smooth: float = 1e-5
+    ):
         super().__init__()
         if lambda_dice < 0 or lambda_ce < 0 or lambda_dice + lambda_ce == 0:
-            raise ValueError(f"lambda_dice/lambda_ce: expected >= 0 and not both 0, got {lambda_dice}, {lambda_ce}")
+            raise ValueError(
+                f"lambda_dice/lambda_ce: expected >= 0 and not both 0, got {lambda_dice}, {lambda_ce}"
+            )
         self.lambda_dice, self.lambda_ce = float(lambda_dice), float(lambda_ce)
         self.ignore_index = int(ignore_index)
         self.smooth = float(smooth)
@@ -68,7 +73,8 @@ class DiceCELossWithIgnore(torch.nn.Module):
         bad = valid & ((target < 0) | (target >= num_classes))
         if bad.any():
             raise ValueError(
-                f"label: values {sorted(target[bad].unique().tolist())} are not classes 0..{num_classes - 1} "
+                f"label: values {sorted(target[bad].unique().tolist())} "
+                f"are not classes 0..{num_classes - 1} "
                 f"nor ignore_index {self.ignore_index}"
             )
         loss = logits.new_zeros(())
@@ -79,7 +85,8 @@ class DiceCELossWithIgnore(torch.nn.Module):
         if self.lambda_dice:
             mask = valid.unsqueeze(1).to(logits.dtype)
             probs = logits.softmax(1) * mask
-            onehot = F.one_hot(target.where(valid, 0), num_classes).permute(0, 3, 1, 2).to(logits.dtype) * mask
+            onehot = F.one_hot(target.where(valid, 0), num_classes).permute(0, 3, 1, 2)
+            onehot = onehot.to(logits.dtype) * mask
             dims = (2, 3)
             inter = (probs * onehot).sum(dims)
             denom = probs.sum(dims) + onehot.sum(dims)
@@ -112,12 +119,15 @@ def resolve_checkpoint(model: str | Path, field: str = "model") -> Path:
     if not best:
         raise FileNotFoundError(
             f"{field}: {path}: no checkpoint: a folder without a metrics.json naming a best_checkpoint (a "
-            "train=false run has none); expected a finished diffmask-train run folder, or pass the checkpoint file"
+            "train=false run has none); expected a finished diffmask-train run folder, "
+            "or pass the checkpoint file"
         )
     for candidate in (Path(best), path / "checkpoints" / Path(best).name):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{field}: {metrics}: best_checkpoint {best} not found (nor under {path / 'checkpoints'})")
+    raise FileNotFoundError(
+        f"{field}: {metrics}: best_checkpoint {best} not found (nor under {path / 'checkpoints'})"
+    )
 
 
 def load_net_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
@@ -240,10 +250,12 @@ class SegmentationLitModule(pl.LightningModule):
         self.val_scores = SegmentationScores(self.class_names, ignore_index)
         self.test_scores = torch.nn.ModuleList()
         self.test_set_names: list[str] = []
-        # after a test: {set, id, iou_<class>, dice_<class>} per test image (NaN: class the set never labels)
+        # after a test: {set, id, iou_<class>, dice_<class>} per test image
+        # (NaN: class the set never labels)
         self.per_image: list[dict] = []
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) images -> (B, num_classes, H, W) logits of the backbone."""
         return self.net(image)
 
     def labels(self, logits: torch.Tensor) -> torch.Tensor:
@@ -258,12 +270,20 @@ class SegmentationLitModule(pl.LightningModule):
         return pred
 
     def setup(self, stage: str) -> None:
+        """Before testing, builds one score accumulator per test set of the datamodule.
+
+        Args:
+            stage: Lightning's stage (``fit``, ``validate``, ``test``, ``predict``); only ``test``
+                does anything.
+        """
         if stage == "test":
             dm = getattr(self.trainer, "datamodule", None)
             names = list(getattr(dm, "test_set_names", None) or ["test"])
             if names != self.test_set_names:
                 self.test_set_names = names
-                self.test_scores = torch.nn.ModuleList(SegmentationScores(self.class_names, self.ignore_index) for _ in names)
+                self.test_scores = torch.nn.ModuleList(
+                    SegmentationScores(self.class_names, self.ignore_index) for _ in names
+                )
 
     def _check_logits(self, logits: torch.Tensor) -> None:
         if logits.shape[1] != len(self.class_names):
@@ -277,14 +297,18 @@ class SegmentationLitModule(pl.LightningModule):
         missing = [k for k in ("pair_image", "pair_label") if k not in batch]
         if missing:
             raise ValueError(
-                f"segmentation.merge.alpha={self.merge.alpha:g} needs paired training batches, but this one has no "
+                f"segmentation.merge.alpha={self.merge.alpha:g} needs paired training batches, "
+                f"but this one has no "
                 f"{', '.join(missing)}: the data must be paired (SegmentationDataModule(paired=True), which "
-                "diffmask-train sets when segmentation.merge.alpha is not null, with a data.synthetic_dir whose "
+                "diffmask-train sets when segmentation.merge.alpha is not null, "
+                "with a data.synthetic_dir whose "
                 "rows carry pair_id)"
             )
         image, pair_image = batch["image"], batch["pair_image"]
         if pair_image.shape != image.shape:
-            raise ValueError(f"pair_image: expected the shape of image {tuple(image.shape)}, got {tuple(pair_image.shape)}")
+            raise ValueError(
+                f"pair_image: expected the shape of image {tuple(image.shape)}, got {tuple(pair_image.shape)}"
+            )
         both = self(torch.cat([image, pair_image]))
         self._check_logits(both)
         real_logits, syn_logits = both[: image.shape[0]], both[image.shape[0] :]
@@ -292,6 +316,15 @@ class SegmentationLitModule(pl.LightningModule):
         return merge_pair(real_logits, syn_logits, batch["label"], batch["pair_label"], mask)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Loss of one training batch (of the merged pair when ``merge`` is on), logged as ``train/loss``.
+
+        Args:
+            batch: ``{"image", "label"}``, plus ``pair_image`` and ``pair_label`` with ``merge`` on.
+            batch_idx: index of the batch in the epoch (unused).
+
+        Returns:
+            The scalar loss.
+        """
         if self.merge.enabled:
             logits, label = self._merged_logits(batch)
         else:
@@ -302,12 +335,19 @@ class SegmentationLitModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Logs ``val/loss`` of one batch and adds its post-processed predictions to the scores.
+
+        Args:
+            batch: ``{"image", "label"}``.
+            batch_idx: index of the batch in the epoch (unused).
+        """
         logits = self(batch["image"])
         loss = self.loss_fn(logits, batch["label"])
         self.val_scores.update(self.labels(logits), batch["label"][:, 0])
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=logits.shape[0])
 
     def on_validation_epoch_end(self) -> None:
+        """Logs the epoch's ``val/miou`` and the other ``val/`` scores, then resets them."""
         scores = self.val_scores.compute()
         miou = scores.pop("miou")
         self.log_dict({f"val/{k}": v for k, v in scores.items()})
@@ -315,13 +355,22 @@ class SegmentationLitModule(pl.LightningModule):
         self.val_scores.reset()
 
     def on_test_epoch_start(self) -> None:
+        """Clears :attr:`per_image` of an earlier test."""
         self.per_image = []
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Adds one batch of a test set to its scores and its images' rows to :attr:`per_image`.
+
+        Args:
+            batch: ``{"image", "label", "id"}``.
+            batch_idx: index of the batch in the set (unused).
+            dataloader_idx: which test set, an index into ``test_set_names``.
+        """
         logits = self(batch["image"])
         pred, target = self.labels(logits), batch["label"][:, 0]
         self.test_scores[dataloader_idx].update(pred, target)
-        # per-image IoU and Dice for paired comparisons of two models on the same images (diffmask-compare)
+        # per-image IoU and Dice for paired comparisons of two models on the same images
+        # (diffmask-compare)
         counts = class_counts(pred, target, len(self.class_names), self.ignore_index)
         iou, dice = iou_from_counts(counts).cpu().tolist(), dice_from_counts(counts).cpu().tolist()
         for sid, iou_row, dice_row in zip(batch["id"], iou, dice, strict=True):
@@ -332,7 +381,13 @@ class SegmentationLitModule(pl.LightningModule):
             })
 
     def on_test_epoch_end(self) -> None:
-        unlabelled: dict[str, list[str]] = {}  # per set: the classes no image of it labels (synced over ranks)
+        """Logs each set's ``test/<set>/`` scores and completes :attr:`per_image`.
+
+        Rows are gathered over ranks (one per set and id), and a class a set never labels is set
+        to NaN on every row of that set.
+        """
+        # per set: the classes no image of it labels (synced over ranks)
+        unlabelled: dict[str, list[str]] = {}
         for name, scores in zip(self.test_set_names, self.test_scores, strict=True):
             values = scores.compute()
             unlabelled[name] = [c for c in self.class_names[1:] if f"iou_{c}" not in values]
@@ -351,10 +406,21 @@ class SegmentationLitModule(pl.LightningModule):
                 row[f"iou_{c}"] = row[f"dice_{c}"] = float("nan")
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Post-processed predicted labels of a batch.
+
+        Args:
+            batch: ``{"image"}`` at least.
+            batch_idx: index of the batch (unused).
+
+        Returns:
+            (B, H, W) ``uint8`` class indices.
+        """
         return self.labels(self(batch["image"])).to(torch.uint8)
 
     def configure_optimizers(self):
+        """The optimizer built from the factory, with the per-epoch LR scheduler when one is set."""
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)}}
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
