@@ -56,15 +56,15 @@ def test_multirun_gives_one_metrics_file_per_job(real_dir, tmp_path):
     # 9 and 17 real training images: 5 % and 10 % of JSRT's 173 (the same counts of a phantom folder)
     n = len(JSRTSource(real_dir).ids("train"))
     res = _train(
-        ["-m", "segmentation=unet,transunet", f"data.real_fraction={9 / n},{17 / n}", f"paths.jsrt_dir={real_dir}",
-         *TINY],
+        ["-m", "segmentation=unet,transunet", f"data.real_fraction={9 / n},{17 / n}",
+         f"paths.jsrt_dir={real_dir}", *TINY],
         tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     files = sorted((tmp_path / "logs").glob("train/multiruns/*/*/metrics.json"))
     assert len(files) == 4, files
-    seen = {(json.loads(f.read_text())["backbone"].rsplit(".", 1)[-1], json.loads(f.read_text())["data"]["n_real_train"])
-            for f in files}
+    metrics = [json.loads(f.read_text()) for f in files]
+    seen = {(m["backbone"].rsplit(".", 1)[-1], m["data"]["n_real_train"]) for m in metrics}
     assert seen == {("UNet", 9), ("UNet", 17), ("TransUNet", 9), ("TransUNet", 17)}
 
 

@@ -36,7 +36,8 @@ def test_gpu_session_steps_run_in_smoke_mode(tmp_path, real_dir):
     assert "8 runs, 8 conditions" in report
     assert "segmentation.init_weights=[" in report and "synthetic_name=gpu128_raw" in report
     assert (out / "report.csv").is_file()
-    # the table's models are also scored on the shifted JSRT copies (experiments/robustness), one pair of plots each
+    # the table's models are also scored on the shifted JSRT copies (experiments/robustness), one pair of
+    # plots each
     header = (out / "report.csv").read_text().splitlines()[0]
     for s in ("jsrt", "window", "fov", "detector", "mixed"):
         assert f"test/{s}/miou" in header, header

@@ -40,8 +40,9 @@ def _run_pipeline(tmp_path, data: list[str]) -> subprocess.CompletedProcess:
                                  "synthesis.refine=[threshold]"]),
         _hydra_list("evaluate_masks", ["model.affinity=null"]),
         # a 6-step generator's masks miss classes: train on them anyway (the wiring is what is tested)
-        _hydra_list("train", ["data.real_fraction=0.25", "data.synthetic_count=6", "data.synthetic_min_class_presence=null",
-                              "segmentation.net.channels=[8,16]", "segmentation.net.strides=[2]", "trainer.max_epochs=1"]),
+        _hydra_list("train", ["data.real_fraction=0.25", "data.synthetic_count=6",
+                              "data.synthetic_min_class_presence=null", "segmentation.net.channels=[8,16]",
+                              "segmentation.net.strides=[2]", "trainer.max_epochs=1"]),
     ]
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
 
@@ -61,7 +62,8 @@ def _check_run(tmp_path, classes: list[str], channels: int) -> None:
         assert image.shape == ((32, 32) if channels == 1 else (32, 32, 3))
         mask = np.asarray(Image.open(synth / r["sem_seg_file_name"]))
         assert mask.shape == (32, 32) and mask.max() < len(classes)
-        if r["meta"]["finding"] == "normal":  # its prompt names no lesion: no token, no attention, no lesion pixel
+        # a normal image's prompt names no lesion: no token, no attention, no lesion pixel
+        if r["meta"]["finding"] == "normal":
             assert "lesion" not in r["prompt"] and not (mask == lesion).any()
         else:
             assert "lesion" in r["prompt"]

@@ -20,7 +20,8 @@ def test_stage_commands_wire_artifacts(tmp_path):
     assert list(cmds) == ["fit_diffusion", "generate", "evaluate_masks", "train"]
     art = tmp_path / "artifacts"
     assert "name=x" in cmds["fit_diffusion"]
-    assert f"input_dir={art}/diffusion/x" in cmds["generate"] and "synthesis=attention_masks" in cmds["generate"]
+    assert f"input_dir={art}/diffusion/x" in cmds["generate"]
+    assert "synthesis=attention_masks" in cmds["generate"]
     assert f"input_dir={art}/diffusion/x" in cmds["evaluate_masks"]
     assert f"data.synthetic_dir={art}/synthesis/x" in cmds["train"]
     assert f"hydra.run.dir={tmp_path}/logs/pipeline/x/T/train" in cmds["train"]
@@ -45,9 +46,12 @@ def test_control_stage_feeds_controlled_generation(tmp_path):
     assert list(emit_cmds) == ["fit_diffusion", "fit_control", "generate_control", "train", "finetune"]
     assert f"synthesis.control_dir={art}/control/emit64" in emit_cmds["generate_control"]
     assert "diffusion.align.label_fraction=0.1" in emit_cmds["fit_diffusion"]  # pipeline_cpu's generator
-    assert compose_config("generate", emit_cmds["generate_control"][3:], tmp_path).synthesis.augment_ratio == 20
-    # attention-mask generation is not given a ControlNet, and asking it for controlled samples names the stage
-    plain = compose_config("pipeline", ["name=x", "stages=[fit_diffusion,generate]"], tmp_path, quiet_trainer=False)
+    generate_cfg = compose_config("generate", emit_cmds["generate_control"][3:], tmp_path)
+    assert generate_cfg.synthesis.augment_ratio == 20
+    # attention-mask generation is not given a ControlNet, and asking it for controlled samples names
+    # the stage
+    plain = compose_config("pipeline", ["name=x", "stages=[fit_diffusion,generate]"], tmp_path,
+                           quiet_trainer=False)
     assert not any("control_dir" in c for c in dict(stage_commands(plain, stamp="T"))["generate"])
     bad = compose_config("pipeline", ["stages=[generate]", "generate=['synthesis=controlled']"], tmp_path,
                          quiet_trainer=False)
@@ -56,7 +60,8 @@ def test_control_stage_feeds_controlled_generation(tmp_path):
 
 
 def test_union_recipe_runs_seeds_against_a_baseline(tmp_path):
-    """pipeline_cpu128_union: both sets in one mix, 3 training seeds per segmentation stage, a paired comparison."""
+    """pipeline_cpu128_union: both sets in one mix, 3 training seeds per segmentation stage, a paired
+    comparison."""
     cfg = compose_config("pipeline", ["experiment=pipeline_cpu128_union"], tmp_path, quiet_trainer=False)
     cfg.paths.log_dir = str(tmp_path / "logs")
     cmds = dict(stage_commands(cfg, stamp="T"))
@@ -78,20 +83,25 @@ def test_union_recipe_runs_seeds_against_a_baseline(tmp_path):
 
     assert settings(cmds["baseline"]) == settings(cmds["finetune"])
     assert cmds["compare"][1:3] == ["-m", "diffmask.cli.compare"]
-    assert cmds["compare"][3:] == ["--a", f"{runs}/finetune", "--b", f"{runs}/baseline", "--name-a", "finetune",
-                                   "--name-b", "baseline", "--out", f"{runs}/compare.md"]
+    assert cmds["compare"][3:] == ["--a", f"{runs}/finetune", "--b", f"{runs}/baseline",
+                                   "--name-a", "finetune", "--name-b", "baseline",
+                                   "--out", f"{runs}/compare.md"]
     for stage in ("fit_control", "generate", "generate_control", "train"):  # every stage's overrides compose
         module = cmds[stage][2].rsplit(".", 1)[-1]
-        overrides = [o for o in cmds[stage][3:] if o != "--multirun" and not o.startswith(("seed=", "hydra.sweep"))]
+        overrides = [o for o in cmds[stage][3:]
+                     if o != "--multirun" and not o.startswith(("seed=", "hydra.sweep"))]
         assert compose_config(module, overrides, tmp_path, quiet_trainer=False).task_name == module
     # the generator is pipeline_cpu128's, so one fitted for it is reused (complete stages are skipped)
-    single_cfg = compose_config("pipeline", ["experiment=pipeline_cpu128", "name=cpu128u"], tmp_path, quiet_trainer=False)
+    single_cfg = compose_config("pipeline", ["experiment=pipeline_cpu128", "name=cpu128u"], tmp_path,
+                                quiet_trainer=False)
     single_cfg.paths.log_dir = cfg.paths.log_dir
     single = dict(stage_commands(single_cfg, stamp="T"))
-    assert cmds["fit_diffusion"] == single["fit_diffusion"] and cmds["fit_autoencoder"] == single["fit_autoencoder"]
+    assert cmds["fit_diffusion"] == single["fit_diffusion"]
+    assert cmds["fit_autoencoder"] == single["fit_autoencoder"]
     # the data seed follows common's data.seed (else seed)
     for common, expected in ((["seed=4"], "data.seed=4"), (["seed=4", "data.seed=2"], "data.seed=2")):
-        c = compose_config("pipeline", ["stages=[train]", "seeds=[1]", f"common={common}"], tmp_path, quiet_trainer=False)
+        c = compose_config("pipeline", ["stages=[train]", "seeds=[1]", f"common={common}"], tmp_path,
+                           quiet_trainer=False)
         assert expected in dict(stage_commands(c, stamp="T"))["train"]
 
 
@@ -124,7 +134,8 @@ def test_pipeline_order_and_seed_errors(tmp_path):
     launched = compose_config("pipeline", ["stages=[train]", "seeds=[0,1]", "launcher=joblib"], tmp_path,
                               quiet_trainer=False)
     assert "hydra/launcher=joblib" in dict(stage_commands(launched, stamp="T"))["train"]
-    unseeded = compose_config("pipeline", ["stages=[train]", "launcher=joblib"], tmp_path, quiet_trainer=False)
+    unseeded = compose_config("pipeline", ["stages=[train]", "launcher=joblib"], tmp_path,
+                              quiet_trainer=False)
     with pytest.raises(ValueError, match="launcher=joblib runs the seeds"):
         stage_commands(unseeded)
     for seeds in ("[]", "3", "[0,x]"):
@@ -141,7 +152,8 @@ def test_finetune_stage_starts_from_the_train_stage(tmp_path):
     runs = tmp_path / "logs" / "pipeline" / "x" / "T"
     assert cmds["finetune"][1:3] == ["-m", "diffmask.cli.train"]
     assert f"segmentation.init_weights={runs}/train" in cmds["finetune"]
-    assert f"hydra.run.dir={runs}/finetune" in cmds["finetune"] and cmds["finetune"][-1] == "data.real_fraction=0.1"
+    assert f"hydra.run.dir={runs}/finetune" in cmds["finetune"]
+    assert cmds["finetune"][-1] == "data.real_fraction=0.1"
     for stages in ("[finetune]", "[finetune,train]"):
         bad = compose_config("pipeline", [f"stages={stages}"], tmp_path, quiet_trainer=False)
         with pytest.raises(ValueError, match="put train before it"):
@@ -177,16 +189,18 @@ def test_tiny_pipeline_end_to_end(tmp_path):
             "data.batch_size=8", "trainer.max_steps=6"]),
         hydra_list("generate", ["num_samples=6", "steps=3", "batch_size=6", "synthesis=attention_masks",
                                 "synthesis.refine=[threshold]"]),
-        # a 6-step generator's attention masks miss classes: train on them anyway (the wiring is what is tested)
-        hydra_list("train", ["data.real_fraction=0.1", "data.synthetic_ratio=1", "data.synthetic_min_class_presence=null",
-                             *tiny_seg]),
+        # a 6-step generator's attention masks miss classes: train on them anyway (the wiring is what
+        # is tested)
+        hydra_list("train", ["data.real_fraction=0.1", "data.synthetic_ratio=1",
+                             "data.synthetic_min_class_presence=null", *tiny_seg]),
         hydra_list("finetune", ["data.real_fraction=0.1", "data.synthetic_count=0", *tiny_seg]),
     ]
     res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     synth = tmp_path / "artifacts" / "synthesis" / "t"
     made = json.loads((synth / "stage.json").read_text())
-    assert made["status"] == "complete" and set(made["class_presence"]) == {"left_lung", "right_lung", "heart"}
+    assert made["status"] == "complete"
+    assert set(made["class_presence"]) == {"left_lung", "right_lung", "heart"}
     rows = [json.loads(line) for line in (synth / "manifest.jsonl").read_text().splitlines()]
     assert rows and all(r["sem_seg_file_name"] and (synth / r["sem_seg_file_name"]).is_file() for r in rows)
     (invocation,) = (tmp_path / "logs" / "pipeline" / "t").iterdir()
@@ -198,7 +212,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         assert tuned["data"]["n_synthetic_train"] == 0 and "test/phantom/miou" in tuned["metrics"]
         assert tuned["init_weights"] == f"{invocation}/train/seed{seed}"  # seed k fine-tunes train's seed k
         base = json.loads((invocation / "baseline" / f"seed{seed}" / "metrics.json").read_text())
-        assert base["data"]["n_synthetic_train"] == 0 and base["data"]["real_train_ids"] == tuned["data"]["real_train_ids"] == out["data"]["real_train_ids"]
+        assert base["data"]["n_synthetic_train"] == 0
+        real_ids = out["data"]["real_train_ids"]
+        assert base["data"]["real_train_ids"] == tuned["data"]["real_train_ids"] == real_ids
         assert base["init_weights"] is None
     compared = json.loads((invocation / "compare.json").read_text())
     (row,) = [r for r in compared["results"] if r["test_set"] == "phantom"]
@@ -209,7 +225,8 @@ def test_autoencoder_stage_feeds_the_latent_diffusion_fit(tmp_path):
     cfg = compose_config("pipeline", ["experiment=pipeline_cpu128"], tmp_path, quiet_trainer=False)
     cmds = dict(stage_commands(cfg, stamp="T"))
     art = tmp_path / "artifacts"
-    assert list(cmds) == ["fit_autoencoder", "fit_diffusion", "generate", "evaluate_masks", "train", "finetune"]
+    assert list(cmds) == ["fit_autoencoder", "fit_diffusion", "generate", "evaluate_masks", "train",
+                          "finetune"]
     assert cmds["fit_autoencoder"][1:3] == ["-m", "diffmask.cli.fit_autoencoder"]
     assert "name=cpu128" in cmds["fit_autoencoder"] and "data.size=128" in cmds["fit_autoencoder"]
     assert f"diffusion.components.autoencoder_dir={art}/autoencoder/cpu128" in cmds["fit_diffusion"]
@@ -248,7 +265,8 @@ def _recorded_run(cfg, monkeypatch):
     from diffmask.config import CONFIG_PATH
 
     started = []
-    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd: started.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(pipeline.subprocess, "run",
+                        lambda cmd: started.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         app = GlobalHydra.instance().hydra
         try:
@@ -261,30 +279,36 @@ def _recorded_run(cfg, monkeypatch):
 
 
 def test_a_typo_in_the_last_stage_fails_before_the_first_stage_runs(tmp_path, monkeypatch):
-    cfg = compose_config("pipeline", ["experiment=pipeline_demo", "name=x", "stages=[fit_diffusion,generate,train,finetune]",
+    cfg = compose_config("pipeline", ["experiment=pipeline_demo", "name=x",
+                                      "stages=[fit_diffusion,generate,train,finetune]",
                                       "finetune=['data.real_fraction=0.1','segmentaton.net.channels=[8]']"],
                          tmp_path, quiet_trainer=False)
     cfg.paths.log_dir = str(tmp_path / "logs")
     started, error = _recorded_run(cfg, monkeypatch)
     assert started == [] and not (tmp_path / "artifacts").exists() and not (tmp_path / "logs").exists()
-    assert "stage finetune: override 'segmentaton.net.channels=[8]': Key 'segmentaton' is not in struct" in str(error)
+    assert ("stage finetune: override 'segmentaton.net.channels=[8]': Key 'segmentaton' is not in struct"
+            in str(error))
     assert "no stage was run" in str(error) and "fit_diffusion" not in str(error)
-    # fixed, every stage composes (input_dir and synthetic_dir name folders not written yet) and all run in order
+    # fixed, every stage composes (input_dir and synthetic_dir name folders not written yet) and all run
+    # in order
     cfg.finetune = ["data.real_fraction=0.1", "segmentation.net.channels=[8,16]"]
     started, error = _recorded_run(cfg, monkeypatch)
-    assert error is None and [c[2] for c in started] == ["diffmask.cli.fit_diffusion", "diffmask.cli.generate",
-                                                         "diffmask.cli.train", "diffmask.cli.train"]
+    assert error is None
+    assert [c[2] for c in started] == ["diffmask.cli.fit_diffusion", "diffmask.cli.generate",
+                                       "diffmask.cli.train", "diffmask.cli.train"]
 
 
 def test_bad_group_option_and_common_typo_fail_in_a_dry_run(tmp_path, monkeypatch):
     cfg = compose_config("pipeline", ["name=x", "stages=[fit_diffusion,train]", "dry_run=true",
-                                      "common=['data=phantom','datta.size=32']", "train=['segmentation=unett']"],
+                                      "common=['data=phantom','datta.size=32']",
+                                      "train=['segmentation=unett']"],
                          tmp_path, quiet_trainer=False)
     started, error = _recorded_run(cfg, monkeypatch)
     assert started == [] and error is not None
     lines = str(error).splitlines()
     assert lines[0].startswith("pipeline: 2 stage config(s) do not compose")
-    assert lines[1] == "  stage fit_diffusion: override 'datta.size=32' (from common): Key 'datta' is not in struct"
+    assert lines[1] == ("  stage fit_diffusion: override 'datta.size=32' (from common): "
+                        "Key 'datta' is not in struct")
     assert lines[2].startswith("  stage train: override 'segmentation=unett': In 'train': Could not find "
                                "'segmentation/unett'; Available options in 'segmentation': ")
     assert "unet" in lines[2].split(": ")[-1].split(", ")
@@ -294,15 +318,18 @@ def test_stage_configs_compose_with_hydra_add_forms_and_each_swept_value(tmp_pat
     from diffmask.pipeline import check_stage_configs
 
     def check(*overrides):
-        cfg = compose_config("pipeline", ["name=x", "stages=[generate,train]", *overrides], tmp_path, quiet_trainer=False)
+        cfg = compose_config("pipeline", ["name=x", "stages=[generate,train]", *overrides], tmp_path,
+                             quiet_trainer=False)
         check_stage_configs(cfg, stage_commands(cfg, stamp="T"))
 
     check("train=['+data.new_key=1','++data.size=32']")  # added keys compose
-    with pytest.raises(ValueError, match=r"stage train: override 'data.new_key=1': Key 'new_key' is not in struct"):
+    with pytest.raises(ValueError,
+                       match=r"stage train: override 'data.new_key=1': Key 'new_key' is not in struct"):
         check("train=['data.new_key=1']")
     # a multirun stage: each value of the user's sweeps is composed (the pipeline's seeds once)
     check("seeds=[0,1,2]", "train=['segmentation=unet,transunet']")
-    with pytest.raises(ValueError, match=r"stage train: override 'segmentation=unet,unett': .*'segmentation/unett'"):
+    with pytest.raises(ValueError,
+                       match=r"stage train: override 'segmentation=unet,unett': .*'segmentation/unett'"):
         check("seeds=[0,1]", "train=['segmentation=unet,unett']")
     with pytest.raises(ValueError, match=r"stage generate: override 'steps=3,4': Ambiguous value"):
         check("generate=['steps=3,4']")  # not a multirun: a sweep is an error, as in the stage itself
@@ -312,19 +339,24 @@ def test_override_reader_follows_hydra_grammar(tmp_path):
     from diffmask.pipeline import _chooses, _data_seed, _override_values
 
     def pipeline(common, extra=(), **stages):
-        lists = [f"{k}=[" + ",".join(f"'{o}'" for o in v) + "]" for k, v in {"common": common, **stages}.items()]
+        lists = [f"{k}=[" + ",".join(f"'{o}'" for o in v) + "]"
+                 for k, v in {"common": common, **stages}.items()]
         return compose_config("pipeline", [*lists, *extra], tmp_path, quiet_trainer=False)
 
     cfg = pipeline(["+data.new_key=1", "++data.seed=3", "seed=4", "data=phantom", "data.size=32"],
-                   train=["~data.seed", "~data"], fit_diffusion=["+diffusion=latent", "diffusion.clues=codebook"])
+                   train=["~data.seed", "~data"],
+                   fit_diffusion=["+diffusion=latent", "diffusion.clues=codebook"])
     common = _override_values(cfg)
-    assert common["data.new_key"].value() == 1 and common["data.seed"].value() == 3  # '+'/'++' are not part of the key
+    # '+'/'++' are not part of the key
+    assert common["data.new_key"].value() == 1 and common["data.seed"].value() == 3
     assert _data_seed(cfg) == "3"
     after_train = _override_values(cfg, "train")  # ~data.seed deletes it; ~data everything below data
     assert "data.seed" not in after_train and "data" not in after_train and "data.size" not in after_train
     assert after_train["seed"].value() == 4
-    assert _chooses(cfg, "fit_diffusion", "diffusion=latent") and _chooses(cfg, "fit_diffusion", "diffusion.clues=codebook")
-    assert not _chooses(pipeline([], fit_diffusion=["diffusion=latent", "~diffusion"]), "fit_diffusion", "diffusion=latent")
+    assert _chooses(cfg, "fit_diffusion", "diffusion=latent")
+    assert _chooses(cfg, "fit_diffusion", "diffusion.clues=codebook")
+    removed = pipeline([], fit_diffusion=["diffusion=latent", "~diffusion"])
+    assert not _chooses(removed, "fit_diffusion", "diffusion=latent")
     assert _chooses(pipeline([], generate=['synthesis="controlled"']), "generate", "synthesis=controlled")
     assert _data_seed(pipeline(["data.seed=2", "~data.seed", "seed=5"])) == "5"
     with pytest.raises(ValueError, match=r"common: override 'data.size=\[1' is not a Hydra override"):

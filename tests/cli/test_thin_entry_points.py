@@ -23,7 +23,9 @@ def _functions(path: Path) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("name", THIN)
 def test_entry_point_functions_are_short(name):
     long = [(f, n) for f, n in _functions(PACKAGE / "cli" / f"{name}.py") if n >= MAX_LINES]
-    assert not long, f"diffmask/cli/{name}.py: functions of {MAX_LINES}+ lines {long}; move the logic to its package"
+    assert not long, (
+        f"diffmask/cli/{name}.py: functions of {MAX_LINES}+ lines {long}; move the logic to its package"
+    )
 
 
 def test_no_package_imports_an_entry_point():
