@@ -3,7 +3,10 @@
 ``AttnProcessor2_0`` (SDPA) never materialises the probabilities, so the capturing processor
 computes them explicitly (as diffusers' ``AttnProcessor`` does) and hands them to a sink; its
 output matches the default processor. Only cross-attention layers (``attn2``) are replaced, and
-:func:`capture_cross_attention` restores the original processors on exit.
+:func:`capture_cross_attention` restores the original processors on exit. A sink that carries a
+self-attention store (its ``self_attention`` attribute, a
+:class:`~diffmask.attention.self_attention.SelfAttentionStore`, as a refinement chain with a
+``self_affinity`` step sets) has that store's capture opened too, on the ``attn1`` layers.
 """
 
 from __future__ import annotations
@@ -108,12 +111,17 @@ def capture_cross_attention(
         layers: exact processor names to capture (default: every ``attn2`` layer).
         layer_filter: optional predicate on names, applied after ``layers``.
 
+    When ``sink`` has a ``self_attention`` attribute that is not None (a
+    :class:`~diffmask.attention.self_attention.SelfAttentionStore`), its capture of the
+    self-attention layers is opened as well (it leaves their outputs unchanged).
+
     Yields:
-        The captured layer names.
+        The captured cross-attention layer names.
 
     Raises:
-        ValueError: a requested layer does not exist or is not a cross-attention layer, or
-            nothing is left to capture.
+        ValueError: a requested layer does not exist or is not a cross-attention layer, nothing
+            is left to capture, or a self-attention store is attached to a UNet without
+            self-attention (``only_cross_attention=true``).
     """
     original = dict(unet.attn_processors)
     available = cross_attention_layers(unet)
@@ -134,9 +142,13 @@ def capture_cross_attention(
     procs = dict(original)  # set_attn_processor pops from the dict it gets: pass a copy
     for name in chosen:
         procs[name] = CrossAttentionCaptureProcessor(name, sink)
+    self_store = getattr(sink, "self_attention", None)
+    if self_store is not None:
+        self_store.select_layers(unet)  # a clear error before anything is replaced
     unet.set_attn_processor(procs)
     try:
-        yield chosen
+        with contextlib.nullcontext() if self_store is None else self_store.capture(unet):
+            yield chosen
     finally:
         unet.set_attn_processor(dict(original))
 

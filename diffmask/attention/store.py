@@ -125,6 +125,9 @@ class CrossAttentionStore:
         self.upsample = upsample
         self.normalize = normalize
         self.aspect: tuple[int, int] = aspect  # type: ignore[assignment]
+        # an optional SelfAttentionStore filled during the same UNet calls (a self_affinity step
+        # needs it): set_step is forwarded to it and capture() opens its capture too
+        self.self_attention = None
 
         self._token_weights: torch.Tensor | None = None  # (B, K, T_max) averaging weights per class
         self._max_position = -1
@@ -203,9 +206,17 @@ class CrossAttentionStore:
         return 0 if self._token_weights is None else self._token_weights.shape[1]
 
     def set_step(self, step_index: int, timestep: float | None = None) -> None:
-        """Tell the store which sampling step the next UNet call belongs to."""
+        """Tell the store (and an attached :attr:`self_attention` store) which sampling step the next
+        UNet call belongs to.
+
+        Args:
+            step_index: the step's index.
+            timestep: its timestep (needed with ``timestep_window``).
+        """
         self._step = int(step_index)
         self._timestep = None if timestep is None else float(timestep)
+        if self.self_attention is not None:
+            self.self_attention.set_step(step_index, timestep)
 
     def begin_step(self, step_index: int, timestep: float | None = None) -> None:
         """Alias of :meth:`set_step`, to pass as a sampler's ``on_step_begin`` hook
@@ -235,7 +246,12 @@ class CrossAttentionStore:
 
     @contextlib.contextmanager
     def capture(self, unet: torch.nn.Module) -> Iterator[list[str]]:
-        """Install capturing processors on ``unet`` feeding this store; restore them on exit."""
+        """Install capturing processors on ``unet`` feeding this store (and the attached
+        :attr:`self_attention` store, if any); restore them on exit.
+
+        Args:
+            unet: a diffusers ``UNet2DConditionModel``.
+        """
         with capture_cross_attention(unet, self, layers=self.validate_layers(unet)) as names:
             yield names
 

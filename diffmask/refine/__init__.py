@@ -1,10 +1,12 @@
-"""Mask refinement: adaptive threshold, DenseCRF, AffinityNet random walk, chained in config order."""
+"""Mask refinement: adaptive threshold, DenseCRF, AffinityNet and self-attention random walks, chained in
+config order."""
 
 from diffmask.refine.background import add_background
 from diffmask.refine.chain import RefinementChain
 from diffmask.refine.densecrf import DenseCRFRefiner, ParallelRefiner, densecrf_refine
 from diffmask.refine.mask_maker import AttentionMaskMaker
 from diffmask.refine.random_walk import local_random_walk, local_transition, random_walk, transition_matrix
+from diffmask.refine.self_affinity import SelfAffinityRefiner, affinity_walk
 from diffmask.refine.threshold import (
     IGNORE_INDEX,
     ThresholdRefiner,
@@ -34,9 +36,11 @@ __all__ = [
     "DenseCRFRefiner",
     "ParallelRefiner",
     "RefinementChain",
+    "SelfAffinityRefiner",
     "ThresholdRefiner",
     "add_background",
     "affinity_loss",
+    "affinity_walk",
     "class_levels",
     "densecrf_refine",
     "ignore_boundaries",
