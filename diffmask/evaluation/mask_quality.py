@@ -14,6 +14,18 @@ it; a class no real mask of the set holds is not scored):
   the test images' *own* seeds (the last refiner's masks with an ignore band; no real labels),
   then random-walk refinement of each image's class maps.
 
+A refiner that needs the generator's self-attention (a
+:class:`~diffmask.refine.self_affinity.SelfAffinityRefiner`, ``self_affinity``) gets each image's
+self-attention, captured during the same UNet calls as the class maps (averaged over the
+``timesteps``); its ``seconds_per_image`` include that capture, also given alone as
+``masks/<set>/<step>/capture_seconds_per_image``.
+
+A step is *degenerate* when a class that the set's real masks hold is absent from every one of its
+masks, or when its mIoU is below half of its input step's (the step before it in order: ``raw``
+-> each refiner -> ``affinity``). Such a step gets ``masks/<set>/<step>/degenerate`` = 1 (0
+otherwise), a warning in the log, and its reasons in :attr:`MaskQualityLitModule.degenerate`
+(``metrics.json``'s ``degenerate_steps``); its figures are not results.
+
 Metrics (flat keys, ``<set>`` = test-set name): ``masks/<set>/<step>/iou_<class>`` and
 ``masks/<set>/<step>/miou`` (per-image means), ``masks/<set>/<step>/agg_iou_<class>`` and
 ``masks/<set>/<step>/agg_miou`` (dataset-level aggregates: summed intersections over summed
@@ -27,6 +39,8 @@ images.
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +64,9 @@ from diffmask.refine.images import channels_first, to_uint8_images
 from diffmask.refine.raw import raw_attention_labels
 from diffmask.refine.threshold import IGNORE_INDEX
 
-__all__ = ["MASK_ROWS_FILE", "MaskQualityLitModule", "write_mask_rows"]
+__all__ = ["MASK_ROWS_FILE", "MaskQualityLitModule", "degenerate_steps", "write_mask_rows"]
+
+log = logging.getLogger(__name__)
 
 MASK_ROWS_FILE = "per_image_masks.csv"
 
@@ -165,6 +181,9 @@ class MaskQualityLitModule(pl.LightningModule):
         # and true pixel counts of each class (pred_<class>, true_<class>), e.g. to tell lesion and
         # normal images apart
         self.per_image: list[dict[str, Any]] = []
+        # after a test: "masks/<set>/<step>" -> the reasons it is degenerate (only degenerate steps)
+        self.degenerate: dict[str, list[str]] = {}
+        self._self_step = next((r for _, r in self.refiners if hasattr(r, "new_self_attention_store")), None)
 
     @property
     def step_names(self) -> list[str]:
@@ -195,6 +214,7 @@ class MaskQualityLitModule(pl.LightningModule):
             for step in self.step_names
         }
         self._seconds = {key: 0.0 for key in self._scores}
+        self._capture_seconds = {key: 0.0 for key in self._scores}
         self._counts = {key: 0 for key in self._scores}
         self._kept: dict[str, list[dict[str, Any]]] = {s: [] for s in self._all_set_names()}
 
@@ -209,7 +229,11 @@ class MaskQualityLitModule(pl.LightningModule):
 
     @torch.no_grad()
     def class_maps(
-        self, image: torch.Tensor, metas: Sequence[Mapping[str, Any]], batch_seed: int
+        self,
+        image: torch.Tensor,
+        metas: Sequence[Mapping[str, Any]],
+        batch_seed: int,
+        self_attention: Any | None = None,
     ) -> torch.Tensor:
         """(B, K, S, S) class maps in [0, 1] of real images, averaged over ``timesteps``.
 
@@ -217,6 +241,8 @@ class MaskQualityLitModule(pl.LightningModule):
             image: (B, C, S, S) real images in [0, 1].
             metas: each image's metadata (its prompt's findings; ignored without ``use_metadata``).
             batch_seed: mixed into the noise seed so that each batch gets its own noise.
+            self_attention: optional :class:`~diffmask.attention.self_attention.SelfAttentionStore`
+                that records the self-attention of the same UNet calls (over every timestep).
         """
         built = [self.prompt_builder.build(m if self.use_metadata else {}) for m in metas]
         positions = [class_token_positions(self.tokenizer, b) for b in built]
@@ -226,6 +252,7 @@ class MaskQualityLitModule(pl.LightningModule):
         for t in self.timesteps:
             gen = torch.Generator(device=self.device).manual_seed(self.seed + 1000 * batch_seed + t)
             store = self.store_factory(output_size=int(image.shape[-1]))
+            store.self_attention = self_attention
             maps = extract_class_maps(
                 self.unet, self.scheduler, latents, states, positions, t, store, generator=gen
             )
@@ -240,6 +267,7 @@ class MaskQualityLitModule(pl.LightningModule):
         target: torch.Tensor,
         seconds: float,
         sample_id: str = "",
+        capture_seconds: float = 0.0,
     ) -> None:
         if not isinstance(pred, torch.Tensor):
             pred = np.asarray(pred, dtype=np.int64)
@@ -257,6 +285,7 @@ class MaskQualityLitModule(pl.LightningModule):
         row.update({f"true_{n}": int(counts.target[0, c]) for c, n in names})
         self.per_image.append(row)
         self._seconds[key] += seconds
+        self._capture_seconds[key] += capture_seconds
         self._counts[key] += 1
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -270,20 +299,30 @@ class MaskQualityLitModule(pl.LightningModule):
         set_name = self._set_name(dataloader_idx)
         image, target = batch["image"], batch["label"][:, 0]
         ids = [str(i) for i in batch.get("id", [""] * len(image))]
+        self_store = None
+        if self._self_step is not None:
+            self_store = self._self_step.new_self_attention_store(batch_size=len(image))
         start = time.perf_counter()
-        maps = self.class_maps(image, batch["meta"], batch_seed=batch_idx + 7919 * dataloader_idx)
+        maps = self.class_maps(image, batch["meta"], batch_seed=batch_idx + 7919 * dataloader_idx,
+                               self_attention=self_store)
         raw = raw_attention_labels(maps, self.raw_threshold)
-        per_image = (time.perf_counter() - start) / len(image)
+        capture = 0.0 if self_store is None else self_store.seconds / len(image)
+        per_image = (time.perf_counter() - start) / len(image) - capture  # raw attention without the capture
+        affinity = None if self_store is None else self_store.result().cpu().numpy()  # (B, N, N)
         pixels = to_uint8_images(image)  # (B, S, S) grey or (B, S, S, 3) colour, as the refiners take them
         maps_np = maps.float().cpu().numpy()
         for i in range(len(image)):
             self._score((set_name, "raw"), raw[i], target[i], per_image, ids[i])
             sample: dict[str, Any] = {"image": pixels[i], "class_maps": maps_np[i]}
+            if affinity is not None:
+                sample["self_attention"] = affinity[i]
             for name, refiner in self.refiners:
                 start = time.perf_counter()
                 sample = refiner(sample)
                 seconds = time.perf_counter() - start
-                self._score((set_name, name), sample["label"], target[i], seconds, ids[i])
+                # a self-attention step's cost includes its share of the capture
+                own = capture if refiner is self._self_step else 0.0
+                self._score((set_name, name), sample["label"], target[i], seconds + own, ids[i], own)
             if self.affinity_template is not None:
                 if self.refiners:
                     seed = np.asarray(sample["label"])
@@ -350,8 +389,12 @@ class MaskQualityLitModule(pl.LightningModule):
             n = self._counts[(set_name, step)]
             total = self._seconds[(set_name, step)]
             results[f"{prefix}/seconds_per_image"] = total / n if n else float("nan")
+            if self._self_step is not None and step == self._self_step_name():
+                results[f"{prefix}/capture_seconds_per_image"] = (
+                    self._capture_seconds[(set_name, step)] / n if n else float("nan"))
         for set_name, seconds in train_seconds.items():
             results[f"masks/{set_name}/affinity/train_seconds"] = seconds
+        self._flag_degenerate(results)
         self.results = results
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered = [None] * torch.distributed.get_world_size()
@@ -362,6 +405,72 @@ class MaskQualityLitModule(pl.LightningModule):
         for key, value in results.items():
             if np.isfinite(value):
                 self.log(key, value, sync_dist=False)
+
+
+    def _self_step_name(self) -> str | None:
+        return next((n for n, r in self.refiners if r is self._self_step), None)
+
+    def _flag_degenerate(self, results: dict[str, float]) -> None:
+        """Add ``<prefix>/degenerate`` (1/0) for every scored step, fill :attr:`degenerate`, warn."""
+        self.degenerate = {}
+        for set_name in dict.fromkeys(s for s, _ in self._scores):
+            miou, pred, target = {}, {}, {}
+            for step in self.step_names:
+                metric = self._scores[(set_name, step)]
+                if not self._counts[(set_name, step)]:
+                    continue
+                with metric.sync_context():  # every rank's pixel counts (a no-op on one device)
+                    pred[step] = metric.pred_pixels.detach().cpu().clone()
+                    target[step] = metric.target_pixels.detach().cpu().clone()
+                miou[step] = results.get(f"masks/{set_name}/{step}/miou", float("nan"))
+            found = degenerate_steps([s for s in self.step_names if s in miou], miou, pred, target,
+                                     self.class_names)
+            for step in miou:
+                key = f"masks/{set_name}/{step}"
+                results[f"{key}/degenerate"] = 1.0 if step in found else 0.0
+                if step in found:
+                    self.degenerate[key] = found[step]
+                    log.warning("%s is DEGENERATE (its figures are not a result): %s", key, "; ".join(found[step]))
+
+
+def degenerate_steps(
+    steps: Sequence[str],
+    miou: Mapping[str, float],
+    pred_pixels: Mapping[str, torch.Tensor],
+    target_pixels: Mapping[str, torch.Tensor],
+    class_names: Sequence[str],
+) -> dict[str, list[str]]:
+    """The degenerate refinement steps of one test set, with their reasons.
+
+    A step is degenerate when a class that the real masks hold (``target_pixels > 0``) is absent
+    from every one of its masks (``pred_pixels == 0``), or when its mIoU is below half of its input
+    step's (the step before it in ``steps``; not checked where either mIoU is not finite or the
+    input's is 0).
+
+    Args:
+        steps: the steps in order (the first has no input step).
+        miou: step -> mIoU on the set.
+        pred_pixels: step -> (C,) predicted pixels per class summed over the set (background first).
+        target_pixels: step -> (C,) real-mask pixels per class summed over the set.
+        class_names: background first.
+
+    Returns:
+        step -> reasons (e.g. ``"heart absent from every mask"``), only for degenerate steps.
+    """
+    out: dict[str, list[str]] = {}
+    for i, step in enumerate(steps):
+        reasons = []
+        pred, target = pred_pixels[step], target_pixels[step]
+        for c in range(1, len(class_names)):
+            if float(target[c]) > 0 and float(pred[c]) == 0:
+                reasons.append(f"{class_names[c]} absent from every mask")
+        if i > 0:
+            before, now = float(miou.get(steps[i - 1], math.nan)), float(miou.get(step, math.nan))
+            if math.isfinite(before) and math.isfinite(now) and before > 0 and now < 0.5 * before:
+                reasons.append(f"mIoU {now:.4f} is below half of its input step {steps[i - 1]}'s {before:.4f}")
+        if reasons:
+            out[step] = reasons
+    return out
 
 
 def write_mask_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:

@@ -23,7 +23,7 @@ from diffmask.evaluation.mask_quality import MASK_ROWS_FILE, write_mask_rows
 from diffmask.prompts.builder import prompt_builder_from_dict
 from diffmask.stages import job_overrides, write_metrics
 
-__all__ = ["evaluate_masks", "load_mask_model", "write_mask_results"]
+__all__ = ["evaluate_masks", "load_mask_model", "summary_lines", "write_mask_results"]
 
 # the stage's messages keep the logger name of diffmask-evaluate-masks
 log = logging.getLogger("diffmask.evaluate_masks")
@@ -74,6 +74,7 @@ def write_mask_results(cfg: DictConfig, model_stage: StageDir, datamodule: Any, 
         model: the tested :class:`~diffmask.evaluation.mask_quality.MaskQualityLitModule`.
         metrics: its results.
     """
+    degenerate = dict(getattr(model, "degenerate", {}) or {})
     out = Path(cfg.paths.output_dir) / "metrics.json"
     write_mask_rows(Path(cfg.paths.output_dir) / MASK_ROWS_FILE, model.per_image)
     write_metrics(out, metrics, extra={
@@ -88,10 +89,36 @@ def write_mask_results(cfg: DictConfig, model_stage: StageDir, datamodule: Any, 
         "channels": int(cfg.data.channels),
         "overrides": job_overrides(),
         "seed": cfg.seed,
+        # "masks/<set>/<step>" -> reasons; their figures are failures, not results
+        "degenerate_steps": degenerate,
     })
     log.info("metrics written to %s", out)
+    for level, line in summary_lines(metrics, degenerate):
+        log.log(level, "%s", line)
+    if degenerate:
+        log.warning("%d degenerate refinement step(s): %s", len(degenerate), ", ".join(sorted(degenerate)))
+
+
+def summary_lines(metrics: dict[str, Any], degenerate: dict[str, list[str]]) -> list[tuple[int, str]]:
+    """The printed summary: one ``(log level, line)`` per mIoU metric, degenerate steps marked.
+
+    A degenerate step's lines read ``masks/jsrt/affinity/miou 0.0000  DEGENERATE: heart absent from
+    every mask`` at warning level, never a plain number.
+
+    Args:
+        metrics: the flat metrics (``masks/<set>/<step>/miou``, ...).
+        degenerate: ``masks/<set>/<step>`` -> reasons (the module's ``degenerate``).
+    """
+    lines = []
     for key in sorted(k for k in metrics if k.endswith("miou")):
-        log.info("%s = %.4f", key, metrics[key])
+        value = metrics[key]
+        text = f"{key} = {value:.4f}" if isinstance(value, (int, float)) else f"{key} = {value}"
+        step = key.rsplit("/", 1)[0]
+        if step in degenerate:
+            lines.append((logging.WARNING, f"{text}  DEGENERATE: {'; '.join(degenerate[step])}"))
+        else:
+            lines.append((logging.INFO, text))
+    return lines
 
 
 def evaluate_masks(cfg: DictConfig) -> dict[str, Any]:
