@@ -136,10 +136,12 @@ def test_a_class_the_set_never_labels_is_left_out_of_keys_and_means():
     scores.update(pred, target)
     out = scores.compute()
     assert not any(k.endswith("heart") for k in out)
-    assert sorted(out) == sorted([*(f"{p}_{c}" for p in ("iou", "dice", "agg_iou", "agg_dice")
-                                    for c in ("left_lung", "right_lung")), "agg_mdice", "agg_miou", "mdice", "miou"])
+    per_class = [f"{p}_{c}" for p in ("iou", "dice", "agg_iou", "agg_dice")
+                 for c in ("left_lung", "right_lung")]
+    assert sorted(out) == sorted([*per_class, "agg_mdice", "agg_miou", "mdice", "miou"])
     left, right = (1 + 7 / 8) / 2, (1 + 1 / 2) / 2
-    assert out["iou_left_lung"].item() == pytest.approx(left) and out["iou_right_lung"].item() == pytest.approx(right)
+    assert out["iou_left_lung"].item() == pytest.approx(left)
+    assert out["iou_right_lung"].item() == pytest.approx(right)
     assert out["miou"].item() == pytest.approx((left + right) / 2)
     assert out["agg_miou"].item() == pytest.approx((15 / 16 + 12 / 16) / 2)
     # the rule as a function of the present masks
@@ -151,7 +153,8 @@ def test_a_class_the_set_never_labels_is_left_out_of_keys_and_means():
     empty = SegmentationScores(CHEST)
     empty.update(torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 4, dtype=torch.long))
     out = empty.compute()
-    assert sorted(out) == ["agg_mdice", "agg_miou", "mdice", "miou"] and all(math.isnan(v) for v in out.values())
+    assert sorted(out) == ["agg_mdice", "agg_miou", "mdice", "miou"]
+    assert all(math.isnan(v) for v in out.values())
 
 
 def test_when_every_image_holds_every_class_the_scores_equal_the_former_ones_exactly():
@@ -229,7 +232,8 @@ def test_module_per_image_rows_carry_both_scores_and_the_set_level_rule():
     module.on_test_epoch_end()
     rows = {r["id"]: r for r in module.per_image}
     assert rows["a"]["set"] == "chest" and rows["c"]["set"] == "lungs_only"
-    assert {k for k in rows["a"] if k not in ("set", "id")} == {f"{m}_{c}" for m in ("iou", "dice") for c in CHEST[1:]}
+    scored = {k for k in rows["a"] if k not in ("set", "id")}
+    assert scored == {f"{m}_{c}" for m in ("iou", "dice") for c in CHEST[1:]}
     assert rows["a"]["iou_heart"] == rows["a"]["dice_heart"] == 1.0
     assert rows["b"]["iou_heart"] == 0.5 and rows["b"]["dice_heart"] == pytest.approx(2 / 3)
     assert rows["d"]["iou_right_lung"] == rows["d"]["dice_right_lung"] == 0.0
@@ -244,7 +248,9 @@ def test_per_image_csv_round_trip_with_dice_and_files_from_before(tmp_path):
             {"set": "lungs", "id": "x", "iou_lesion": float("nan"), "dice_lesion": float("nan")}]
     path = write_per_image(tmp_path / "per_image.csv", rows, LESION)
     assert path.read_text().splitlines()[0] == "set,id,iou_lesion,dice_lesion"
-    assert read_per_image(path) == {"busi": {"n1": {"lesion": 1.0}, "m1": {"lesion": 0.5}}, "lungs": {"x": {}}}
+    assert read_per_image(path) == {
+        "busi": {"n1": {"lesion": 1.0}, "m1": {"lesion": 0.5}}, "lungs": {"x": {}}
+    }
     assert read_per_image(path, "dice")["busi"]["m1"]["lesion"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="metric: expected one of"):
         read_per_image(path, "hd95")

@@ -1,4 +1,5 @@
-"""Label fidelity of a generated set: a model trained on real images scores how well each image follows its mask."""
+"""Label fidelity of a generated set: a model trained on real images scores how well each image follows
+its mask."""
 
 from __future__ import annotations
 
@@ -62,22 +63,25 @@ def test_true_masks_score_far_above_swapped_or_shifted_ones(trained, tmp_path):
     assert sorted(true["iou"]) == sorted(FOREGROUND) and true["checkpoint"].endswith(".ckpt")
     assert true["miou"] == pytest.approx(sum(true["iou"].values()) / 3)
     assert true["miou"] > 0.6, true
-    swapped = label_fidelity(_rewrite_masks(true_set, tmp_path / "swapped", lambda a, i: a[(i + 1) % len(a)]), model, None)
-    shifted = label_fidelity(_rewrite_masks(true_set, tmp_path / "shifted", lambda a, i: np.roll(a[i], (12, 12), (0, 1))),
-                             model, None)
+    swapped_set = _rewrite_masks(true_set, tmp_path / "swapped", lambda a, i: a[(i + 1) % len(a)])
+    swapped = label_fidelity(swapped_set, model, None)
+    shifted_set = _rewrite_masks(true_set, tmp_path / "shifted", lambda a, i: np.roll(a[i], (12, 12), (0, 1)))
+    shifted = label_fidelity(shifted_set, model, None)
     assert true["miou"] > swapped["miou"] + 0.05, (true["miou"], swapped["miou"])
     assert true["miou"] > shifted["miou"] + 0.4, (true["miou"], shifted["miou"])
     # the same model from its checkpoint file, or from a run folder without .hydra (the CSV logger's config)
     by_file = label_fidelity(true_set, true["checkpoint"], None)
     bare = shutil.copytree(model, tmp_path / "bare_run", ignore=shutil.ignore_patterns(".hydra"))
     assert by_file["iou"] == true["iou"] == label_fidelity(true_set, bare, None)["iou"]
-    assert label_fidelity(true_set, model, None, ids=["train0000", "train0003"], batch_size=1)["n_images"] == 2
+    chosen = label_fidelity(true_set, model, None, ids=["train0000", "train0003"], batch_size=1)
+    assert chosen["n_images"] == 2
 
 
 def test_cli_write_records_fidelity_and_keeps_the_other_stage_keys(trained, tmp_path, capsys):
     model, true_set = trained
     folder = shutil.copytree(true_set, tmp_path / "set")
-    stage = {"status": "complete", "intensity": "raw", "class_presence": {"heart": 1.0}, "warnings": [], "counts": {"n": 12}}
+    stage = {"status": "complete", "intensity": "raw", "class_presence": {"heart": 1.0}, "warnings": [],
+             "counts": {"n": 12}}
     (folder / "stage.json").write_text(json.dumps(stage))
     main([str(folder), "--model", str(model), "--write"])
     out = capsys.readouterr().out
@@ -110,7 +114,8 @@ def test_errors_name_what_is_missing(trained, tmp_path):
         label_fidelity(true_set, model, ["background", "lung"])
     unlabelled = shutil.copytree(true_set, tmp_path / "unlabelled")
     write_manifest(unlabelled, [ManifestRow("a", "images/train0000.png", None, source="synthetic")])
-    with pytest.raises(ValueError, match=r"unlabelled: 1 of 1 rows have no mask \(manifest field sem_seg_file_name"):
+    with pytest.raises(ValueError,
+                       match=r"unlabelled: 1 of 1 rows have no mask \(manifest field sem_seg_file_name"):
         label_fidelity(unlabelled, model, None)
     # a set made by a generator trained on other normalised images than the model saw
     clahe = shutil.copytree(true_set, tmp_path / "clahe_set")
@@ -150,7 +155,8 @@ def test_report_shows_the_synthetic_sets_label_fidelity(tmp_path):
     measured, unmeasured = tmp_path / "sets" / "measured", tmp_path / "sets" / "unmeasured"
     measured.mkdir(parents=True)
     unmeasured.mkdir()
-    (measured / "stage.json").write_text(json.dumps({"status": "complete", "label_fidelity": {"miou": 0.7123}}))
+    measured_stage = {"status": "complete", "label_fidelity": {"miou": 0.7123}}
+    (measured / "stage.json").write_text(json.dumps(measured_stage))
     (unmeasured / "stage.json").write_text(json.dumps({"status": "complete"}))
     for seed, miou in [(0, 0.80), (1, 0.82)]:
         _fake_run(tmp_path / "sweep" / f"mix{seed}", miou, measured, 34, seed)
@@ -202,18 +208,21 @@ def test_synthesis_quality_of_a_set_close_to_the_real_images_beats_noise(trained
     phantoms = tmp_path / "phantoms"
     shutil.copytree(true_masks, phantoms)
     rows = read_manifest(phantoms / "manifest.jsonl")
-    write_manifest(phantoms, [ManifestRow(r.id, r.file_name, r.sem_seg_file_name, r.prompt, r.source, seed=r.seed,
-                                          meta={"heart_size": "normal"}) for r in rows])
+    write_manifest(phantoms, [ManifestRow(r.id, r.file_name, r.sem_seg_file_name, r.prompt, r.source,
+                                          seed=r.seed, meta={"heart_size": "normal"}) for r in rows])
     noise = tmp_path / "noise"
     shutil.copytree(true_masks, noise)
     for i, f in enumerate(sorted((noise / "images").glob("*.png"))):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64), dtype=np.uint8)).save(f)
-    good, bad = synthesis_quality(phantoms, run, kid_subsets=10), synthesis_quality(noise, run, kid_subsets=10)
+    good = synthesis_quality(phantoms, run, kid_subsets=10)
+    bad = synthesis_quality(noise, run, kid_subsets=10)
     assert good["fid"] < bad["fid"] and good["kid"] < bad["kid"]
-    assert good["anatomy"]["n_asked"] + good["anatomy"]["n_unmeasurable"] == 12 and bad["anatomy"]["n_asked"] == 0
+    assert good["anatomy"]["n_asked"] + good["anatomy"]["n_unmeasurable"] == 12
+    assert bad["anatomy"]["n_asked"] == 0
     assert 0 <= good["anatomy"]["ctr_error_median"] < 0.2
     evaluate_synthesis([str(phantoms), "--model", str(run)])
     assert json.loads((phantoms / "synthesis_quality.json").read_text())["fid"] == pytest.approx(good["fid"])
     # the features are the deepest convolution's, averaged over space
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Conv2d(3, 5, 3, stride=2, padding=1))
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1),
+                              torch.nn.Conv2d(3, 5, 3, stride=2, padding=1))
     assert segmenter_features(net, torch.rand(3, 1, 8, 8)).shape == (3, 5)

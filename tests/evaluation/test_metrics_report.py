@@ -44,9 +44,11 @@ def _fake_run(folder, backbone, frac, seed, miou, extra=(), real="jsrt"):
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
         "metrics": {"test/jsrt/miou": miou, "test/jsrt/iou_heart": miou - 0.05},
-        "data": {"real": real, "real_fraction": frac, "n_real_train": int(173 * frac), "n_synthetic_train": 0},
+        "data": {"real": real, "real_fraction": frac, "n_real_train": int(173 * frac),
+                 "n_synthetic_train": 0},
         "backbone": f"x.{backbone}", "seed": seed,
-        "overrides": [f"segmentation={backbone.lower()}", f"data.real_fraction={frac}", f"seed={seed}", *extra],
+        "overrides": [f"segmentation={backbone.lower()}", f"data.real_fraction={frac}", f"seed={seed}",
+                      *extra],
     }))
 
 
@@ -93,9 +95,11 @@ def test_report_skip_bad_lists_corrupt_files_and_carries_on(tmp_path, capsys):
 
 def test_report_says_which_runs_saw_the_phantom_and_never_averages_them_with_jsrt(tmp_path):
     _fake_run(tmp_path / "sweep" / "a", "UNet", 1.0, 0, 0.90)
-    _fake_run(tmp_path / "sweep" / "b", "UNet", 1.0, 1, 0.60, real="phantom")  # same condition, data=auto fell back
+    # same condition, data=auto fell back
+    _fake_run(tmp_path / "sweep" / "b", "UNet", 1.0, 1, 0.60, real="phantom")
     _, rows = summarise(collect_runs(tmp_path / "sweep")[0])
-    assert sorted((r["real"], r["n_runs"], r["test/jsrt/miou"]) for r in rows) == [("jsrt", 1, 0.90), ("phantom", 1, 0.60)]
+    summary = sorted((r["real"], r["n_runs"], r["test/jsrt/miou"]) for r in rows)
+    assert summary == [("jsrt", 1, 0.90), ("phantom", 1, 0.60)]
     written = write_report(tmp_path / "sweep")
     assert "**phantom** (not real X-rays)" in written["markdown"].read_text()
     assert written["csv"].read_text().splitlines()[0].startswith("condition,real,")
@@ -114,7 +118,8 @@ def test_report_groups_fine_tuning_runs_by_their_source_condition(tmp_path):
     # which Hydra records escaped
     for seed, miou in [(0, 0.87), (1, 0.89)]:
         _fake_run(tmp_path / "sweep" / f"multi{seed}", "UNet", 0.1, seed, miou,
-                  extra=["segmentation.init_weights=" + str(tmp_path / "pre") + "/$\\{seed\\}", "trainer.max_epochs=9"])
+                  extra=["segmentation.init_weights=" + str(tmp_path / "pre") + "/$\\{seed\\}",
+                         "trainer.max_epochs=9"])
     _, rows = summarise(collect_runs(tmp_path / "sweep")[0])
     multi = next(r for r in rows if "max_epochs=9" in r["condition"])
     assert multi["n_runs"] == 2 and "init_weights=[data.real_fraction=0.0" in multi["condition"]
@@ -122,8 +127,8 @@ def test_report_groups_fine_tuning_runs_by_their_source_condition(tmp_path):
     assert len(rows) == 2
     tuned = next(r for r in rows if r["n_runs"] == 2)
     assert tuned["test/jsrt/miou"] == pytest.approx(0.89)
-    assert "segmentation.init_weights=[data.real_fraction=0.0 data.synthetic_count=346 segmentation=unet]" in (
-        tuned["condition"])
+    assert ("segmentation.init_weights=[data.real_fraction=0.0 data.synthetic_count=346 segmentation=unet]"
+            in tuned["condition"])
     assert "gone.ckpt" in next(r for r in rows if r["n_runs"] == 1)["condition"]
 
 
@@ -140,4 +145,5 @@ def test_report_has_a_column_per_test_set_and_class_and_plots_per_set(tmp_path):
     assert "jsrt/iou_heart" in header and "montgomery/iou_left_lung" in header and "montgomery/miou" in header
     assert "dice" not in header and "test/jsrt/dice_heart" in written["csv"].read_text()  # Dice: CSV only
     assert "0.7500 ± 0.0707" in written["markdown"].read_text()
-    assert {"iou_vs_real_fraction_jsrt", "iou_vs_real_fraction_montgomery", "backbones_montgomery"} <= set(written)
+    plots = {"iou_vs_real_fraction_jsrt", "iou_vs_real_fraction_montgomery", "backbones_montgomery"}
+    assert plots <= set(written)

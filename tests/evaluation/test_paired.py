@@ -37,24 +37,27 @@ def test_bootstrap_finds_a_real_difference_and_not_a_spurious_one():
 
 
 def test_the_compared_miou_is_the_test_metric():
-    """mean over classes of the mean over images (a heart-less image scores 1 or 0 on the heart), as SegmentationScores."""
+    """mean over classes of the mean over images (a heart-less image scores 1 or 0 on the heart), as
+    SegmentationScores."""
     gen = torch.Generator().manual_seed(0)
     target = torch.randint(0, 4, (6, 16, 16), generator=gen)
     target[:2][target[:2] == 3] = 0  # two images without a heart
-    pred = torch.where(torch.rand(target.shape, generator=gen) < 0.7, target, torch.randint(0, 4, target.shape, generator=gen))
+    noise = torch.randint(0, 4, target.shape, generator=gen)
+    pred = torch.where(torch.rand(target.shape, generator=gen) < 0.7, target, noise)
     from diffmask.evaluation import compute_iou
 
     per_image = compute_iou(pred, target, 4)[:, 1:].numpy()
     scores = SegmentationScores(CLASSES)
     scores.update(pred, target)
-    assert paired_bootstrap(per_image, per_image, n_boot=100)["miou_a"] == pytest.approx(float(scores.compute()["miou"]))
+    expected = float(scores.compute()["miou"])
+    assert paired_bootstrap(per_image, per_image, n_boot=100)["miou_a"] == pytest.approx(expected)
 
 
 def test_a_training_run_writes_per_image_scores_that_agree_with_its_metrics(tmp_path):
-    tiny = ["data=phantom", "data.size=32", "data.batch_size=4", "data.num_workers=0", "data.real.num_train=8",
-            "data.real.num_val=4", "data.real.num_test=6", "segmentation=unet", "segmentation.net.channels=[8,16,32]",
-            "segmentation.net.strides=[2,2]", "segmentation.net.num_res_units=1", "trainer.max_epochs=1",
-            "trainer.limit_val_batches=1"]
+    tiny = ["data=phantom", "data.size=32", "data.batch_size=4", "data.num_workers=0",
+            "data.real.num_train=8", "data.real.num_val=4", "data.real.num_test=6", "segmentation=unet",
+            "segmentation.net.channels=[8,16,32]", "segmentation.net.strides=[2,2]",
+            "segmentation.net.num_res_units=1", "trainer.max_epochs=1", "trainer.limit_val_batches=1"]
     train(compose_config("train", tiny, tmp_path))
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     for metric in ("iou", "dice"):  # per-image means; the aggregates are logged beside them
@@ -72,8 +75,9 @@ def test_compare_cli_over_seeds(tmp_path, capsys):
     ids = [f"{i:04d}" for i in range(30)]
     for recipe, shift in (("mix", 0.03), ("real", 0.0)):
         for seed in range(3):
-            rows = [{"set": "montgomery", "id": sid, **{f"{m}_{c}": float(v) for m in ("iou", "dice") for c, v in zip(
-                    CLASSES[1:], row + shift + 0.01 * rng.standard_normal(3), strict=True)}}
+            rows = [{"set": "montgomery", "id": sid,
+                     **{f"{m}_{c}": float(v) for m in ("iou", "dice") for c, v in zip(
+                         CLASSES[1:], row + shift + 0.01 * rng.standard_normal(3), strict=True)}}
                     for sid, row in zip(ids, base, strict=True)]
             write_per_image(tmp_path / recipe / str(seed) / "per_image.csv", rows, CLASSES)
     (result,) = compare_recipes([tmp_path / "mix"], [tmp_path / "real"], n_boot=2000)
@@ -84,8 +88,8 @@ def test_compare_cli_over_seeds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| montgomery | 30 |" in out and "| yes |" in out
     assert json.loads((tmp_path / "cmp.json").read_text())["results"][0]["real"] is True
-    compare_main(["--a", str(tmp_path / "mix"), "--b", str(tmp_path / "real"), "--metric", "dice", "--n-boot", "500",
-                  "--out", str(tmp_path / "dice.md")])
+    compare_main(["--a", str(tmp_path / "mix"), "--b", str(tmp_path / "real"), "--metric", "dice",
+                  "--n-boot", "500", "--out", str(tmp_path / "dice.md")])
     assert json.loads((tmp_path / "dice.json").read_text())["metric"] == "dice" and "per-image dice" in (
         tmp_path / "dice.md").read_text()
     (tmp_path / "empty").mkdir()

@@ -104,12 +104,13 @@ def read_offline_run(save_dir: Path) -> dict[str, Any]:
 
 def test_name_keeps_what_varies_without_seeds_and_run_only_settings():
     given = ["seed=1", "data.seed=0", "data.real_fraction=0.5", "logger=[csv,wandb]", "data.num_workers=2",
-             "segmentation=transunet", "trainer.max_epochs=40", "data.synthetic_dir=/x/artifacts/synthesis/px128"]
+             "segmentation=transunet", "trainer.max_epochs=40",
+             "data.synthetic_dir=/x/artifacts/synthesis/px128"]
     assert name_overrides(given, {"seed", "data.real_fraction", "segmentation"}) == [
         "data.real_fraction=0.5", "segmentation=transunet"]
     # a single run: every override that changes the result, a path by its last two parts
-    assert name_overrides(given) == ["data.real_fraction=0.5", "segmentation=transunet", "trainer.max_epochs=40",
-                                     "data.synthetic_dir=synthesis/px128"]
+    assert name_overrides(given) == ["data.real_fraction=0.5", "segmentation=transunet",
+                                     "trainer.max_epochs=40", "data.synthetic_dir=synthesis/px128"]
 
 
 def test_sweep_runs_share_a_group_and_log_best_val_test_scores_facts_and_media(tmp_path, monkeypatch):
@@ -139,16 +140,18 @@ def test_sweep_runs_share_a_group_and_log_best_val_test_scores_facts_and_media(t
         # the best validation epoch, not the last
         val = [row["val/miou"] for row in r["history"] if "val/miou" in row]
         assert len(val) == 2 and summary["val/miou"] == {"max": pytest.approx(max(val))}
-        assert summary["val/iou_heart"] == {"max": pytest.approx(max(row["val/iou_heart"] for row in r["history"]
-                                                                      if "val/iou_heart" in row))}
+        val_heart = [row["val/iou_heart"] for row in r["history"] if "val/iou_heart" in row]
+        assert summary["val/iou_heart"] == {"max": pytest.approx(max(val_heart))}
         # per test set and class, from the test metrics
         for cls in CLASSES:
             for m in ("iou", "dice"):
-                assert summary[f"test/phantom/{m}_{cls}"] == pytest.approx(metrics["metrics"][f"test/phantom/{m}_{cls}"])
+                key = f"test/phantom/{m}_{cls}"
+                assert summary[key] == pytest.approx(metrics["metrics"][key])
         assert summary["data/real"] == "phantom"
         assert summary["data/n_real_train"] == metrics["data"]["n_real_train"] > 0
         assert summary["data/n_synthetic_train"] == 0
-        assert summary["missing_test_sets"] == metrics["missing_test_sets"] and "montgomery" in summary["missing_test_sets"]
+        assert summary["missing_test_sets"] == metrics["missing_test_sets"]
+        assert "montgomery" in summary["missing_test_sets"]
 
         # media: prediction overlays (with both masks) and the per-image table
         images = summary["test/phantom/predictions"]
@@ -156,7 +159,8 @@ def test_sweep_runs_share_a_group_and_log_best_val_test_scores_facts_and_media(t
         assert set(images["all_masks"][0]) == {"prediction", "ground_truth"}
         table = summary["test/per_image"]
         assert table["_type"] == "table-file"
-        with open(next((tmp_path / "sweep" / str(num)).glob("wandb/offline-run-*/files")) / table["path"]) as f:
+        files = next((tmp_path / "sweep" / str(num)).glob("wandb/offline-run-*/files"))
+        with open(files / table["path"]) as f:
             logged = json.load(f)
         assert logged["columns"][:2] == ["set", "id"] and len(logged["data"]) == table["nrows"] > 0
 
@@ -168,22 +172,25 @@ def test_sweep_runs_share_a_group_and_log_best_val_test_scores_facts_and_media(t
     write_report(tmp_path / "sweep", tmp_path / "report", wandb_project="diffmask-test")
     report = read_offline_run(tmp_path / "report")
     assert report["group"] == "sweep" and report["job_type"] == "report"
-    assert report["config"]["sweep_dir"] == str((tmp_path / "sweep").resolve()) and report["config"]["n_runs"] == 2
+    assert report["config"]["sweep_dir"] == str((tmp_path / "sweep").resolve())
+    assert report["config"]["n_runs"] == 2
     assert report["summary"]["results"]["_type"] == "table-file"
 
 
 def test_generation_logs_a_grid_of_synthetic_pairs(tmp_path, model_dir, monkeypatch):
-    """``diffmask-generate logger=wandb``: a generate run with the set's first pairs (mask overlays) and counts."""
+    """``diffmask-generate logger=wandb``: a generate run with the set's first pairs (mask overlays) and
+    counts."""
     from diffmask.cli.generate import run
     from tests.conftest import compose_config
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    given = ["data=phantom", "data.size=32", f"input_dir={model_dir}", "steps=2", "batch_size=2", "num_samples=3",
-             "synthesis.refine=[raw]"]
+    given = ["data=phantom", "data.size=32", f"input_dir={model_dir}", "steps=2", "batch_size=2",
+             "num_samples=3", "synthesis.refine=[raw]"]
     assert run(compose_config("generate", [*given, "name=plain"], tmp_path / "plain"))["rows"] == 3
     assert not (tmp_path / "plain" / "wandb").exists()  # no logger: no W&B run
-    assert run(compose_config("generate", [*given, "name=px32", "logger=wandb"], tmp_path / "run"))["rows"] == 3
+    logged_cfg = compose_config("generate", [*given, "name=px32", "logger=wandb"], tmp_path / "run")
+    assert run(logged_cfg)["rows"] == 3
     logged = read_offline_run(tmp_path / "run")
     assert logged["job_type"] == "generate" and {"synthesis", "phantom"} <= set(logged["tags"])
     assert logged["config"]["output_dir"].endswith("synthesis/px32")

@@ -41,7 +41,8 @@ def _write_variants(root, real_dir, variants: dict[str, int], extra_unpaired: in
             sid = f"syn_{rid}_{k}"
             shutil.copy(real_dir / "images" / f"{rid}.png", root / "images" / f"{sid}.png")
             shutil.copy(real_dir / "masks" / f"{rid}.png", root / "masks" / f"{sid}.png")
-            rows.append(ManifestRow(sid, f"images/{sid}.png", f"masks/{sid}.png", "p", "synthetic", seed=k, pair_id=rid))
+            rows.append(ManifestRow(sid, f"images/{sid}.png", f"masks/{sid}.png", "p", "synthetic", seed=k,
+                                    pair_id=rid))
     first = next(iter(variants), None) or JSRTSource(real_dir).ids("train")[0]
     for k in range(extra_unpaired):
         sid = f"free_{k}"
@@ -182,8 +183,8 @@ def test_paired_augmentation_is_drawn_independently(phantom_real, tmp_path):
     def augment():
         return build_augmentation(size=32, affine_prob=1.0, prob=1.0, noise_std=0.0)
 
-    dm = SegmentationDataModule(real, size=32, synthetic_dir=str(syn), augment=augment(), synthetic_augment=augment(),
-                                paired=True, synthetic_min_class_presence=None)
+    dm = SegmentationDataModule(real, size=32, synthetic_dir=str(syn), augment=augment(),
+                                synthetic_augment=augment(), paired=True, synthetic_min_class_presence=None)
     ds = dm.train_dataset()
     torch.manual_seed(0)
     items = [ds[i] for i in range(len(ds))]
@@ -206,7 +207,8 @@ def test_paired_datamodule_errors(phantom_real, tmp_path):
     with pytest.raises(ValueError, match="synthetic_dir.*pair_id"):  # the sets are opened in setup
         dm.setup("fit")
     # the only variant belongs to a real image left out by real_fraction
-    left_out = next(i for i in ids if i not in SegmentationDataModule(real, size=32, real_fraction=0.5).real_train_ids)
+    half = SegmentationDataModule(real, size=32, real_fraction=0.5)
+    left_out = next(i for i in ids if i not in half.real_train_ids)
     other = _write_variants(tmp_path / "other", phantom_real, {left_out: 2})
     dm = SegmentationDataModule(real, real_fraction=0.5, synthetic_dir=str(other), **common)
     with pytest.raises(ValueError, match="pair_id"):
@@ -220,7 +222,8 @@ def test_train_run_with_random_merging_masks(phantom_real, tmp_path):
     syn = _write_variants(tmp_path / "syn", phantom_real, {rid: 1 for rid in ids[:4]})
     out = tmp_path / "run"
     cfg = compose_config("train", [
-        "data=jsrt", f"paths.jsrt_dir={phantom_real}", "data.size=32", "data.batch_size=3", "data.num_workers=0",
+        "data=jsrt", f"paths.jsrt_dir={phantom_real}", "data.size=32", "data.batch_size=3",
+        "data.num_workers=0",
         f"data.synthetic_dir={syn}", "data.synthetic_min_class_presence=null",
         "segmentation.net.channels=[4,8]", "segmentation.net.strides=[2]", "segmentation.net.num_res_units=0",
         "segmentation.merge.alpha=0.6", "segmentation.merge.patch=8",

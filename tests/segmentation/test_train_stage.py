@@ -25,14 +25,16 @@ TINY = [
 NETS = {
     "unet": ["segmentation=unet", "segmentation.net.channels=[8,16,32]", "segmentation.net.strides=[2,2]",
              "segmentation.net.num_res_units=1"],
-    "transunet": ["segmentation=transunet", "segmentation.net.base_channels=8", "segmentation.net.hidden_size=32",
-                  "segmentation.net.num_layers=1", "segmentation.net.num_heads=2", "segmentation.net.mlp_dim=64",
+    "transunet": ["segmentation=transunet", "segmentation.net.base_channels=8",
+                  "segmentation.net.hidden_size=32", "segmentation.net.num_layers=1",
+                  "segmentation.net.num_heads=2", "segmentation.net.mlp_dim=64",
                   "segmentation.optimizer.lr=3e-3"],
 }
 
 
 def _tiny(real_dir):
-    """TINY on ``real_dir`` with 9 real training images (5 % of JSRT's 173, the same 9 of a phantom folder)."""
+    """TINY on ``real_dir`` with 9 real training images (5 % of JSRT's 173, the same 9 of a phantom
+    folder)."""
     nine = 9 / len(JSRTSource(real_dir).ids("train"))
     return [*TINY, f"paths.jsrt_dir={real_dir}", f"data.real_fraction={nine}"]
 
@@ -66,13 +68,15 @@ def test_fine_tune_starts_from_the_checkpoint_weights(real_dir, tmp_path):
     best = json.loads((first / "metrics.json").read_text())["best_checkpoint"]
     scratch, tuned = tmp_path / "scratch", tmp_path / "tuned"
     run(compose_config("train", [*common, "trainer.max_epochs=1"], scratch))
-    run(compose_config("train", [*common, "trainer.max_epochs=1", f"segmentation.init_weights={best}"], tuned))
+    run(compose_config("train", [*common, "trainer.max_epochs=1", f"segmentation.init_weights={best}"],
+                       tuned))
     pre, start, fresh = _epoch_losses(first), _epoch_losses(tuned)[0], _epoch_losses(scratch)[0]
     assert fresh - start > 0.5 * (pre[0] - pre[-1]) > 0
 
 
 def test_trained_model_scored_on_an_external_folder_without_training(real_dir, tmp_path):
-    """``train=false segmentation.init_weights=<run>``: a lungs-only images/+masks/ folder is scored on the lungs."""
+    """``train=false segmentation.init_weights=<run>``: a lungs-only images/+masks/ folder is scored on
+    the lungs."""
     import numpy as np
     from PIL import Image
 
