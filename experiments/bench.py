@@ -32,7 +32,8 @@ def _time(fn, repeat: int) -> float:
 
 
 def bench_data(size: int, n: int = 64) -> None:
-    jsrt = os.environ.get("DIFFMASK_JSRT_DIR", str(Path(__file__).resolve().parents[2] / "shared/data/jsrt_scr"))
+    default_jsrt = Path(__file__).resolve().parents[2] / "shared/data/jsrt_scr"
+    jsrt = os.environ.get("DIFFMASK_JSRT_DIR", str(default_jsrt))
     dm = SegmentationDataModule(auto_source(jsrt, size), size=size, batch_size=8, num_workers=0)
     ds = dm.train_dataset()
     start = time.perf_counter()
@@ -49,7 +50,8 @@ def bench_nets(size: int, batch: int = 8) -> None:
 
     for name in ("unet", "transunet", "attention_unet"):
         with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
-            cfg = compose("train", overrides=[f"segmentation={name}", f"data.size={size}", "paths.output_dir=/tmp"])
+            cfg = compose("train", overrides=[f"segmentation={name}", f"data.size={size}",
+                                              "paths.output_dir=/tmp"])
         import hydra
 
         module = hydra.utils.instantiate(cfg.segmentation)
@@ -64,7 +66,8 @@ def bench_nets(size: int, batch: int = 8) -> None:
 
         sec = _time(step, 3)
         params = sum(p.numel() for p in module.parameters()) / 1e6
-        print(f"segmentation/{name}@{size}px train step (batch {batch})\t{sec:.2f}\ts ({params:.1f} M params)")
+        print(f"segmentation/{name}@{size}px train step (batch {batch})\t{sec:.2f}\ts "
+              f"({params:.1f} M params)")
 
 
 def bench_control(size: int = 64, batch: int = 8, steps: int = 10) -> None:
@@ -75,8 +78,8 @@ def bench_control(size: int = 64, batch: int = 8, steps: int = 10) -> None:
     # pipeline_cpu's generator shape (1.7 M parameters, cross-attention only)
     comps = build_scratch_components(
         resolution=size, block_out_channels=(32, 64, 64), layers_per_block=1, attention_heads=4,
-        cross_attention_dim=64, norm_num_groups=8, only_cross_attention=True, text_hidden_size=64, text_layers=2,
-        text_intermediate_size=128,
+        cross_attention_dim=64, norm_num_groups=8, only_cross_attention=True, text_hidden_size=64,
+        text_layers=2, text_intermediate_size=128,
     )
     prompts, seeds = ["left lung, right lung and heart"] * batch, list(range(batch))
     plain = TextToImageSampler(comps, size)
@@ -86,10 +89,12 @@ def bench_control(size: int = 64, batch: int = 8, steps: int = 10) -> None:
     for g in (1.0, 3.0):  # 1 = no classifier-free guidance (the EMIT-Diff CPU recipe), 3 = DiffMask's default
         for name, run in (
             ("plain", lambda g=g: plain(prompts, seeds, num_inference_steps=steps, guidance_scale=g)),
-            ("controlnet", lambda g=g: controlled(prompts, seeds, num_inference_steps=steps, guidance_scale=g, control=cond)),
+            ("controlnet", lambda g=g: controlled(prompts, seeds, num_inference_steps=steps, guidance_scale=g,
+                                                  control=cond)),
         ):
             sec = _time(run, 1)
-            print(f"generation/{name}@{size}px ({steps} steps, guidance {g:g}, batch {batch})\t{batch / sec:.2f}\timages/s")
+            print(f"generation/{name}@{size}px ({steps} steps, guidance {g:g}, batch {batch})"
+                  f"\t{batch / sec:.2f}\timages/s")
 
 
 def _interleaved(fns: dict, repeat: int, slow: float = 3.0) -> dict:
@@ -124,21 +129,23 @@ def latent_generator(size: int = 128, seed: int = 0):
     torch.manual_seed(seed)
     comps = build_scratch_components(
         resolution=size // 4, block_out_channels=(32, 64, 64), layers_per_block=1, attention_heads=4,
-        cross_attention_dim=64, norm_num_groups=8, only_cross_attention=True, text_hidden_size=64, text_layers=2,
-        text_intermediate_size=128,
+        cross_attention_dim=64, norm_num_groups=8, only_cross_attention=True, text_hidden_size=64,
+        text_layers=2, text_intermediate_size=128,
     )
     cfg = dict(comps.unet.config)
     cfg.update(in_channels=4, out_channels=4, sample_size=size // 4)
     comps.unet = UNet2DConditionModel.from_config(cfg)
     comps.vae = AutoencoderKL(
         in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1,
-        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8,
     )
     return comps
 
 
-def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: float = 3.0, repeat: int = 2) -> None:
+def bench_speed(
+    size: int = 128, batch: int = 8, steps: int = 10, guidance: float = 3.0, repeat: int = 2
+) -> None:
     """CPU speed options of the latent generator, each against plain sampling of the same model in this
     run: attention capture (as the generate stage makes it), channels_last (UNet and VAE), bf16 autocast,
     torch.compile of the UNet, thread counts; then seconds per training step (UNet forward + backward +
@@ -169,7 +176,8 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
 
     def sample(sampler, context=contextlib.nullcontext, maker=None, num_threads=None):
         sink = None
-        if maker is not None:  # the generate stage's capture: a CrossAttentionStore per batch, class maps at the end
+        # the generate stage's capture: a CrossAttentionStore per batch, class maps at the end
+        if maker is not None:
             sink = maker.new_sink(prompts, sampler.token_positions(prompts), size)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
@@ -211,11 +219,14 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
     ref, ref_images = timed["plain"]
     for name, (sec, images) in timed.items():
         d = float((images - ref_images).abs().max())
-        print(f"generation/{name}{tag}\t{batch / sec:.2f}\tpairs/s\tx{ref / sec:.2f} vs plain (max abs image diff {d:.2g})")
+        print(f"generation/{name}{tag}\t{batch / sec:.2f}\tpairs/s\tx{ref / sec:.2f} vs plain "
+              f"(max abs image diff {d:.2g})")
         if name == "plain":
-            print(f"generation/set_num_threads({threads}){tag}\t{batch / sec:.2f}\tpairs/s\tx1.00 vs plain (= plain)")
+            print(f"generation/set_num_threads({threads}){tag}\t{batch / sec:.2f}\tpairs/s"
+                  "\tx1.00 vs plain (= plain)")
     if compile_note is None:
-        print(f"generation/torch.compile(unet) first call (compiling){tag}\t{first:.1f}\ts\tx{ref / first:.2f} vs plain")
+        print(f"generation/torch.compile(unet) first call (compiling){tag}\t{first:.1f}\ts"
+              f"\tx{ref / first:.2f} vs plain")
     else:
         print(f"generation/torch.compile(unet){tag}\t-\tpairs/s\t{compile_note}")
 
@@ -231,7 +242,8 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
         unet = copy.deepcopy(comps.unet).train()
         x = noisy
         if channels_last:
-            unet, x = unet.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            unet = unet.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(unet.parameters(), 1e-4)
 
         def step():
@@ -259,14 +271,16 @@ def bench_speed(size: int = 128, batch: int = 8, steps: int = 10, guidance: floa
     images = torch.rand(batch + 4, 1, size, size, generator=gen)
 
     def encode(cache: int):
-        module = DiffusionLitModule(comps, chest_prompt_builder(), torch.optim.AdamW, resolution=size, ema_decay=0,
-                                    latent_cache=cache)
+        module = DiffusionLitModule(comps, chest_prompt_builder(), torch.optim.AdamW, resolution=size,
+                                    ema_decay=0, latent_cache=cache)
         return lambda: module.encode_images(images)
 
     enc = _interleaved({"every step": encode(0), "cached": encode(4096)}, 3)
     every, cached = enc["every step"][0], enc["cached"][0]
-    print(f"diffusion/latent fit step + encoding {batch + 4} images every step{train_tag}\t{train_ref + every:.3f}\ts")
-    print(f"diffusion/latent fit step + cached posteriors (latent_cache){train_tag}\t{train_ref + cached:.3f}\ts"
+    print(f"diffusion/latent fit step + encoding {batch + 4} images every step{train_tag}"
+          f"\t{train_ref + every:.3f}\ts")
+    print(f"diffusion/latent fit step + cached posteriors (latent_cache){train_tag}"
+          f"\t{train_ref + cached:.3f}\ts"
           f"\tx{(train_ref + every) / (train_ref + cached):.2f} vs encoding every step")
 
 
@@ -278,12 +292,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
                         help="run only these sections (default: all)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads first (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.get_num_interop_threads()} interop threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{torch.get_num_interop_threads()} interop threads")
     if "data" in args.only:
         bench_data(args.size)
     if "nets" in args.only:

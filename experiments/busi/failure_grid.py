@@ -1,6 +1,7 @@
 """The test images a segmentation run gets most wrong, as a picture: image | truth | prediction.
 
-    python experiments/busi/failure_grid.py <diffmask-train run dir> --out experiments/busi/failures.png [--n 8]
+    python experiments/busi/failure_grid.py <diffmask-train run dir> \
+        --out experiments/busi/failures.png [--n 8]
 
 Reads the run's ``per_image.csv`` (worst Dice first, per pathology: the worst lesion images and the
 normal images where it paints a lesion), rebuilds the run's model from its checkpoint, predicts at
@@ -30,8 +31,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--n", type=int, default=8, help="rows: half the worst lesion images, half the worst normal ones")
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("DIFFMASK_BUSI_DIR", "../shared/data/busi")))
+    parser.add_argument("--n", type=int, default=8,
+                        help="rows: half the worst lesion images, half the worst normal ones")
+    parser.add_argument("--data", type=Path,
+                        default=Path(os.environ.get("DIFFMASK_BUSI_DIR", "../shared/data/busi")))
     args = parser.parse_args()
     module, cfg, _ = load_segmentation_model(args.run)
     source = FolderSource(args.data, list(cfg.data.class_names), name="busi", require_metadata=True)
@@ -42,7 +45,8 @@ def main() -> None:
     worst = [r for r in rows if pathology[r["id"]] != "normal"][: args.n // 2]
     worst += [r for r in rows if pathology[r["id"]] == "normal"][: args.n - len(worst)]
     dataset = SegmentationDataset(source, [r["id"] for r in worst], int(cfg.data.size),
-                                  intensity=str(cfg.data.get("intensity", "raw")), resize=str(cfg.data.get("resize", "stretch")))
+                                  intensity=str(cfg.data.get("intensity", "raw")),
+                                  resize=str(cfg.data.get("resize", "stretch")))
     fig, axes = plt.subplots(len(worst), 2, figsize=(5, 2.5 * len(worst)), squeeze=False)
     for i, row in enumerate(worst):
         item = dataset[i]

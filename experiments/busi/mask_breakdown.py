@@ -18,8 +18,10 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="a diffmask-evaluate-masks run folder (holds per_image_masks.csv)")
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("DIFFMASK_BUSI_DIR", "../shared/data/busi")))
+    parser.add_argument("run", type=Path,
+                        help="a diffmask-evaluate-masks run folder (holds per_image_masks.csv)")
+    parser.add_argument("--data", type=Path,
+                        default=Path(os.environ.get("DIFFMASK_BUSI_DIR", "../shared/data/busi")))
     parser.add_argument("--set", default="busi", help="the test set's name in the rows")
     args = parser.parse_args()
     with open(args.data / "metadata.csv", newline="") as f:
@@ -38,7 +40,8 @@ def main() -> None:
     print("| --- | --- | --- |")
     for step in lesion_iou:
         ious, empty = lesion_iou[step], normal_empty[step]
-        print(f"| {step} | {sum(ious) / len(ious):.3f} ({len(ious)}) | {sum(empty) / max(len(empty), 1):.3f} ({len(empty)}) |")
+        empty_share = sum(empty) / max(len(empty), 1)
+        print(f"| {step} | {sum(ious) / len(ious):.3f} ({len(ious)}) | {empty_share:.3f} ({len(empty)}) |")
 
 
 if __name__ == "__main__":

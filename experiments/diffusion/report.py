@@ -1,7 +1,8 @@
 """Figures for the diffusion study: a sample grid and the training-loss curves.
 
     python experiments/diffusion/report.py --synthesis artifacts/synthesis/px128 \
-        --metrics-csv logs/fit_diffusion/runs/<run>/csv/version_0/metrics.csv --out experiments/diffusion/figures
+        --metrics-csv logs/fit_diffusion/runs/<run>/csv/version_0/metrics.csv \
+        --out experiments/diffusion/figures
 """
 
 from __future__ import annotations

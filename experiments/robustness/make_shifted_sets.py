@@ -42,7 +42,9 @@ def window(image: np.ndarray) -> np.ndarray:
     return np.round(255 * (0.15 + 0.70 * x**0.6)).astype(np.uint8)
 
 
-def fov(image: np.ndarray, label: np.ndarray, scale: float = 0.8, border: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def fov(
+    image: np.ndarray, label: np.ndarray, scale: float = 0.8, border: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
     h, w = image.shape
     nh, nw = round(h * scale), round(w * scale)
     small = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
