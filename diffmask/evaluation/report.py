@@ -114,8 +114,11 @@ class RunRecord:
         return "overrides", self.condition
 
 
-def _condition(overrides: list[str], seed: int | None = None, left_out: tuple[str, ...] | None = None) -> str:
-    """Command-line overrides less seeds and ``left_out`` keys (default: :func:`run_only_settings`), sorted."""
+def _condition(
+    overrides: list[str], seed: int | None = None, left_out: tuple[str, ...] | None = None
+) -> str:
+    """Command-line overrides less seeds and ``left_out`` keys (default: :func:`run_only_settings`),
+    sorted."""
     left_out = run_only_settings() if left_out is None else left_out
     kept = []
     for o in overrides:
@@ -133,7 +136,8 @@ def _condition(overrides: list[str], seed: int | None = None, left_out: tuple[st
 
 
 def _source_condition(checkpoint: str, left_out: tuple[str, ...] | None = None) -> str:
-    """The condition of the run that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt`` or ``<run>``), else its path.
+    """The condition of the run that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt`` or ``<run>``),
+    else its path.
 
     The source's command-line overrides (less seeds and run-only settings) name it: short, and the
     same for every seed of the source sweep.
@@ -181,7 +185,9 @@ def _config_settings(config_file: Path, run: dict[str, Any], left_out: tuple[str
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file}: not valid YAML ({e})") from e
     if not isinstance(config, dict):
-        raise ValueError(f"{config_file}: expected a mapping (Hydra's composed config), got {type(config).__name__}")
+        raise ValueError(
+            f"{config_file}: expected a mapping (Hydra's composed config), got {type(config).__name__}"
+        )
     flat = _flatten(config)
     repeat = tuple(None if flat.get(k) is None else _text(flat[k]) for k in REPEAT_KEYS)
     settings = {k: _text(v) for k, v in flat.items()
@@ -281,7 +287,8 @@ def _read_run(path: Path, left_out: tuple[str, ...]) -> RunRecord:
         settings, repeat, config_keys = _config_settings(config_file, data, left_out)
     else:
         given = dict(o.lstrip("+~").partition("=")[::2] for o in overrides)
-        settings, repeat = None, (None if data.get("seed") is None else str(data["seed"]), given.get("data.seed"))
+        seed = None if data.get("seed") is None else str(data["seed"])
+        settings, repeat = None, (seed, given.get("data.seed"))
     return RunRecord(
         path=path.parent,
         condition=_condition(overrides, data.get("seed"), left_out),
@@ -292,7 +299,8 @@ def _read_run(path: Path, left_out: tuple[str, ...]) -> RunRecord:
         n_synthetic=info.get("n_synthetic_train"),
         seed=data.get("seed"),
         metrics={k: v for k, v in data["metrics"].items() if isinstance(v, int | float)},
-        label_fidelity=_label_fidelity(synthetic_dir) if synthetic_dir and info.get("n_synthetic_train") != 0 else None,
+        label_fidelity=(_label_fidelity(synthetic_dir)
+                        if synthetic_dir and info.get("n_synthetic_train") != 0 else None),
         settings=settings,
         repeat=repeat,
         config_keys=config_keys,
@@ -358,8 +366,10 @@ def _label_keys(conditions: list[dict[str, str]], varying: list[str]) -> list[st
 
 def _label(settings: dict[str, str | None], keys: list[str], short: bool = True) -> str:
     """``key=value, ...`` for ``keys`` (a class path shortened to its name when ``short``)."""
-    return ", ".join(f"{_short_key(k)}={_short_value(k, settings.get(k)) if short else settings.get(k) or 'null'}"
-                     for k in keys)
+    return ", ".join(
+        f"{_short_key(k)}={_short_value(k, settings.get(k)) if short else settings.get(k) or 'null'}"
+        for k in keys
+    )
 
 
 def _condition_labels(conditions: list[dict[str, str]]) -> tuple[list[str], list[str]]:
@@ -422,7 +432,8 @@ def summarise(runs: list[RunRecord], prefix: str = "test/") -> tuple[list[str], 
             # varying settings its runs' config files lack (a setting added to conf/ after they ran?), but
             # those of a class of its own (segmentation.net.img_size of a TransUNet, not of a UNet)
             "unset": sorted({k for r in members if from_config for k in varying
-                             if k not in r.config_keys and not any(k.startswith(t + ".") for t in own_class)}),
+                             if k not in r.config_keys
+                             and not any(k.startswith(t + ".") for t in own_class)}),
         }
         fidelity = [r.label_fidelity for r in members if r.label_fidelity is not None]
         if fidelity:
@@ -438,7 +449,8 @@ def summarise(runs: list[RunRecord], prefix: str = "test/") -> tuple[list[str], 
 
 
 def _cell(row: dict[str, Any], metric: str) -> str:
-    """``mean ± sd``, or ``mean (n=1)`` for a single run; ``(n=k)`` where fewer runs than the row's have it."""
+    """``mean ± sd``, or ``mean (n=1)`` for a single run; ``(n=k)`` where fewer runs than the row's have
+    it."""
     if metric not in row:
         return "—"
     n, std = row[f"{metric}_n"], row[f"{metric}_std"]
@@ -453,8 +465,8 @@ def _markdown(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
     short = [m.split("/", 1)[-1] for m in metric_names]
     # the synthetic sets' label fidelity, when any run was trained on one
     fidelity = any(r["n_synthetic"] or "label_fidelity" in r for r in rows)
-    head = ["backbone", "real data", "real frac.", "n real", "n synth.", *(["label fidelity"] if fidelity else []),
-            "n", *short, "condition"]
+    head = ["backbone", "real data", "real frac.", "n real", "n synth.",
+            *(["label fidelity"] if fidelity else []), "n", *short, "condition"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         real = f"**{r['real']}** (not real X-rays)" if r["real"] == "phantom" else r["real"]
@@ -464,14 +476,16 @@ def _markdown(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
         cells.append(f"{r['n_runs']}")
         cells += [_cell(r, m) for m in metric_names]
         fallback = r["condition_from"] == "overrides"
-        cells.append(f"`{r['condition']}`" + (f" (overrides: no {CONFIG_FILE.as_posix()})" if fallback else ""))
+        note = f" (overrides: no {CONFIG_FILE.as_posix()})" if fallback else ""
+        cells.append(f"`{r['condition']}`" + note)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _keys(keys: list[str], most: int = 30) -> str:
     shown = ", ".join(f"`{k}`" for k in keys[:most])
-    return shown + (f" and {len(keys) - most} more (all are columns of report.csv)" if len(keys) > most else "")
+    more = f" and {len(keys) - most} more (all are columns of report.csv)" if len(keys) > most else ""
+    return shown + more
 
 
 def _grouping_notes(rows: list[dict[str, Any]], root: Path, ignore: tuple[str, ...] = ()) -> str:
@@ -487,8 +501,10 @@ def _grouping_notes(rows: list[dict[str, Any]], root: Path, ignore: tuple[str, .
     """
     varying = sorted({k for r in rows for k in r["settings"]})
     lines = ["\n## Conditions\n",
-             f"A condition is a run's settings in `{CONFIG_FILE.as_posix()}` less its seeds ({', '.join(REPEAT_KEYS)})"
-             + (", " if ignore else " and ") + f"the settings that change no result ({_keys(list(run_only_settings()))})"
+             f"A condition is a run's settings in `{CONFIG_FILE.as_posix()}` "
+             f"less its seeds ({', '.join(REPEAT_KEYS)})"
+             + (", " if ignore else " and ")
+             + f"the settings that change no result ({_keys(list(run_only_settings()))})"
              + (f" and those left out on request ({_keys(list(ignore))})" if ignore else "")
              + ". The condition column names the settings that vary across the conditions: "
              + (_keys(varying) if varying else "none, one condition") + "."]
@@ -505,8 +521,10 @@ def _grouping_notes(rows: list[dict[str, Any]], root: Path, ignore: tuple[str, .
     copies = {dup: kept for r in rows for dup, kept in r["duplicates"].items()}
     if copies:
         lines.append(f"\n## {len(copies)} duplicate run(s) counted once\n")
-        lines.append("Each has the condition and seeds of a run kept, the one whose metrics.json is newest:\n")
-        lines += [f"- `{_rel(dup, root)}` (kept: `{_rel(kept, root)}`)" for dup, kept in sorted(copies.items())]
+        lines.append("Each has the condition and seeds of a run kept, "
+                     "the one whose metrics.json is newest:\n")
+        lines += [f"- `{_rel(dup, root)}` (kept: `{_rel(kept, root)}`)"
+                  for dup, kept in sorted(copies.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -519,8 +537,8 @@ def _bad_files(bad: dict[Path, str], root: Path) -> str:
 
 
 def _csv(metric_names: list[str], rows: list[dict[str, Any]]) -> str:
-    fields = ["condition", "real", "backbone", "real_fraction", "n_real", "n_synthetic", "n_runs", "label_fidelity",
-              "condition_from"]
+    fields = ["condition", "real", "backbone", "real_fraction", "n_real", "n_synthetic", "n_runs",
+              "label_fidelity", "condition_from"]
     # a column per setting that varies across the conditions
     varying = sorted({k for r in rows for k in r["settings"]} - set(fields) - {k for r in rows for k in r})
     fields += varying
@@ -577,16 +595,20 @@ def _row_labels(rows: list[dict[str, Any]], exclude: tuple[str, ...] = ()) -> li
             text = _plot_label(r["settings"], keys) if keys else "(one condition)"
             whole = _label(r["settings"], keys, short=False) if keys else text
         else:
-            whole = "overrides: " + (" ".join(t for t in r["condition"].split(" ")
-                                              if not any(t.startswith(f"{k}=") for k in exclude)) or "(defaults)")
+            kept = " ".join(t for t in r["condition"].split(" ")
+                            if not any(t.startswith(f"{k}=") for k in exclude))
+            whole = "overrides: " + (kept or "(defaults)")
             text = whole if len(whole) <= 60 else whole[:57] + "..."
         plain.append(prefix + text)
         full.append(prefix + whole)
-    detailed = [f"{r['backbone']}, r={r['real_fraction']}, s={r['n_synthetic']}: {label}" for r, label in zip(rows, full, strict=True)]
+    detailed = [f"{r['backbone']}, r={r['real_fraction']}, s={r['n_synthetic']}: {label}"
+                for r, label in zip(rows, full, strict=True)]
     return _unique_labels(plain, full, detailed)
 
 
-def _error_bars(ax, points: list[tuple[float, float, float | None]], color: str, horizontal: bool = False) -> None:
+def _error_bars(
+    ax, points: list[tuple[float, float, float | None]], color: str, horizontal: bool = False
+) -> None:
     """± 1 sd bars at (position, mean, sd) points; none where sd is None (a single run)."""
     points = [p for p in points if p[2] is not None]
     if not points:
@@ -641,8 +663,8 @@ def plot_figures(rows: list[dict[str, Any]], miou_key: str) -> dict[str, Any]:
     for key, label in zip(keys, labels, strict=True):
         members = sorted(lines[key], key=lambda r: r["real_fraction"] or 0)
         n = _n_range([r[f"{miou_key}_n"] for r in members])
-        (line,) = ax.plot([r["real_fraction"] or 0 for r in members], [r[miou_key] for r in members], marker="o",
-                          label=f"{label} (n={n})")
+        (line,) = ax.plot([r["real_fraction"] or 0 for r in members], [r[miou_key] for r in members],
+                          marker="o", label=f"{label} (n={n})")
         _error_bars(ax, [(r["real_fraction"] or 0, r[miou_key], r[f"{miou_key}_std"]) for r in members],
                     line.get_color())
     ax.set_title(f"{metric} vs real fraction: {spread}, n = {_n_range(counts)} runs per point")
@@ -653,7 +675,8 @@ def plot_figures(rows: list[dict[str, Any]], miou_key: str) -> dict[str, Any]:
     figures["iou_vs_real_fraction"] = fig
 
     # a horizontal bar per condition and real data, from 0, labelled by the settings that vary
-    labels = [f"{label} (n={r[f'{miou_key}_n']})" for label, r in zip(_row_labels(with_key), with_key, strict=True)]
+    labels = [f"{label} (n={r[f'{miou_key}_n']})"
+              for label, r in zip(_row_labels(with_key), with_key, strict=True)]
     height = sum(0.22 * (label.count("\n") + 1) + 0.2 for label in labels) + 1.5
     fig, ax = plt.subplots(figsize=(11, max(3.0, height)), layout="constrained")
     ax.barh(range(len(with_key)), [r[miou_key] for r in with_key], color="tab:blue")
@@ -716,7 +739,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, test_
                + "; mean ± 1 sd over seeds, n = runs per condition (a single run: its value and n=1).\n\n")
     written = {
         "markdown": atomic_write_text(out / "report.md", f"# Results: {root.name}\n\n" + summary
-                                      + _markdown(metric_names, rows) + _grouping_notes(rows, root, tuple(ignore))
+                                      + _markdown(metric_names, rows)
+                                      + _grouping_notes(rows, root, tuple(ignore))
                                       + _bad_files(bad, root)),
         "csv": atomic_write_text(out / "report.csv", _csv(metric_names, rows)),
     }

@@ -17,7 +17,8 @@ import yaml
 from diffmask.cli.report import main
 from diffmask.evaluation.report import collect_runs, plot_figures, summarise, write_report
 
-UNET = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 2, "channels": [16, 32, 64, 128], "strides": [2, 2, 2]}
+UNET = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 2, "channels": [16, 32, 64, 128],
+        "strides": [2, 2, 2]}
 TRANSUNET = {"_target_": "diffmask.segmentation.nets.TransUNet", "img_size": "${data.size}", "patch_size": 16}
 
 
@@ -30,8 +31,10 @@ def _config(seed: int, real_fraction: float = 0.1, net: dict | None = None, logg
         "paths": {"log_dir": "${oc.env:DIFFMASK_LOGS,logs}", "output_dir": "${hydra:runtime.output_dir}"},
         "data": {"_target_": "diffmask.data.SegmentationDataModule", "size": 64, "batch_size": 8,
                  "real_fraction": real_fraction, "synthetic_dir": None, "num_workers": num_workers, "seed": 0,
-                 "augment": {"_target_": "diffmask.data.transforms.build_augmentation", "size": "${data.size}"}},
-        "segmentation": {"_target_": "diffmask.segmentation.SegmentationLitModule", "net": copy.deepcopy(net or UNET),
+                 "augment": {"_target_": "diffmask.data.transforms.build_augmentation",
+                             "size": "${data.size}"}},
+        "segmentation": {"_target_": "diffmask.segmentation.SegmentationLitModule",
+                         "net": copy.deepcopy(net or UNET),
                          "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.002},
                          "init_weights": None},
         "trainer": {"_target_": "pytorch_lightning.Trainer", "default_root_dir": "${paths.output_dir}",
@@ -40,7 +43,8 @@ def _config(seed: int, real_fraction: float = 0.1, net: dict | None = None, logg
         "logger": {} if logger is None else {logger: {"_target_": f"pytorch_lightning.loggers.{logger}",
                                                       "save_dir": "${paths.output_dir}"}},
         "callbacks": {"model_checkpoint": {"_target_": "pytorch_lightning.callbacks.ModelCheckpoint",
-                                           "dirpath": "${paths.output_dir}/checkpoints", "monitor": "val/miou"},
+                                           "dirpath": "${paths.output_dir}/checkpoints",
+                                           "monitor": "val/miou"},
                       "lr_monitor": {"_target_": "pytorch_lightning.callbacks.LearningRateMonitor"}},
     }
 
@@ -53,7 +57,8 @@ def _run(folder, config: dict | None, overrides: list[str], miou: float, backbon
         (folder / ".hydra").mkdir()
         (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (folder / "metrics.json").write_text(json.dumps({
-        "metrics": {"test/jsrt/miou": miou, "test/jsrt/iou_heart": miou - 0.05, "test/jsrt/dice_heart": miou + 0.03},
+        "metrics": {"test/jsrt/miou": miou, "test/jsrt/iou_heart": miou - 0.05,
+                    "test/jsrt/dice_heart": miou + 0.03},
         "data": {"real": "jsrt", "real_fraction": real_fraction, "n_real_train": int(173 * real_fraction),
                  "n_synthetic_train": 0, "synthetic_dir": None},
         "backbone": f"x.{backbone}", "seed": seed, "overrides": [*overrides, f"seed={seed}"], **(extra or {}),
@@ -67,32 +72,38 @@ def _mixed_sweep(root):
     # UNet at 10 % real: csv logger, W&B logger, num_workers=0 with segmentation=unet written out
     _run(root / "a0", _config(0), ["data.real_fraction=0.1"], 0.70, seed=0)
     _run(root / "a1", _config(1, logger="wandb"), ["data.real_fraction=0.1", "logger=wandb"], 0.72, seed=1)
-    _run(root / "a2", _config(2, num_workers=0), ["segmentation=unet", "data.real_fraction=0.1", "data.num_workers=0"],
-         0.74, seed=2)
+    _run(root / "a2", _config(2, num_workers=0),
+         ["segmentation=unet", "data.real_fraction=0.1", "data.num_workers=0"], 0.74, seed=2)
     # UNet at 100 % real: no logger, progress bar off, both
-    _run(root / "b0", _config(0, 1.0, logger=None), ["data.real_fraction=1.0", "logger=null"], 0.90, real_fraction=1.0)
-    _run(root / "b1", _config(1, 1.0, progress_bar=False), ["data.real_fraction=1.0", "trainer.enable_progress_bar=false"],
-         0.92, real_fraction=1.0, seed=1)
+    _run(root / "b0", _config(0, 1.0, logger=None), ["data.real_fraction=1.0", "logger=null"], 0.90,
+         real_fraction=1.0)
+    _run(root / "b1", _config(1, 1.0, progress_bar=False),
+         ["data.real_fraction=1.0", "trainer.enable_progress_bar=false"], 0.92, real_fraction=1.0, seed=1)
     _run(root / "b2", _config(2, 1.0, logger=None, progress_bar=False),
-         ["logger=null", "data.real_fraction=1.0", "trainer.enable_progress_bar=false"], 0.94, real_fraction=1.0, seed=2)
+         ["logger=null", "data.real_fraction=1.0", "trainer.enable_progress_bar=false"], 0.94,
+         real_fraction=1.0, seed=2)
     # TransUNet at 100 % real, 3 seeds, one with num_workers=0
     for seed, miou in [(0, 0.86), (1, 0.88)]:
-        _run(root / f"t{seed}", _config(seed, 1.0, TRANSUNET), ["segmentation=transunet", "data.real_fraction=1.0"],
-             miou, "TransUNet", 1.0, seed)
+        _run(root / f"t{seed}", _config(seed, 1.0, TRANSUNET),
+             ["segmentation=transunet", "data.real_fraction=1.0"], miou, "TransUNet", 1.0, seed)
     _run(root / "t2", _config(2, 1.0, TRANSUNET, num_workers=0),
-         ["segmentation=transunet", "data.real_fraction=1.0", "data.num_workers=0"], 0.90, "TransUNet", 1.0, 2)
+         ["segmentation=transunet", "data.real_fraction=1.0", "data.num_workers=0"], 0.90, "TransUNet",
+         1.0, 2)
     # UNet at 100 % real trained for 40 epochs: the trainer's settings are a result's, not run-only
     for seed, miou in [(0, 0.93), (1, 0.95)]:
         _run(root / f"e{seed}", _config(seed, 1.0, max_epochs=40, logger="wandb"),
-             ["data.real_fraction=1.0", "trainer.max_epochs=40", "logger=wandb"], miou, real_fraction=1.0, seed=seed)
+             ["data.real_fraction=1.0", "trainer.max_epochs=40", "logger=wandb"], miou, real_fraction=1.0,
+             seed=seed)
     _run(root / "e2", _config(2, 1.0, max_epochs=40, num_workers=0),
-         ["data.real_fraction=1.0", "trainer.max_epochs=40", "data.num_workers=0"], 0.97, real_fraction=1.0, seed=2)
+         ["data.real_fraction=1.0", "trainer.max_epochs=40", "data.num_workers=0"], 0.97, real_fraction=1.0,
+         seed=2)
 
 
 def _table(markdown: str) -> list[list[str]]:
     """The cells of report.md's results table (header first)."""
     rows = [line for line in markdown.splitlines() if line.startswith("| ")]
-    return [[c.strip() for c in line.strip("|").split(" | ")] for line in rows if not line.startswith("| ---")]
+    return [[c.strip() for c in line.strip("|").split(" | ")]
+            for line in rows if not line.startswith("| ---")]
 
 
 def test_runs_differing_only_in_run_only_overrides_make_one_row_per_condition(tmp_path):
@@ -117,8 +128,10 @@ def test_runs_differing_only_in_run_only_overrides_make_one_row_per_condition(tm
     # the CSV has a column per varying setting (the net's own keys included), none for run-only ones
     written = write_report(tmp_path / "sweep", tmp_path / "out")
     header = next(csv.reader(io.StringIO(written["csv"].read_text())))
-    assert {"data.real_fraction", "segmentation.net._target_", "segmentation.net.channels", "trainer.max_epochs"} <= set(header)
-    assert not [h for h in header if h.startswith(("logger", "data.num_workers", "trainer.enable_progress_bar", "seed"))]
+    assert {"data.real_fraction", "segmentation.net._target_", "segmentation.net.channels",
+            "trainer.max_epochs"} <= set(header)
+    run_only = ("logger", "data.num_workers", "trainer.enable_progress_bar", "seed")
+    assert not [h for h in header if h.startswith(run_only)]
     md = written["markdown"].read_text()
     table = _table(md)
     assert len(table) == 5 and [row[table[0].index("n")] for row in table[1:]] == ["3"] * 4
@@ -128,8 +141,10 @@ def test_runs_differing_only_in_run_only_overrides_make_one_row_per_condition(tm
 
 def test_a_run_without_a_hydra_config_falls_back_to_its_overrides_with_a_warning(tmp_path, caplog):
     _run(tmp_path / "sweep" / "cfg0", _config(0), ["data.real_fraction=0.1"], 0.70)
-    _run(tmp_path / "sweep" / "cfg1", _config(1, logger="wandb"), ["data.real_fraction=0.1", "logger=wandb"], 0.72, seed=1)
-    _run(tmp_path / "sweep" / "old", None, ["data.real_fraction=0.1", "logger=wandb", "data.num_workers=0"], 0.74, seed=2)
+    _run(tmp_path / "sweep" / "cfg1", _config(1, logger="wandb"), ["data.real_fraction=0.1", "logger=wandb"],
+         0.72, seed=1)
+    _run(tmp_path / "sweep" / "old", None, ["data.real_fraction=0.1", "logger=wandb", "data.num_workers=0"],
+         0.74, seed=2)
     with caplog.at_level(logging.WARNING, logger="diffmask.evaluation.report"):
         runs, _ = collect_runs(tmp_path / "sweep")
     assert "1 run folder(s) without .hydra/config.yaml" in caplog.text and "old" in caplog.text
@@ -144,7 +159,8 @@ def test_a_run_without_a_hydra_config_falls_back_to_its_overrides_with_a_warning
 
 def test_a_sweep_copied_twice_into_the_folder_counts_once_with_a_warning(tmp_path, caplog):
     for seed, miou in [(0, 0.80), (1, 0.84)]:
-        _run(tmp_path / "sweep" / "first" / f"seed{seed}", _config(seed), ["data.real_fraction=0.1"], miou, seed=seed)
+        _run(tmp_path / "sweep" / "first" / f"seed{seed}", _config(seed), ["data.real_fraction=0.1"], miou,
+             seed=seed)
     shutil.copytree(tmp_path / "sweep" / "first", tmp_path / "sweep" / "second")
     # the copy of seed 1 is a rerun with another score, written later: the newest metrics.json is kept
     rerun = tmp_path / "sweep" / "second" / "seed1" / "metrics.json"
@@ -222,8 +238,8 @@ def test_plots_say_what_they_show_start_at_zero_and_label_each_bar_once(tmp_path
 
 def test_fine_tuning_runs_from_per_seed_checkpoints_make_one_condition(tmp_path):
     for seed in (0, 1):
-        _run(tmp_path / "pre" / f"seed{seed}", _config(seed, 0.0), ["data.real_fraction=0.0", "data.synthetic_count=346"],
-             0.6, real_fraction=0.0, seed=seed)
+        _run(tmp_path / "pre" / f"seed{seed}", _config(seed, 0.0),
+             ["data.real_fraction=0.0", "data.synthetic_count=346"], 0.6, real_fraction=0.0, seed=seed)
         config = _config(seed)
         # a path per seed, written out in each run's config
         config["segmentation"]["init_weights"] = str(tmp_path / "pre" / f"seed{seed}")
