@@ -21,7 +21,7 @@ from diffmask.artifacts import StageDir
 from diffmask.control.module import ControlLitModule, build_controlnet
 from diffmask.data.datamodule import SegmentationDataModule
 from diffmask.diffusion.components import DiffusionComponents, load_components
-from diffmask.prompts.builder import prompt_builder_from_dict
+from diffmask.domains.recorded import prompt_builder_from_dict
 from diffmask.stages import commit_fit_stage, resumable_fit
 
 __all__ = ["build_control", "check_base_model", "fit_control", "load_base_model"]

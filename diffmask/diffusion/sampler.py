@@ -30,7 +30,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffmask.autoencoder.channels import from_autoencoder_channels
 from diffmask.diffusion.components import DiffusionComponents, check_resolution, load_components
 from diffmask.diffusion.module import encode_conditioning, encode_posterior
-from diffmask.prompts.builder import PromptBuilder, class_token_positions, prompt_builder_from_dict
+from diffmask.domains.recorded import prompt_builder_from_dict
+from diffmask.prompts.builder import PromptBuilder, class_token_positions
 
 __all__ = [
     "SCHEDULERS",

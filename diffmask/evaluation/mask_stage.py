@@ -19,8 +19,8 @@ from omegaconf import DictConfig, open_dict
 
 from diffmask.artifacts import StageDir
 from diffmask.diffusion.components import load_components
+from diffmask.domains.recorded import prompt_builder_from_dict
 from diffmask.evaluation.mask_quality import MASK_ROWS_FILE, write_mask_rows
-from diffmask.prompts.builder import prompt_builder_from_dict
 from diffmask.stages import job_overrides, write_metrics
 
 __all__ = ["evaluate_masks", "load_mask_model", "summary_lines", "write_mask_results"]

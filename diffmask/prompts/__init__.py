@@ -7,7 +7,6 @@ from diffmask.prompts.builder import (
     PromptBuilder,
     class_token_positions,
     locate_class_words,
-    prompt_builder_from_dict,
 )
 from diffmask.prompts.retrieval import (
     CLIPTextEmbedder,
@@ -20,7 +19,6 @@ from diffmask.prompts.retrieval import (
 from diffmask.prompts.tokenizer import PROMPT_WORDS, build_prompt_tokenizer, prompt_vocabulary
 
 __all__ = [
-    "prompt_builder_from_dict",
     "BuiltPrompt",
     "PromptBuilder",
     "class_token_positions",

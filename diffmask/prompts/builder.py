@@ -21,8 +21,6 @@ __all__ = [
     "PromptBuilder",
     "class_token_positions",
     "locate_class_words",
-    "legacy_builder_spec",
-    "prompt_builder_from_dict",
 ]
 
 FIELD_KEYS = ("neutral", "words", "format", "numeric")
@@ -299,40 +297,6 @@ class PromptBuilder:
         for spec in self.fields.values():
             parts += [spec["neutral"], *spec.get("words", {}).values(), spec.get("format", "")]
         return sorted({w for p in parts for w in re.findall(r"[a-z]+", p.lower())})
-
-
-def legacy_builder_spec(spec: Mapping[str, object]) -> dict:
-    """A ``to_dict`` recorded before prompts were described by the dataset config (``neutral``,
-    ``sex_words``, ``age_format``: always a chest X-ray model) as today's arguments, the chest
-    prompt's fields and modality filling what it lacks; today's specs are returned unchanged."""
-    spec = dict(spec)
-    if "fields" in spec or not {"neutral", "sex_words", "age_format"} & set(spec):
-        return spec
-    from diffmask.domains.chest.prompt import CHEST_PROMPT  # noqa: PLC0415 - only old chest models need it
-
-    chest = CHEST_PROMPT["fields"]
-    neutral = {**{k: v["neutral"] for k, v in chest.items()}, **dict(spec.pop("neutral", None) or {})}
-    fields = {k: {"neutral": v} for k, v in neutral.items()}
-    fields["sex"]["words"] = dict(spec.pop("sex_words", None) or chest["sex"]["words"])
-    age_format = str(spec.pop("age_format", "{age} year old")).replace("{age}", "{value}")
-    fields["age"].update(format=age_format, numeric=True)
-    return {"modality": CHEST_PROMPT["modality"], **spec, "fields": fields}
-
-
-def prompt_builder_from_dict(spec: Mapping[str, object]) -> PromptBuilder:
-    """The prompt builder recorded in a model's ``diffmask.json`` (``to_dict`` of either kind: a
-    :class:`PromptBuilder`, or the chest anatomy-pathology builder, imported only for such a model)."""
-    spec = dict(spec)
-    kind = spec.pop("type", None)
-    if kind is not None:
-        from diffmask.domains.chest.anatomy import AnatomyPathologyPrompts  # noqa: PLC0415 - a chest model only
-
-        if kind == AnatomyPathologyPrompts.TYPE:
-            from diffmask.prompts.retrieval import MiniLMEmbedder  # noqa: PLC0415
-
-            rank = spec.pop("rank", False)
-            return AnatomyPathologyPrompts(**spec, embedder=MiniLMEmbedder() if rank else None)
-    return PromptBuilder(**legacy_builder_spec(spec))
 
 
 def locate_class_words(

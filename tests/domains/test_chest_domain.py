@@ -20,7 +20,8 @@ import diffmask.prompts.builder
 from diffmask.config import CONFIG_PATH
 from diffmask.domains import chest
 from diffmask.domains.chest import CHEST_CLASS_NAMES, SEX_WORDS, PhantomSource, chest_prompt_builder
-from diffmask.prompts import PromptBuilder, prompt_builder_from_dict
+from diffmask.domains.recorded import prompt_builder_from_dict
+from diffmask.prompts import PromptBuilder
 from tests.conftest import compose_config
 
 PACKAGE = Path(diffmask.__file__).parent

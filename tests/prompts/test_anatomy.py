@@ -18,7 +18,7 @@ from diffmask.domains.chest import (
     derive_findings,
     measure_mask,
 )
-from diffmask.prompts import prompt_builder_from_dict
+from diffmask.domains.recorded import prompt_builder_from_dict
 from diffmask.synthesis.requests import draw_requests
 
 CLASSES = ["left lung", "right lung", "heart"]
