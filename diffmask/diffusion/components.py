@@ -181,7 +181,7 @@ def build_scratch_components(
     attention_heads: int = 8,
     cross_attention_dim: int = 256,
     norm_num_groups: int = 32,
-    only_cross_attention: bool = False,
+    only_cross_attention: bool | Sequence[bool] = False,
     text_hidden_size: int = 256,
     text_layers: int = 4,
     text_heads: int = 4,
@@ -209,7 +209,9 @@ def build_scratch_components(
             head count for this UNet in diffusers 0.42).
         cross_attention_dim: width of the text states (= ``text_hidden_size`` is typical).
         norm_num_groups: GroupNorm groups (must divide every entry of ``block_out_channels``).
-        only_cross_attention: drop self-attention in transformer blocks (much faster at 128 px).
+        only_cross_attention: drop self-attention in transformer blocks (much faster at 128 px); one
+            flag per resolution level (finest first) keeps it on the coarser grids only, e.g.
+            ``[true, false, false]`` (the self-attention affinity refiner reads it).
         text_hidden_size, text_layers, text_heads, text_intermediate_size: the CLIP text encoder.
         max_prompt_tokens: the tokenizer's padded length (BOS and EOS included).
         num_train_timesteps, beta_schedule, prediction_type: the DDPM training scheduler.
@@ -259,7 +261,8 @@ def build_scratch_components(
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=attention_heads,
         norm_num_groups=norm_num_groups,
-        only_cross_attention=only_cross_attention,
+        only_cross_attention=(only_cross_attention if isinstance(only_cross_attention, bool)
+                              else tuple(bool(x) for x in only_cross_attention)),
     )
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
