@@ -85,7 +85,10 @@ def self_attention_layers(unet: torch.nn.Module) -> list[str]:
 
 @torch.no_grad()
 def self_attention_probs(
-    attn: torch.nn.Module, hidden_states: torch.Tensor, keep: int | None = None, temb: torch.Tensor | None = None
+    attn: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    keep: int | None = None,
+    temb: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int] | None]:
     """Head-averaged self-attention probabilities of a diffusers ``Attention`` layer's input.
 
@@ -133,7 +136,9 @@ def self_attention_probs(
     return mean / heads, spatial
 
 
-def resample_affinity(affinity: torch.Tensor, source: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+def resample_affinity(
+    affinity: torch.Tensor, source: tuple[int, int], target: tuple[int, int]
+) -> torch.Tensor:
     """Resample (B, hw, hw) pixel-to-pixel maps from grid ``source`` to grid ``target``.
 
     Both the query and the key side are resampled (bilinear when enlarging, area averaging when
@@ -150,7 +155,9 @@ def resample_affinity(affinity: torch.Tensor, source: tuple[int, int], target: t
     b, q, k = affinity.shape
     h, w = source
     if q != h * w or k != h * w:
-        raise ValueError(f"affinity: expected (B, {h * w}, {h * w}) for grid {source}, got {tuple(affinity.shape)}")
+        raise ValueError(
+            f"affinity: expected (B, {h * w}, {h * w}) for grid {source}, got {tuple(affinity.shape)}"
+        )
     a = affinity.float()
     if tuple(target) != tuple(source):
         big, small = target[0] * target[1], h * w
@@ -229,7 +236,9 @@ class SelfAttentionStore:
         else:
             self.resolutions = tuple(int(r) for r in resolutions)
             if not self.resolutions or min(self.resolutions) < 1:
-                raise ValueError(f"resolutions: expected a non-empty list of positive sizes, got {resolutions}")
+                raise ValueError(
+                    f"resolutions: expected a non-empty list of positive sizes, got {resolutions}"
+                )
         if isinstance(grid, int):
             grid = (grid, grid)
         if grid is not None:
@@ -239,11 +248,15 @@ class SelfAttentionStore:
         if step_window is not None:
             step_window = tuple(int(s) for s in step_window)
             if len(step_window) != 2 or step_window[0] < 0 or step_window[1] <= step_window[0]:
-                raise ValueError(f"step_window: expected [start, end) with 0 <= start < end, got {step_window}")
+                raise ValueError(
+                    f"step_window: expected [start, end) with 0 <= start < end, got {step_window}"
+                )
         if timestep_window is not None:
             timestep_window = tuple(float(s) for s in timestep_window)
             if len(timestep_window) != 2 or timestep_window[1] < timestep_window[0]:
-                raise ValueError(f"timestep_window: expected [low, high] with low <= high, got {timestep_window}")
+                raise ValueError(
+                    f"timestep_window: expected [low, high] with low <= high, got {timestep_window}"
+                )
         aspect = tuple(int(a) for a in aspect)
         if len(aspect) != 2 or min(aspect) < 1:
             raise ValueError(f"aspect: expected (H, W) of positive ints, got {aspect}")
@@ -416,11 +429,15 @@ class SelfAttentionStore:
         """
         grid = (int(spatial[0]), int(spatial[1]))
         if probs.ndim != 3 or probs.shape[1] != grid[0] * grid[1] or probs.shape[2] != probs.shape[1]:
-            raise ValueError(f"{layer}: expected (B, {grid[0] * grid[1]}, same) probabilities, got {tuple(probs.shape)}")
+            raise ValueError(
+                f"{layer}: expected (B, {grid[0] * grid[1]}, same) probabilities, got {tuple(probs.shape)}"
+            )
         probs = probs.float()
         if grid in self._sums:
             if self._sums[grid].shape[0] != probs.shape[0]:
-                raise ValueError(f"{layer}: batch {probs.shape[0]}, earlier calls had {self._sums[grid].shape[0]}")
+                raise ValueError(
+                    f"{layer}: batch {probs.shape[0]}, earlier calls had {self._sums[grid].shape[0]}"
+                )
             self._sums[grid] += probs
             self._counts[grid] += 1
         else:

@@ -430,7 +430,8 @@ class MaskQualityLitModule(pl.LightningModule):
                 results[f"{key}/degenerate"] = 1.0 if step in found else 0.0
                 if step in found:
                     self.degenerate[key] = found[step]
-                    log.warning("%s is DEGENERATE (its figures are not a result): %s", key, "; ".join(found[step]))
+                    log.warning("%s is DEGENERATE (its figures are not a result): %s", key,
+                                "; ".join(found[step]))
 
 
 def degenerate_steps(
@@ -467,7 +468,9 @@ def degenerate_steps(
         if i > 0:
             before, now = float(miou.get(steps[i - 1], math.nan)), float(miou.get(step, math.nan))
             if math.isfinite(before) and math.isfinite(now) and before > 0 and now < 0.5 * before:
-                reasons.append(f"mIoU {now:.4f} is below half of its input step {steps[i - 1]}'s {before:.4f}")
+                reasons.append(
+                    f"mIoU {now:.4f} is below half of its input step {steps[i - 1]}'s {before:.4f}"
+                )
         if reasons:
             out[step] = reasons
     return out

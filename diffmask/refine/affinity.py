@@ -74,6 +74,11 @@ class AffinityBackbone(nn.Module):
         self.in_channels = int(in_channels)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) image in [0, 1] -> (B, feature_dim, H/stride, W/stride) features.
+
+        Args:
+            image: the images; C must be ``in_channels`` (a ValueError otherwise).
+        """
         if image.shape[-3] != self.in_channels:
             raise ValueError(
                 f"image: {image.shape[-3]} channel(s), AffinityNet reads {self.in_channels} (in_channels: "
@@ -143,6 +148,8 @@ def affinity_loss(
         aff: (B, P, h, w) affinities in (0, 1].
         valid: (P, h, w) in-bounds pair mask.
         labels: (B, h, w) grid labels with ``ignore_index``.
+        offsets: the P half-plane pair offsets (dy, dx) of ``aff``.
+        ignore_index: label of uncertain cells (their pairs are left out).
 
     Returns:
         dict with ``loss`` and its parts ``bg``, ``fg``, ``cross`` (0 when a part has no pair).
@@ -241,12 +248,24 @@ class AffinityRefiner(pl.LightningModule):
 
     # --------------------------------------------------------------- training
     def compute_loss(self, image: torch.Tensor, seed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The affinity loss and its parts (:func:`affinity_loss`) of a batch.
+
+        Args:
+            image: (B, C, H, W) images in [0, 1].
+            seed: (B, H, W) seed labels (0 background, 1..K, ``ignore_index`` uncertain).
+        """
         feats = self(image)
         aff, valid = pair_affinities(feats, self.offsets)
         labels = seed_grid(seed, tuple(feats.shape[-2:]), self.ignore_index)
         return affinity_loss(aff, valid, labels, self.offsets, self.ignore_index)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The loss of one seed batch; its parts are logged as ``train/affinity_<part>``.
+
+        Args:
+            batch: ``image_key`` images and ``seed_key`` seed labels.
+            batch_idx: the batch's index (unused).
+        """
         parts = self.compute_loss(batch[self.image_key], batch[self.seed_key])
         self.log_dict(
             {f"train/affinity_{k}": v for k, v in parts.items()},
@@ -256,6 +275,7 @@ class AffinityRefiner(pl.LightningModule):
         return parts["loss"]
 
     def configure_optimizers(self):
+        """The configured optimiser over the backbone's parameters (default: Adam, lr 1e-3)."""
         if self.optimizer_factory is None:
             return torch.optim.Adam(self.parameters(), lr=1e-3)
         return self.optimizer_factory(params=self.parameters())

@@ -62,6 +62,7 @@ class RefinementChain:
 
     @property
     def names(self) -> list[str]:
+        """The names of the steps run, in order."""
         return [name for name, _ in self.steps]
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:

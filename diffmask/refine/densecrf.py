@@ -276,6 +276,7 @@ class ParallelRefiner:
         yield from self._pool.map(self.refiner, (_to_numpy(s) for s in samples), chunksize=self.chunksize)
 
     def close(self) -> None:
+        """Shut the worker pool down (it is made again on the next :meth:`map`)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

@@ -45,12 +45,15 @@ class AttentionMaskMaker:
         num_workers: worker processes for the refiner (0: in process); see :class:`ParallelRefiner`.
         ignore_to_background: ignore-band pixels (``ignore_index``) become background in the
             written masks (a dataset mask has no "unsure" label).
+        ignore_index: the refiners' label of uncertain pixels.
 
     Examples::
 
-        maker = AttentionMaskMaker(functools.partial(CrossAttentionStore, resolutions=[16, 32]),
-                                   RefinementChain({"threshold": ThresholdRefiner(), "densecrf": DenseCRFRefiner()}),
-                                   class_names=["background", "left_lung", "right_lung", "heart"])
+        maker = AttentionMaskMaker(
+            functools.partial(CrossAttentionStore, resolutions=[16, 32]),
+            RefinementChain({"threshold": ThresholdRefiner(), "densecrf": DenseCRFRefiner()}),
+            class_names=["background", "left_lung", "right_lung", "heart"],
+        )
     """
 
     def __init__(
@@ -122,7 +125,9 @@ class AttentionMaskMaker:
         self._log_timing(len(pixels), self_store.seconds, sampling, walk, self_store.kept_layers)
         return masks, scores
 
-    def _log_timing(self, images: int, capture: float, sampling: float, walk: float, layers: list[str]) -> None:
+    def _log_timing(
+        self, images: int, capture: float, sampling: float, walk: float, layers: list[str]
+    ) -> None:
         first = self.timing["images"] == 0
         self.timing["capture_seconds"] += capture
         self.timing["sampling_seconds"] += sampling
@@ -161,7 +166,8 @@ class AttentionMaskMaker:
         if (maps.ndim != 4 or maps.shape[1] != k or images.shape[:3] != (maps.shape[0], *maps.shape[-2:])
                 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3)):
             raise ValueError(
-                f"class maps {maps.shape} and images {images.shape}: expected (B, {k}, S, S) maps for the classes "
+                f"class maps {maps.shape} and images {images.shape}: expected (B, {k}, S, S) maps for the "
+                "classes "
                 f"{list(self.class_names[1:])} and (B, S, S) grey or (B, S, S, 3) RGB images"
             )
         samples = [{"image": g, "class_maps": m} for g, m in zip(images, maps, strict=True)]
@@ -184,7 +190,7 @@ class AttentionMaskMaker:
         return np.stack(masks), scores, walk
 
     def close(self) -> None:
-        """Stop the refiner's worker processes; log the self-attention totals (with a ``self_affinity`` step)."""
+        """Stop the refiner's worker processes; log the self-attention totals (``self_affinity`` step)."""
         t = self.timing
         if t["images"]:
             log.info(

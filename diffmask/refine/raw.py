@@ -30,6 +30,9 @@ class RawAttentionRefiner:
 
     Args:
         threshold: background where the largest class map is below this, in [0, 1).
+        probs_key: key of the class maps read.
+        label_key: key of the label map written.
+        confidence_key: key of the per-class confidence written.
     """
 
     def __init__(self, threshold: float = 0.3, probs_key: str = "class_maps", label_key: str = "label",

@@ -189,7 +189,8 @@ class SelfAffinityRefiner:
             raise KeyError(
                 f"SelfAffinityRefiner: sample has no {self.affinity_key!r} (keys: {sorted(sample)}): the "
                 "self_affinity step needs the generator's self-attention captured while the image is made "
-                "(diffmask-generate, diffmask-evaluate-masks); saved class maps alone cannot be re-refined by it"
+                "(diffmask-generate, diffmask-evaluate-masks); saved class maps alone cannot be "
+                "re-refined by it"
             )
         start = time.perf_counter()
         maps = torch.as_tensor(np.asarray(sample[self.probs_key], dtype=np.float32))

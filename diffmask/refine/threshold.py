@@ -148,6 +148,7 @@ def mask_confidence(probs: np.ndarray, label: np.ndarray, ignore_index: int = IG
     Args:
         probs: (K, H, W) class maps in [0, 1].
         label: (H, W) labels (class k is label k + 1; ``ignore_index`` pixels are left out).
+        ignore_index: label of uncertain pixels.
 
     Returns:
         (K,) float32 in [0, 1]: mean of ``probs[k]`` inside label k + 1 minus its mean over the

@@ -113,18 +113,31 @@ def test_resolutions_grid_windows_and_name_filter(sampler):
     with pytest.raises(ValueError, match="no self-attention layer left"):
         SelfAttentionStore(name_contains="nowhere").select_layers(unet)
     with pytest.raises(ValueError, match="not self-attention layers"):
-        SelfAttentionStore(layers=["up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"]).select_layers(unet)
+        SelfAttentionStore(
+            layers=["up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"]
+        ).select_layers(unet)
 
 
 def test_a_model_without_self_attention_names_the_setting():
     torch.manual_seed(0)
     comps = build_scratch_components(
-        resolution=32, block_out_channels=(16, 32), layers_per_block=1, attention_heads=2, cross_attention_dim=32,
-        norm_num_groups=8, text_hidden_size=32, text_layers=2, text_heads=2, text_intermediate_size=64,
-        max_prompt_tokens=48, only_cross_attention=True,
+        resolution=32,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        attention_heads=2,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        text_hidden_size=32,
+        text_layers=2,
+        text_heads=2,
+        text_intermediate_size=64,
+        max_prompt_tokens=48,
+        only_cross_attention=True,
     )
     # diffusers keeps a self-attention in the mid block only: not enough, and refused
-    assert self_attention_layers(comps.unet) == ["mid_block.attentions.0.transformer_blocks.0.attn1.processor"]
+    assert self_attention_layers(comps.unet) == [
+        "mid_block.attentions.0.transformer_blocks.0.attn1.processor"
+    ]
     store = CrossAttentionStore(output_size=32)
     store.self_attention = SelfAttentionStore()
     with pytest.raises(ValueError, match="only_cross_attention=false"):

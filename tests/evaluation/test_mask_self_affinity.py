@@ -22,22 +22,29 @@ CLASSES = ["left_lung", "right_lung", "heart"]
 
 
 def test_module_scores_the_self_affinity_step():
-    dm = SegmentationDataModule(PhantomSource(size=32, num_train=2, num_val=1, num_test=2), size=32,
-                                batch_size=2, num_workers=0)
+    dm = SegmentationDataModule(
+        PhantomSource(size=32, num_train=2, num_val=1, num_test=2), size=32, batch_size=2, num_workers=0
+    )
     step = SelfAffinityRefiner(power=2, capture=functools.partial(SelfAttentionStore, grid=16))
     module = MaskQualityLitModule(
-        tiny_scratch_components(32, seed=1), chest_prompt_builder(),
+        tiny_scratch_components(32, seed=1),
+        chest_prompt_builder(),
         functools.partial(CrossAttentionStore, upsample="bilinear"),
-        {"threshold": ThresholdRefiner(), "self_affinity": step}, timesteps=[100, 300],
+        {"threshold": ThresholdRefiner(), "self_affinity": step},
+        timesteps=[100, 300],
     )
-    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-               enable_model_summary=False).test(module, datamodule=dm)
+    pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    ).test(module, datamodule=dm)
     res = module.results
     for name in CLASSES:
         assert 0 <= res[f"masks/phantom/self_affinity/iou_{name}"] <= 1
     assert math.isfinite(res["masks/phantom/self_affinity/miou"])
     assert res["masks/phantom/self_affinity/capture_seconds_per_image"] > 0
-    assert res["masks/phantom/self_affinity/seconds_per_image"] > res["masks/phantom/self_affinity/capture_seconds_per_image"]
+    assert (
+        res["masks/phantom/self_affinity/seconds_per_image"]
+        > res["masks/phantom/self_affinity/capture_seconds_per_image"]
+    )
     assert res["masks/phantom/self_affinity/degenerate"] in (0.0, 1.0)
     assert "masks/phantom/threshold/capture_seconds_per_image" not in res
 
@@ -45,18 +52,31 @@ def test_module_scores_the_self_affinity_step():
 def test_evaluate_masks_cli_with_the_self_affinity_step(tmp_path, model_dir, real_dir):
     from diffmask.cli.evaluate_masks import run
 
-    cfg = compose_config("evaluate_masks", [
-        f"input_dir={model_dir}", f"paths.jsrt_dir={real_dir}", "paths.external_sets=[]", "data.batch_size=2",
-        "data.num_workers=0", "+trainer.limit_test_batches=1", "model.timesteps=[200]", "model.affinity=null",
-        "model.refiners.densecrf.iterations=2", "model.store.upsample=bilinear",
-        "+refine@model.refiners.self_affinity=self_affinity", "model.refiners.self_affinity.power=3",
-        "model.refiners.self_affinity.capture.grid=8",
-    ], tmp_path / "run")
+    cfg = compose_config(
+        "evaluate_masks",
+        [
+            f"input_dir={model_dir}",
+            f"paths.jsrt_dir={real_dir}",
+            "paths.external_sets=[]",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "+trainer.limit_test_batches=1",
+            "model.timesteps=[200]",
+            "model.affinity=null",
+            "model.refiners.densecrf.iterations=2",
+            "model.store.upsample=bilinear",
+            "+refine@model.refiners.self_affinity=self_affinity",
+            "model.refiners.self_affinity.power=3",
+            "model.refiners.self_affinity.capture.grid=8",
+        ],
+        tmp_path / "run",
+    )
     metrics = run(cfg)
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for name in CLASSES:
         assert written["metrics"][f"masks/jsrt/self_affinity/iou_{name}"] == pytest.approx(
-            metrics[f"masks/jsrt/self_affinity/iou_{name}"])
+            metrics[f"masks/jsrt/self_affinity/iou_{name}"]
+        )
     rows = (tmp_path / "run" / "per_image_masks.csv").read_text().splitlines()
     assert sum(",self_affinity," in r for r in rows) == 2
     assert isinstance(written["degenerate_steps"], dict)

@@ -1,4 +1,5 @@
-"""The self-attention affinity step: a walk through an image-built affinity moves a blurred mask to the edge."""
+"""The self-attention affinity step: a walk through an image-built affinity moves a blurred mask to the
+edge."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def image_affinity(image: np.ndarray, radius: int = 3, scale: float = 0.01) -> t
     pos = np.stack(np.mgrid[:h, :w], -1).reshape(-1, 2).astype(np.float32)
     near = ((pos[:, None] - pos[None]) ** 2).sum(-1) <= radius**2
     v = image.reshape(-1)
-    return torch.from_numpy(np.where(near, np.exp(-((v[:, None] - v[None]) ** 2) / scale), 0.0).astype(np.float32))
+    return torch.from_numpy(
+        np.where(near, np.exp(-((v[:, None] - v[None]) ** 2) / scale), 0.0).astype(np.float32)
+    )
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -93,11 +96,94 @@ def test_walk_algebra_and_errors():
 def test_an_unnamed_class_stays_empty_and_the_chain_finds_the_step():
     maps = np.zeros((2, 8, 8), np.float32)
     maps[0, 2:5, 2:5] = 1.0
-    out = SelfAffinityRefiner(power=2)({"class_maps": maps, "self_attention": np.eye(64, dtype=np.float32) + 0.01})
+    out = SelfAffinityRefiner(power=2)(
+        {"class_maps": maps, "self_attention": np.eye(64, dtype=np.float32) + 0.01}
+    )
     assert not (out["label"] == 2).any() and (out["label"] == 1).any()
     step = SelfAffinityRefiner(capture=functools.partial(SelfAttentionStore, grid=8))
-    chain = RefinementChain({"threshold": ThresholdRefiner(), "self_affinity": step}, use=["threshold", "self_affinity"])
+    chain = RefinementChain(
+        {"threshold": ThresholdRefiner(), "self_affinity": step}, use=["threshold", "self_affinity"]
+    )
     assert self_attention_step(chain) is step
-    assert self_attention_step(RefinementChain({"threshold": ThresholdRefiner(), "sa": step}, use=["threshold"])) is None
+    assert (
+        self_attention_step(RefinementChain({"threshold": ThresholdRefiner(), "sa": step}, use=["threshold"]))
+        is None
+    )
     store = step.new_self_attention_store(batch_size=3)
     assert isinstance(store, SelfAttentionStore) and store.batch_size == 3 and store.grid == (8, 8)
+
+
+def test_generation_with_the_self_affinity_step_keeps_the_images_and_logs_its_cost(caplog):
+    import logging
+
+    from diffmask.attention import CrossAttentionStore
+    from diffmask.diffusion import TextToImageSampler
+    from diffmask.diffusion.tiny_models import tiny_scratch_components
+    from diffmask.domains.chest import CHEST_CLASS_NAMES, chest_prompt_builder
+    from diffmask.refine.mask_maker import AttentionMaskMaker
+    from diffmask.synthesis.module import SynthesisLitModule
+
+    builder = chest_prompt_builder()
+    sampler = TextToImageSampler(tiny_scratch_components(32, seed=3), 32, prompt_builder=builder)
+    store = functools.partial(CrossAttentionStore, upsample="bilinear")
+    batch = {
+        "id": ["a", "b"],
+        "prompt": [builder.build({}).text, builder.build({"sex": "F"}).text],
+        "seed": [1, 2],
+        "meta": [{}, {}],
+    }
+    preds = {}
+    for steps in (["threshold"], ["threshold", "self_affinity"]):
+        chain = RefinementChain(
+            {"threshold": ThresholdRefiner(), "self_affinity": SelfAffinityRefiner(power=3)}, use=steps
+        )
+        maker = AttentionMaskMaker(store, chain, class_names=CHEST_CLASS_NAMES)
+        module = SynthesisLitModule(
+            sampler, num_inference_steps=3, guidance_scale=2.0, mask_maker=maker, save_class_maps=True
+        )
+        with caplog.at_level(logging.INFO, logger="diffmask.refine.mask_maker"):
+            preds[len(steps)] = module.predict_step(batch, 0)
+            maker.close()
+    plain, walked = preds[1], preds[2]
+    assert np.array_equal(plain["images"], walked["images"])  # the capture leaves the images bit-identical
+    assert np.array_equal(plain["class_maps"], walked["class_maps"])
+    assert walked["masks"].shape == (2, 32, 32) and walked["masks"].dtype == np.uint8
+    assert maker.timing["images"] == 2 and maker.timing["capture_seconds"] > 0
+    assert maker.timing["capture_seconds"] < maker.timing["sampling_seconds"]
+    logged = [r.getMessage() for r in caplog.records if "self-attention capture" in r.getMessage()]
+    assert len(logged) == 2 and "of" in logged[0] and "sampling" in logged[0]  # the batch, then the totals
+
+
+def test_synthesis_config_wires_the_self_affinity_step(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from diffmask.config import CONFIG_PATH
+    from diffmask.synthesis.labels import build_synthesis
+
+    def compose_config(name, overrides, out):
+        with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+            return compose(config_name=name, overrides=[f"paths.output_dir={out}", *overrides])
+
+    cfg = compose_config(
+        "generate",
+        [
+            "synthesis=attention_masks",
+            "synthesis.refine=[threshold,self_affinity]",
+            "synthesis.mask_maker.refiner.steps.self_affinity.power=6",
+            "synthesis.mask_maker.refiner.steps.self_affinity.capture.resolutions=[16]",
+        ],
+        tmp_path,
+    )
+    maker, _, affinity = build_synthesis(cfg.synthesis)
+    assert maker.refiner.names == ["threshold", "self_affinity"] and affinity is None
+    assert isinstance(maker.self_affinity, SelfAffinityRefiner) and maker.self_affinity.power == 6
+    store = maker.new_sink(["x"], [[[1], [2], [3]]], 32).self_attention
+    assert isinstance(store, SelfAttentionStore) and store.resolutions == (16,) and store.batch_size == 1
+    # the default chain does not capture self-attention
+    default, _, _ = build_synthesis(
+        compose_config("generate", ["synthesis=attention_masks"], tmp_path).synthesis
+    )
+    assert (
+        default.self_affinity is None
+        and default.new_sink(["x"], [[[1], [2], [3]]], 32).self_attention is None
+    )
