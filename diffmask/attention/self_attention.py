@@ -40,7 +40,7 @@ __all__ = [
     "SelfAttentionCaptureProcessor",
     "SelfAttentionStore",
     "resample_affinity",
-    "only_cross_attention",
+    "has_self_attention",
     "self_attention_layers",
     "self_attention_probs",
 ]
@@ -49,20 +49,19 @@ NO_SELF_ATTENTION = (
     "this UNet has no self-attention in its down/up blocks: their attn1 layers attend to the text (a model "
     "built with diffusion.components.only_cross_attention=true; only the coarse mid block keeps one). The "
     "self_affinity refinement step needs the generator's self-attention: fit the model with "
-    "diffusion.components.only_cross_attention=false, or leave self_affinity out of the refinement steps"
+    "diffusion.components.only_cross_attention=false (or false on some levels, e.g. [true,false,false]), "
+    "or leave self_affinity out of the refinement steps"
 )
 
 
-def only_cross_attention(unet: torch.nn.Module) -> bool:
-    """Whether ``unet`` was built with ``only_cross_attention`` (true, or true for any block).
+def has_self_attention(unet: torch.nn.Module) -> bool:
+    """Whether a down or up block of ``unet`` has a self-attention layer (the mid block alone does not count:
+    diffusers keeps its self-attention whatever ``only_cross_attention`` says).
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` (a module without that config counts as False).
+        unet: a diffusers ``UNet2DConditionModel``.
     """
-    value = getattr(getattr(unet, "config", None), "only_cross_attention", False)
-    if isinstance(value, (list, tuple)):
-        return any(bool(v) for v in value)
-    return bool(value)
+    return any(not name.startswith("mid_block") for name in self_attention_layers(unet))
 
 
 def self_attention_layers(unet: torch.nn.Module) -> list[str]:
@@ -317,12 +316,12 @@ class SelfAttentionStore:
             unet: a diffusers ``UNet2DConditionModel``.
 
         Raises:
-            ValueError: the UNet has no self-attention or was built with ``only_cross_attention=true``
-                (diffusers keeps a self-attention only in its mid block then), a configured
+            ValueError: the UNet has no self-attention in its down/up blocks (built with
+                ``only_cross_attention=true``: diffusers keeps one in the mid block only), a configured
                 layer is not one of its self-attention layers, or the filters leave none.
         """
         available = self_attention_layers(unet)
-        if not available or only_cross_attention(unet):
+        if not has_self_attention(unet):
             raise ValueError(f"self-attention capture: {NO_SELF_ATTENTION}")
         chosen = list(available)
         if self.layers is not None:

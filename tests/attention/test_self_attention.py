@@ -7,7 +7,7 @@ import torch
 
 from diffmask.attention import CrossAttentionStore, SelfAttentionStore, capture_cross_attention
 from diffmask.attention.processor import CrossAttentionCaptureProcessor
-from diffmask.attention.self_attention import resample_affinity, self_attention_layers
+from diffmask.attention.self_attention import has_self_attention, resample_affinity, self_attention_layers
 from diffmask.diffusion import TextToImageSampler
 from diffmask.diffusion.components import build_scratch_components
 from diffmask.diffusion.tiny_models import tiny_scratch_components
@@ -118,9 +118,9 @@ def test_resolutions_grid_windows_and_name_filter(sampler):
         ).select_layers(unet)
 
 
-def test_a_model_without_self_attention_names_the_setting():
+def tiny_components(only_cross_attention):
     torch.manual_seed(0)
-    comps = build_scratch_components(
+    return build_scratch_components(
         resolution=32,
         block_out_channels=(16, 32),
         layers_per_block=1,
@@ -132,8 +132,23 @@ def test_a_model_without_self_attention_names_the_setting():
         text_heads=2,
         text_intermediate_size=64,
         max_prompt_tokens=48,
-        only_cross_attention=True,
+        only_cross_attention=only_cross_attention,
     )
+
+
+def test_self_attention_on_some_levels_only_is_captured():
+    # only_cross_attention per level (finest first): the 16x16 level keeps its self-attention
+    unet = tiny_components([True, False]).unet
+    assert has_self_attention(unet)
+    store = SelfAttentionStore(batch_size=1)
+    with store.capture(unet) as names, torch.no_grad():
+        unet(torch.randn(1, 1, 32, 32), torch.tensor([10]), encoder_hidden_states=torch.randn(1, 6, 32))
+    assert names == self_attention_layers(unet) and store.result().shape == (1, 256, 256)
+    assert not has_self_attention(tiny_components([False, True]).unet)  # the attention level is cross-only
+
+
+def test_a_model_without_self_attention_names_the_setting():
+    comps = tiny_components(True)
     # diffusers keeps a self-attention in the mid block only: not enough, and refused
     assert self_attention_layers(comps.unet) == [
         "mid_block.attentions.0.transformer_blocks.0.attn1.processor"
