@@ -1,13 +1,14 @@
 """What every stage's run shares: loggers and callbacks from the config, seeding, ``metrics.json``, the
-skip check of a complete stage folder, and the resumable fit of a generative stage.
+skip check of a complete stage folder, the resumable fit of a generative stage, and the
+:func:`stage_task` wrapper every entry point's ``run`` wears.
 
-These live below ``diffmask.cli`` so that the stage packages (:mod:`diffmask.segmentation.stage`,
-:mod:`diffmask.refine.remask_stage`, ...) can use them without importing an entry point;
-:mod:`diffmask.cli.common` re-exports them for the entry points.
+The entry points (:mod:`diffmask.cli`) and the stage packages (:mod:`diffmask.segmentation.stage`,
+:mod:`diffmask.refine.remask_stage`, ...) import them from here.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -26,6 +27,8 @@ from diffmask.evaluation.wandb_logging import RunIdentity, fill_wandb_node, is_w
 from diffmask.seeds import check_seed
 
 __all__ = [
+    "optimized_value",
+    "stage_task",
     "commit_fit_stage",
     "instantiate_callbacks",
     "instantiate_loggers",
@@ -39,7 +42,7 @@ __all__ = [
     "write_metrics",
 ]
 
-# the stages' messages keep the logger name they had in diffmask/cli/common.py
+# the stages' messages are logged as 'diffmask'
 log = logging.getLogger("diffmask")
 
 
@@ -315,3 +318,51 @@ def commit_fit_stage(cfg: DictConfig, stage, work: Path, trainer: pl.Trainer, me
     write_metrics(Path(cfg.paths.output_dir) / "metrics.json", {**metrics, **(extra_metrics or {})},
                   extra={dir_key: str(stage.path), "data": data, **info})
     return info
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run a stage started, if any (so one failed job of a multirun does not hang the next)."""
+    try:
+        import wandb  # noqa: PLC0415 - only if a W&B run was started
+
+        if wandb.run is not None:
+            wandb.finish()
+    except ImportError:
+        pass
+
+
+def stage_task(fn: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConfig], dict[str, Any]]:
+    """Wrap a stage's ``run(cfg)``: time it, log failures with the run dir, always close W&B
+    (so one failed job of a multirun does not hang the next).
+
+    Args:
+        fn: the stage's ``run``.
+
+    Returns:
+        ``fn`` wrapped.
+    """
+
+    @functools.wraps(fn)
+    def _wrapper(cfg: DictConfig) -> dict[str, Any]:
+        start = time.time()
+        try:
+            return fn(cfg)
+        except Exception:
+            log.exception("stage %s failed; see the run dir for logs", cfg.get("task_name"))
+            raise
+        finally:
+            log.info("stage %s took %.1f s", cfg.get("task_name"), time.time() - start)
+            _finish_wandb()
+
+    return _wrapper
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """The metric a Hydra sweeper optimises (``optimized_metric``), if set and present.
+
+    Args:
+        cfg: the stage's config.
+        metrics: the stage's metrics.
+    """
+    name = cfg.get("optimized_metric")
+    return to_float(metrics.get(name)) if name else None

@@ -17,9 +17,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from diffmask.cli.common import optimized_value, seed_run, stage_task
 from diffmask.config import CONFIG_PATH
 from diffmask.evaluation.mask_stage import evaluate_masks
+from diffmask.stages import optimized_value, seed_run, stage_task
 
 
 @stage_task

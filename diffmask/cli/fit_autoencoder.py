@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 
 from diffmask.artifacts import StageDir
 from diffmask.autoencoder.stage import fit_autoencoder
-from diffmask.cli.common import seed_run, skip_complete_stage, stage_task
 from diffmask.config import CONFIG_PATH
+from diffmask.stages import seed_run, skip_complete_stage, stage_task
 
 
 @stage_task

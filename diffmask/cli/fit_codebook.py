@@ -20,9 +20,9 @@ import hydra
 from omegaconf import DictConfig
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import seed_run, skip_complete_stage, stage_task
 from diffmask.codebook.stage import fit_codebook
 from diffmask.config import CONFIG_PATH
+from diffmask.stages import seed_run, skip_complete_stage, stage_task
 
 
 @stage_task

@@ -35,9 +35,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import seed_run, skip_complete_stage, stage_task
 from diffmask.config import CONFIG_PATH, RUN_ONLY_SETTINGS
 from diffmask.data.manifest import read_manifest
+from diffmask.stages import seed_run, skip_complete_stage, stage_task
 from diffmask.synthesis import read_done_rows, read_dropped
 from diffmask.synthesis.kinds import generation_kind, plan_generation
 from diffmask.synthesis.labels import affinity_device, build_synthesis

@@ -18,9 +18,9 @@ import hydra
 from omegaconf import DictConfig
 
 from diffmask.artifacts import StageDir
-from diffmask.cli.common import seed_run, skip_complete_stage, stage_task
 from diffmask.config import CONFIG_PATH
 from diffmask.refine.remask_stage import adopt_source_settings, remask_stage
+from diffmask.stages import seed_run, skip_complete_stage, stage_task
 from diffmask.synthesis.labels import affinity_device, build_synthesis
 
 

@@ -21,9 +21,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from diffmask.cli.common import optimized_value, seed_run, stage_task
 from diffmask.config import CONFIG_PATH
 from diffmask.segmentation.stage import train_segmentation
+from diffmask.stages import optimized_value, seed_run, stage_task
 
 
 @stage_task
