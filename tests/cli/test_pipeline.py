@@ -318,8 +318,8 @@ def test_stage_configs_compose_with_hydra_add_forms_and_each_swept_value(tmp_pat
     from diffmask.pipeline import check_stage_configs
 
     def check(*overrides):
-        cfg = compose_config("pipeline", ["name=x", "stages=[generate,train]", f"paths.log_dir={tmp_path}/logs",
-                                          *overrides], tmp_path, quiet_trainer=False)
+        fixed = ["name=x", "stages=[generate,train]", f"paths.log_dir={tmp_path}/logs"]
+        cfg = compose_config("pipeline", [*fixed, *overrides], tmp_path, quiet_trainer=False)
         check_stage_configs(cfg, stage_commands(cfg, stamp="T"))
 
     check("train=['+data.new_key=1','++data.size=32']")  # added keys compose
