@@ -187,3 +187,16 @@ def test_synthesis_config_wires_the_self_affinity_step(tmp_path):
         default.self_affinity is None
         and default.new_sink(["x"], [[[1], [2], [3]]], 32).self_attention is None
     )
+
+
+def test_the_config_instantiates_with_its_documented_defaults():
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "refine" / "self_affinity.yaml"
+    step = instantiate(OmegaConf.load(conf))
+    assert isinstance(step, SelfAffinityRefiner) and step.power == 4 and step.labels == "threshold"
+    store = step.new_self_attention_store(batch_size=2)
+    assert store.resolutions == (16, 32) and store.grid is None and store.step_window is None
