@@ -374,7 +374,8 @@ class AffinityRefiner(pl.LightningModule):
         """
         if image.ndim != 3 or class_maps.ndim != 3 or image.shape[-2:] != class_maps.shape[-2:]:
             raise ValueError(
-                f"image (C, H, W) and class_maps (K, H, W) must share H, W; got {tuple(image.shape)} and {tuple(class_maps.shape)}"
+                f"image (C, H, W) and class_maps (K, H, W) must share H, W; got {tuple(image.shape)} "
+                f"and {tuple(class_maps.shape)}"
             )
         weights = self.transition_weights(image)
         h, w = weights.shape[-2:]

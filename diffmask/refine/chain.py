@@ -32,11 +32,13 @@ class RefinementChain:
 
     Examples::
 
-        chain = RefinementChain({"threshold": ThresholdRefiner(ignore_band=0.1), "densecrf": DenseCRFRefiner()})
+        chain = RefinementChain({"threshold": ThresholdRefiner(ignore_band=0.1),
+                                 "densecrf": DenseCRFRefiner()})
         sample = chain({"image": img, "class_maps": maps})
     """
 
-    def __init__(self, steps: Mapping[str, Refiner | None] | Sequence[Refiner], use: Sequence[str] | None = None):
+    def __init__(self, steps: Mapping[str, Refiner | None] | Sequence[Refiner],
+                 use: Sequence[str] | None = None):
         items = (
             list(steps.items())
             if isinstance(steps, Mapping)

@@ -7,8 +7,9 @@ Defaults are AffinityNet's: Gaussian sxy 3 / compat 3, bilateral sxy 80 / srgb 1
 10 mean-field iterations. Those kernel widths were tuned on ~500 px VOC images; with
 ``reference_size`` (e.g. 512) the spatial widths (``*_sxy``) are read as pixels *at that size*
 and scaled by ``S / reference_size`` for an S-pixel image, so an 80 px kernel keeps covering
-the same share of a 128 or 256 px image instead of a third of it. ``pydensecrf`` (from the ``pydensecrf2`` wheel) is imported inside
-the function so that importing diffmask does not need the compiled extension.
+the same share of a 128 or 256 px image instead of a third of it. ``pydensecrf`` (from the
+``pydensecrf2`` wheel) is imported inside the function so that importing diffmask does not need the
+compiled extension.
 
 :class:`ParallelRefiner` maps any picklable sample refiner over worker processes, so CPU-bound
 CRF inference runs beside the GPU instead of stalling it.
@@ -113,7 +114,8 @@ def densecrf_refine(
             raise ValueError(f"prior: expected an (H, W) = {(h, w)} label map, got shape {prior.shape}")
         sure = prior != ignore_index
         if (prior[sure] >= n).any():
-            raise ValueError(f"prior: label values must be < {n} (or {ignore_index} = unsure), got {int(prior[sure].max())}")
+            raise ValueError(f"prior: label values must be < {n} (or {ignore_index} = unsure), "
+                             f"got {int(prior[sure].max())}")
         onehot = np.zeros_like(p)
         ys, xs = np.nonzero(sure)
         onehot[prior[sure].astype(np.int64), ys, xs] = 1.0
@@ -122,7 +124,8 @@ def densecrf_refine(
     crf = dcrf.DenseCRF2D(w, h, n)
     crf.setUnaryEnergy(np.ascontiguousarray(-np.log(p).reshape(n, -1)))
     crf.addPairwiseGaussian(sxy=gaussian_sxy * scale, compat=gaussian_compat)
-    crf.addPairwiseBilateral(sxy=bilateral_sxy * scale, srgb=bilateral_srgb, rgbim=rgb, compat=bilateral_compat)
+    crf.addPairwiseBilateral(sxy=bilateral_sxy * scale, srgb=bilateral_srgb, rgbim=rgb,
+                             compat=bilateral_compat)
     q = np.asarray(crf.inference(int(iterations)), dtype=np.float32)
     return q.reshape(n, h, w)
 

@@ -14,7 +14,10 @@ __all__ = ["to_uint8_images", "channels_first"]
 
 
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:
-    """(B, C, S, S) floats in [0, 1] -> uint8 (B, S, S) for C = 1, (B, S, S, C) otherwise (rounded, clipped)."""
+    """(B, C, S, S) floats in [0, 1] -> uint8 (B, S, S) for C = 1, (B, S, S, C) otherwise.
+
+    Values are rounded and clipped.
+    """
     if images.ndim != 4:
         raise ValueError(f"images: expected (B, C, S, S), got shape {tuple(images.shape)}")
     x = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)

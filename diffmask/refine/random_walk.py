@@ -69,7 +69,8 @@ def random_walk(
     n = class_maps.shape[1] * class_maps.shape[2]
     if affinity.shape != (n, n):
         raise ValueError(
-            f"affinity: expected ({n}, {n}) for {tuple(class_maps.shape[1:])} maps, got {tuple(affinity.shape)}"
+            f"affinity: expected ({n}, {n}) for {tuple(class_maps.shape[1:])} maps, "
+            f"got {tuple(affinity.shape)}"
         )
     if int(t) != t or t < 1:
         raise ValueError(f"t: expected a positive integer, got {t}")

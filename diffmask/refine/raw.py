@@ -16,7 +16,10 @@ __all__ = ["raw_attention_labels", "RawAttentionRefiner"]
 
 
 def raw_attention_labels(class_maps: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(..., K, H, W) class maps in [0, 1] -> (..., H, W) labels: argmax + 1, or 0 where the max < threshold."""
+    """(..., K, H, W) class maps in [0, 1] -> (..., H, W) labels.
+
+    A pixel's label is its argmax + 1, or 0 where the max is below the threshold.
+    """
     peak, best = class_maps.max(dim=-3)
     return torch.where(peak >= threshold, best + 1, torch.zeros_like(best))
 

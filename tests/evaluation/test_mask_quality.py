@@ -43,12 +43,21 @@ def test_module_scores_every_step_on_two_phantom_images():
     dm = SegmentationDataModule(PhantomSource(size=32, num_train=2, num_val=1, num_test=2), size=32,
                                 batch_size=2, num_workers=0)
     module = MaskQualityLitModule(
-        tiny_scratch_components(32, seed=1), chest_prompt_builder(), functools.partial(CrossAttentionStore, upsample="bilinear"),
-        {"threshold": ThresholdRefiner(ignore_band=0.1), "densecrf": DenseCRFRefiner(iterations=2, reference_size=512)},
-        affinity=tiny_affinity(), timesteps=[100, 300], affinity_steps=2, affinity_batch_size=2,
+        tiny_scratch_components(32, seed=1),
+        chest_prompt_builder(),
+        functools.partial(CrossAttentionStore, upsample="bilinear"),
+        {
+            "threshold": ThresholdRefiner(ignore_band=0.1),
+            "densecrf": DenseCRFRefiner(iterations=2, reference_size=512),
+        },
+        affinity=tiny_affinity(),
+        timesteps=[100, 300],
+        affinity_steps=2,
+        affinity_batch_size=2,
     )
-    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-               enable_model_summary=False).test(module, datamodule=dm)
+    pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    ).test(module, datamodule=dm)
     res = module.results
     for step in STEP_NAMES:
         for name in CLASSES:
@@ -58,12 +67,18 @@ def test_module_scores_every_step_on_two_phantom_images():
     assert res["masks/phantom/affinity/train_seconds"] > 0
     # one row per image and step, whose IoUs average to the step's per-image mean
     rows = [r for r in module.per_image if r["step"] == "threshold"]
-    assert sorted(r["id"] for r in rows) == ["test0000", "test0001"] and len(module.per_image) == 2 * len(STEP_NAMES)
+    assert sorted(r["id"] for r in rows) == ["test0000", "test0001"] and len(module.per_image) == 2 * len(
+        STEP_NAMES
+    )
     for name in CLASSES:
-        assert sum(r[f"iou_{name}"] for r in rows) / 2 == pytest.approx(res[f"masks/phantom/threshold/iou_{name}"], abs=1e-6)
+        assert sum(r[f"iou_{name}"] for r in rows) / 2 == pytest.approx(
+            res[f"masks/phantom/threshold/iou_{name}"], abs=1e-6
+        )
         assert all(r[f"true_{name}"] > 0 for r in rows)
     with pytest.raises(ValueError, match="timesteps"):
-        MaskQualityLitModule(tiny_scratch_components(32), chest_prompt_builder(), CrossAttentionStore, timesteps=[1000])
+        MaskQualityLitModule(
+            tiny_scratch_components(32), chest_prompt_builder(), CrossAttentionStore, timesteps=[1000]
+        )
 
 
 def test_evaluate_masks_cli_on_two_jsrt_test_images_writes_metrics(tmp_path, model_dir, real_dir):
@@ -71,23 +86,44 @@ def test_evaluate_masks_cli_on_two_jsrt_test_images_writes_metrics(tmp_path, mod
 
     # JSRT's own test split (or the phantom folder's) only, limited to 1 batch of 2 images; no other
     # hospital's folder, whether or not ../shared/data/montgomery is on this machine
-    cfg = compose_config("evaluate_masks", [
-        f"input_dir={model_dir}", f"paths.jsrt_dir={real_dir}", "paths.external_sets=[]", "data.batch_size=2",
-        "data.num_workers=0",
-        "+trainer.limit_test_batches=1", "model.timesteps=[200]", "model.affinity_steps=2",
-        "model.affinity_batch_size=2", "model.refiners.densecrf.iterations=2", "model.affinity.t=4",
-        "model.affinity.radius=3", "model.affinity.backbone.channels=[8,16]", "model.affinity.backbone.feature_dim=8",
-        "model.store.upsample=bilinear", "data.intensity=equalize",
-    ], tmp_path / "run")
+    cfg = compose_config(
+        "evaluate_masks",
+        [
+            f"input_dir={model_dir}",
+            f"paths.jsrt_dir={real_dir}",
+            "paths.external_sets=[]",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "+trainer.limit_test_batches=1",
+            "model.timesteps=[200]",
+            "model.affinity_steps=2",
+            "model.affinity_batch_size=2",
+            "model.refiners.densecrf.iterations=2",
+            "model.affinity.t=4",
+            "model.affinity.radius=3",
+            "model.affinity.backbone.channels=[8,16]",
+            "model.affinity.backbone.feature_dim=8",
+            "model.store.upsample=bilinear",
+            "data.intensity=equalize",
+        ],
+        tmp_path / "run",
+    )
     metrics = run(cfg)
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # size and intensity normalisation are the model's, whatever data.* says
-    trained_on = json.loads((model_dir / "diffmask.json").read_text()).get("intensity", "raw")  # older exports: raw
-    assert written["size"] == 32 and written["test_sets"] == ["jsrt"] and written["intensity"] == trained_on == "raw"
+    trained_on = json.loads((model_dir / "diffmask.json").read_text()).get(
+        "intensity", "raw"
+    )  # older exports: raw
+    assert (
+        written["size"] == 32
+        and written["test_sets"] == ["jsrt"]
+        and written["intensity"] == trained_on == "raw"
+    )
     per_image = (tmp_path / "run" / "per_image_masks.csv").read_text().splitlines()
     assert per_image[0].startswith("set,id,step,iou_") and len(per_image) == 1 + 2 * len(STEP_NAMES)
     for step in STEP_NAMES:
         for name in CLASSES:
             assert 0 <= metrics[f"masks/jsrt/{step}/iou_{name}"] <= 1
             assert written["metrics"][f"masks/jsrt/{step}/iou_{name}"] == pytest.approx(
-                metrics[f"masks/jsrt/{step}/iou_{name}"])
+                metrics[f"masks/jsrt/{step}/iou_{name}"]
+            )

@@ -101,7 +101,9 @@ def test_prior_weight_refines_the_previous_steps_label_map():
     with pytest.raises(ValueError, match="prior_weight"):
         DenseCRFRefiner(prior_weight=1.0)
     with pytest.raises(ValueError, match="prior: expected an"):
-        densecrf_refine(s["image"], np.ones((2, 64, 64), np.float32), prior=np.zeros((8, 8)), prior_weight=0.5)
+        densecrf_refine(
+            s["image"], np.ones((2, 64, 64), np.float32), prior=np.zeros((8, 8)), prior_weight=0.5
+        )
 
 
 def test_crf_on_an_rgb_image_uses_its_colours():
@@ -117,5 +119,7 @@ def test_crf_on_an_rgb_image_uses_its_colours():
         assert iou(colour["label"] == 1, s["disk"]) >= 0.9 > iou(grey["label"] == 1, s["disk"]) + 0.1
         # channel-first floats in [0, 1] are the same guidance
         chw = np.moveaxis(s["image"], -1, 0).astype(np.float32) / 255
-        np.testing.assert_array_equal(densecrf_refine(chw, np.concatenate([1 - s["class_maps"], s["class_maps"]])),
-                                      densecrf_refine(s["image"], np.concatenate([1 - s["class_maps"], s["class_maps"]])))
+        np.testing.assert_array_equal(
+            densecrf_refine(chw, np.concatenate([1 - s["class_maps"], s["class_maps"]])),
+            densecrf_refine(s["image"], np.concatenate([1 - s["class_maps"], s["class_maps"]])),
+        )

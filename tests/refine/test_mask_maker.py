@@ -48,9 +48,12 @@ def test_mask_maker_gives_the_crf_the_rgb_image_of_a_colour_model():
         seen.append(sample["image"])
         return DenseCRFRefiner()(sample)
 
-    maker = AttentionMaskMaker(functools.partial(CrossAttentionStore), spy, class_names=["background", "disk"])
+    maker = AttentionMaskMaker(
+        functools.partial(CrossAttentionStore), spy, class_names=["background", "disk"]
+    )
     images = torch.from_numpy(blob["image"]).permute(2, 0, 1).float()[None] / 255  # (1, 3, S, S)
-    masks, _ = maker.from_maps((images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8),
-                               blob["class_maps"][None])
+    masks, _ = maker.from_maps(
+        (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8), blob["class_maps"][None]
+    )
     assert seen[0].shape == (64, 64, 3) and np.array_equal(seen[0], blob["image"])
     assert masks.shape == (1, 64, 64) and iou(masks[0] == 1, blob["disk"]) >= 0.9

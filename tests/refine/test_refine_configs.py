@@ -14,7 +14,10 @@ CONF = Path(__file__).resolve().parents[2] / "conf" / "refine"
 
 
 def _with_data(node, channels: int):
-    """``node`` under a root that has ``data.channels`` (what ``${data.channels}`` reads in a stage config)."""
+    """``node`` under a root that has ``data.channels``.
+
+    That is what ``${data.channels}`` reads in a stage config.
+    """
     return OmegaConf.create({"data": {"channels": channels}, "node": node}).node
 
 
