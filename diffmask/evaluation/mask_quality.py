@@ -97,6 +97,9 @@ class MaskQualityLitModule(pl.LightningModule):
         set_names: names of the test dataloaders (default: the datamodule's ``test_set_names``).
         use_metadata: prompts from each image's metadata; False = the neutral prompt for every
             image (what an image folder without ``metadata.csv`` gets).
+        affinity_variants: more walks of the same fitted AffinityNet, each scored as its own step
+            ``affinity_t<t>`` (``_fg`` appended when ``walk_background`` is false), e.g.
+            ``[{t: 4}, {t: 16, walk_background: false}]``: retuning the walk costs one fit.
 
     Examples::
 
@@ -128,6 +131,7 @@ class MaskQualityLitModule(pl.LightningModule):
         seed: int = 0,
         set_names: Sequence[str] | None = None,
         use_metadata: bool = True,
+        affinity_variants: Sequence[Mapping[str, Any]] | None = None,
     ):
         super().__init__()
         timesteps = [int(t) for t in timesteps]
@@ -169,6 +173,9 @@ class MaskQualityLitModule(pl.LightningModule):
         self.use_metadata = bool(use_metadata)
         self.store_factory = store
         self.affinity_template = affinity
+        self.affinity_variants = [_affinity_variant(v) for v in (affinity_variants or [])]
+        if self.affinity_variants and affinity is None:
+            raise ValueError("affinity_variants: they walk the fitted AffinityNet; set model.affinity too")
         self.timesteps = timesteps
         self.raw_threshold = float(raw_threshold)
         self.affinity_steps = int(affinity_steps)
@@ -189,7 +196,8 @@ class MaskQualityLitModule(pl.LightningModule):
     def step_names(self) -> list[str]:
         """The scored steps in order: ``raw``, each refiner, then ``affinity`` when it is on."""
         affinity = ["affinity"] if self.affinity_template is not None else []
-        return ["raw", *(n for n, _ in self.refiners), *affinity]
+        variants = [name for name, _, _ in self.affinity_variants]
+        return ["raw", *(n for n, _ in self.refiners), *affinity, *variants]
 
     # ------------------------------------------------------------------ setup
     def _set_name(self, dataloader_idx: int) -> str:
@@ -364,11 +372,14 @@ class MaskQualityLitModule(pl.LightningModule):
         refiner.fit_seeds(batches, self.affinity_steps)
         train_seconds = time.perf_counter() - start
         refiner.eval()
-        for k, img in zip(kept, images, strict=True):
-            start = time.perf_counter()
-            label, _ = refiner.refine(img, torch.from_numpy(k["class_maps"].astype(np.float32)))
-            seconds = time.perf_counter() - start
-            self._score((set_name, "affinity"), label, k["target"], seconds, k["id"])
+        walks = [("affinity", refiner.t, refiner.walk_background), *self.affinity_variants]
+        for step, t, walk_background in walks:
+            refiner.t, refiner.walk_background = t, walk_background
+            for k, img in zip(kept, images, strict=True):
+                start = time.perf_counter()
+                label, _ = refiner.refine(img, torch.from_numpy(k["class_maps"].astype(np.float32)))
+                seconds = time.perf_counter() - start
+                self._score((set_name, step), label, k["target"], seconds, k["id"])
         return train_seconds
 
     def on_test_epoch_end(self) -> None:
@@ -423,8 +434,11 @@ class MaskQualityLitModule(pl.LightningModule):
                     pred[step] = metric.pred_pixels.detach().cpu().clone()
                     target[step] = metric.target_pixels.detach().cpu().clone()
                 miou[step] = results.get(f"masks/{set_name}/{step}/miou", float("nan"))
-            found = degenerate_steps([s for s in self.step_names if s in miou], miou, pred, target,
-                                     self.class_names)
+            names = self.step_names
+            # every AffinityNet walk starts from the same masks: the step before ``affinity``
+            inputs = {v: names[names.index("affinity") - 1] for v, _, _ in self.affinity_variants}
+            found = degenerate_steps([s for s in names if s in miou], miou, pred, target,
+                                     self.class_names, inputs)
             for step in miou:
                 key = f"masks/{set_name}/{step}"
                 results[f"{key}/degenerate"] = 1.0 if step in found else 0.0
@@ -440,13 +454,14 @@ def degenerate_steps(
     pred_pixels: Mapping[str, torch.Tensor],
     target_pixels: Mapping[str, torch.Tensor],
     class_names: Sequence[str],
+    inputs: Mapping[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """The degenerate refinement steps of one test set, with their reasons.
 
     A step is degenerate when a class that the real masks hold (``target_pixels > 0``) is absent
     from every one of its masks (``pred_pixels == 0``), or when its mIoU is below half of its input
-    step's (the step before it in ``steps``; not checked where either mIoU is not finite or the
-    input's is 0).
+    step's (the step before it in ``steps``, or the one ``inputs`` names; not checked where either
+    mIoU is not finite or the input's is 0).
 
     Args:
         steps: the steps in order (the first has no input step).
@@ -454,6 +469,8 @@ def degenerate_steps(
         pred_pixels: step -> (C,) predicted pixels per class summed over the set (background first).
         target_pixels: step -> (C,) real-mask pixels per class summed over the set.
         class_names: background first.
+        inputs: step -> its input step, where that is not the step before it (e.g. the AffinityNet
+            walk variants, which all start from the chain's last masks).
 
     Returns:
         step -> reasons (e.g. ``"heart absent from every mask"``), only for degenerate steps.
@@ -465,11 +482,12 @@ def degenerate_steps(
         for c in range(1, len(class_names)):
             if float(target[c]) > 0 and float(pred[c]) == 0:
                 reasons.append(f"{class_names[c]} absent from every mask")
-        if i > 0:
-            before, now = float(miou.get(steps[i - 1], math.nan)), float(miou.get(step, math.nan))
+        source = (inputs or {}).get(step, steps[i - 1] if i > 0 else None)
+        if source is not None:
+            before, now = float(miou.get(source, math.nan)), float(miou.get(step, math.nan))
             if math.isfinite(before) and math.isfinite(now) and before > 0 and now < 0.5 * before:
                 reasons.append(
-                    f"mIoU {now:.4f} is below half of its input step {steps[i - 1]}'s {before:.4f}"
+                    f"mIoU {now:.4f} is below half of its input step {source}'s {before:.4f}"
                 )
         if reasons:
             out[step] = reasons
@@ -493,3 +511,14 @@ def write_mask_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) 
     for row in rows:
         columns += [k for k in row if k not in columns]
     return write_rows_csv(path, rows, columns)
+
+
+def _affinity_variant(spec: Mapping[str, Any]) -> tuple[str, int, bool]:
+    """(step name, t, walk_background) of one ``affinity_variants`` entry."""
+    unknown = set(spec) - {"t", "walk_background"}
+    if unknown or "t" not in spec or int(spec["t"]) < 1:
+        raise ValueError(
+            f"affinity_variants: expected {{t: int >= 1, walk_background: bool}}, got {dict(spec)}"
+        )
+    t, walk_background = int(spec["t"]), bool(spec.get("walk_background", True))
+    return f"affinity_t{t}" + ("" if walk_background else "_fg"), t, walk_background

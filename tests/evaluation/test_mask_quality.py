@@ -127,3 +127,27 @@ def test_evaluate_masks_cli_on_two_jsrt_test_images_writes_metrics(tmp_path, mod
             assert written["metrics"][f"masks/jsrt/{step}/iou_{name}"] == pytest.approx(
                 metrics[f"masks/jsrt/{step}/iou_{name}"]
             )
+
+
+def test_affinity_variants_walk_the_one_fitted_net_and_score_each_walk():
+    dm = SegmentationDataModule(PhantomSource(size=32, num_train=2, num_val=1, num_test=2), size=32,
+                                batch_size=2, num_workers=0)
+    module = MaskQualityLitModule(
+        tiny_scratch_components(32, seed=1), chest_prompt_builder(), CrossAttentionStore,
+        {"threshold": ThresholdRefiner()}, affinity=tiny_affinity(), affinity_steps=2, affinity_batch_size=2,
+        affinity_variants=[{"t": 1}, {"t": 2, "walk_background": False}],
+    )
+    assert module.step_names == ["raw", "threshold", "affinity", "affinity_t1", "affinity_t2_fg"]
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+               enable_model_summary=False).test(module, datamodule=dm)
+    res = module.results
+    assert all(math.isfinite(res[f"masks/phantom/{s}/miou"]) for s in module.step_names)
+    assert "masks/phantom/affinity_t1/train_seconds" not in res  # one fit, several walks
+    rows = {(r["step"], r["id"]): r for r in module.per_image}
+    assert {s for s, _ in rows} == set(module.step_names)
+    with pytest.raises(ValueError, match="affinity_variants"):
+        MaskQualityLitModule(tiny_scratch_components(32), chest_prompt_builder(), CrossAttentionStore,
+                             affinity_variants=[{"t": 2}])
+    with pytest.raises(ValueError, match="affinity_variants"):
+        MaskQualityLitModule(tiny_scratch_components(32), chest_prompt_builder(), CrossAttentionStore,
+                             affinity=tiny_affinity(), affinity_variants=[{"t": 0}])
