@@ -225,6 +225,7 @@ class MaskQualityLitModule(pl.LightningModule):
         self._capture_seconds = {key: 0.0 for key in self._scores}
         self._counts = {key: 0 for key in self._scores}
         self._kept: dict[str, list[dict[str, Any]]] = {s: [] for s in self._all_set_names()}
+        self._uniformity: dict[str, list[float]] = {s: [] for s in self._all_set_names()}
 
     # ------------------------------------------------------------------ maps
     def encode_images(self, image: torch.Tensor) -> torch.Tensor:
@@ -317,6 +318,8 @@ class MaskQualityLitModule(pl.LightningModule):
         capture = 0.0 if self_store is None else self_store.seconds / len(image)
         per_image = (time.perf_counter() - start) / len(image) - capture  # raw attention without the capture
         affinity = None if self_store is None else self_store.result().cpu().numpy()  # (B, N, N)
+        if affinity is not None:
+            self._uniformity[set_name].extend(attention_uniformity(affinity).tolist())
         pixels = to_uint8_images(image)  # (B, S, S) grey or (B, S, S, 3) colour, as the refiners take them
         maps_np = maps.float().cpu().numpy()
         for i in range(len(image)):
@@ -405,6 +408,11 @@ class MaskQualityLitModule(pl.LightningModule):
                     self._capture_seconds[(set_name, step)] / n if n else float("nan"))
         for set_name, seconds in train_seconds.items():
             results[f"masks/{set_name}/affinity/train_seconds"] = seconds
+        for set_name, values in self._uniformity.items():
+            if values:
+                # 1 = every pixel attends to all pixels alike: the walk then averages the class maps away
+                key = f"masks/{set_name}/{self._self_step_name()}/attention_uniformity"
+                results[key] = float(np.mean(values))
         self._flag_degenerate(results)
         self.results = results
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -522,3 +530,21 @@ def _affinity_variant(spec: Mapping[str, Any]) -> tuple[str, int, bool]:
         )
     t, walk_background = int(spec["t"]), bool(spec.get("walk_background", True))
     return f"affinity_t{t}" + ("" if walk_background else "_fg"), t, walk_background
+
+
+def attention_uniformity(affinity: np.ndarray) -> np.ndarray:
+    """How close each image's self-attention is to uniform: mean row entropy / log(N), in [0, 1].
+
+    1 means every pixel attends to every pixel alike (a walk through it averages the class maps
+    over the image); a local, edge-following attention scores far lower.
+
+    Args:
+        affinity: (B, N, N) row-stochastic self-attention maps.
+
+    Returns:
+        (B,) float64.
+    """
+    a = np.clip(np.asarray(affinity, dtype=np.float64), 1e-12, None)
+    a = a / a.sum(axis=-1, keepdims=True)
+    entropy = -(a * np.log(a)).sum(axis=-1).mean(axis=-1)
+    return entropy / np.log(a.shape[-1])

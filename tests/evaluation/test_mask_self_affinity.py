@@ -6,6 +6,7 @@ import functools
 import json
 import math
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 
@@ -13,7 +14,7 @@ from diffmask.attention import CrossAttentionStore, SelfAttentionStore
 from diffmask.data import SegmentationDataModule
 from diffmask.diffusion.tiny_models import tiny_scratch_components
 from diffmask.domains.chest import PhantomSource, chest_prompt_builder
-from diffmask.evaluation.mask_quality import MaskQualityLitModule
+from diffmask.evaluation.mask_quality import MaskQualityLitModule, attention_uniformity
 from diffmask.refine import SelfAffinityRefiner, ThresholdRefiner
 
 from ..conftest import compose_config
@@ -47,6 +48,15 @@ def test_module_scores_the_self_affinity_step():
     )
     assert res["masks/phantom/self_affinity/degenerate"] in (0.0, 1.0)
     assert "masks/phantom/threshold/capture_seconds_per_image" not in res
+    assert 0 < res["masks/phantom/self_affinity/attention_uniformity"] <= 1
+
+
+def test_attention_uniformity_tells_local_from_uniform_attention():
+    n = 16
+    uniform = np.full((1, n, n), 1.0 / n)
+    local = np.eye(n)[None] * 0.9 + 0.1 / n
+    scores = attention_uniformity(np.concatenate([uniform, local]))
+    assert scores[0] == pytest.approx(1.0) and scores[1] < 0.3
 
 
 def test_evaluate_masks_cli_with_the_self_affinity_step(tmp_path, model_dir, real_dir):
