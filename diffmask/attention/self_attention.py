@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmask.attention.processor import grid_from_tokens
+from diffmask.attention.store import check_windows
 
 __all__ = [
     "NO_SELF_ATTENTION",
@@ -244,18 +245,7 @@ class SelfAttentionStore:
             grid = tuple(int(g) for g in grid)
             if len(grid) != 2 or min(grid) < 1:
                 raise ValueError(f"grid: expected None, a positive int or (H, W), got {grid}")
-        if step_window is not None:
-            step_window = tuple(int(s) for s in step_window)
-            if len(step_window) != 2 or step_window[0] < 0 or step_window[1] <= step_window[0]:
-                raise ValueError(
-                    f"step_window: expected [start, end) with 0 <= start < end, got {step_window}"
-                )
-        if timestep_window is not None:
-            timestep_window = tuple(float(s) for s in timestep_window)
-            if len(timestep_window) != 2 or timestep_window[1] < timestep_window[0]:
-                raise ValueError(
-                    f"timestep_window: expected [low, high] with low <= high, got {timestep_window}"
-                )
+        step_window, timestep_window = check_windows(step_window, timestep_window)
         aspect = tuple(int(a) for a in aspect)
         if len(aspect) != 2 or min(aspect) < 1:
             raise ValueError(f"aspect: expected (H, W) of positive ints, got {aspect}")

@@ -28,12 +28,40 @@ import torch.nn.functional as F
 
 from diffmask.attention.processor import capture_cross_attention, cross_attention_layers, grid_from_tokens
 
-__all__ = ["CrossAttentionStore"]
+__all__ = ["CrossAttentionStore", "check_windows"]
 
 _UPSAMPLE = ("bicubic", "bilinear")
 _NORMALIZE = ("max", "minmax", "none")
 _HEAD_REDUCE = ("mean", "max")
 _LAYER_REDUCE = ("mean", "resolution_mean")
+
+
+def check_windows(
+    step_window: Sequence[int] | None, timestep_window: Sequence[float] | None
+) -> tuple[tuple[int, int] | None, tuple[float, float] | None]:
+    """Check and normalise an attention store's step and timestep windows.
+
+    Args:
+        step_window: ``[start, end)`` sampling steps kept, or None for every step.
+        timestep_window: ``[low, high]`` timesteps kept, or None for every timestep.
+
+    Returns:
+        The two windows as tuples (or None).
+
+    Raises:
+        ValueError: a window that is not two numbers in order.
+    """
+    if step_window is not None:
+        step_window = tuple(int(s) for s in step_window)
+        if len(step_window) != 2 or step_window[0] < 0 or step_window[1] <= step_window[0]:
+            raise ValueError(f"step_window: expected [start, end) with 0 <= start < end, got {step_window}")
+    if timestep_window is not None:
+        timestep_window = tuple(float(s) for s in timestep_window)
+        if len(timestep_window) != 2 or timestep_window[1] < timestep_window[0]:
+            raise ValueError(
+                f"timestep_window: expected [low, high] with low <= high, got {timestep_window}"
+            )
+    return step_window, timestep_window
 
 
 class CrossAttentionStore:
@@ -91,18 +119,7 @@ class CrossAttentionStore:
                 raise ValueError(
                     f"resolutions: expected a non-empty list of positive grid sizes, got {list(res)}"
                 )
-        if step_window is not None:
-            step_window = tuple(int(s) for s in step_window)
-            if len(step_window) != 2 or step_window[0] < 0 or step_window[1] <= step_window[0]:
-                raise ValueError(
-                    f"step_window: expected [start, end) with 0 <= start < end, got {step_window}"
-                )
-        if timestep_window is not None:
-            timestep_window = tuple(float(s) for s in timestep_window)
-            if len(timestep_window) != 2 or timestep_window[1] < timestep_window[0]:
-                raise ValueError(
-                    f"timestep_window: expected [low, high] with low <= high, got {timestep_window}"
-                )
+        step_window, timestep_window = check_windows(step_window, timestep_window)
         for field, value, allowed in (
             ("head_reduce", head_reduce, _HEAD_REDUCE),
             ("layer_reduce", layer_reduce, _LAYER_REDUCE),
