@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmask.attention.processor import grid_from_tokens
-from diffmask.attention.store import check_windows
+from diffmask.attention.store import check_windows, within_windows
 
 __all__ = [
     "NO_SELF_ATTENTION",
@@ -367,17 +367,7 @@ class SelfAttentionStore:
             return False
         if self.resolutions is not None and self._grid_of(hidden_states)[0] not in self.resolutions:
             return False
-        if self.step_window is not None:
-            if self._step is None:
-                raise ValueError("step_window is set but set_step(step_index, timestep) was not called")
-            if not self.step_window[0] <= self._step < self.step_window[1]:
-                return False
-        if self.timestep_window is not None:
-            if self._timestep is None:
-                raise ValueError("timestep_window is set but set_step(..., timestep) got no timestep")
-            if not self.timestep_window[0] <= self._timestep <= self.timestep_window[1]:
-                return False
-        return True
+        return within_windows(self.step_window, self.timestep_window, self._step, self._timestep)
 
     def record_layer(
         self, layer: str, attn: torch.nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor | None = None

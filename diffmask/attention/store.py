@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from diffmask.attention.processor import capture_cross_attention, cross_attention_layers, grid_from_tokens
 
-__all__ = ["CrossAttentionStore", "check_windows"]
+__all__ = ["CrossAttentionStore", "check_windows", "within_windows"]
 
 _UPSAMPLE = ("bicubic", "bilinear")
 _NORMALIZE = ("max", "minmax", "none")
@@ -62,6 +62,34 @@ def check_windows(
                 f"timestep_window: expected [low, high] with low <= high, got {timestep_window}"
             )
     return step_window, timestep_window
+
+
+def within_windows(step_window: tuple[int, int] | None, timestep_window: tuple[float, float] | None,
+                   step: int | None, timestep: float | None) -> bool:
+    """Whether the current sampling step falls in a store's step and timestep windows.
+
+    Args:
+        step_window: ``[start, end)`` steps kept (None: every step).
+        timestep_window: ``[low, high]`` timesteps kept (None: every timestep).
+        step: the current step index (``set_step``), or None if it was not set.
+        timestep: the current timestep, or None if it was not given.
+
+    Raises:
+        ValueError: a window is set but the step (or timestep) it needs was never set.
+    """
+    if step_window is not None:
+        if step is None:
+            raise ValueError(
+                "step_window is set but set_step(step_index, timestep) was not called before the UNet"
+            )
+        if not step_window[0] <= step < step_window[1]:
+            return False
+    if timestep_window is not None:
+        if timestep is None:
+            raise ValueError("timestep_window is set but set_step(..., timestep) got no timestep")
+        if not timestep_window[0] <= timestep <= timestep_window[1]:
+            return False
+    return True
 
 
 class CrossAttentionStore:
@@ -274,21 +302,7 @@ class CrossAttentionStore:
 
     # ----------------------------------------------------------------- sink
     def _step_kept(self) -> bool:
-        if self.step_window is None and self.timestep_window is None:
-            return True
-        if self.step_window is not None:
-            if self._step is None:
-                raise ValueError(
-                    "step_window is set but set_step(step_index, timestep) was not called before the UNet"
-                )
-            if not self.step_window[0] <= self._step < self.step_window[1]:
-                return False
-        if self.timestep_window is not None:
-            if self._timestep is None:
-                raise ValueError("timestep_window is set but set_step(..., timestep) got no timestep")
-            if not self.timestep_window[0] <= self._timestep <= self.timestep_window[1]:
-                return False
-        return True
+        return within_windows(self.step_window, self.timestep_window, self._step, self._timestep)
 
     @torch.no_grad()
     def record(self, layer: str, probs: torch.Tensor, spatial: tuple[int, int] | None) -> None:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,9 +23,17 @@ __all__ = ["tiny_scratch_components", "tiny_latent_unet", "save_tiny_stable_diff
 
 
 def tiny_scratch_components(resolution: int = 32, seed: int = 0, prediction_type: str = "epsilon",
-                            channels: int = 1) -> DiffusionComponents:
-    """A pixel-space model small enough for CPU tests (UNet levels 16/32, 2 attention heads);
-    ``channels`` 1 (grey) or 3 (colour) images."""
+                            channels: int = 1,
+                            only_cross_attention: bool | Sequence[bool] = False) -> DiffusionComponents:
+    """A pixel-space model small enough for CPU tests (UNet levels 16/32, 2 attention heads).
+
+    Args:
+        resolution: image side.
+        seed: torch seed of the random init.
+        prediction_type: the noise scheduler's prediction type.
+        channels: 1 (grey) or 3 (colour) images.
+        only_cross_attention: drop self-attention (all levels, or one flag per level).
+    """
     torch.manual_seed(seed)
     return build_scratch_components(
         resolution=resolution,
@@ -42,6 +51,7 @@ def tiny_scratch_components(resolution: int = 32, seed: int = 0, prediction_type
         beta_schedule="squaredcos_cap_v2",
         prediction_type=prediction_type,
         channels=channels,
+        only_cross_attention=only_cross_attention,
     )
 
 

@@ -9,7 +9,6 @@ from diffmask.attention import CrossAttentionStore, SelfAttentionStore, capture_
 from diffmask.attention.processor import CrossAttentionCaptureProcessor
 from diffmask.attention.self_attention import has_self_attention, resample_affinity, self_attention_layers
 from diffmask.diffusion import TextToImageSampler
-from diffmask.diffusion.components import build_scratch_components
 from diffmask.diffusion.tiny_models import tiny_scratch_components
 from diffmask.domains.chest import chest_prompt_builder
 
@@ -119,21 +118,7 @@ def test_resolutions_grid_windows_and_name_filter(sampler):
 
 
 def tiny_components(only_cross_attention):
-    torch.manual_seed(0)
-    return build_scratch_components(
-        resolution=32,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        attention_heads=2,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        text_hidden_size=32,
-        text_layers=2,
-        text_heads=2,
-        text_intermediate_size=64,
-        max_prompt_tokens=48,
-        only_cross_attention=only_cross_attention,
-    )
+    return tiny_scratch_components(32, only_cross_attention=only_cross_attention)
 
 
 def test_self_attention_on_some_levels_only_is_captured():

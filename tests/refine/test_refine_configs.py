@@ -40,7 +40,8 @@ def test_refine_configs_instantiate():
         ignore_index=255,
     )
     assert isinstance(affinity, AffinityRefiner)
-    assert affinity.radius == 5 and affinity.beta == 8 and affinity.t == 2 and affinity.walk_background is False
+    assert affinity.radius == 5 and affinity.beta == 8
+    assert affinity.t == 2 and affinity.walk_background is False
     assert affinity.backbone.stride == 4
     assert isinstance(affinity.configure_optimizers(), torch.optim.Adam)
     assert affinity.backbone.in_channels == 1
