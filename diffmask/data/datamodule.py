@@ -480,6 +480,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         if needed."""
         return self._set_up()._real_train_ids
 
+    def train_metas(self) -> list[dict[str, str]]:
+        """Metadata of the selected real training images, as the real source serves them now."""
+        return [self.real.load(sid).meta for sid in self.real_train_ids]
+
     @property
     def synthetic_ids(self) -> list[str]:
         """The selected synthetic training ids; runs :meth:`setup` if needed."""

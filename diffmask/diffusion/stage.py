@@ -3,8 +3,8 @@
 :func:`fit_diffusion` is what ``diffmask-fit-diffusion`` runs (:mod:`diffmask.cli.fit_diffusion`,
 which skips a complete stage and seeds the run first): :func:`build_diffusion` instantiates the
 data, the prompt builder, the model's components and the Lightning module;
-:func:`prepare_prompts` readies the prompt builder for the fit (a report builder's mask-derived
-findings, the metadata values seen); the fit resumes from the stage's checkpoints; the export is
+:func:`prepare_prompts` readies the prompt builder for the fit (its ``prepare_fit``: the metadata
+values seen, and a domain builder's own steps); the fit resumes from the stage's checkpoints; the export is
 the model in diffusers format (+ ``diffmask.json``) and ``stage.json`` in the stage folder, and
 ``metrics.json`` in the run dir.
 """
@@ -22,19 +22,16 @@ from omegaconf import DictConfig
 from diffmask.data.datamodule import SegmentationDataModule
 from diffmask.diffusion.components import DiffusionComponents
 from diffmask.diffusion.module import DiffusionLitModule
-from diffmask.domains.chest.anatomy import MASK_FIELDS, AnatomyPathologyPrompts, FindingsSource
 from diffmask.prompts.builder import PromptBuilder
 from diffmask.prompts.tokenizer import prompt_vocabulary
 from diffmask.stages import commit_fit_stage, resumable_fit
 
 __all__ = [
     "DiffusionRun",
-    "add_mask_findings",
     "build_diffusion",
     "check_prompt_builder",
     "fit_diffusion",
     "prepare_prompts",
-    "train_metas",
 ]
 
 # the stage's messages keep the logger name of diffmask-fit-diffusion
@@ -71,15 +68,6 @@ def check_prompt_builder(target: str) -> None:
         )
 
 
-def train_metas(datamodule: SegmentationDataModule) -> list[dict[str, str]]:
-    """Metadata of the selected real training images (their words join a scratch tokenizer's vocabulary).
-
-    Args:
-        datamodule: the fit's data.
-    """
-    return [datamodule.real.load(sid).meta for sid in datamodule.real_train_ids]
-
-
 def build_diffusion(cfg: DictConfig) -> DiffusionRun:
     """Instantiate the data (and set it up, so bad data fails first), the prompt builder, the
     components (a scratch tokenizer learns the prompts' words) and the module.
@@ -96,55 +84,23 @@ def build_diffusion(cfg: DictConfig) -> DiffusionRun:
     if "vocabulary" in inspect.signature(components_target).parameters:
         extra["vocabulary"] = prompt_vocabulary(
             [*prompt_builder.words(), *cfg.diffusion.components.get("vocabulary", [])],
-            train_metas(datamodule),
+            datamodule.train_metas(),
         )
     components = hydra.utils.instantiate(cfg.diffusion.components, **extra)
     model = hydra.utils.instantiate(cfg.diffusion, components=components, prompt_builder=prompt_builder)
     return DiffusionRun(datamodule, prompt_builder, components, model)
 
 
-def add_mask_findings(
-    builder: AnatomyPathologyPrompts, datamodule: SegmentationDataModule, model: DiffusionLitModule
-) -> None:
-    """Put the mask-derived findings of the images the fit may use into their metadata.
-
-    ``prompts.mask_findings``: ``labelled`` = the alignment's labelled images (none when alignment
-    is off), ``all`` = every real training image, ``none`` = no image. The datamodule serves its
-    real images through a :class:`~diffmask.domains.chest.anatomy.FindingsSource` from then on.
-
-    Args:
-        builder: the report prompt builder (derives the findings).
-        datamodule: the fit's data.
-        model: the module (draws the alignment's labelled images).
-    """
-    if builder.mask_findings == "all":
-        ids = list(datamodule.real_train_ids)
-    elif builder.mask_findings == "labelled":
-        ids = model.draw_labelled_ids(datamodule)
-    else:
-        ids = []
-    findings = {}
-    for sid in ids:
-        sample = datamodule.real.load(sid)
-        derived = builder.derive(sample.meta, sample.label)
-        findings[sid] = {k: v for k, v in derived.items() if k in MASK_FIELDS}
-    datamodule.set_real_source(FindingsSource(datamodule.real, findings))
-    log.info("prompts: mask findings (%s) of %d training images", builder.mask_findings, len(findings))
-
-
 def prepare_prompts(run: DiffusionRun) -> None:
-    """Ready the prompt builder for the fit: a report builder checks its length against the tokenizer
-    and adds mask findings (:func:`add_mask_findings`); every builder learns the training metadata
-    values (others, e.g. another hospital's, get neutral words).
+    """Ready the prompt builder for the fit (:meth:`~diffmask.prompts.builder.PromptBuilder.prepare_fit`:
+    every builder learns the training metadata values; a domain's builder may add more, e.g. the
+    chest report builder's mask-derived findings).
 
     Args:
         run: the fit's objects.
     """
-    builder = run.prompt_builder
-    if isinstance(builder, AnatomyPathologyPrompts):
-        builder.check_length(run.components.tokenizer)
-        add_mask_findings(builder, run.datamodule, run.model)
-    builder.learn_values(train_metas(run.datamodule))
+    run.prompt_builder.prepare_fit(run.components.tokenizer, run.datamodule,
+                                   lambda: run.model.draw_labelled_ids(run.datamodule))
 
 
 def fit_diffusion(cfg: DictConfig, stage) -> dict[str, Any]:

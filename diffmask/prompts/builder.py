@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from diffmask.labels import class_word, validate_class_names
@@ -205,6 +205,20 @@ class PromptBuilder:
             if values[key] != self.neutral[key] and values[key] not in known:
                 values[key] = self.neutral[key]
         return values
+
+    def prepare_fit(self, tokenizer, datamodule, labelled_ids: Callable[[], Sequence[str]]) -> None:
+        """Ready the builder for a diffusion fit: learn the training images' metadata values.
+
+        A domain's builder may do more here (the chest report builder checks its length against
+        the tokenizer and adds findings derived from the labelled masks).
+
+        Args:
+            tokenizer: the model's tokenizer.
+            datamodule: the fit's data (its ``train_metas()``; a domain's builder may also change
+                the real source it serves).
+            labelled_ids: returns the ids of the real training images whose masks the fit may use.
+        """
+        self.learn_values(datamodule.train_metas())
 
     def learn_values(self, metas: Sequence[Mapping[str, object]]) -> None:
         """Record the values of the fitting set's metadata as :attr:`known_values` (at fit time)."""

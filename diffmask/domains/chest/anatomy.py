@@ -32,7 +32,7 @@ import hashlib
 import logging
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -519,6 +519,36 @@ class AnatomyPathologyPrompts(PromptBuilder):
         return {**base, **self.check_findings(asked or {})}
 
     # ---- fit-time hooks ----------------------------------------------------------------------
+    def prepare_fit(self, tokenizer, datamodule, labelled_ids: Callable[[], Sequence[str]]) -> None:
+        """Ready the report builder for a diffusion fit.
+
+        Checks the reports' length against the tokenizer, puts the mask-derived findings of the
+        images the fit may use into their metadata (``mask_findings``: ``labelled`` = the
+        alignment's labelled images, ``all`` = every real training image, ``none`` = no image; the
+        datamodule serves its real images through a :class:`FindingsSource` from then on), then
+        learns the metadata values.
+
+        Args:
+            tokenizer: the model's tokenizer.
+            datamodule: the fit's data.
+            labelled_ids: returns the ids of the real training images whose masks the fit may use.
+        """
+        self.check_length(tokenizer)
+        if self.mask_findings == "all":
+            ids = list(datamodule.real_train_ids)
+        elif self.mask_findings == "labelled":
+            ids = list(labelled_ids())
+        else:
+            ids = []
+        findings = {}
+        for sid in ids:
+            sample = datamodule.real.load(sid)
+            derived = self.derive(sample.meta, sample.label)
+            findings[sid] = {k: v for k, v in derived.items() if k in MASK_FIELDS}
+        datamodule.set_real_source(FindingsSource(datamodule.real, findings))
+        log.info("prompts: mask findings (%s) of %d training images", self.mask_findings, len(findings))
+        super().prepare_fit(tokenizer, datamodule, labelled_ids)
+
     def learn_values(self, metas: Sequence[Mapping[str, object]]) -> None:
         """Record the training images' findings (generation draws from them)."""
         self.findings_table = [self.findings(m) for m in metas]
