@@ -141,3 +141,11 @@ def model_dir(tmp_path) -> Path:
     module.export(stage.begin())
     stage.commit(config={"test": True})
     return stage.path
+
+
+def small_mask_run(model_dir, real_dir) -> list[str]:
+    """``evaluate_masks`` overrides for a quick run: one batch of 2 JSRT (or phantom) test images at
+    t = 200, no other hospital's set."""
+    return [f"input_dir={model_dir}", f"paths.jsrt_dir={real_dir}", "paths.external_sets=[]",
+            "data.batch_size=2", "data.num_workers=0", "+trainer.limit_test_batches=1",
+            "model.timesteps=[200]"]

@@ -10,7 +10,7 @@ import torch
 from diffmask.evaluation.mask_quality import degenerate_steps
 from diffmask.evaluation.mask_stage import summary_lines
 
-from ..conftest import compose_config
+from ..conftest import compose_config, small_mask_run
 
 CLASSES = ("background", "left_lung", "right_lung", "heart")
 
@@ -60,13 +60,7 @@ def test_evaluate_masks_flags_a_step_that_empties_every_mask(tmp_path, model_dir
     cfg = compose_config(
         "evaluate_masks",
         [
-            f"input_dir={model_dir}",
-            f"paths.jsrt_dir={real_dir}",
-            "paths.external_sets=[]",
-            "data.batch_size=2",
-            "data.num_workers=0",
-            "+trainer.limit_test_batches=1",
-            "model.timesteps=[200]",
+            *small_mask_run(model_dir, real_dir),
             "model.affinity=null",
             "model.refiners.densecrf=null",
             "+refine@model.refiners.empty=threshold",

@@ -18,7 +18,7 @@ from diffmask.evaluation.mask_quality import MaskQualityLitModule
 from diffmask.refine import AffinityBackbone, AffinityRefiner, DenseCRFRefiner, ThresholdRefiner
 from diffmask.refine.raw import RawAttentionRefiner, raw_attention_labels
 
-from ..conftest import compose_config
+from ..conftest import compose_config, small_mask_run
 
 STEP_NAMES = ["raw", "threshold", "densecrf", "affinity"]
 CLASSES = ["left_lung", "right_lung", "heart"]
@@ -89,13 +89,7 @@ def test_evaluate_masks_cli_on_two_jsrt_test_images_writes_metrics(tmp_path, mod
     cfg = compose_config(
         "evaluate_masks",
         [
-            f"input_dir={model_dir}",
-            f"paths.jsrt_dir={real_dir}",
-            "paths.external_sets=[]",
-            "data.batch_size=2",
-            "data.num_workers=0",
-            "+trainer.limit_test_batches=1",
-            "model.timesteps=[200]",
+            *small_mask_run(model_dir, real_dir),
             "model.affinity_steps=2",
             "model.affinity_batch_size=2",
             "model.refiners.densecrf.iterations=2",

@@ -17,7 +17,7 @@ from diffmask.domains.chest import PhantomSource, chest_prompt_builder
 from diffmask.evaluation.mask_quality import MaskQualityLitModule, attention_uniformity
 from diffmask.refine import SelfAffinityRefiner, ThresholdRefiner
 
-from ..conftest import compose_config
+from ..conftest import compose_config, small_mask_run
 
 CLASSES = ["left_lung", "right_lung", "heart"]
 
@@ -65,13 +65,7 @@ def test_evaluate_masks_cli_with_the_self_affinity_step(tmp_path, model_dir, rea
     cfg = compose_config(
         "evaluate_masks",
         [
-            f"input_dir={model_dir}",
-            f"paths.jsrt_dir={real_dir}",
-            "paths.external_sets=[]",
-            "data.batch_size=2",
-            "data.num_workers=0",
-            "+trainer.limit_test_batches=1",
-            "model.timesteps=[200]",
+            *small_mask_run(model_dir, real_dir),
             "model.affinity=null",
             "model.refiners.densecrf.iterations=2",
             "model.store.upsample=bilinear",
