@@ -149,3 +149,12 @@ def small_mask_run(model_dir, real_dir) -> list[str]:
     return [f"input_dir={model_dir}", f"paths.jsrt_dir={real_dir}", "paths.external_sets=[]",
             "data.batch_size=2", "data.num_workers=0", "+trainer.limit_test_batches=1",
             "model.timesteps=[200]"]
+
+
+def quiet_trainer(steps: int, **kw):
+    """A CPU Lightning trainer for ``steps`` steps with no logger, checkpoints, progress bar or validation."""
+    import pytorch_lightning as pl  # noqa: PLC0415
+
+    return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, **kw)

@@ -59,3 +59,12 @@ def colour_overrides(root: Path, size: int = 32) -> list[str]:
         "data.batch_size=4",
         "data.num_workers=0",
     ]
+
+
+def colour_datamodule(root: Path, batch_size: int = 4):
+    """A 32 px, 3-channel, unaugmented datamodule over a folder :func:`write_colour_folder` wrote."""
+    from diffmask.data import FolderSource, SegmentationDataModule  # noqa: PLC0415
+
+    return SegmentationDataModule(FolderSource(root, COLOUR_CLASSES, channels=3), size=32,
+                                  batch_size=batch_size, channels=3, class_names=COLOUR_CLASSES,
+                                  augment=None, num_workers=0)

@@ -65,6 +65,13 @@ def _module(lr=3e-3, **kwargs):
     return AutoencoderLitModule(vae, lambda p: torch.optim.Adam(p, lr=lr), resolution=32, **kwargs)
 
 
+
+def _small_components(**kw):
+    """A small scratch diffusion model at 32 px (pixel space, or on ``autoencoder_dir``'s latents)."""
+    return build_scratch_components(resolution=32, block_out_channels=(16, 32), attention_heads=2,
+                                    cross_attention_dim=32, norm_num_groups=8, text_hidden_size=32,
+                                    text_layers=1, text_heads=2, text_intermediate_size=32, **kw)
+
 def test_metrics_on_known_images():
     x = torch.rand(2, 1, 32, 32)
     assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)
@@ -119,17 +126,7 @@ def test_sizes_that_do_not_fit_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="factor 8 needs 4 levels"):
         build_autoencoder(factor=8, block_out_channels=(16, 32, 32))
     # a UNet built for another autoencoder (8 latent channels) does not take these 4-channel latents
-    pixel = build_scratch_components(
-        resolution=32,
-        block_out_channels=(16, 32),
-        attention_heads=2,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        text_hidden_size=32,
-        text_layers=1,
-        text_heads=2,
-        text_intermediate_size=32,
-    )
+    pixel = _small_components()
     other = build_autoencoder(factor=4, latent_channels=8, block_out_channels=(16, 32, 32))
     with pytest.raises(ValueError, match="latents have 8 channels, the UNet takes 1"):
         DiffusionComponents(pixel.unet, pixel.text_encoder, pixel.tokenizer, pixel.noise_scheduler, vae=other)
@@ -208,18 +205,7 @@ def test_stable_diffusion_vae_fits_the_same_slot_and_f8_composes(tmp_path):
 
     # a Stable Diffusion folder's vae/ (RGB, 2x here) as diffusion.components.autoencoder_dir
     tiny_sd_dir = save_tiny_stable_diffusion(tmp_path / "sd")
-    comps = build_scratch_components(
-        resolution=32,
-        block_out_channels=(16, 32),
-        attention_heads=2,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        text_hidden_size=32,
-        text_layers=1,
-        text_heads=2,
-        text_intermediate_size=32,
-        autoencoder_dir=tiny_sd_dir / "vae",
-    )
+    comps = _small_components(autoencoder_dir=tiny_sd_dir / "vae")
     assert comps.latent and comps.unet.config.in_channels == 4 and comps.unet.config.sample_size == 16
     sampler = TextToImageSampler(comps, 32)
     out = sampler(["left lung, right lung and heart"], [0], num_inference_steps=1)
@@ -238,18 +224,7 @@ def test_latent_fit_encodes_each_training_image_once_and_draws_from_its_posterio
     from diffmask.diffusion.module import encode_posterior
 
     _module().export(tmp_path / "ae", {"latent_mean": 0.0, "latent_std": 2.0})
-    comps = build_scratch_components(
-        resolution=32,
-        block_out_channels=(16, 32),
-        attention_heads=2,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        text_hidden_size=32,
-        text_layers=1,
-        text_heads=2,
-        text_intermediate_size=32,
-        autoencoder_dir=tmp_path / "ae",
-    )
+    comps = _small_components(autoencoder_dir=tmp_path / "ae")
     vae, images = comps.vae, _phantoms(n=2)
     module = DiffusionLitModule(
         comps, chest_prompt_builder(), torch.optim.Adam, resolution=32, latent_cache=4

@@ -8,20 +8,7 @@ from diffmask.data import select_fraction
 from diffmask.diffusion import AttentionAlignment, TextToImageSampler, load_components
 from diffmask.diffusion.tiny_models import tiny_scratch_components
 from diffmask.domains.chest import chest_prompt_builder
-
-
-def _trainer(steps, **kw):
-    return pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **kw,
-    )
+from tests.conftest import quiet_trainer
 
 
 def _fixed_loss(module, batch, align_all=False):
@@ -43,7 +30,7 @@ def test_short_overfit_lowers_a_finite_denoising_loss(phantom_dm, make_module):
     module = make_module(lr=3e-3)
     batch = next(iter(phantom_dm.train_dataloader()))
     before = _fixed_loss(module, batch)
-    _trainer(40).fit(module, datamodule=phantom_dm)
+    quiet_trainer(40).fit(module, datamodule=phantom_dm)
     after = _fixed_loss(module, batch)
     assert torch.isfinite(torch.tensor([before, after])).all()
     assert after < 0.8 * before, (before, after)
@@ -54,7 +41,7 @@ def test_v_prediction_trains_with_ema_and_clipping(phantom_dm, make_module):
         tiny_scratch_components(32, prediction_type="v_prediction"), ema_decay=0.9, cond_dropout=0.5
     )
     start = [p.clone() for p in module.ema_unet.parameters()]
-    _trainer(3, gradient_clip_val=1.0).fit(module, datamodule=phantom_dm)
+    quiet_trainer(3, gradient_clip_val=1.0).fit(module, datamodule=phantom_dm)
     assert module.prediction_type == "v_prediction"
     moved = sum(not torch.equal(a, b) for a, b in zip(start, module.ema_unet.parameters(), strict=True))
     assert moved > 0  # the EMA copy follows the trained weights
@@ -78,7 +65,7 @@ def test_alignment_loss_drops_after_overfit_on_one_labelled_image(make_module):
     )
     batch = next(iter(phantom_dm.train_dataloader()))
     before = _fixed_loss(module, batch, align_all=True)
-    trainer = _trainer(40)
+    trainer = quiet_trainer(40)
     trainer.fit(module, datamodule=phantom_dm)
     after = _fixed_loss(module, batch, align_all=True)
     assert "train/align_loss" in trainer.callback_metrics
@@ -87,7 +74,7 @@ def test_alignment_loss_drops_after_overfit_on_one_labelled_image(make_module):
 
 def test_labelled_subset_is_the_segmentation_stages_real_fraction_draw(phantom_dm, make_module):
     module = make_module(align=AttentionAlignment(label_fraction=0.5, weight=0.1))
-    trainer = _trainer(1)
+    trainer = quiet_trainer(1)
     trainer.fit(module, datamodule=phantom_dm)
     ids = phantom_dm.real_ids("train")
     assert module.labelled_ids == set(select_fraction(ids, 0.5, phantom_dm.seed))
@@ -96,7 +83,7 @@ def test_labelled_subset_is_the_segmentation_stages_real_fraction_draw(phantom_d
 
 def test_export_reloads_in_diffusers_format_with_identical_outputs(tmp_path, phantom_dm, make_module):
     module = make_module(ema_decay=0.5)
-    _trainer(2).fit(module, datamodule=phantom_dm)
+    quiet_trainer(2).fit(module, datamodule=phantom_dm)
     out = module.export(tmp_path / "model")
     assert sorted(p.name for p in out.iterdir()) == [
         "diffmask.json",
@@ -164,7 +151,7 @@ def test_every_step_gets_an_alignment_signal_and_labelled_items_skip_the_denoisi
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             steps.append("train/align_loss" in trainer.callback_metrics and batch["id"][0])
 
-    _trainer(4, callbacks=[Spy()]).fit(module, datamodule=phantom_dm)
+    quiet_trainer(4, callbacks=[Spy()]).fit(module, datamodule=phantom_dm)
     assert len(steps) == 4 and all(steps)
     # v-prediction's target grows with the image: a huge labelled image would dominate the mse
     batch = next(iter(phantom_dm.train_dataloader()))
@@ -178,12 +165,11 @@ def test_every_step_gets_an_alignment_signal_and_labelled_items_skip_the_denoisi
 def test_labelled_ids_outside_the_train_split_are_a_clear_error(phantom_dm, make_module):
     module = make_module(align=AttentionAlignment(label_fraction=0.5), labelled_ids=["nope"])
     with pytest.raises(ValueError, match=r"labelled_ids: \['nope'\]"):
-        _trainer(1).fit(module, datamodule=phantom_dm)
+        quiet_trainer(1).fit(module, datamodule=phantom_dm)
 
 
 def test_a_model_fitted_on_one_kind_of_image_refuses_the_other_by_name(tmp_path, make_module):
-    from diffmask.data import FolderSource, SegmentationDataModule
-    from tests.autoencoder.colour_data import COLOUR_CLASSES, write_colour_folder
+    from tests.autoencoder.colour_data import colour_datamodule, write_colour_folder
 
     grey = make_module().export(tmp_path / "grey")
     assert json.loads((grey / "diffmask.json").read_text())["channels"] == 1
@@ -195,17 +181,9 @@ def test_a_model_fitted_on_one_kind_of_image_refuses_the_other_by_name(tmp_path,
         load_components(grey, channels=3)
     # a colour model, fitted two steps on RGB discs, the reverse
     root = write_colour_folder(tmp_path / "colour")
-    dm = SegmentationDataModule(
-        FolderSource(root, COLOUR_CLASSES, channels=3),
-        size=32,
-        batch_size=4,
-        channels=3,
-        class_names=COLOUR_CLASSES,
-        augment=None,
-        num_workers=0,
-    )
+    dm = colour_datamodule(root)
     module = make_module(tiny_scratch_components(32, channels=3))
-    _trainer(2).fit(module, datamodule=dm)
+    quiet_trainer(2).fit(module, datamodule=dm)
     colour = module.export(tmp_path / "colour_model")
     assert json.loads((colour / "diffmask.json").read_text())["channels"] == 3
     with pytest.raises(
@@ -220,6 +198,6 @@ def test_a_model_fitted_on_one_kind_of_image_refuses_the_other_by_name(tmp_path,
     with pytest.raises(
         ValueError, match=r"data.channels=3 \(colour\), but the diffusion model takes 1-channel"
     ):
-        _trainer(1).fit(make_module(), datamodule=dm)
+        quiet_trainer(1).fit(make_module(), datamodule=dm)
     with pytest.raises(ValueError, match="image: 1 channel"):
         module.encode_images(torch.zeros(1, 1, 32, 32))

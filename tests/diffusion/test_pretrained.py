@@ -1,11 +1,11 @@
 import json
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from diffusers import StableDiffusionPipeline
 
 from diffmask.diffusion import TextToImageSampler, check_resolution, load_components
+from tests.conftest import quiet_trainer
 
 
 def test_tiny_stable_diffusion_folder_fine_tunes_exports_and_reloads(
@@ -17,15 +17,7 @@ def test_tiny_stable_diffusion_folder_fine_tunes_exports_and_reloads(
     module = make_module(comps, train_text_encoder=False, ema_decay=0.9)
     text_before = [p.clone() for p in module.text_encoder.parameters()]
     unet_before = [p.clone() for p in module.unet.parameters()]
-    pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    ).fit(module, datamodule=phantom_dm)
+    quiet_trainer(2).fit(module, datamodule=phantom_dm)
     assert all(torch.equal(a, b) for a, b in zip(text_before, module.text_encoder.parameters(), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(unet_before, module.unet.parameters(), strict=True))
 
@@ -72,8 +64,7 @@ def test_pretrained_errors_name_the_problem(tmp_path, tiny_sd_dir, make_module):
 def test_a_stable_diffusion_folder_serves_grey_and_colour_data_through_the_one_channel_helper(
     tmp_path, tiny_sd_dir, make_module
 ):
-    from diffmask.data import FolderSource, SegmentationDataModule
-    from tests.autoencoder.colour_data import COLOUR_CLASSES, write_colour_folder
+    from tests.autoencoder.colour_data import colour_datamodule, write_colour_folder
 
     grey, colour = load_components(tiny_sd_dir, channels=1), load_components(tiny_sd_dir, channels=3)
     # grey by default
@@ -87,25 +78,9 @@ def test_a_stable_diffusion_folder_serves_grey_and_colour_data_through_the_one_c
     assert torch.allclose(g[inside], c.mean(1, keepdim=True)[inside], atol=1e-5)
     # fine-tuned on colour images, the export records it and refuses grey data by name
     root = write_colour_folder(tmp_path / "colour")
-    dm = SegmentationDataModule(
-        FolderSource(root, COLOUR_CLASSES, channels=3),
-        size=32,
-        batch_size=4,
-        channels=3,
-        class_names=COLOUR_CLASSES,
-        augment=None,
-        num_workers=0,
-    )
+    dm = colour_datamodule(root)
     module = make_module(colour, train_text_encoder=False)
-    pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    ).fit(module, datamodule=dm)
+    quiet_trainer(1).fit(module, datamodule=dm)
     out = module.export(tmp_path / "export")
     assert json.loads((out / "diffmask.json").read_text())["channels"] == 3
     with pytest.raises(ValueError, match=rf"data.channels=1 \(grey\), but the diffusion model in {out}"):
