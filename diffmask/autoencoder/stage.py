@@ -196,19 +196,11 @@ def fit_autoencoder(cfg: DictConfig, stage: StageDir) -> dict[str, Any]:
         "n_reconstructions": n_recon,
         "channels": datamodule.channels,
     }
-    commit_fit_stage(
-        cfg,
-        stage,
-        work,
-        trainer,
-        metrics,
-        fit_seconds,
-        datamodule,
-        "autoencoder_dir",
-        counts,
-        extra={"test": results, "intensity": datamodule.intensity, "channels": datamodule.channels},
-        extra_metrics=test,
-    )
+    commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule,
+                     "autoencoder_dir", counts,
+                     extra={"test": results, "intensity": datamodule.intensity,
+                            "channels": datamodule.channels},
+                     extra_metrics=test)
     for name, r in results.items():
         log.info(
             "autoencoder %s: PSNR %.2f dB, SSIM %.4f on %d %s test images",

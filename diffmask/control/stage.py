@@ -124,18 +124,9 @@ def fit_control(cfg: DictConfig, stage: StageDir) -> dict[str, Any]:
         "resolution": model.resolution,
         "channels": model.channels,
     }
-    info = commit_fit_stage(
-        cfg,
-        stage,
-        work,
-        trainer,
-        metrics,
-        fit_seconds,
-        datamodule,
-        "control_dir",
-        counts,
-        inputs={"diffusion": str(base_dir)},
-    )
+    info = commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule,
+                            "control_dir", counts,
+                            inputs={"diffusion": str(base_dir)})
     log.info(
         "ControlNet (%s) written to %s (%d steps on %d labelled images)",
         model.condition.type,

@@ -137,18 +137,9 @@ def fit_diffusion(cfg: DictConfig, stage) -> dict[str, Any]:
         "resolution": model.resolution,
         "channels": run.components.channels,
     }
-    info = commit_fit_stage(
-        cfg,
-        stage,
-        work,
-        trainer,
-        metrics,
-        fit_seconds,
-        datamodule,
-        "model_dir",
-        counts,
-        inputs={"autoencoder": str(autoencoder_dir)} if autoencoder_dir else None,
-    )
+    info = commit_fit_stage(cfg, stage, work, trainer, metrics, fit_seconds, datamodule,
+                            "model_dir", counts,
+                            inputs={"autoencoder": str(autoencoder_dir)} if autoencoder_dir else None)
     log.info(
         "diffusion model written to %s (%d steps, %s images/s)",
         stage.path,
